@@ -1,0 +1,207 @@
+"""Configurations of Fun-Audio-Chat.
+
+The on-disk layout is the official one (``config.json`` of ``FunAudioLLM/Fun-Audio-Chat-8B``): a top-level
+``funaudiochat`` config holding a Qwen3 ``text_config`` and a ``funaudiochat_audio_encoder`` ``audio_config``,
+which itself holds the Speech Refined Head's Qwen3 backbone as ``crq_transformer_config``. Defaults are the 8B
+values, so ``FunAudioChatConfig()`` describes the released model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Special text ids of the released tokenizer (SPEC §3.1); used when a text_config does not carry them.
+DEFAULT_AUDIO_BOS_INDEX = 151670
+DEFAULT_AUDIO_EOS_INDEX = 151671
+DEFAULT_SIL_INDEX = 151673
+DEFAULT_AUDIO_TOKEN_INDEX = 151669
+
+_SRH_BACKBONE_DEFAULTS = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "max_position_embeddings": 32768,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+
+_TEXT_MODEL_DEFAULTS = {
+    "vocab_size": 151936,
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 5000000.0,
+    "max_position_embeddings": 262144,
+    "tie_word_embeddings": False,
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+    "audio_bos_index": DEFAULT_AUDIO_BOS_INDEX,
+    "audio_eos_index": DEFAULT_AUDIO_EOS_INDEX,
+    "sil_index": DEFAULT_SIL_INDEX,
+}
+
+
+class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
+    r"""Configuration of the audio side: the Whisper-style continuous encoder, the discrete speech-token
+    encoder (DRSR grouping of ``group_size`` codes into one LLM position) and the Speech Refined Head.
+
+    Args:
+        codebook_size: number of speech ids (6561 S3Tokenizer codes + 4 special ids in the release).
+        bos_token_id / eos_token_id / pad_token_id: speech-BOS, speech-EOS and speech-pad ids inside the codebook.
+        group_size: DRSR group size k (25 Hz codes per 5 Hz LLM position).
+        continuous_features_mode: ``"replace"`` (audio with continuous features uses them instead of the
+            codes) or ``"add"`` (sum of both).
+        crq_transformer_config: Qwen3 config of the SRH backbone.
+        enable_audio_invert_tower: build the SRH; without it the model is speech-to-text only.
+        output_dim: width of the audio embeddings fed to the LLM; must equal the LLM hidden size.
+    """
+
+    model_type = "funaudiochat_audio_encoder"
+    attribute_map = {
+        "num_hidden_layers": "encoder_layers",
+        "num_attention_heads": "encoder_attention_heads",
+        "intermediate_size": "encoder_ffn_dim",
+    }
+    sub_configs_defaults = {
+        "crq_transformer_config": SubConfigSpec(
+            config_class=AutoConfig, model_type="qwen3", init_kwargs=_SRH_BACKBONE_DEFAULTS
+        ),
+    }
+
+    num_mel_bins: int = 128
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    d_model: int = 1280
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_function: str = "gelu"
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False
+    initializer_range: float = 0.02
+    max_source_positions: int = 1500
+    n_window: int = 100
+    output_dim: int = 4096
+    codebook_size: int = 6565
+    bos_token_id: int | None = 6561
+    eos_token_id: int | None = 6562
+    pad_token_id: int | None = 6563
+    group_size: int = 5
+    continuous_features_mode: str = "replace"
+    enable_audio_invert_tower: bool = True
+    crq_transformer_config: dict | PreTrainedConfig | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.validate_audio_config()
+
+    def validate_audio_config(self) -> None:
+        if self.group_size < 1:
+            raise ValueError(f"audio_config.group_size must be >= 1, got {self.group_size}.")
+        if self.continuous_features_mode not in ("replace", "add"):
+            raise ValueError(
+                f"audio_config.continuous_features_mode must be 'replace' or 'add', got {self.continuous_features_mode!r}."
+            )
+        if self.d_model % self.encoder_attention_heads != 0:
+            raise ValueError(
+                f"audio_config.d_model ({self.d_model}) must be divisible by encoder_attention_heads "
+                f"({self.encoder_attention_heads})."
+            )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is None or not 0 <= value < self.codebook_size:
+                raise ValueError(
+                    f"audio_config.{name}={value} is outside the speech codebook [0, {self.codebook_size}); "
+                    "speech special ids must be valid rows of the speech embedding table."
+                )
+        if len({self.bos_token_id, self.eos_token_id, self.pad_token_id}) != 3:
+            raise ValueError("audio_config bos/eos/pad speech ids must be three different ids.")
+
+
+class FunAudioChatConfig(PreTrainedConfig):
+    r"""Configuration of :class:`FunAudioChatForConditionalGeneration`.
+
+    Args:
+        audio_config: :class:`FunAudioChatAudioEncoderConfig` (or its dict).
+        text_config: Qwen3 config of the LLM; keeps ``audio_bos_index``, ``audio_eos_index`` and ``sil_index``.
+        audio_token_index: id of the ``<|AUDIO|>`` placeholder.
+        halve_unpaired_audio_features: the official training forward averages every audio row with its
+            transcript embedding whenever ``text_ids`` are given, which halves user-audio features that have
+            no transcript (inference never does). Off by default so training sees what inference sees; turn it
+            on to reproduce the official training numbers.
+    """
+
+    model_type = "funaudiochat"
+    attribute_map = {"audio_token_id": "audio_token_index"}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen3", init_kwargs=_TEXT_MODEL_DEFAULTS),
+        "audio_config": SubConfigSpec(config_class=FunAudioChatAudioEncoderConfig),
+    }
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    audio_token_index: int = DEFAULT_AUDIO_TOKEN_INDEX
+    ignore_index: int = -100
+    hidden_size: int | None = None
+    halve_unpaired_audio_features: bool = False
+    tie_word_embeddings: bool = False
+    use_cache: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name, default in (
+            ("audio_bos_index", DEFAULT_AUDIO_BOS_INDEX),
+            ("audio_eos_index", DEFAULT_AUDIO_EOS_INDEX),
+            ("sil_index", DEFAULT_SIL_INDEX),
+        ):
+            if getattr(self.text_config, name, None) is None:
+                setattr(self.text_config, name, default)
+        if self.hidden_size is None:
+            self.hidden_size = self.text_config.hidden_size
+        self.validate_consistency()
+
+    @property
+    def speech_group_size(self) -> int:
+        return self.audio_config.group_size
+
+    def validate_consistency(self) -> None:
+        text, audio = self.text_config, self.audio_config
+        if audio.output_dim != text.hidden_size:
+            raise ValueError(
+                f"audio_config.output_dim ({audio.output_dim}) must equal text_config.hidden_size "
+                f"({text.hidden_size}): audio embeddings are written into the LLM input."
+            )
+        if self.hidden_size != text.hidden_size:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must equal text_config.hidden_size ({text.hidden_size})."
+            )
+        for name in ("audio_bos_index", "audio_eos_index", "sil_index"):
+            value = getattr(text, name)
+            if not 0 <= value < text.vocab_size:
+                raise ValueError(f"text_config.{name}={value} is outside the text vocabulary [0, {text.vocab_size}).")
+        if not 0 <= self.audio_token_index < text.vocab_size:
+            raise ValueError(
+                f"audio_token_index={self.audio_token_index} is outside the text vocabulary [0, {text.vocab_size})."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # Default-valued flags of ours are noise in an official-layout config.json.
+        if not output.get("halve_unpaired_audio_features", False):
+            output.pop("halve_unpaired_audio_features", None)
+        return output
+
+
+__all__ = ["FunAudioChatAudioEncoderConfig", "FunAudioChatConfig"]
