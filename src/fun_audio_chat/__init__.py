@@ -1,11 +1,24 @@
-"""fun_audio_chat: Hugging Face-native Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out)."""
+"""fun_audio_chat: Hugging Face-native Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out).
 
-from transformers import AutoConfig
+Importing the package registers the configs with ``AutoConfig`` and the model with
+``AutoModelForSeq2SeqLM`` (what the official model card uses) and ``AutoModelForMultimodalLM``.
+"""
+
+from transformers import AutoConfig, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
 
 from .configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig, FunAudioChatConfig
+from .modeling import FunAudioChatForConditionalGeneration, FunAudioChatOutputWithPast, FunAudioChatPreTrainedModel
 
 AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
 AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
+AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
+AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
 
-__all__ = ["FunAudioChatAudioEncoderConfig", "FunAudioChatConfig"]
+__all__ = [
+    "FunAudioChatAudioEncoderConfig",
+    "FunAudioChatConfig",
+    "FunAudioChatForConditionalGeneration",
+    "FunAudioChatOutputWithPast",
+    "FunAudioChatPreTrainedModel",
+]
 __version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""Generation for Fun-Audio-Chat (filled in below)."""
+
+
+class FunAudioChatGenerationMixin:
+    pass

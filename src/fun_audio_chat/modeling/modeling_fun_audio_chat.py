@@ -1,0 +1,477 @@
+"""FunAudioChatForConditionalGeneration: audio merged into a Qwen3 LLM, plus the Speech Refined Head.
+
+Parameter names equal the official state dict (SPEC §2), so official ``model.safetensors`` files load as they are.
+The forward here is the training / scoring path (teacher-forced SRH); generation lives in ``generation.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from ..configuration_fun_audio_chat import FunAudioChatConfig
+from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
+from .generation import FunAudioChatGenerationMixin
+from .speech_encoder import FunAudioChatDiscreteEncoder
+from .speech_head import FunAudioChatSpeechHead
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FunAudioChatOutputWithPast(ModelOutput):
+    """Forward output.
+
+    Args:
+        loss: ``text_loss + speech_loss`` when ``labels`` are given.
+        text_loss / speech_loss: the two streams' cross-entropies.
+        logits: text logits (B, L, V) (or the last ``logits_to_keep`` positions).
+        speech_logits: SRH logits (B, L·k, codebook) from the teacher-forced head.
+        past_key_values: the LLM cache.
+        hidden_states / attentions: the LLM's, on request.
+        last_hidden_state: final (post-norm) LLM states, when ``return_last_hidden_state=True``.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    speech_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    speech_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    last_hidden_state: torch.FloatTensor | None = None
+
+
+@dataclass
+class MergedAudioInputs:
+    """Everything the forward derives from the audio inputs for one batch."""
+
+    inputs_embeds: torch.Tensor
+    text_embeds: torch.Tensor  # SRH conditioning: token embeddings, transcript embeddings at <|AUDIO|> slots
+    audio_slots: torch.Tensor  # (B, L) bool: <|AUDIO|> positions
+    groups_per_audio: torch.Tensor  # (N,) 5 Hz positions each audio row fills
+    padded_speech_ids: torch.Tensor  # (N, S) with S a multiple of k
+    padded_speech_mask: torch.Tensor  # (N, S)
+    transcript_ids: torch.Tensor | None  # (N, S/k) with pad/eos mapped to <|sil|>
+
+
+class FunAudioChatPreTrainedModel(PreTrainedModel):
+    config_class = FunAudioChatConfig
+    config: FunAudioChatConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("audio", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["AudioEncoderLayer", "Qwen3DecoderLayer"]
+    _skip_keys_device_placement = "past_key_values"
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    # Stored by the official code although it deletes the module; dropped quietly on load.
+    _keys_to_ignore_on_load_unexpected = [r"audio_invert_tower\.crq_transformer\.embed_tokens\.weight"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SinusoidPositions):
+            init.copy_(module.positional_embedding, sinusoid_table(*module.positional_embedding.shape))
+
+
+class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin):
+    # The SRH output head is the speech embedding table (official `tie_weights` always ties it); the LLM head
+    # follows text_config.tie_word_embeddings (False for the release).
+    _srh_tied_weights = {"audio_invert_tower.lm_head.weight": "audio_tower.embed_tokens.weight"}
+    _tied_weights_keys = dict(_srh_tied_weights)
+
+    def __init__(self, config: FunAudioChatConfig):
+        super().__init__(config)
+        audio_config = config.audio_config
+        self.continuous_audio_tower = FunAudioChatAudioEncoder(audio_config)
+        self.audio_tower = FunAudioChatDiscreteEncoder(audio_config)
+        self.audio_invert_tower = (
+            FunAudioChatSpeechHead(audio_config) if audio_config.enable_audio_invert_tower else None
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- plumbing
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        tied = super().get_expanded_tied_weights_keys(all_submodels=all_submodels)
+        if not all_submodels and self.audio_invert_tower is not None:
+            tied.update(self._srh_tied_weights)
+        return tied
+
+    def get_input_embeddings(self):
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self):
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings):
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    @property
+    def group_size(self) -> int:
+        return self.config.audio_config.group_size
+
+    @property
+    def text_pad_id(self) -> int:
+        text = self.config.text_config
+        pad = text.pad_token_id
+        if pad is None:
+            pad = text.eos_token_id
+        return pad[0] if isinstance(pad, (list, tuple)) else pad
+
+    def _text_end_ids(self) -> list[int]:
+        eos = self.config.text_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+        return [i for i in {*eos, self.text_pad_id} if i is not None]
+
+    # ------------------------------------------------------------------------------------ audio merging
+    def _check_audio_inputs(self, input_ids, speech_ids, speech_attention_mask, input_features, feature_exist_mask):
+        codebook = self.config.audio_config.codebook_size
+        if speech_ids.dim() != 2:
+            raise ValueError(f"speech_ids must be (num_audios, length), got shape {tuple(speech_ids.shape)}.")
+        if speech_ids.numel() and (speech_ids.min() < 0 or speech_ids.max() >= codebook):
+            raise ValueError(
+                f"speech_ids contain ids outside the speech codebook [0, {codebook}) "
+                f"(min {int(speech_ids.min())}, max {int(speech_ids.max())}); use the speech tokenizer's ids."
+            )
+        if speech_attention_mask is not None and speech_attention_mask.shape != speech_ids.shape:
+            raise ValueError(
+                f"speech_attention_mask shape {tuple(speech_attention_mask.shape)} does not match speech_ids "
+                f"{tuple(speech_ids.shape)}."
+            )
+        if feature_exist_mask is not None and feature_exist_mask.shape[0] != speech_ids.shape[0]:
+            raise ValueError(
+                f"feature_exist_mask has {feature_exist_mask.shape[0]} rows but speech_ids has "
+                f"{speech_ids.shape[0]} audio rows; there must be one entry per audio."
+            )
+        if input_features is not None:
+            expected = speech_ids.shape[0] if feature_exist_mask is None else int(feature_exist_mask.sum())
+            if input_features.shape[0] != expected:
+                raise ValueError(
+                    f"input_features has {input_features.shape[0]} audio rows but {expected} audios are marked as "
+                    "having continuous features (feature_exist_mask); pass one feature row per such audio."
+                )
+            if input_features.shape[1] != self.config.audio_config.num_mel_bins:
+                raise ValueError(
+                    f"input_features must have {self.config.audio_config.num_mel_bins} mel bins, got "
+                    f"{input_features.shape[1]}."
+                )
+
+    def _pad_to_group(self, speech_ids, speech_attention_mask):
+        remainder = (-speech_ids.shape[1]) % self.group_size
+        pad_id = self.config.audio_config.pad_token_id
+        if speech_attention_mask is None:
+            speech_attention_mask = torch.ones_like(speech_ids)
+        if remainder:
+            speech_ids = nn.functional.pad(speech_ids, (0, remainder), value=pad_id)
+            speech_attention_mask = nn.functional.pad(speech_attention_mask, (0, remainder), value=0)
+        return speech_ids, speech_attention_mask
+
+    def encode_audio(
+        self,
+        speech_ids: torch.Tensor,
+        speech_attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        feature_exist_mask: torch.Tensor | None = None,
+    ):
+        """5 Hz audio embeddings (N, S/k, H) of each audio row, with the padded speech ids and mask."""
+        speech_ids, speech_mask = self._pad_to_group(speech_ids, speech_attention_mask)
+        continuous = None
+        if input_features is not None and input_features.shape[0] > 0:
+            if feature_attention_mask is None:
+                feature_lengths = torch.full(
+                    (input_features.shape[0],), input_features.shape[-1], device=input_features.device
+                )
+            else:
+                feature_lengths = feature_attention_mask.sum(-1)
+            if (feature_lengths <= 0).any():
+                raise ValueError("feature_attention_mask marks an audio with no valid frames; drop the empty audio.")
+            encoded = self.continuous_audio_tower(input_features.to(self.dtype), feature_lengths)
+            length = speech_ids.shape[1]
+            continuous = encoded[0].new_zeros(len(encoded), length, encoded[0].shape[-1])
+            for row, frames in enumerate(encoded):
+                kept = min(frames.shape[0], length)
+                continuous[row, :kept] = frames[:kept]
+        grouped = self.audio_tower(speech_ids, continuous, feature_exist_mask)
+        return grouped, speech_ids, speech_mask
+
+    def _transcript_ids(self, text_ids: torch.Tensor, groups: int) -> torch.Tensor:
+        """Transcripts left-aligned on the 5 Hz grid: cut or padded to ``groups``, pad/eos mapped to <|sil|>."""
+        if text_ids.shape[1] >= groups:
+            text_ids = text_ids[:, :groups]
+        else:
+            text_ids = nn.functional.pad(text_ids, (0, groups - text_ids.shape[1]), value=self.text_pad_id)
+        silence = self.config.text_config.sil_index
+        ends = torch.tensor(self._text_end_ids(), device=text_ids.device)
+        return torch.where(torch.isin(text_ids, ends), torch.full_like(text_ids, silence), text_ids)
+
+    def merge_audio(
+        self,
+        input_ids: torch.Tensor,
+        speech_ids: torch.Tensor,
+        speech_attention_mask: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        feature_exist_mask: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+    ) -> MergedAudioInputs:
+        """LLM input embeddings with audio written into the <|AUDIO|> placeholders."""
+        self._check_audio_inputs(input_ids, speech_ids, speech_attention_mask, input_features, feature_exist_mask)
+        embed = self.get_input_embeddings()
+        token_embeds = embed(input_ids)
+        audio_embeds, speech_ids, speech_mask = self.encode_audio(
+            speech_ids, speech_attention_mask, input_features, feature_attention_mask, feature_exist_mask
+        )
+        groups = speech_ids.shape[1] // self.group_size
+        groups_per_audio = (speech_mask.sum(-1) + self.group_size - 1) // self.group_size
+        audio_slots = input_ids == self.config.audio_token_index
+        n_slots, n_groups = int(audio_slots.sum()), int(groups_per_audio.sum())
+        if n_slots != n_groups:
+            raise ValueError(
+                f"input_ids hold {n_slots} <|AUDIO|> placeholders but the audios fill {n_groups} positions "
+                f"(ceil(valid speech frames / {self.group_size}) per audio, from speech_attention_mask); build the "
+                "prompt with the processor so each audio gets exactly that many placeholders."
+            )
+
+        transcript_ids = None
+        text_embeds = token_embeds
+        keep = torch.arange(groups, device=input_ids.device)[None, :] < groups_per_audio[:, None]
+        if text_ids is not None:
+            transcript_ids = self._transcript_ids(text_ids, groups)
+            has_text = (
+                text_attention_mask.bool().view(-1)
+                if text_attention_mask is not None
+                else torch.ones(transcript_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            )
+            text_features = embed(transcript_ids) * has_text[:, None, None].to(token_embeds.dtype)
+            averaged = (text_features + audio_embeds) / 2
+            if self.config.halve_unpaired_audio_features:
+                audio_embeds = averaged
+            else:
+                audio_embeds = torch.where(has_text[:, None, None], averaged, audio_embeds)
+            text_embeds = token_embeds.masked_scatter(audio_slots[..., None], text_features[keep])
+
+        inputs_embeds = token_embeds.masked_scatter(audio_slots[..., None], audio_embeds[keep].to(token_embeds.dtype))
+        return MergedAudioInputs(
+            inputs_embeds=inputs_embeds,
+            text_embeds=text_embeds,
+            audio_slots=audio_slots,
+            groups_per_audio=groups_per_audio,
+            padded_speech_ids=speech_ids,
+            padded_speech_mask=speech_mask,
+            transcript_ids=transcript_ids,
+        )
+
+    # ------------------------------------------------------------------------------------------- labels
+    def build_text_labels(self, labels, merged: MergedAudioInputs, text_attention_mask=None) -> torch.Tensor:
+        """LM targets: placeholders never predict themselves; the 5 Hz transcript is written into them."""
+        text_labels = labels.masked_fill(labels == self.config.audio_token_index, IGNORE_INDEX)
+        if merged.transcript_ids is None:
+            return text_labels
+        groups = merged.transcript_ids.shape[1]
+        group_valid = merged.padded_speech_mask[:, :: self.group_size].bool()
+        if text_attention_mask is not None:
+            group_valid = group_valid & text_attention_mask.bool().view(-1, 1)
+        per_group = merged.transcript_ids.masked_fill(~group_valid, IGNORE_INDEX)
+        keep = torch.arange(groups, device=labels.device)[None, :] < merged.groups_per_audio[:, None]
+        scattered = text_labels.masked_scatter(merged.audio_slots, per_group[keep])
+        return torch.where(labels == IGNORE_INDEX, labels, scattered)
+
+    def build_speech_labels(self, labels, merged: MergedAudioInputs) -> torch.Tensor:
+        """(B, L·k) speech targets of each LLM position's group; EOS groups at <|audio_eos|> positions."""
+        k = self.group_size
+        batch, length = labels.shape
+        rows = merged.padded_speech_ids.shape[0]
+        per_group = merged.padded_speech_ids.masked_fill(merged.padded_speech_mask == 0, IGNORE_INDEX)
+        per_group = per_group.view(rows, -1, k)
+        keep = torch.arange(per_group.shape[1], device=labels.device)[None, :] < merged.groups_per_audio[:, None]
+        speech_labels = labels.new_full((batch, length, k), IGNORE_INDEX)
+        speech_labels = speech_labels.masked_scatter(merged.audio_slots[..., None], per_group[keep])
+        speech_labels = speech_labels.masked_fill((labels == IGNORE_INDEX)[..., None], IGNORE_INDEX)
+        audio_eos = self.config.text_config.audio_eos_index
+        speech_labels = speech_labels.masked_fill(
+            (labels == audio_eos)[..., None], self.config.audio_config.eos_token_id
+        )
+        return speech_labels.view(batch, length * k)
+
+    def teacher_forcing_embeddings(self, speech_labels: torch.Tensor) -> torch.Tensor:
+        """Embedding of the code preceding each sub-position's target in the 25 Hz stream (B, L·k, H)."""
+        codes = speech_labels.masked_fill(speech_labels == IGNORE_INDEX, self.config.audio_config.pad_token_id)
+        return torch.roll(self.audio_invert_tower.code_embeddings(codes), shifts=-(self.group_size - 1), dims=1)
+
+    def speech_head_positions(self, attention_mask, position_ids):
+        """SRH mask and positions at 25 Hz from the LLM's: sub-position (p, j) sits at k·pos(p) + j."""
+        k = self.group_size
+        sub_mask = attention_mask.repeat_interleave(k, dim=1) if attention_mask is not None else None
+        sub_positions = None
+        if position_ids is not None:
+            offsets = torch.arange(k, device=position_ids.device)
+            sub_positions = (position_ids[..., None] * k + offsets).flatten(-2)
+            if sub_mask is not None:
+                sub_positions = sub_positions.masked_fill(sub_mask == 0, 0)
+        return sub_mask, sub_positions
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        input_features: torch.FloatTensor | None = None,
+        feature_attention_mask: torch.Tensor | None = None,
+        feature_exist_mask: torch.Tensor | None = None,
+        speech_ids: torch.LongTensor | None = None,
+        speech_attention_mask: torch.Tensor | None = None,
+        text_ids: torch.LongTensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        num_items_in_batch: torch.Tensor | int | dict | None = None,
+        compute_speech_logits: bool | None = None,
+        return_last_hidden_state: bool = False,
+        **kwargs,
+    ) -> FunAudioChatOutputWithPast | tuple:
+        r"""
+        Args:
+            input_features (`(num_feature_audios, num_mel_bins, frames)`): log-mel features of the audios that
+                have continuous features (rows where ``feature_exist_mask`` is True).
+            feature_attention_mask (`(num_feature_audios, frames)`): valid mel frames.
+            feature_exist_mask (`(num_audios,)` bool): which audios have continuous features (user audio).
+            speech_ids / speech_attention_mask (`(num_audios, S)`): 25 Hz speech codes of every audio, in the
+                order of the ``<|AUDIO|>`` spans of ``input_ids`` (user audio: all speech-pad ids).
+            text_ids / text_attention_mask: per-audio transcripts (training); rows without a transcript have
+                ``text_attention_mask`` False.
+            labels: LM labels (-100 on the prompt, ``input_ids`` on the assistant span).
+            num_items_in_batch: token counts for loss normalisation under gradient accumulation: an int/tensor
+                for the text stream, or ``{"text": n, "speech": m}`` for both.
+            compute_speech_logits: run the teacher-forced SRH (default: whenever the model has one).
+            return_last_hidden_state: also return the final LLM states (used by generation and DPO).
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        merged = None
+        text_embeds = None
+        if inputs_embeds is None:
+            if speech_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
+                merged = self.merge_audio(
+                    input_ids,
+                    speech_ids,
+                    speech_attention_mask,
+                    input_features,
+                    feature_attention_mask,
+                    feature_exist_mask,
+                    text_ids,
+                    text_attention_mask,
+                )
+                inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
+            else:
+                if (input_ids == self.config.audio_token_index).any() and input_ids.shape[1] > 1:
+                    raise ValueError(
+                        "input_ids contain <|AUDIO|> placeholders but no speech_ids were given; pass the "
+                        "processor's audio outputs (speech_ids, input_features, ...) with the prompt."
+                    )
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                text_embeds = inputs_embeds
+
+        llm_output = self.language_model.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden = llm_output.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.language_model.lm_head(hidden[:, keep, :])
+
+        text_counts, speech_counts = num_items_in_batch, None
+        if isinstance(num_items_in_batch, dict):
+            text_counts, speech_counts = num_items_in_batch.get("text"), num_items_in_batch.get("speech")
+
+        text_loss = speech_loss = loss = None
+        speech_labels = None
+        if labels is not None:
+            text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
+            text_loss = self.language_model.loss_function(
+                logits=logits,
+                labels=text_labels,
+                vocab_size=self.config.text_config.vocab_size,
+                num_items_in_batch=text_counts,
+            )
+            if merged is not None and self.audio_invert_tower is not None:
+                speech_labels = self.build_speech_labels(labels, merged)
+
+        if compute_speech_logits is None:
+            compute_speech_logits = self.audio_invert_tower is not None and text_embeds is not None
+        speech_logits = None
+        if compute_speech_logits:
+            if self.audio_invert_tower is None:
+                raise ValueError("This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False).")
+            previous_codes = self.teacher_forcing_embeddings(speech_labels) if speech_labels is not None else None
+            sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
+            speech_logits = self.audio_invert_tower(
+                hidden + text_embeds.detach(), previous_codes, attention_mask=sub_mask, position_ids=sub_positions
+            )
+            if speech_labels is not None:
+                shifted = nn.functional.pad(speech_labels, (0, self.group_size), value=IGNORE_INDEX)[
+                    :, self.group_size :
+                ]
+                speech_loss = self.speech_loss(speech_logits, shifted, speech_counts)
+
+        if text_loss is not None:
+            loss = text_loss if speech_loss is None else text_loss + speech_loss
+
+        output = FunAudioChatOutputWithPast(
+            loss=loss,
+            text_loss=text_loss,
+            speech_loss=speech_loss,
+            logits=logits,
+            speech_logits=speech_logits,
+            past_key_values=llm_output.past_key_values,
+            hidden_states=llm_output.hidden_states,
+            attentions=llm_output.attentions,
+            last_hidden_state=hidden if return_last_hidden_state else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def speech_loss(self, speech_logits, targets, num_items=None) -> torch.Tensor:
+        flat_logits = speech_logits.float().reshape(-1, speech_logits.shape[-1])
+        flat_targets = targets.reshape(-1).to(flat_logits.device)
+        if num_items is None:
+            return nn.functional.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX)
+        total = nn.functional.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if torch.is_tensor(num_items):
+            num_items = num_items.to(total.device)
+        return total / num_items
+
+
+__all__ = ["FunAudioChatForConditionalGeneration", "FunAudioChatOutputWithPast", "FunAudioChatPreTrainedModel"]
