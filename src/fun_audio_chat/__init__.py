@@ -7,7 +7,16 @@ Importing the package registers the configs with ``AutoConfig`` and the model wi
 from transformers import AutoConfig, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
 
 from .configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig, FunAudioChatConfig
-from .modeling import FunAudioChatForConditionalGeneration, FunAudioChatOutputWithPast, FunAudioChatPreTrainedModel
+from .modeling import (
+    EndEvent,
+    FunAudioChatForConditionalGeneration,
+    FunAudioChatGenerateOutput,
+    FunAudioChatIteratorStreamer,
+    FunAudioChatOutputWithPast,
+    FunAudioChatPreTrainedModel,
+    SpeechEvent,
+    TextEvent,
+)
 
 AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
 AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
@@ -15,6 +24,11 @@ AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGen
 AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "EndEvent",
+    "FunAudioChatGenerateOutput",
+    "FunAudioChatIteratorStreamer",
+    "SpeechEvent",
+    "TextEvent",
     "FunAudioChatAudioEncoderConfig",
     "FunAudioChatConfig",
     "FunAudioChatForConditionalGeneration",

@@ -1,7 +1,19 @@
+from .generation import SPEECH_GENERATION_DEFAULTS, FunAudioChatGenerateOutput
 from .modeling_fun_audio_chat import (
     FunAudioChatForConditionalGeneration,
     FunAudioChatOutputWithPast,
     FunAudioChatPreTrainedModel,
 )
+from .streamers import EndEvent, FunAudioChatIteratorStreamer, SpeechEvent, TextEvent
 
-__all__ = ["FunAudioChatForConditionalGeneration", "FunAudioChatOutputWithPast", "FunAudioChatPreTrainedModel"]
+__all__ = [
+    "SPEECH_GENERATION_DEFAULTS",
+    "EndEvent",
+    "FunAudioChatForConditionalGeneration",
+    "FunAudioChatGenerateOutput",
+    "FunAudioChatIteratorStreamer",
+    "FunAudioChatOutputWithPast",
+    "FunAudioChatPreTrainedModel",
+    "SpeechEvent",
+    "TextEvent",
+]

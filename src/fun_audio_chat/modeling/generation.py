@@ -1,5 +1,449 @@
-"""Generation for Fun-Audio-Chat (filled in below)."""
+"""generate() for Fun-Audio-Chat: one 5 Hz LLM step emits a text token while the Speech Refined Head emits the
+next k 25 Hz speech codes.
+
+Data flow of one decoding step (all in :meth:`FunAudioChatGenerationMixin._sample`):
+
+1. LLM step on the fused input -> text logits and the last hidden state ``h``.
+2. SRH on ``h + embed(input text token)``: ``pre_matching`` ungroups it into k sub-positions, decoded
+   autoregressively with the SRH's own KV cache (kept for the whole reply, like the official model); each
+   sub-position adds the embedding of the previously sampled code.
+3. Text token sampled with the usual logits processors; the speech codes with their own settings.
+4. Rows that are speaking (they emitted ``<|audio_bos|>`` earlier and have not finished) keep the group; a group
+   holding speech-EOS becomes all speech-EOS, that step's text token becomes ``<|audio_eos|>`` and the row stops.
+5. Next LLM input: ``embed(text)`` for silent rows, ``(embed(text) + audio_tower(last group)) / 2`` for speaking rows.
+
+All per-call state lives in :class:`SpeechDecodingState`; no module attributes are touched, so calls can
+interleave and a training forward after ``generate()`` is unaffected. Every row keeps its own positions and
+masks in the SRH, so a row of a left-padded batch decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+from transformers.cache_utils import DynamicCache
+from transformers.generation import (
+    GenerateDecoderOnlyOutput,
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+# Speech-generation controls: generate() kwargs and GenerationConfig fields, with the official
+# speech-to-speech defaults (sampled codes, temperature 0.8, top-p 0.9, no top-k, repetition penalty 1.2).
+SPEECH_GENERATION_DEFAULTS = {
+    "return_speech": True,
+    "force_audio_bos": False,
+    "speech_do_sample": True,
+    "speech_temperature": 0.8,
+    "speech_top_p": 0.9,
+    "speech_top_k": 0,
+    "speech_repetition_penalty": 1.2,
+}
+
+
+@dataclass
+class FunAudioChatGenerateOutput(GenerateDecoderOnlyOutput):
+    """Output of :meth:`FunAudioChatForConditionalGeneration.generate` with ``return_dict_in_generate=True``.
+
+    Args:
+        sequences: (B, prompt + new) text ids, as for any decoder-only model.
+        speech_ids: (B, k·K) 25 Hz speech codes of each row's reply (speech BOS delay codes and the final
+            EOS group included, as the official model returns them), right-padded with the speech pad id.
+        speech_attention_mask: (B, k·K) 1 on each row's real codes.
+        speech_logits: with ``output_logits=True``, the raw SRH logits of every sub-step, each (B, codebook).
+    """
+
+    speech_ids: torch.LongTensor | None = None
+    speech_attention_mask: torch.LongTensor | None = None
+    speech_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class SpeechSamplingSettings:
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int
+    repetition_penalty: float
+
+    def warpers(self) -> LogitsProcessorList:
+        processors = LogitsProcessorList()
+        if not self.do_sample:
+            return processors
+        if self.temperature is not None and self.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(self.temperature))
+        if self.top_k:
+            processors.append(TopKLogitsWarper(self.top_k))
+        if self.top_p is not None and self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        return processors
+
+
+@dataclass
+class SpeechDecodingState:
+    """Everything one generate() call keeps about speech, per row."""
+
+    cache: DynamicCache
+    sub_attention_mask: torch.Tensor | None  # (B, k·max_steps_total) preallocated; None when nothing is padded
+    sub_position_offset: torch.Tensor  # (B, 1) left-padding sub-positions to subtract from the global index
+    sub_length: int  # sub-positions already in the SRH cache
+    previous_code: torch.Tensor  # (B,) code sampled last (its embedding feeds the next sub-position)
+    speaking: torch.Tensor  # (B,) bool
+    has_group: torch.Tensor  # (B,) bool: a group was ever committed (fused LLM input needs one)
+    last_group: torch.Tensor  # (B, k)
+    seen_codes: torch.Tensor  # (B, codebook) bool: the reply's committed codes (repetition-penalty context)
+    groups: list = field(default_factory=list)  # per step (B, k)
+    committed: list = field(default_factory=list)  # per step (B,) bool
 
 
 class FunAudioChatGenerationMixin:
-    pass
+    """Speech-aware ``generate``; mixed into :class:`FunAudioChatForConditionalGeneration`."""
+
+    # ------------------------------------------------------------------------------ configuration
+    def _init_speech_generation_config(self) -> None:
+        """Give ``self.generation_config`` the speech fields, so ``generation_config.json`` carries them."""
+        config = self.generation_config
+        if config is None:
+            return
+        for name, value in SPEECH_GENERATION_DEFAULTS.items():
+            if getattr(config, name, None) is None:
+                setattr(config, name, value)
+        # A config marked as derived from the model config drops unknown fields when it is read back.
+        config._from_model_config = False
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._init_speech_generation_config()
+        return loaded
+
+    def generate(self, inputs=None, generation_config: GenerationConfig | None = None, **kwargs):
+        """Generate text and (unless ``return_speech=False``) 25 Hz speech codes.
+
+        Speech controls (also read from ``generation_config``): ``return_speech``, ``force_audio_bos``,
+        ``speech_do_sample``, ``speech_temperature``, ``speech_top_p``, ``speech_top_k``,
+        ``speech_repetition_penalty``. Text sampling uses the standard fields.
+
+        Returns:
+            with speech and ``return_dict_in_generate=False``: the tuple ``(sequences, speech_ids)`` (the
+            official return value); with ``return_dict_in_generate=True``: a :class:`FunAudioChatGenerateOutput`;
+            without speech: what transformers' generate returns.
+        """
+        base = generation_config if generation_config is not None else self.generation_config
+        generation_config = copy.deepcopy(base)
+        for name, default in SPEECH_GENERATION_DEFAULTS.items():
+            value = kwargs.pop(name, None)
+            if value is None:
+                value = getattr(generation_config, name, None)
+            setattr(generation_config, name, default if value is None else value)
+        if generation_config.return_speech and self.audio_invert_tower is None:
+            raise ValueError(
+                "return_speech=True needs the Speech Refined Head, but this model was built with "
+                "audio_config.enable_audio_invert_tower=False; pass return_speech=False for text only."
+            )
+        # Apply generation kwargs to our copy so the speech flags and the standard fields travel together.
+        kwargs = generation_config.update(**kwargs)
+        if generation_config.num_beams not in (None, 1):
+            raise ValueError("Fun-Audio-Chat generation supports greedy decoding and sampling only (num_beams=1).")
+        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
+            raise ValueError("Assisted generation is not supported by Fun-Audio-Chat generation.")
+        output = super().generate(inputs, generation_config=generation_config, **kwargs)
+        if generation_config.return_speech and not generation_config.return_dict_in_generate:
+            return output.sequences, output.speech_ids
+        return output
+
+    # ------------------------------------------------------------------------------- speech head
+    def _start_speech_state(self, input_ids, attention_mask, max_new_tokens: int) -> SpeechDecodingState:
+        batch = input_ids.shape[0]
+        k = self.group_size
+        device = input_ids.device
+        codebook = self.config.audio_config.codebook_size
+        speech_bos = self.config.audio_config.bos_token_id
+        sub_mask = None
+        offset = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            total = k * (input_ids.shape[1] + max_new_tokens + 1)
+            sub_mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
+            sub_mask[:, : k * input_ids.shape[1]] = attention_mask.repeat_interleave(k, dim=1)
+            # Rows are left padded: positions count from each row's first real sub-position.
+            offset = (k * (attention_mask.shape[1] - attention_mask.sum(-1))).long()[:, None]
+        return SpeechDecodingState(
+            cache=DynamicCache(config=self.audio_invert_tower.crq_transformer.config),
+            sub_attention_mask=sub_mask,
+            sub_position_offset=offset,
+            sub_length=0,
+            previous_code=torch.full((batch,), speech_bos, dtype=torch.long, device=device),
+            speaking=input_ids[:, -1] == self.config.text_config.audio_bos_index,
+            has_group=torch.zeros(batch, dtype=torch.bool, device=device),
+            last_group=torch.zeros(batch, k, dtype=torch.long, device=device),
+            seen_codes=torch.zeros(batch, codebook, dtype=torch.bool, device=device),
+        )
+
+    def _speech_head_call(self, state: SpeechDecodingState, sub_inputs: torch.Tensor) -> torch.Tensor:
+        """Run the SRH backbone on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
+        head = self.audio_invert_tower
+        new = sub_inputs.shape[1]
+        end = state.sub_length + new
+        if state.sub_attention_mask is None:
+            mask, positions = None, None
+        else:
+            mask = state.sub_attention_mask[:, :end]
+            positions = torch.arange(state.sub_length, end, device=sub_inputs.device)[None, :]
+            positions = (positions - state.sub_position_offset).clamp(min=0)
+        _, logits = head.run_backbone(
+            sub_inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        state.sub_length = end
+        return logits[:, -1].float()
+
+    def _select_speech_code(self, logits, state, seen, settings, warpers) -> torch.Tensor:
+        if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+            # Same rule as transformers' RepetitionPenaltyLogitsProcessor, over a per-row set of codes, so
+            # rows with different histories (or none) in one batch never see each other's codes.
+            penalised = torch.where(
+                logits > 0, logits / settings.repetition_penalty, logits * settings.repetition_penalty
+            )
+            logits = torch.where(seen, penalised, logits)
+        if settings.do_sample:
+            scores = warpers(None, logits)
+            return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return torch.argmax(logits, dim=-1)
+
+    def _decode_speech_group(
+        self, state, states: torch.Tensor, text_embeds: torch.Tensor, settings, warpers, speech_logits_out
+    ) -> torch.Tensor:
+        """k autoregressive SRH sub-steps conditioned on the latest LLM states (B, n, H); returns (B, k) codes.
+
+        At prefill (n > 1) every earlier sub-position enters the cache in one call with the speech-BOS
+        embedding, as the official model does; the last k sub-positions are then decoded one by one.
+        """
+        head = self.audio_invert_tower
+        k = self.group_size
+        sub_states = head.ungroup(states + text_embeds)  # (B, n·k, H)
+        leading = sub_states.shape[1] - (k - 1)
+        seen = state.seen_codes.clone()
+        batch_rows = torch.arange(seen.shape[0], device=seen.device)
+        codes = []
+        for sub_step in range(k):
+            previous = head.code_embeddings(state.previous_code)[:, None, :]
+            if sub_step == 0:
+                step_inputs = sub_states[:, :leading] + previous
+            else:
+                index = leading + sub_step - 1
+                step_inputs = sub_states[:, index : index + 1] + previous
+            logits = self._speech_head_call(state, step_inputs)
+            if speech_logits_out is not None:
+                speech_logits_out.append(logits)
+            code = self._select_speech_code(logits, state, seen, settings, warpers)
+            seen[batch_rows, code] = True
+            state.previous_code = code
+            codes.append(code)
+        return torch.stack(codes, dim=1), seen
+
+    def _commit_speech_group(self, state, group, seen, commit_rows) -> torch.Tensor:
+        """Keep the group for speaking rows; returns rows whose group carried speech-EOS."""
+        speech_eos = self.config.audio_config.eos_token_id
+        ends = (group == speech_eos).any(dim=1) & commit_rows
+        group = torch.where(ends[:, None], torch.full_like(group, speech_eos), group)
+        state.groups.append(group)
+        state.committed.append(commit_rows)
+        state.last_group = torch.where(commit_rows[:, None], group, state.last_group)
+        state.has_group = state.has_group | commit_rows
+        state.seen_codes = torch.where(commit_rows[:, None], seen, state.seen_codes)
+        state.speaking = state.speaking & ~ends
+        return ends
+
+    def _collect_speech(self, state: SpeechDecodingState, batch: int, device):
+        k = self.group_size
+        pad = self.config.audio_config.pad_token_id
+        if not state.groups:
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            return empty, empty.clone()
+        groups = torch.stack(state.groups, dim=1)  # (B, T, k)
+        committed = torch.stack(state.committed, dim=1)  # (B, T)
+        counts = committed.sum(1)
+        width = int(counts.max()) * k
+        # Stable sort moves each row's committed groups to the front, in order.
+        order = torch.sort((~committed).to(torch.int8), dim=1, stable=True).indices
+        packed = torch.gather(groups, 1, order[..., None].expand(-1, -1, k)).reshape(batch, -1)[:, :width]
+        mask = (torch.arange(width, device=device)[None, :] < (counts * k)[:, None]).long()
+        return packed.masked_fill(mask == 0, pad), mask
+
+    def _next_inputs_embeds(self, state, tokens: torch.Tensor, return_speech: bool) -> torch.Tensor:
+        text_embeds = self.get_input_embeddings()(tokens[:, None])
+        if not return_speech:
+            return text_embeds
+        state.speaking = state.speaking | (tokens == self.config.text_config.audio_bos_index)
+        fused_rows = state.speaking & state.has_group
+        fused = (text_embeds + self.audio_tower(state.last_group).to(text_embeds.dtype)) / 2
+        return torch.where(fused_rows[:, None, None], fused, text_embeds)
+
+    # -------------------------------------------------------------------------------- decode loop
+    def _sample(
+        self,
+        input_ids: torch.LongTensor,
+        logits_processor: LogitsProcessorList,
+        stopping_criteria: StoppingCriteriaList,
+        generation_config: GenerationConfig,
+        synced_gpus: bool = False,
+        streamer=None,
+        **model_kwargs,
+    ):
+        pad_token_id = generation_config._pad_token_tensor
+        output_scores = generation_config.output_scores
+        output_logits = generation_config.output_logits
+        return_dict_in_generate = generation_config.return_dict_in_generate
+        has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+        do_sample = generation_config.do_sample
+        scores = () if (return_dict_in_generate and output_scores) else None
+        raw_logits = () if (return_dict_in_generate and output_logits) else None
+        batch_size = input_ids.shape[0]
+        unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+        if pad_token_id is not None:
+            pad_token_id = pad_token_id.to(input_ids.device)
+
+        # <fun_audio_chat: speech state and settings>
+        return_speech = bool(generation_config.return_speech)
+        audio_bos = self.config.text_config.audio_bos_index
+        audio_eos = self.config.text_config.audio_eos_index
+        force_audio_bos = bool(generation_config.force_audio_bos)
+        max_new_tokens = stopping_criteria.max_length - input_ids.shape[1] if stopping_criteria.max_length else 0
+        speech_settings = SpeechSamplingSettings(
+            do_sample=bool(generation_config.speech_do_sample),
+            temperature=generation_config.speech_temperature,
+            top_p=generation_config.speech_top_p,
+            top_k=generation_config.speech_top_k,
+            repetition_penalty=generation_config.speech_repetition_penalty,
+        )
+        speech_warpers = speech_settings.warpers()
+        speech_logits_out = [] if (return_dict_in_generate and output_logits and return_speech) else None
+        state = (
+            self._start_speech_state(input_ids, model_kwargs.get("attention_mask"), max(max_new_tokens, 1))
+            if return_speech
+            else None
+        )
+        step_text_tokens = input_ids
+        # </fun_audio_chat>
+
+        model_inputs = self.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+        outputs = self(**model_inputs, return_dict=True, return_last_hidden_state=True, compute_speech_logits=False)
+        # <fun_audio_chat: the prompt's audio inputs are consumed by the prefill>
+        for key in (
+            "input_features", "feature_attention_mask", "feature_exist_mask", "speech_ids",
+            "speech_attention_mask", "text_ids", "text_attention_mask",
+        ):
+            model_kwargs.pop(key, None)
+        # </fun_audio_chat>
+        step = 0
+        this_peer_finished = False
+        while not this_peer_finished:
+            if step > 0:
+                model_inputs = self.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
+                model_inputs.pop("input_ids", None)
+                model_inputs["inputs_embeds"] = next_embeds
+                outputs = self(
+                    **model_inputs, return_dict=True, return_last_hidden_state=True, compute_speech_logits=False
+                )
+            model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+
+            next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+
+            # <fun_audio_chat: the SRH decodes this step's group before the text token is drawn (official RNG order)>
+            if return_speech:
+                hidden = outputs.last_hidden_state
+                text_embeds = self.get_input_embeddings()(step_text_tokens).detach()
+                group, seen = self._decode_speech_group(
+                    state, hidden, text_embeds, speech_settings, speech_warpers, speech_logits_out
+                )
+            # </fun_audio_chat>
+
+            next_token_scores = logits_processor(input_ids, next_token_logits)
+            if return_dict_in_generate:
+                if output_scores:
+                    scores += (next_token_scores,)
+                if output_logits:
+                    raw_logits += (next_token_logits,)
+
+            if do_sample:
+                probs = nn.functional.softmax(next_token_scores, dim=-1)
+                next_tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                next_tokens = torch.argmax(next_token_scores, dim=-1)
+            # <fun_audio_chat: force the reply to open with <|audio_bos|>>
+            if step == 0 and force_audio_bos:
+                next_tokens = torch.full_like(next_tokens, audio_bos)
+            # </fun_audio_chat>
+
+            was_unfinished = unfinished_sequences.bool()
+            if has_eos_stopping_criteria:
+                next_tokens = next_tokens * unfinished_sequences + pad_token_id * (1 - unfinished_sequences)
+            input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+            # Stopping criteria see the text token before the <|audio_eos|> swap, as in the official model.
+            unfinished_sequences = unfinished_sequences & ~stopping_criteria(input_ids, scores)
+
+            # <fun_audio_chat: commit the group for speaking rows; speech-EOS ends the row's speech>
+            if return_speech:
+                ends = self._commit_speech_group(state, group, seen, state.speaking & was_unfinished)
+                next_tokens = torch.where(ends, torch.full_like(next_tokens, audio_eos), next_tokens)
+                input_ids[:, -1] = next_tokens
+            # </fun_audio_chat>
+
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+                # <fun_audio_chat: speech groups reach the streamer on the step they are decoded>
+                if return_speech and hasattr(streamer, "put_speech"):
+                    rows = state.committed[-1].nonzero(as_tuple=True)[0]
+                    if rows.numel():
+                        streamer.put_speech(state.groups[-1][rows].cpu(), rows.cpu())
+                # </fun_audio_chat>
+            this_peer_finished = bool(unfinished_sequences.max() == 0)
+
+            # <fun_audio_chat: next LLM input (fused for speaking rows) and SRH conditioning>
+            next_embeds = (
+                self._next_inputs_embeds(state, next_tokens, return_speech)
+                if return_speech
+                else self.get_input_embeddings()(next_tokens[:, None])
+            )
+            step_text_tokens = next_tokens[:, None]
+            # </fun_audio_chat>
+            step += 1
+            del outputs
+
+        if streamer is not None:
+            streamer.end()
+
+        if not return_speech:
+            if return_dict_in_generate:
+                return GenerateDecoderOnlyOutput(
+                    sequences=input_ids,
+                    scores=scores,
+                    logits=raw_logits,
+                    past_key_values=model_kwargs.get("past_key_values"),
+                )
+            return input_ids
+
+        speech_ids, speech_attention_mask = self._collect_speech(state, batch_size, input_ids.device)
+        return FunAudioChatGenerateOutput(
+            sequences=input_ids,
+            scores=scores,
+            logits=raw_logits,
+            past_key_values=model_kwargs.get("past_key_values") if return_dict_in_generate else None,
+            speech_ids=speech_ids,
+            speech_attention_mask=speech_attention_mask,
+            speech_logits=tuple(speech_logits_out) if speech_logits_out is not None else None,
+        )
+
+
+__all__ = ["FunAudioChatGenerateOutput", "FunAudioChatGenerationMixin", "SPEECH_GENERATION_DEFAULTS"]

@@ -100,6 +100,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
+        self._init_speech_generation_config()
 
     # ----------------------------------------------------------------------------------------- plumbing
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
