@@ -129,6 +129,12 @@ class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
         if len({self.bos_token_id, self.eos_token_id, self.pad_token_id}) != 3:
             raise ValueError("audio_config bos/eos/pad speech ids must be three different ids.")
 
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        # The official config.json spells the layer count both ways; keep both so it saves back unchanged.
+        output["num_hidden_layers"] = self.encoder_layers
+        return output
+
 
 class FunAudioChatConfig(PreTrainedConfig):
     r"""Configuration of :class:`FunAudioChatForConditionalGeneration`.
