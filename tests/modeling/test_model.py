@@ -278,3 +278,21 @@ def test_tiny_random_model_trains_one_step():
         losses.append(loss.item())
     assert losses[-1] < losses[0]
     assert re.match(r"^\d", str(losses[0]))
+
+
+def test_sequence_log_probs_match_the_training_losses():
+    """Summed per-row log-probs, divided by the target counts, are the forward's mean losses."""
+    model = oracle.load_model("train_b2")
+    model.config.halve_unpaired_audio_features = True
+    try:
+        inputs = oracle.variant_inputs("train_b2", "with_labels")
+        with torch.no_grad():
+            out = model(**inputs)
+            scores = model.sequence_log_probs(**inputs)
+    finally:
+        model.config.halve_unpaired_audio_features = False
+    text_mean = -scores["text"].sum() / scores["text_tokens"].sum()
+    speech_mean = -scores["speech"].sum() / scores["speech_tokens"].sum()
+    assert abs(text_mean.item() - out.text_loss.item()) < 1e-4
+    assert abs(speech_mean.item() - out.speech_loss.item()) < 1e-4
+    assert scores["text"].shape == (2,) and (scores["speech_tokens"] > 0).all()

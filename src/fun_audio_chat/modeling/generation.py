@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
     LogitsProcessorList,
@@ -86,19 +86,58 @@ class SpeechSamplingSettings:
         return processors
 
 
+class PreallocatedKVLayer(DynamicLayer):
+    """A KV-cache layer with room for the whole reply reserved up front.
+
+    The SRH appends one position per sub-step (5 per LLM step); growing by concatenation would copy the whole
+    cache every time. Writing into a reserved buffer and handing attention a view of the filled part avoids that.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        batch, heads, _, head_dim = key_states.shape
+        self._key_buffer = key_states.new_empty(batch, heads, self.capacity, head_dim)
+        self._value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        self.keys = self._key_buffer[:, :, :0]
+        self.values = self._value_buffer[:, :, :0]
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"Speech head cache is full ({self.capacity} positions); this is a bug, please report it.")
+        self._key_buffer[:, :, self.length : end] = key_states
+        self._value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys = self._key_buffer[:, :, :end]
+        self.values = self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
 @dataclass
 class SpeechDecodingState:
     """Everything one generate() call keeps about speech, per row."""
 
-    cache: DynamicCache
-    sub_attention_mask: torch.Tensor | None  # (B, k·max_steps_total) preallocated; None when nothing is padded
-    sub_position_offset: torch.Tensor  # (B, 1) left-padding sub-positions to subtract from the global index
+    cache: Cache
+    sub_attention_mask: torch.Tensor | None  # (B, k·(prompt+new)) preallocated; None when nothing is padded
+    sub_attention_bias: torch.Tensor | None  # the same as an additive (B, 1, 1, ·) bias for one-position calls
+    sub_positions: torch.Tensor  # (B, k·(prompt+new)) SRH position of every sub-position, per row
     sub_length: int  # sub-positions already in the SRH cache
     previous_code: torch.Tensor  # (B,) code sampled last (its embedding feeds the next sub-position)
     speaking: torch.Tensor  # (B,) bool
     has_group: torch.Tensor  # (B,) bool: a group was ever committed (fused LLM input needs one)
     last_group: torch.Tensor  # (B, k)
-    seen_codes: torch.Tensor  # (B, codebook) bool: the reply's committed codes (repetition-penalty context)
+    seen_codes: torch.Tensor | None  # (B, codebook) bool: committed codes (repetition-penalty context)
     groups: list = field(default_factory=list)  # per step (B, k)
     committed: list = field(default_factory=list)  # per step (B,) bool
 
@@ -161,55 +200,62 @@ class FunAudioChatGenerationMixin:
         return output
 
     # ------------------------------------------------------------------------------- speech head
-    def _start_speech_state(self, input_ids, attention_mask, max_new_tokens: int) -> SpeechDecodingState:
+    def _start_speech_state(self, input_ids, attention_mask, max_new_tokens: int, track_codes: bool):
         batch = input_ids.shape[0]
         k = self.group_size
         device = input_ids.device
-        codebook = self.config.audio_config.codebook_size
-        speech_bos = self.config.audio_config.bos_token_id
-        sub_mask = None
-        offset = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        total = k * (input_ids.shape[1] + max_new_tokens + 1)
+        sub_mask = sub_bias = None
+        positions = torch.arange(total, device=device)[None, :].expand(batch, -1)
         if attention_mask is not None and not bool(attention_mask.all()):
-            total = k * (input_ids.shape[1] + max_new_tokens + 1)
             sub_mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
             sub_mask[:, : k * input_ids.shape[1]] = attention_mask.repeat_interleave(k, dim=1)
-            # Rows are left padded: positions count from each row's first real sub-position.
-            offset = (k * (attention_mask.shape[1] - attention_mask.sum(-1))).long()[:, None]
+            # Left-padded rows count positions from their first real sub-position, as they would alone.
+            padding = (k * (attention_mask.shape[1] - attention_mask.sum(-1))).long()[:, None]
+            positions = (positions - padding).clamp(min=0)
+            dtype = self.audio_invert_tower.input_matching.weight.dtype
+            sub_bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device)
+            sub_bias = sub_bias.masked_fill(sub_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+        codebook = self.config.audio_config.codebook_size
         return SpeechDecodingState(
-            cache=DynamicCache(config=self.audio_invert_tower.crq_transformer.config),
+            cache=Cache(
+                layers=[
+                    PreallocatedKVLayer(total)
+                    for _ in range(self.audio_invert_tower.crq_transformer.config.num_hidden_layers)
+                ]
+            ),
             sub_attention_mask=sub_mask,
-            sub_position_offset=offset,
+            sub_attention_bias=sub_bias,
+            sub_positions=positions.contiguous(),
             sub_length=0,
-            previous_code=torch.full((batch,), speech_bos, dtype=torch.long, device=device),
+            previous_code=torch.full(
+                (batch,), self.config.audio_config.bos_token_id, dtype=torch.long, device=device
+            ),
             speaking=input_ids[:, -1] == self.config.text_config.audio_bos_index,
             has_group=torch.zeros(batch, dtype=torch.bool, device=device),
             last_group=torch.zeros(batch, k, dtype=torch.long, device=device),
-            seen_codes=torch.zeros(batch, codebook, dtype=torch.bool, device=device),
+            seen_codes=torch.zeros(batch, codebook, dtype=torch.bool, device=device) if track_codes else None,
         )
 
     def _speech_head_call(self, state: SpeechDecodingState, sub_inputs: torch.Tensor) -> torch.Tensor:
         """Run the SRH backbone on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
-        head = self.audio_invert_tower
-        new = sub_inputs.shape[1]
-        end = state.sub_length + new
-        if state.sub_attention_mask is None:
-            mask, positions = None, None
+        start, end = state.sub_length, state.sub_length + sub_inputs.shape[1]
+        positions = state.sub_positions[:, start:end]
+        if sub_inputs.shape[1] == 1:
+            # One new position attends to everything cached: no causal structure to build, so hand the backbone
+            # a ready mask (per-call mask construction dominated the SRH's cost).
+            bias = None if state.sub_attention_bias is None else state.sub_attention_bias[..., :end]
+            mask = {"full_attention": bias}
         else:
-            mask = state.sub_attention_mask[:, :end]
-            positions = torch.arange(state.sub_length, end, device=sub_inputs.device)[None, :]
-            positions = (positions - state.sub_position_offset).clamp(min=0)
-        _, logits = head.run_backbone(
-            sub_inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=state.cache,
-            use_cache=True,
+            mask = None if state.sub_attention_mask is None else state.sub_attention_mask[:, :end]
+        _, logits = self.audio_invert_tower.run_backbone(
+            sub_inputs, attention_mask=mask, position_ids=positions, past_key_values=state.cache, use_cache=True
         )
         state.sub_length = end
         return logits[:, -1].float()
 
     def _select_speech_code(self, logits, state, seen, settings, warpers) -> torch.Tensor:
-        if settings.repetition_penalty is not None and settings.repetition_penalty != 1.0:
+        if seen is not None:
             # Same rule as transformers' RepetitionPenaltyLogitsProcessor, over a per-row set of codes, so
             # rows with different histories (or none) in one batch never see each other's codes.
             penalised = torch.where(
@@ -233,8 +279,8 @@ class FunAudioChatGenerationMixin:
         k = self.group_size
         sub_states = head.ungroup(states + text_embeds)  # (B, n·k, H)
         leading = sub_states.shape[1] - (k - 1)
-        seen = state.seen_codes.clone()
-        batch_rows = torch.arange(seen.shape[0], device=seen.device)
+        seen = state.seen_codes.clone() if state.seen_codes is not None else None
+        batch_rows = torch.arange(sub_states.shape[0], device=sub_states.device)
         codes = []
         for sub_step in range(k):
             previous = head.code_embeddings(state.previous_code)[:, None, :]
@@ -247,7 +293,8 @@ class FunAudioChatGenerationMixin:
             if speech_logits_out is not None:
                 speech_logits_out.append(logits)
             code = self._select_speech_code(logits, state, seen, settings, warpers)
-            seen[batch_rows, code] = True
+            if seen is not None:
+                seen[batch_rows, code] = True
             state.previous_code = code
             codes.append(code)
         return torch.stack(codes, dim=1), seen
@@ -261,7 +308,8 @@ class FunAudioChatGenerationMixin:
         state.committed.append(commit_rows)
         state.last_group = torch.where(commit_rows[:, None], group, state.last_group)
         state.has_group = state.has_group | commit_rows
-        state.seen_codes = torch.where(commit_rows[:, None], seen, state.seen_codes)
+        if seen is not None:
+            state.seen_codes = torch.where(commit_rows[:, None], seen, state.seen_codes)
         state.speaking = state.speaking & ~ends
         return ends
 
@@ -330,7 +378,12 @@ class FunAudioChatGenerationMixin:
         speech_warpers = speech_settings.warpers()
         speech_logits_out = [] if (return_dict_in_generate and output_logits and return_speech) else None
         state = (
-            self._start_speech_state(input_ids, model_kwargs.get("attention_mask"), max(max_new_tokens, 1))
+            self._start_speech_state(
+                input_ids,
+                model_kwargs.get("attention_mask"),
+                max(max_new_tokens, 1),
+                track_codes=speech_settings.repetition_penalty not in (None, 1.0),
+            )
             if return_speech
             else None
         )

@@ -464,6 +464,60 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         )
         return output if return_dict else output.to_tuple()
 
+    def sequence_log_probs(self, **inputs) -> dict[str, torch.Tensor]:
+        """Per-row summed log-probabilities of the labelled reply, text and speech streams separately.
+
+        Takes the training inputs (with ``labels``); the text stream is scored exactly where the training loss
+        is (transcript at 5 Hz in the <|AUDIO|> slots), the speech stream on the SRH's teacher-forced targets.
+        Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens": (B,)}``.
+        """
+        labels = inputs["labels"]
+        attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
+        merged = self._merged_for_labels(inputs)
+        if merged is None:
+            inputs_embeds = text_embeds = self.get_input_embeddings()(inputs["input_ids"])
+        else:
+            inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
+        hidden = self.language_model.model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state
+        text_labels = labels if merged is None else self.build_text_labels(
+            labels, merged, inputs.get("text_attention_mask")
+        )
+        text_logits = self.language_model.lm_head(hidden[:, :-1])
+        text_logp, text_count = _gather_log_probs(text_logits, text_labels[:, 1:])
+        result = {"text": text_logp, "text_tokens": text_count}
+        if merged is not None and self.audio_invert_tower is not None:
+            speech_labels = self.build_speech_labels(labels, merged)
+            sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
+            speech_logits = self.audio_invert_tower(
+                hidden + text_embeds.detach(),
+                self.teacher_forcing_embeddings(speech_labels),
+                attention_mask=sub_mask,
+                position_ids=sub_positions,
+            )
+            k = self.group_size
+            shifted = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]
+            result["speech"], result["speech_tokens"] = _gather_log_probs(speech_logits, shifted)
+        else:
+            result["speech"] = torch.zeros_like(text_logp)
+            result["speech_tokens"] = torch.zeros_like(text_count)
+        return result
+
+    def _merged_for_labels(self, inputs) -> MergedAudioInputs | None:
+        if inputs.get("speech_ids") is None or inputs.get("input_ids") is None:
+            return None
+        return self.merge_audio(
+            inputs["input_ids"],
+            inputs["speech_ids"],
+            inputs.get("speech_attention_mask"),
+            inputs.get("input_features"),
+            inputs.get("feature_attention_mask"),
+            inputs.get("feature_exist_mask"),
+            inputs.get("text_ids"),
+            inputs.get("text_attention_mask"),
+        )
+
     def speech_loss(self, speech_logits, targets, num_items=None) -> torch.Tensor:
         flat_logits = speech_logits.float().reshape(-1, speech_logits.shape[-1])
         flat_targets = targets.reshape(-1).to(flat_logits.device)
@@ -473,6 +527,14 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         if torch.is_tensor(num_items):
             num_items = num_items.to(total.device)
         return total / num_items
+
+
+def _gather_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over positions of log softmax(logits)[target], ignoring -100; returns (sums, counts) per row."""
+    valid = targets != IGNORE_INDEX
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * valid).sum(-1), valid.sum(-1)
 
 
 __all__ = ["FunAudioChatForConditionalGeneration", "FunAudioChatOutputWithPast", "FunAudioChatPreTrainedModel"]
