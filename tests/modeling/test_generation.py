@@ -322,3 +322,29 @@ def test_return_speech_without_head_is_a_clear_error():
         model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_speech=False)
     assert out.shape == (1, 5)
+
+
+def test_speech_repetition_penalty_follows_transformers_rule_over_reply_codes():
+    """Each greedy code equals argmax of RepetitionPenaltyLogitsProcessor applied to the raw SRH logits over
+    the reply's committed codes plus the codes already drawn in the current group (the official context)."""
+    from transformers.generation import RepetitionPenaltyLogitsProcessor
+
+    model = oracle.load_model("gen_force_abos_b1")
+    inputs, controls, _ = _case_kwargs("gen_force_abos_b1")
+    controls = {**controls, "max_new_tokens": 10, "speech_repetition_penalty": 1.3}
+    out = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
+    penalty = RepetitionPenaltyLogitsProcessor(1.3)
+    k = model.group_size
+    committed: list[int] = []
+    raw = out.speech_logits
+    for step in range(len(raw) // k):
+        group = []
+        for sub in range(k):
+            context = torch.tensor([committed + group])
+            scores = penalty(context, raw[step * k + sub].clone()) if context.numel() else raw[step * k + sub]
+            group.append(int(scores.argmax(-1)))
+        if step >= 1:  # forced <|audio_bos|> at step 0: every later group belongs to the reply
+            committed.extend(group)
+    assert out.speech_ids[0].tolist() == committed
+    greedy = model.generate(**inputs, **{**controls, "speech_repetition_penalty": 1.0})
+    assert not torch.equal(greedy[1], out.speech_ids), "penalty must change this reply's codes"
