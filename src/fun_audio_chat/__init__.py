@@ -1,7 +1,7 @@
 """fun_audio_chat: Hugging Face-native Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out).
 
-Importing the package registers the configs with ``AutoConfig`` and the model with
-``AutoModelForSeq2SeqLM`` (what the official model card uses) and ``AutoModelForMultimodalLM``.
+Importing the package registers the configs with ``AutoConfig``, the model with ``AutoModelForSeq2SeqLM`` (what
+the official model card uses) and ``AutoModelForMultimodalLM``, and the processor with ``AutoProcessor``.
 """
 
 from transformers import AutoConfig, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
@@ -17,6 +17,7 @@ from .modeling import (
     SpeechEvent,
     TextEvent,
 )
+from .processing import FunAudioChatDataCollator, FunAudioChatProcessor, tiny_processor
 
 AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
 AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
@@ -25,14 +26,17 @@ AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditional
 
 __all__ = [
     "EndEvent",
-    "FunAudioChatGenerateOutput",
-    "FunAudioChatIteratorStreamer",
-    "SpeechEvent",
-    "TextEvent",
     "FunAudioChatAudioEncoderConfig",
     "FunAudioChatConfig",
+    "FunAudioChatDataCollator",
     "FunAudioChatForConditionalGeneration",
+    "FunAudioChatGenerateOutput",
+    "FunAudioChatIteratorStreamer",
     "FunAudioChatOutputWithPast",
     "FunAudioChatPreTrainedModel",
+    "FunAudioChatProcessor",
+    "SpeechEvent",
+    "TextEvent",
+    "tiny_processor",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,272 @@
+"""Audio input: load, decode, downmix, resample and validate.
+
+Everything the processor accepts as "an audio" goes through :func:`load_audio`, which returns a mono float32
+waveform at 16 kHz (the rate of the Whisper-style feature extractor and of the S3 speech tokenizer):
+
+* a path (``str`` / ``os.PathLike``) to a file soundfile can read (wav, flac, ogg/vorbis, opus, mp3 with recent
+  libsndfile, ...), or an ``http(s)://`` URL (fetched with ``urllib``; needs a network);
+* encoded file bytes (``bytes`` / ``bytearray`` / ``memoryview``);
+* raw samples (numpy array, torch tensor, list of floats) **with** ``sampling_rate``; int16/int32/uint8 PCM is
+  scaled to [-1, 1]; 2-D arrays are (channels, time) or (time, channels) and are averaged to mono;
+* a ``(samples, sampling_rate)`` tuple;
+* a ``datasets`` audio dict: ``{"array", "sampling_rate"}`` (decoded) or ``{"path", "bytes"}`` (``Audio(decode=False)``);
+* a decoder object with ``get_all_samples()`` (what ``datasets.Audio`` returns when torchcodec is installed).
+
+Resampling uses ``soxr`` (high quality). Invalid audio raises :class:`AudioInputError` (a ``ValueError``) with a
+message that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from typing import Any
+
+import numpy as np
+
+TARGET_SAMPLING_RATE = 16000
+
+_MAX_CHANNELS = 32  # an axis this short is treated as the channel axis of a 2-D array
+
+
+class AudioInputError(ValueError):
+    """An audio input that cannot be used (missing file, unknown rate, empty, NaN samples, ...)."""
+
+
+def _describe(name: str | None) -> str:
+    return f"{name}: " if name else ""
+
+
+def resample(waveform: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int = TARGET_SAMPLING_RATE) -> np.ndarray:
+    """Resample a mono float waveform with soxr (``HQ``). Returns float32; no-op when the rates are equal."""
+    waveform = np.asarray(waveform, dtype=np.float32)
+    if int(orig_sampling_rate) == int(target_sampling_rate):
+        return waveform
+    import soxr
+
+    out = soxr.resample(waveform, int(orig_sampling_rate), int(target_sampling_rate), quality="HQ")
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _to_float(samples: np.ndarray, name: str | None) -> np.ndarray:
+    """Scale integer PCM to [-1, 1]; keep float data; reject other dtypes."""
+    if samples.dtype == np.bool_ or samples.dtype.kind in "OUSV":
+        raise AudioInputError(f"{_describe(name)}audio samples must be numbers, got dtype {samples.dtype}.")
+    if samples.dtype.kind == "u":
+        bits = samples.dtype.itemsize * 8
+        offset = 2 ** (bits - 1)
+        return ((samples.astype(np.float64) - offset) / offset).astype(np.float32)
+    if samples.dtype.kind == "i":
+        bits = samples.dtype.itemsize * 8
+        return (samples.astype(np.float64) / float(2 ** (bits - 1))).astype(np.float32)
+    if samples.dtype.kind == "c":
+        raise AudioInputError(f"{_describe(name)}audio samples must be real, got complex dtype {samples.dtype}.")
+    return samples.astype(np.float32, copy=False)
+
+
+def to_mono(samples: np.ndarray, name: str | None = None) -> np.ndarray:
+    """Average channels. 1-D input is returned as is; 2-D input may be (channels, time) or (time, channels)."""
+    if samples.ndim == 1:
+        return samples
+    if samples.ndim == 2:
+        rows, cols = samples.shape
+        if rows == 1 or cols == 1:
+            return samples.reshape(-1)
+        if rows <= _MAX_CHANNELS and cols > rows:
+            return samples.mean(axis=0)
+        if cols <= _MAX_CHANNELS and rows > cols:
+            return samples.mean(axis=1)
+        raise AudioInputError(
+            f"{_describe(name)}cannot tell the channel axis of a {samples.shape} audio array; pass mono samples or "
+            "a (channels, time) array with at most 32 channels."
+        )
+    raise AudioInputError(
+        f"{_describe(name)}audio arrays must be 1-D (time) or 2-D (channels x time), got shape {samples.shape}."
+    )
+
+
+def validate_waveform(waveform: np.ndarray, name: str | None = None, sampling_rate: int = TARGET_SAMPLING_RATE) -> None:
+    """Raise :class:`AudioInputError` for empty audio or NaN/inf samples."""
+    if waveform.size == 0:
+        raise AudioInputError(f"{_describe(name)}audio is empty (0 samples).")
+    if not np.all(np.isfinite(waveform)):
+        bad = int(np.count_nonzero(~np.isfinite(waveform)))
+        raise AudioInputError(
+            f"{_describe(name)}audio contains {bad} NaN or infinite sample(s) out of {waveform.size}; "
+            "clean the signal before passing it."
+        )
+
+
+def _read_encoded(source: Any, name: str | None, what: str) -> tuple[np.ndarray, int]:
+    import soundfile as sf
+
+    try:
+        data, sampling_rate = sf.read(source, dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise AudioInputError(f"{_describe(name)}could not decode {what}: {err}") from err
+    return data.T, int(sampling_rate)  # (channels, time)
+
+
+def read_audio_file(path: str | os.PathLike, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Read an audio file with soundfile. Returns ``(samples (channels, time) float32, sampling_rate)``."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise AudioInputError(f"{_describe(name)}audio file not found: {path!r}")
+    if os.path.isdir(path):
+        raise AudioInputError(f"{_describe(name)}expected an audio file but {path!r} is a directory")
+    return _read_encoded(path, name, f"audio file {path!r} (not a readable audio file?)")
+
+
+def decode_audio_bytes(data: bytes | bytearray | memoryview, name: str | None = None) -> tuple[np.ndarray, int]:
+    """Decode an encoded audio file held in memory. Returns ``(samples (channels, time), sampling_rate)``."""
+    data = bytes(data)
+    if len(data) == 0:
+        raise AudioInputError(f"{_describe(name)}audio bytes are empty.")
+    return _read_encoded(io.BytesIO(data), name, f"{len(data)} bytes of audio (not an audio file?)")
+
+
+def _fetch_url(url: str, name: str | None) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - user-provided audio URL
+            return response.read()
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise AudioInputError(
+            f"{_describe(name)}could not download audio from {url!r}: {err}. Download it and pass the local path."
+        ) from err
+
+
+def _is_url(value: str) -> bool:
+    return value.startswith(("http://", "https://"))
+
+
+def load_audio(
+    audio: Any,
+    sampling_rate: int | None = None,
+    target_sampling_rate: int = TARGET_SAMPLING_RATE,
+    name: str | None = None,
+) -> np.ndarray:
+    """Load any supported audio input as a mono float32 waveform at ``target_sampling_rate``.
+
+    Args:
+        audio: see the module docstring for the accepted forms.
+        sampling_rate: rate of raw sample arrays. Required for them (there is no safe default); ignored for
+            files and bytes, which carry their own rate. A dict's own ``sampling_rate`` wins over this argument.
+        target_sampling_rate: output rate (16 kHz for Fun-Audio-Chat).
+        name: how to refer to this input in error messages (e.g. ``"audio 2"``).
+    """
+    samples, rate = _load_samples(audio, sampling_rate, name)
+    if rate is None or rate <= 0:
+        raise AudioInputError(f"{_describe(name)}invalid sampling rate {rate!r}.")
+    samples = to_mono(_to_float(np.asarray(samples), name), name)
+    validate_waveform(samples, name)
+    waveform = resample(samples, int(rate), target_sampling_rate)
+    validate_waveform(waveform, name)
+    return waveform
+
+
+def _load_samples(audio: Any, sampling_rate: int | None, name: str | None) -> tuple[np.ndarray, int | None]:
+    if audio is None:
+        raise AudioInputError(f"{_describe(name)}audio is None.")
+    if isinstance(audio, (str, os.PathLike)):
+        text = os.fspath(audio)
+        if isinstance(text, str) and _is_url(text):
+            return decode_audio_bytes(_fetch_url(text, name), name)
+        return read_audio_file(text, name)
+    if isinstance(audio, (bytes, bytearray, memoryview)):
+        return decode_audio_bytes(audio, name)
+    if isinstance(audio, dict):
+        return _load_from_dict(audio, sampling_rate, name)
+    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)) and not isinstance(audio[1], bool):
+        return _raw_samples(audio[0], int(audio[1]), name)
+    if hasattr(audio, "get_all_samples"):  # torchcodec / datasets AudioDecoder
+        decoded = audio.get_all_samples()
+        data = decoded.data
+        data = data.detach().cpu().numpy() if hasattr(data, "detach") else np.asarray(data)
+        return data, int(decoded.sample_rate)
+    return _raw_samples(audio, sampling_rate, name)
+
+
+def _raw_samples(samples: Any, sampling_rate: int | None, name: str | None) -> tuple[np.ndarray, int]:
+    if hasattr(samples, "detach"):  # torch tensor
+        samples = samples.detach().cpu()
+        if str(samples.dtype) == "torch.bfloat16":
+            samples = samples.float()
+        samples = samples.numpy()
+    try:
+        array = np.asarray(samples)
+    except Exception as err:
+        raise AudioInputError(f"{_describe(name)}unsupported audio input of type {type(samples).__name__}.") from err
+    if array.dtype.kind in "OUSV":
+        raise AudioInputError(
+            f"{_describe(name)}unsupported audio input of type {type(samples).__name__}; pass a path, bytes, "
+            "an array with sampling_rate, or a datasets audio dict."
+        )
+    if sampling_rate is None:
+        raise AudioInputError(
+            f"{_describe(name)}the sampling rate of a raw audio array is unknown; pass sampling_rate=... "
+            '(or {"array": ..., "sampling_rate": ...}).'
+        )
+    return array, int(sampling_rate)
+
+
+def _load_from_dict(audio: dict, sampling_rate: int | None, name: str | None) -> tuple[np.ndarray, int | None]:
+    if audio.get("array") is not None:
+        rate = audio.get("sampling_rate", sampling_rate)
+        if rate is None:
+            raise AudioInputError(
+                f'{_describe(name)}audio dict has an "array" but no "sampling_rate"; the rate of raw samples is unknown.'
+            )
+        return _raw_samples(audio["array"], int(rate), name)
+    if audio.get("bytes") is not None:
+        return decode_audio_bytes(audio["bytes"], name)
+    if audio.get("path") is not None:
+        return _load_samples(audio["path"], sampling_rate, name)
+    raise AudioInputError(
+        f'{_describe(name)}audio dict needs "array" + "sampling_rate", "bytes" or "path"; got keys {sorted(audio)}.'
+    )
+
+
+# A short spoken request bundled with the package (espeak-ng, 16 kHz mono PCM), for demos and examples.
+EXAMPLE_AUDIO_TEXT = "Hello! What is the weather like in Paris today?"
+
+
+def example_audio_path() -> str:
+    """Path of the bundled example clip ``assets/hello.wav`` (its words are :data:`EXAMPLE_AUDIO_TEXT`)."""
+    from importlib import resources
+
+    return str(resources.files("fun_audio_chat").joinpath("assets", "hello.wav"))
+
+
+def duration_seconds(waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLING_RATE) -> float:
+    return len(waveform) / float(sampling_rate)
+
+
+def speech_frames(num_samples: int, sampling_rate: int = TARGET_SAMPLING_RATE, frame_rate: int = 25) -> int:
+    """Number of 25 Hz speech frames of a clip, as the official processor counts them: ``int(duration * 25)``."""
+    return int(num_samples / sampling_rate * frame_rate)
+
+
+def audio_placeholder_count(num_samples: int, group_size: int = 5, sampling_rate: int = TARGET_SAMPLING_RATE) -> int:
+    """Number of ``<|AUDIO|>`` positions of a clip: ``ceil(int(duration * 25) / group_size)``."""
+    return math.ceil(speech_frames(num_samples, sampling_rate) / group_size)
+
+
+__all__ = [
+    "EXAMPLE_AUDIO_TEXT",
+    "TARGET_SAMPLING_RATE",
+    "AudioInputError",
+    "audio_placeholder_count",
+    "decode_audio_bytes",
+    "duration_seconds",
+    "example_audio_path",
+    "load_audio",
+    "read_audio_file",
+    "resample",
+    "speech_frames",
+    "to_mono",
+    "validate_waveform",
+]

@@ -1,0 +1,560 @@
+"""``FunAudioChatProcessor``: Whisper features + Qwen text tokenizer + speech tokenizer, in the official file layout.
+
+On disk (official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout, SPEC §1.5 / §3)::
+
+    processor_config.json      {"audio_bos_token", "audio_eos_token", "audio_group_size": 5, "audio_pad_token",
+                                "audio_token", "processor_class": "FunAudioChatProcessor"}
+    preprocessor_config.json   WhisperFeatureExtractor (128 mel bins, 16 kHz, hop 160, n_fft 400)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json     the text tokenizer
+    chat_template.jinja        the chat template
+    speech_tokenizer/          tokenizer.json, tokenizer_config.json, special_tokens_map.json
+
+``AutoProcessor.from_pretrained(dir)`` loads it once :mod:`fun_audio_chat` is imported; ``save_pretrained`` writes it
+back in the same layout.
+
+Model inputs returned by ``processor(text=..., audio=...)`` and by
+``processor.apply_chat_template(..., tokenize=True, return_dict=True)``:
+
+=========================  ==========================================================================================
+``input_ids``              (B, L) prompts with each ``<|AUDIO|>`` expanded to ``ceil(int(duration*25)/5)`` copies
+                           between ``<|audio_bos|>`` and ``<|audio_eos|>``; left padded by default (generation)
+``attention_mask``         (B, L)
+``input_features``         (N_audio, 128, T) log-mel features of every audio, covering the whole clip (no 30 s cut)
+``feature_attention_mask`` (N_audio, T), ``ceil(num_samples / 160)`` valid frames per clip
+``feature_exist_mask``     (N_audio,) bool, True for every audio with continuous features (all user audio)
+``speech_ids``             (N_audio, S) speech pad id x ``int(duration*25)``, padded to a multiple of 5
+``speech_attention_mask``  (N_audio, S), 0 on the padding
+=========================  ==========================================================================================
+
+Audio rows are in the order the placeholders appear (sample by sample).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .audio_io import TARGET_SAMPLING_RATE, AudioInputError, load_audio, speech_frames
+from .chat_template import CHAT_TEMPLATE
+from .prompts import SPEECH_DELAY_TOKENS
+
+try:  # marker that transformers uses for control tokens written by users (sanitize_control_tokens)
+    from transformers.processing_utils import _UNMARKED
+except ImportError:  # pragma: no cover - older/newer transformers
+    _UNMARKED = ""
+
+HOP_LENGTH = 160
+SPEECH_FRAME_RATE = 25
+# The official training context is 2048 LLM positions; audio alone at 5 positions per second fills it in 409.6 s.
+DEFAULT_MAX_AUDIO_SECONDS = 2048 / 5
+
+_OFFICIAL_CONFIG_KEYS = ("audio_bos_token", "audio_eos_token", "audio_group_size", "audio_pad_token", "audio_token")
+_EXTRA_CONFIG_DEFAULTS = {"max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS, "text_sil_token": "<|sil|>"}
+
+
+class FunAudioChatProcessor(ProcessorMixin):
+    r"""Processor of Fun-Audio-Chat.
+
+    Args:
+        feature_extractor: :class:`~transformers.WhisperFeatureExtractor` with 128 mel bins at 16 kHz.
+        tokenizer: the Qwen text tokenizer with the audio special tokens.
+        speech_tokenizer: the speech tokenizer (``speech_tokenizer/`` subfolder): ids ``0 .. codes-1`` are the
+            S3 speech codes ``[AU0000]`` …, followed by ``<|audio_bos|>``, ``<|audio_eos|>``, ``<|audio_pad|>``.
+        chat_template: Jinja chat template; the built-in Fun-Audio-Chat template when not given.
+        audio_token / audio_bos_token / audio_eos_token / audio_pad_token: text special tokens.
+        audio_group_size: speech codes per LLM position (5).
+        max_audio_seconds: longest accepted clip (default 409.6 s = the 2048-position training context at 5 Hz);
+            ``None`` disables the check. Longer audio raises instead of being truncated.
+        text_sil_token: the text silence token that pads transcripts.
+    """
+
+    audio_kwargs = {"return_attention_mask": True}
+
+    def __init__(
+        self,
+        feature_extractor=None,
+        tokenizer=None,
+        speech_tokenizer=None,
+        chat_template=None,
+        audio_token: str = "<|AUDIO|>",
+        audio_bos_token: str = "<|audio_bos|>",
+        audio_eos_token: str = "<|audio_eos|>",
+        audio_pad_token: str = "<|audio_pad|>",
+        audio_group_size: int = 5,
+        max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
+        text_sil_token: str = "<|sil|>",
+    ):
+        if tokenizer is None or feature_extractor is None:
+            raise ValueError("FunAudioChatProcessor needs a feature_extractor and a tokenizer.")
+        if chat_template is None:
+            chat_template = CHAT_TEMPLATE
+        self.audio_token = getattr(tokenizer, "audio_token", None) or audio_token
+        self.audio_bos_token = getattr(tokenizer, "audio_bos_token", None) or audio_bos_token
+        self.audio_eos_token = getattr(tokenizer, "audio_eos_token", None) or audio_eos_token
+        self.audio_pad_token = getattr(tokenizer, "audio_pad_token", None) or audio_pad_token
+        self.text_sil_token = getattr(tokenizer, "text_sil_token", None) or text_sil_token
+        self.audio_group_size = int(audio_group_size)
+        self.max_audio_seconds = max_audio_seconds
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token)
+        if speech_tokenizer is None or not _is_speech_tokenizer(speech_tokenizer):
+            from .tiny import build_speech_tokenizer
+
+            if speech_tokenizer is not None:
+                warnings.warn(
+                    "The speech tokenizer has no [AU....] vocabulary (was the speech_tokenizer/ subfolder missing?); "
+                    "using the released layout with 6561 codes.",
+                    stacklevel=2,
+                )
+            speech_tokenizer = build_speech_tokenizer(6561)
+        super().__init__(feature_extractor, tokenizer, speech_tokenizer, chat_template=chat_template)
+        for name in ("audio_token", "audio_bos_token", "audio_eos_token"):
+            token = getattr(self, name)
+            if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+                raise ValueError(f"The text tokenizer has no {token} token ({name}); add the audio special tokens.")
+
+    # ------------------------------------------------------------------ ids
+    @property
+    def audio_bos_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.audio_bos_token)
+
+    @property
+    def audio_eos_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.audio_eos_token)
+
+    @property
+    def text_sil_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.text_sil_token)
+
+    @property
+    def im_end_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    @property
+    def text_pad_token_id(self) -> int:
+        """Padding id of text sequences and transcripts (``<|endoftext|>``; falls back to eos)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    @property
+    def speech_bos_token_id(self) -> int:
+        return self.speech_tokenizer.bos_token_id
+
+    @property
+    def speech_eos_token_id(self) -> int:
+        return self.speech_tokenizer.eos_token_id
+
+    @property
+    def speech_pad_token_id(self) -> int:
+        return self.speech_tokenizer.pad_token_id
+
+    @property
+    def num_speech_codes(self) -> int:
+        """Number of real speech codes (6561 for the release, 296 for the tiny layout)."""
+        return _count_code_tokens(self.speech_tokenizer)
+
+    @property
+    def speech_delay_tokens(self) -> int:
+        return SPEECH_DELAY_TOKENS
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return [
+            "input_ids",
+            "attention_mask",
+            "input_features",
+            "feature_attention_mask",
+            "feature_exist_mask",
+            "speech_ids",
+            "speech_attention_mask",
+        ]
+
+    # ------------------------------------------------------------------ audio helpers
+    def num_speech_frames(self, num_samples: int) -> int:
+        """25 Hz speech frames of a 16 kHz clip: ``int(duration * 25)`` (official count)."""
+        return speech_frames(num_samples, TARGET_SAMPLING_RATE, SPEECH_FRAME_RATE)
+
+    def num_audio_tokens(self, num_samples: int) -> int:
+        """``<|AUDIO|>`` positions of a 16 kHz clip: ``ceil(int(duration * 25) / audio_group_size)``."""
+        return math.ceil(self.num_speech_frames(num_samples) / self.audio_group_size)
+
+    def load_audio(self, audio: Any, sampling_rate: int | None = None, name: str | None = None) -> np.ndarray:
+        """Load one audio input (see :func:`fun_audio_chat.processing.audio_io.load_audio`) and check its length."""
+        waveform = load_audio(audio, sampling_rate=sampling_rate, target_sampling_rate=TARGET_SAMPLING_RATE, name=name)
+        self._check_audio_length(waveform, name)
+        return waveform
+
+    def _check_audio_length(self, waveform: np.ndarray, name: str | None) -> None:
+        prefix = f"{name}: " if name else ""
+        if self.num_speech_frames(len(waveform)) == 0:
+            raise AudioInputError(
+                f"{prefix}audio is too short ({len(waveform)} samples at 16 kHz, "
+                f"{1000 * len(waveform) / TARGET_SAMPLING_RATE:.1f} ms): it must last at least 40 ms "
+                "(one 25 Hz speech frame)."
+            )
+        if self.max_audio_seconds is not None:
+            seconds = len(waveform) / TARGET_SAMPLING_RATE
+            if seconds > self.max_audio_seconds:
+                positions = self.num_audio_tokens(len(waveform))
+                raise AudioInputError(
+                    f"{prefix}audio lasts {seconds:.1f} s and needs {positions} LLM positions, longer than the model "
+                    f"context for audio (max_audio_seconds={self.max_audio_seconds:g} s). Split the clip, or raise "
+                    "processor.max_audio_seconds if your model handles longer inputs."
+                )
+
+    def extract_features(self, waveforms: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Log-mel features of 16 kHz clips, each covering its whole clip (no 30 s window).
+
+        Each clip is featurized on its own, zero-padded far enough that its valid frames are the ones the official
+        processor computes (it pads to 30 s), so features do not depend on the other clips of the batch. Returns
+        ``input_features`` (N, 128, T) float32 (zeros after each clip) and ``feature_attention_mask`` (N, T) int64
+        with ``ceil(num_samples / 160)`` ones, T = the longest clip's frame count.
+        """
+        frames, feats = [], []
+        for waveform in waveforms:
+            num_samples = len(waveform)
+            valid = math.ceil(num_samples / HOP_LENGTH)
+            padded = HOP_LENGTH * math.ceil((num_samples + 3 * self.feature_extractor.n_fft // 2) / HOP_LENGTH)
+            out = self.feature_extractor(
+                np.asarray(waveform, dtype=np.float32),
+                sampling_rate=TARGET_SAMPLING_RATE,
+                padding="max_length",
+                max_length=padded,
+                truncation=False,
+                return_attention_mask=False,
+                return_tensors="np",
+            )
+            feats.append(np.asarray(out["input_features"][0][:, :valid], dtype=np.float32))
+            frames.append(valid)
+        longest = max(frames) if frames else 0
+        num_mel = self.feature_extractor.feature_size
+        input_features = np.zeros((len(feats), num_mel, longest), dtype=np.float32)
+        feature_attention_mask = np.zeros((len(feats), longest), dtype=np.int64)
+        for row, (feat, valid) in enumerate(zip(feats, frames)):
+            input_features[row, :, :valid] = feat
+            feature_attention_mask[row, :valid] = 1
+        return {"input_features": input_features, "feature_attention_mask": feature_attention_mask}
+
+    def user_speech_ids(self, num_frames: Sequence[int], pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+        """Speech ids of user audio: the speech pad id x ``int(duration*25)`` per clip (overwritten by the
+        continuous features in the model), right padded to a multiple of ``audio_group_size`` (mask 0 on padding)."""
+        multiple = pad_to_multiple_of or self.audio_group_size
+        longest = max(num_frames) if num_frames else 0
+        width = multiple * math.ceil(longest / multiple)
+        speech_ids = np.full((len(num_frames), width), self.speech_pad_token_id, dtype=np.int64)
+        speech_attention_mask = np.zeros((len(num_frames), width), dtype=np.int64)
+        for row, count in enumerate(num_frames):
+            speech_attention_mask[row, :count] = 1
+        return {"speech_ids": speech_ids, "speech_attention_mask": speech_attention_mask}
+
+    # ------------------------------------------------------------------ main call
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        audio: Any = None,
+        images=None,
+        videos=None,
+        *,
+        sampling_rate: int | None = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        truncation: bool | None = None,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: str | None = None,
+        add_special_tokens: bool = False,
+        return_offsets_mapping: bool = False,
+        return_text_replacement_offsets: bool = False,
+        text_kwargs: dict | None = None,
+        audio_kwargs: dict | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenize prompts and featurize their audio.
+
+        Args:
+            text: prompt(s) containing one ``<|AUDIO|>`` placeholder per audio (usually from the chat template; a
+                bare ``<|AUDIO|>`` gets ``<|audio_bos|>``/``<|audio_eos|>`` added around it).
+            audio: one audio or a list of audios for all prompts, in placeholder order. Any form
+                :func:`~fun_audio_chat.processing.audio_io.load_audio` accepts.
+            sampling_rate: rate of raw sample arrays (files and datasets dicts carry their own).
+            padding / padding_side: text padding; ``padding_side`` defaults to ``"left"`` (generation).
+            return_tensors: ``"pt"``, ``"np"`` or ``None`` (lists for text, numpy arrays for audio).
+        """
+        if images is not None or videos is not None:
+            raise ValueError("FunAudioChatProcessor handles text and audio only; images/videos are not supported.")
+        text_kwargs = dict(text_kwargs or {})
+        audio_kwargs = dict(audio_kwargs or {})
+        sampling_rate = audio_kwargs.pop("sampling_rate", sampling_rate)
+        for key in ("return_attention_mask", "load_audio_backend"):
+            audio_kwargs.pop(key, None)
+        kwargs.pop("return_mm_token_type_ids", None)
+        kwargs.pop("sanitize_control_tokens", None)
+        unknown = sorted(set(kwargs) | set(audio_kwargs))
+        if unknown:
+            warnings.warn(f"FunAudioChatProcessor ignores unknown arguments {unknown}.", stacklevel=2)
+        if text is None and audio is None:
+            raise ValueError("Provide `text` and/or `audio`.")
+
+        waveforms = self._load_audio_list(audio, sampling_rate)
+        data: dict[str, Any] = {}
+        offsets = None
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not all(isinstance(sample, str) for sample in texts):
+                raise ValueError("`text` must be a string or a list of strings.")
+            texts = self._check_and_expand(texts, waveforms)
+            texts, offsets = self.get_text_with_replacements(
+                texts, audio_replacements=[self.audio_token * self.num_audio_tokens(len(w)) for w in waveforms]
+            )
+            tokenizer_kwargs = {
+                "padding": padding,
+                "padding_side": padding_side or text_kwargs.pop("padding_side", None) or "left",
+                "truncation": truncation,
+                "max_length": max_length,
+                "pad_to_multiple_of": pad_to_multiple_of,
+                "add_special_tokens": add_special_tokens,
+                "return_attention_mask": True,
+            }
+            if return_offsets_mapping:
+                tokenizer_kwargs["return_offsets_mapping"] = True
+            tokenizer_kwargs.update(text_kwargs)
+            tokenizer_kwargs = {k: v for k, v in tokenizer_kwargs.items() if v is not None}
+            text_inputs = self.tokenizer(texts, **tokenizer_kwargs)
+            self._check_special_mm_tokens(texts, text_inputs, modalities=["audio"])
+            data.update(text_inputs)
+            if return_text_replacement_offsets:
+                data["text_replacement_offsets"] = offsets
+        if waveforms:
+            data.update(self.extract_features(waveforms))
+            data["feature_exist_mask"] = np.ones(len(waveforms), dtype=bool)
+            data.update(self.user_speech_ids([self.num_speech_frames(len(w)) for w in waveforms]))
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def _load_audio_list(self, audio: Any, sampling_rate: int | None) -> list[np.ndarray]:
+        if audio is None:
+            return []
+        if _is_single_audio(audio):
+            audio = [audio]
+        return [self.load_audio(item, sampling_rate=sampling_rate, name=f"audio {i}") for i, item in enumerate(audio)]
+
+    def _check_and_expand(self, texts: list[str], waveforms: list[np.ndarray]) -> list[str]:
+        """Check placeholder/audio counts and make sure every placeholder sits between audio_bos and audio_eos."""
+        pattern = re.compile(_UNMARKED + re.escape(self.audio_token))
+        counts = [len(pattern.findall(sample)) for sample in texts]
+        if sum(counts) != len(waveforms):
+            raise ValueError(
+                f"Found {sum(counts)} {self.audio_token} placeholder(s) in the text ({counts} per prompt) but "
+                f"{len(waveforms)} audio input(s) were given; pass exactly one audio per placeholder."
+            )
+        bos, eos, tok = (re.escape(t) for t in (self.audio_bos_token, self.audio_eos_token, self.audio_token))
+        full = re.compile(f"{_UNMARKED}(?:{bos})?{tok}(?:{eos})?")
+        return [full.sub(self.audio_bos_token + self.audio_token + self.audio_eos_token, sample) for sample in texts]
+
+    # ------------------------------------------------------------------ chat template
+    def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
+        """Collect, in order, the audio items the template turns into placeholders (user turns; assistant replies are
+        history text), loading each with our loader (paths, URLs, bytes, arrays with a ``sampling_rate`` key in the
+        content item, datasets dicts)."""
+        batch_audios = []
+        for conversation in conversations:
+            for index, message in enumerate(conversation):
+                content = message.get("content")
+                role = message.get("role")
+                # the template renders audio placeholders for user turns only (not for replies, tool results or
+                # the leading system prompt), so only those audios are inputs
+                if role in ("assistant", "tool") or (index == 0 and role == "system"):
+                    continue
+                if not isinstance(content, (list, tuple)):
+                    continue
+                for item in content:
+                    if not isinstance(item, dict) or item.get("type") != "audio":
+                        continue
+                    keys = [key for key in ("audio", "path", "url") if item.get(key) is not None]
+                    if not keys:
+                        raise AudioInputError(
+                            'an {"type": "audio"} content item needs one of "audio", "path" or "url".'
+                        )
+                    name = f"audio {len(batch_audios)}"
+                    batch_audios.append(
+                        self.load_audio(item[keys[0]], sampling_rate=item.get("sampling_rate"), name=name)
+                    )
+        empty = [[] for _ in conversations]
+        return empty, empty, batch_audios, {}
+
+    # ------------------------------------------------------------------ decoding
+    def decode_text(self, token_ids, skip_special_tokens: bool = True) -> str | list[str]:
+        """Decode generated text ids, stripping the control tokens around the reply (leading ``<|audio_bos|>`` /
+        ``<|sil|>``, trailing ``<|audio_eos|>`` / ``<|sil|>`` / ``<|im_end|>``, any padding). A 2-D input gives a list."""
+        from .detokenizer import clean_text_ids
+
+        rows, batched = _as_rows(token_ids)
+        leading = {self.audio_bos_token_id, self.text_sil_token_id}
+        trailing = {self.audio_eos_token_id, self.text_sil_token_id, self.im_end_token_id}
+        pad = {self.text_pad_token_id}
+        texts = [
+            self.tokenizer.decode(
+                clean_text_ids(row, leading=leading, trailing=trailing, padding=pad),
+                skip_special_tokens=skip_special_tokens,
+            )
+            for row in rows
+        ]
+        return texts if batched else texts[0]
+
+    def decode_speech(self, speech_ids, speech_attention_mask=None, lengths=None) -> list[list[int]]:
+        """Per-row lists of real speech codes (``0 <= code < num_speech_codes``) from generated speech ids: stops at
+        the first speech EOS and drops BOS/pad ids and masked positions."""
+        from .detokenizer import speech_ids_to_codes
+
+        return speech_ids_to_codes(
+            speech_ids,
+            num_codes=self.num_speech_codes,
+            eos_token_id=self.speech_eos_token_id,
+            attention_mask=speech_attention_mask,
+            lengths=lengths,
+        )
+
+    def parse_tool_calls(self, text_or_ids, strict: bool = False) -> list[dict]:
+        """Tool calls in a generated reply (text or ids): ``[{"name": str, "arguments": dict}, ...]``.
+        See :func:`fun_audio_chat.processing.tool_calling.parse_tool_calls`."""
+        from .tool_calling import parse_tool_calls
+
+        text = text_or_ids if isinstance(text_or_ids, str) else self.decode_text(text_or_ids)
+        if isinstance(text, list):
+            return [parse_tool_calls(t, strict=strict) for t in text]
+        return parse_tool_calls(text, strict=strict)
+
+    # ------------------------------------------------------------------ training
+    def build_training_example(self, messages: list[dict], **kwargs) -> dict:
+        """One training example (official SFT layout) from a conversation; see
+        :func:`fun_audio_chat.processing.collator.build_training_example`."""
+        from .collator import build_training_example
+
+        return build_training_example(self, messages, **kwargs)
+
+    # ------------------------------------------------------------------ serialization
+    def to_dict(self) -> dict[str, Any]:
+        """The official ``processor_config.json`` keys (+ our extra settings only when they differ from defaults).
+        The feature extractor goes to its own ``preprocessor_config.json``, as in the released repository."""
+        output = {key: getattr(self, key) for key in _OFFICIAL_CONFIG_KEYS}
+        for key, default in _EXTRA_CONFIG_DEFAULTS.items():
+            value = getattr(self, key)
+            if value != default:
+                output[key] = value
+        output["processor_class"] = self.__class__.__name__
+        return output
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Write the official layout: processor_config.json, preprocessor_config.json, the text tokenizer files,
+        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer)."""
+        files = super().save_pretrained(save_directory, push_to_hub=False, **{k: v for k, v in kwargs.items() if k != "repo_id"})
+        self.feature_extractor.save_pretrained(save_directory)
+        _write_special_tokens_map(self.tokenizer, os.path.join(save_directory, "special_tokens_map.json"))
+        speech_dir = os.path.join(save_directory, "speech_tokenizer")
+        _write_special_tokens_map(self.speech_tokenizer, os.path.join(speech_dir, "special_tokens_map.json"))
+        _write_bpe_vocab_files(self.tokenizer, save_directory)
+        # Name the speech tokenizer class the way the release does, so older transformers versions can load it too.
+        config_path = os.path.join(speech_dir, "tokenizer_config.json")
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            if config.get("tokenizer_class") == "TokenizersBackend":
+                config["tokenizer_class"] = "PreTrainedTokenizerFast"
+                with open(config_path, "w", encoding="utf-8") as handle:
+                    json.dump(config, handle, indent=2, ensure_ascii=False)
+                    handle.write("\n")
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or str(save_directory).rstrip("/").split(os.path.sep)[-1]
+            commit_message = kwargs.pop("commit_message", None)
+            token = kwargs.get("token")
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            repo_id = api.create_repo(repo_id, exist_ok=True, private=kwargs.get("private")).repo_id
+            api.upload_folder(
+                repo_id=repo_id, folder_path=str(save_directory), commit_message=commit_message or "Upload processor"
+            )
+        return files
+
+
+def _write_special_tokens_map(tokenizer, path: str) -> None:
+    """A v4-style special_tokens_map.json (the released repo ships one next to each tokenizer)."""
+    data: dict[str, Any] = {}
+    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            data[name] = {"content": str(value), "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    extra = [str(t) for t in getattr(tokenizer, "extra_special_tokens", []) or []]
+    model_specific = {}
+    for key in ("audio_token", "audio_bos_token", "audio_eos_token", "audio_pad_token", "text_sil_token"):
+        value = getattr(tokenizer, key, None)
+        if isinstance(value, str):
+            model_specific[key] = value
+            if value not in extra:
+                extra.append(value)
+    if extra:
+        data["additional_special_tokens"] = extra
+    data.update(model_specific)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, ensure_ascii=False)
+        handle.write("\n")
+
+
+def _write_bpe_vocab_files(tokenizer, save_directory: str) -> None:
+    """vocab.json + merges.txt of a byte-level BPE tokenizer (the released Qwen tokenizer ships them next to
+    tokenizer.json); skipped for other tokenizer models."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is None or type(model).__name__ != "BPE":
+        return
+    try:
+        model.save(save_directory)
+    except Exception:  # pragma: no cover - optional convenience files
+        return
+
+
+def _count_code_tokens(speech_tokenizer) -> int:
+    vocab = speech_tokenizer.get_vocab()
+    return sum(1 for token in vocab if token.startswith("[AU") and token.endswith("]"))
+
+
+def _is_speech_tokenizer(tokenizer) -> bool:
+    try:
+        return "[AU0000]" in tokenizer.get_vocab()
+    except Exception:
+        return False
+
+
+def _is_single_audio(audio: Any) -> bool:
+    if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview, dict)):
+        return True
+    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
+        return True
+    if hasattr(audio, "get_all_samples"):
+        return True
+    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+        return audio.ndim == 1
+    if isinstance(audio, (list, tuple)):
+        return len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
+    return False
+
+
+def _as_rows(token_ids) -> tuple[list[list[int]], bool]:
+    if hasattr(token_ids, "detach"):
+        token_ids = token_ids.detach().cpu().tolist()
+    elif isinstance(token_ids, np.ndarray):
+        token_ids = token_ids.tolist()
+    if len(token_ids) > 0 and isinstance(token_ids[0], (list, tuple)):
+        return [list(map(int, row)) for row in token_ids], True
+    return [list(map(int, token_ids))], False
+
+
+__all__ = ["DEFAULT_MAX_AUDIO_SECONDS", "FunAudioChatProcessor"]
