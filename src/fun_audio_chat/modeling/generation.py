@@ -241,18 +241,18 @@ class FunAudioChatGenerationMixin:
         """Run the SRH backbone on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
         start, end = state.sub_length, state.sub_length + sub_inputs.shape[1]
         positions = state.sub_positions[:, start:end]
+        head = self.audio_invert_tower
         if sub_inputs.shape[1] == 1:
-            # One new position attends to everything cached: no causal structure to build, so hand the backbone
-            # a ready mask (per-call mask construction dominated the SRH's cost).
             bias = None if state.sub_attention_bias is None else state.sub_attention_bias[..., :end]
-            mask = {"full_attention": bias}
+            logits = head.decode_position(sub_inputs, state.cache, positions, bias)
         else:
             mask = None if state.sub_attention_mask is None else state.sub_attention_mask[:, :end]
-        _, logits = self.audio_invert_tower.run_backbone(
-            sub_inputs, attention_mask=mask, position_ids=positions, past_key_values=state.cache, use_cache=True
-        )
+            _, logits = head.run_backbone(
+                sub_inputs, attention_mask=mask, position_ids=positions, past_key_values=state.cache, use_cache=True
+            )
+            logits = logits[:, -1]
         state.sub_length = end
-        return logits[:, -1].float()
+        return logits.float()
 
     def _select_speech_code(self, logits, state, seen, settings, warpers) -> torch.Tensor:
         if seen is not None:

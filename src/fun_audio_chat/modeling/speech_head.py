@@ -16,6 +16,18 @@ from transformers import AutoModel
 from ..configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig
 
 
+def _rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+    """Qwen3 RMSNorm (statistics in fp32) as one fused op."""
+    weight = norm.weight
+    normed = nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
+    return weight * normed.to(hidden.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
 class FunAudioChatSpeechHead(nn.Module):
     def __init__(self, config: FunAudioChatAudioEncoderConfig):
         super().__init__()
@@ -63,6 +75,57 @@ class FunAudioChatSpeechHead(nn.Module):
         )
         logits = self.lm_head(self.output_matching(output.last_hidden_state))
         return output, logits
+
+    def decode_position(
+        self,
+        sub_state: torch.Tensor,
+        past_key_values,
+        position_ids: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One new sub-position (B, 1, H) through the backbone with its KV cache; returns logits (B, codebook).
+
+        Generation runs this k times per LLM step. It computes what ``crq_transformer`` computes for a single
+        query position, minus the per-call work a full forward repeats every time (mask construction,
+        output containers, module hooks around every norm): on this small decoder that bookkeeping cost more
+        than the matrix products.
+        """
+        backbone = self.crq_transformer
+        config = backbone.config
+        hidden = self.input_matching(sub_state)
+        batch = hidden.shape[0]
+        cos, sin = backbone.rotary_emb(hidden, position_ids)
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        eager = config._attn_implementation == "eager"
+        for index, layer in enumerate(backbone.layers[: config.num_hidden_layers]):
+            attention = layer.self_attn
+            head_dim = attention.head_dim
+            residual = hidden
+            normed = _rms_norm(hidden, layer.input_layernorm)
+            query = _rms_norm(attention.q_proj(normed).view(batch, 1, -1, head_dim), attention.q_norm).transpose(1, 2)
+            key = _rms_norm(attention.k_proj(normed).view(batch, 1, -1, head_dim), attention.k_norm).transpose(1, 2)
+            value = attention.v_proj(normed).view(batch, 1, -1, head_dim).transpose(1, 2)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            key, value = past_key_values.layers[index].update(key, value)
+            if eager:
+                groups = query.shape[1] // key.shape[1]
+                key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+                weights = torch.matmul(query, key.transpose(-1, -2)) * attention.scaling
+                if attention_bias is not None:
+                    weights = weights + attention_bias
+                context = torch.matmul(torch.softmax(weights.float(), dim=-1).to(query.dtype), value)
+            else:
+                context = nn.functional.scaled_dot_product_attention(
+                    query, key, value, attn_mask=attention_bias, scale=attention.scaling, enable_gqa=True
+                )
+            hidden = residual + attention.o_proj(context.transpose(1, 2).reshape(batch, 1, -1))
+            residual = hidden
+            normed = _rms_norm(hidden, layer.post_attention_layernorm)
+            mlp = layer.mlp
+            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        hidden = _rms_norm(hidden, backbone.norm)
+        return self.lm_head(self.output_matching(hidden))[:, -1]
 
     def forward(
         self,
