@@ -46,7 +46,7 @@ def test_generation_matches_official_batch1(case):
     model = oracle.load_model(case)
     inputs, controls, meta = _case_kwargs(case)
     reference = oracle.outputs(case)
-    counter = CallCounter(model.audio_invert_tower.crq_transformer)
+    counter = CallCounter(model.audio_invert_tower.lm_head)
     try:
         out = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
     finally:
