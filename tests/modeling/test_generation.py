@@ -260,12 +260,15 @@ def test_streamer_events_reassemble_the_returned_outputs():
     batch = _batch(rows)
     controls = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": 502, "pad_token_id": 500,
                 "force_audio_bos": True, **GREEDY_SPEECH}
-    streamer = FunAudioChatIteratorStreamer()
+    streamer = FunAudioChatIteratorStreamer(timeout=120)
     events_seen = []
     holder = {}
 
     def run():
-        holder["out"] = model.generate(**batch, **controls, streamer=streamer, return_dict_in_generate=True)
+        try:
+            holder["out"] = model.generate(**batch, **controls, streamer=streamer, return_dict_in_generate=True)
+        finally:
+            streamer.end()
 
     thread = threading.Thread(target=run)
     thread.start()

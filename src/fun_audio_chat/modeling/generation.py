@@ -190,6 +190,10 @@ class FunAudioChatGenerationMixin:
             )
         # Apply generation kwargs to our copy so the speech flags and the standard fields travel together.
         kwargs = generation_config.update(**kwargs)
+        if generation_config.use_cache is False:
+            # The official config.json says use_cache=false (a training setting); decoding one 5 Hz step at a
+            # time needs the LLM's KV cache, so generation always keeps one.
+            generation_config.use_cache = True
         if generation_config.num_beams not in (None, 1):
             raise ValueError("Fun-Audio-Chat generation supports greedy decoding and sampling only (num_beams=1).")
         if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:

@@ -51,15 +51,19 @@ class FunAudioChatOutputWithPast(ModelOutput):
 
 @dataclass
 class MergedAudioInputs:
-    """Everything the forward derives from the audio inputs for one batch."""
+    """Everything the forward derives from the audio inputs for one batch.
 
-    inputs_embeds: torch.Tensor
-    text_embeds: torch.Tensor  # SRH conditioning: token embeddings, transcript embeddings at <|AUDIO|> slots
+    The layout fields (placeholders, groups, padded speech ids, transcripts) are all the label builders need;
+    the embeddings are filled in by :meth:`FunAudioChatForConditionalGeneration.merge_audio` only.
+    """
+
     audio_slots: torch.Tensor  # (B, L) bool: <|AUDIO|> positions
     groups_per_audio: torch.Tensor  # (N,) 5 Hz positions each audio row fills
     padded_speech_ids: torch.Tensor  # (N, S) with S a multiple of k
     padded_speech_mask: torch.Tensor  # (N, S)
     transcript_ids: torch.Tensor | None  # (N, S/k) with pad/eos mapped to <|sil|>
+    inputs_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None  # SRH conditioning: token embeddings, transcripts at <|AUDIO|> slots
 
 
 class FunAudioChatPreTrainedModel(PreTrainedModel):
@@ -223,6 +227,34 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         ends = torch.tensor(self._text_end_ids(), device=text_ids.device)
         return torch.where(torch.isin(text_ids, ends), torch.full_like(text_ids, silence), text_ids)
 
+    def audio_layout(
+        self,
+        input_ids: torch.Tensor,
+        speech_ids: torch.Tensor,
+        speech_attention_mask: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+    ) -> MergedAudioInputs:
+        """Where each audio goes in ``input_ids`` (no network runs): enough to build the labels."""
+        speech_ids, speech_mask = self._pad_to_group(speech_ids, speech_attention_mask)
+        groups_per_audio = (speech_mask.sum(-1) + self.group_size - 1) // self.group_size
+        audio_slots = input_ids == self.config.audio_token_index
+        n_slots, n_groups = int(audio_slots.sum()), int(groups_per_audio.sum())
+        if n_slots != n_groups:
+            raise ValueError(
+                f"input_ids hold {n_slots} <|AUDIO|> placeholders but the audios fill {n_groups} positions "
+                f"(ceil(valid speech frames / {self.group_size}) per audio, from speech_attention_mask); build the "
+                "prompt with the processor so each audio gets exactly that many placeholders."
+            )
+        groups = speech_ids.shape[1] // self.group_size
+        transcript_ids = self._transcript_ids(text_ids, groups) if text_ids is not None else None
+        return MergedAudioInputs(
+            audio_slots=audio_slots,
+            groups_per_audio=groups_per_audio,
+            padded_speech_ids=speech_ids,
+            padded_speech_mask=speech_mask,
+            transcript_ids=transcript_ids,
+        )
+
     def merge_audio(
         self,
         input_ids: torch.Tensor,
@@ -236,50 +268,61 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
     ) -> MergedAudioInputs:
         """LLM input embeddings with audio written into the <|AUDIO|> placeholders."""
         self._check_audio_inputs(input_ids, speech_ids, speech_attention_mask, input_features, feature_exist_mask)
+        layout = self.audio_layout(input_ids, speech_ids, speech_attention_mask, text_ids)
         embed = self.get_input_embeddings()
         token_embeds = embed(input_ids)
-        audio_embeds, speech_ids, speech_mask = self.encode_audio(
+        audio_embeds, _, _ = self.encode_audio(
             speech_ids, speech_attention_mask, input_features, feature_attention_mask, feature_exist_mask
         )
-        groups = speech_ids.shape[1] // self.group_size
-        groups_per_audio = (speech_mask.sum(-1) + self.group_size - 1) // self.group_size
-        audio_slots = input_ids == self.config.audio_token_index
-        n_slots, n_groups = int(audio_slots.sum()), int(groups_per_audio.sum())
-        if n_slots != n_groups:
-            raise ValueError(
-                f"input_ids hold {n_slots} <|AUDIO|> placeholders but the audios fill {n_groups} positions "
-                f"(ceil(valid speech frames / {self.group_size}) per audio, from speech_attention_mask); build the "
-                "prompt with the processor so each audio gets exactly that many placeholders."
-            )
-
-        transcript_ids = None
+        groups = layout.padded_speech_ids.shape[1] // self.group_size
+        keep = torch.arange(groups, device=input_ids.device)[None, :] < layout.groups_per_audio[:, None]
         text_embeds = token_embeds
-        keep = torch.arange(groups, device=input_ids.device)[None, :] < groups_per_audio[:, None]
-        if text_ids is not None:
-            transcript_ids = self._transcript_ids(text_ids, groups)
+        if layout.transcript_ids is not None:
             has_text = (
                 text_attention_mask.bool().view(-1)
                 if text_attention_mask is not None
-                else torch.ones(transcript_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                else torch.ones(layout.transcript_ids.shape[0], dtype=torch.bool, device=input_ids.device)
             )
-            text_features = embed(transcript_ids) * has_text[:, None, None].to(token_embeds.dtype)
+            text_features = embed(layout.transcript_ids) * has_text[:, None, None].to(token_embeds.dtype)
             averaged = (text_features + audio_embeds) / 2
             if self.config.halve_unpaired_audio_features:
                 audio_embeds = averaged
             else:
                 audio_embeds = torch.where(has_text[:, None, None], averaged, audio_embeds)
-            text_embeds = token_embeds.masked_scatter(audio_slots[..., None], text_features[keep])
+            text_embeds = token_embeds.masked_scatter(layout.audio_slots[..., None], text_features[keep])
 
-        inputs_embeds = token_embeds.masked_scatter(audio_slots[..., None], audio_embeds[keep].to(token_embeds.dtype))
-        return MergedAudioInputs(
-            inputs_embeds=inputs_embeds,
-            text_embeds=text_embeds,
-            audio_slots=audio_slots,
-            groups_per_audio=groups_per_audio,
-            padded_speech_ids=speech_ids,
-            padded_speech_mask=speech_mask,
-            transcript_ids=transcript_ids,
-        )
+        slots = layout.audio_slots[..., None]
+        layout.inputs_embeds = token_embeds.masked_scatter(slots, audio_embeds[keep].to(token_embeds.dtype))
+        layout.text_embeds = text_embeds
+        return layout
+
+    def count_loss_targets(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        speech_ids: torch.Tensor | None = None,
+        speech_attention_mask: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
+        text_attention_mask: torch.Tensor | None = None,
+        **_,
+    ) -> tuple[int, int]:
+        """``(text, speech)`` numbers of targets the training losses average over, without running the model.
+
+        Uses the forward's own label builders, so gradient-accumulation normalisation can never drift from them.
+        """
+        if labels is None:
+            return 0, 0
+        has_audio = speech_ids is not None and bool((input_ids == self.config.audio_token_index).any())
+        if not has_audio:
+            text_labels = labels.masked_fill(labels == self.config.audio_token_index, IGNORE_INDEX)
+            return int((text_labels[:, 1:] != IGNORE_INDEX).sum()), 0
+        layout = self.audio_layout(input_ids, speech_ids, speech_attention_mask, text_ids)
+        text_labels = self.build_text_labels(labels, layout, text_attention_mask)
+        n_text = int((text_labels[:, 1:] != IGNORE_INDEX).sum())
+        if self.audio_invert_tower is None:
+            return n_text, 0
+        speech_labels = self.build_speech_labels(labels, layout)
+        return n_text, int((speech_labels[:, self.group_size :] != IGNORE_INDEX).sum())
 
     # ------------------------------------------------------------------------------------------- labels
     def build_text_labels(self, labels, merged: MergedAudioInputs, text_attention_mask=None) -> torch.Tensor:
@@ -354,8 +397,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         compute_speech_logits: bool | None = None,
         return_last_hidden_state: bool = False,
+        return_sequence_log_probs: bool = False,
         **kwargs,
-    ) -> FunAudioChatOutputWithPast | tuple:
+    ) -> FunAudioChatOutputWithPast | tuple | dict:
         r"""
         Args:
             input_features (`(num_feature_audios, num_mel_bins, frames)`): log-mel features of the audios that
@@ -371,7 +415,24 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 for the text stream, or ``{"text": n, "speech": m}`` for both.
             compute_speech_logits: run the teacher-forced SRH (default: whenever the model has one).
             return_last_hidden_state: also return the final LLM states (used by generation and DPO).
+            return_sequence_log_probs: return :meth:`sequence_log_probs` of the labelled reply instead (preference
+                training scores through ``forward`` so DDP and PEFT wrappers see the computation).
         """
+        if return_sequence_log_probs:
+            return self.sequence_log_probs(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                input_features=input_features,
+                feature_attention_mask=feature_attention_mask,
+                feature_exist_mask=feature_exist_mask,
+                speech_ids=speech_ids,
+                speech_attention_mask=speech_attention_mask,
+                text_ids=text_ids,
+                text_attention_mask=text_attention_mask,
+                labels=labels,
+                position_ids=position_ids,
+                include_speech=compute_speech_logits is not False,
+            )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -464,12 +525,13 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         )
         return output if return_dict else output.to_tuple()
 
-    def sequence_log_probs(self, **inputs) -> dict[str, torch.Tensor]:
+    def sequence_log_probs(self, include_speech: bool = True, **inputs) -> dict[str, torch.Tensor]:
         """Per-row summed log-probabilities of the labelled reply, text and speech streams separately.
 
         Takes the training inputs (with ``labels``); the text stream is scored exactly where the training loss
         is (transcript at 5 Hz in the <|AUDIO|> slots), the speech stream on the SRH's teacher-forced targets.
-        Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens": (B,)}``.
+        Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens": (B,)}``; with
+        ``include_speech=False`` the SRH is not run and the speech entries are zeros.
         """
         labels = inputs["labels"]
         attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
@@ -479,7 +541,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         else:
             inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
         hidden = self.language_model.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
         text_labels = labels if merged is None else self.build_text_labels(
             labels, merged, inputs.get("text_attention_mask")
@@ -487,7 +549,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         text_logits = self.language_model.lm_head(hidden[:, :-1])
         text_logp, text_count = _gather_log_probs(text_logits, text_labels[:, 1:])
         result = {"text": text_logp, "text_tokens": text_count}
-        if merged is not None and self.audio_invert_tower is not None:
+        if include_speech and merged is not None and self.audio_invert_tower is not None:
             speech_labels = self.build_speech_labels(labels, merged)
             sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
             speech_logits = self.audio_invert_tower(

@@ -12,12 +12,14 @@ Three ways in, one formula:
 * **in memory, on state dicts** -- a new dict is returned, inputs are never modified; keys that shared
   storage in the tuned dict share it in the result;
 * **on disk** -- safetensors checkpoints (``model.safetensors`` or an index json plus shards) are merged
-  tensor by tensor in bounded flat chunks, reading with plain file I/O (no mmap) and writing each output
-  shard incrementally. Peak memory is a few chunks (``chunk_elements``, 64 MiB of fp32 by default) plus the
-  interpreter, whatever the shard size, so an 8B merge fits a small machine. The output keeps the tuned
-  checkpoint's layout, key set, shard names and dtypes (a tied key the tuned checkpoint omits stays
-  omitted, so it is re-tied on load), is written into a temporary sibling directory and renamed into place
-  only when complete, and carries ``merge_manifest.json``.
+  tensor by tensor in flat chunks of ``chunk_elements``, reading with plain file I/O (no mmap) into a few
+  buffers allocated once, and writing each output shard incrementally (its header is known in advance). The
+  extra memory is at most six buffers of ``chunk_elements * 4`` bytes (about 384 MiB at the default 16 Mi
+  elements, a few MiB with small chunks), whatever the shard or model size, so an 8B merge fits a small
+  machine. The output keeps the tuned checkpoint's layout, key set, shard names and dtypes (a tied key the
+  tuned checkpoint omits stays omitted, so it is re-tied on load), copies its config / generation config /
+  processor files, is written into a temporary sibling directory and renamed into place only when complete,
+  and carries ``merge_manifest.json``.
 
 The arithmetic is done in float32 (float64 for float64 tensors) and cast back to the tuned tensor's dtype:
 ``out = (alpha * t1.float()) + ((1 - alpha) * t0.float())`` (two products, one sum, then one cast).
@@ -194,13 +196,6 @@ def _read_into_tensor(f, info: _TensorInfo, first: int, count: int) -> torch.Ten
     return torch.frombuffer(buf, dtype=torch.uint8).view(info.dtype)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    t = t.detach().contiguous().cpu()
-    if t.numel() == 0:
-        return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
 class _ShardWriter:
     """Writes one safetensors file whose header (names, dtypes, shapes, offsets) is known up front, then the
     tensor bytes strictly in that order, so a shard never has to be held in memory."""
@@ -216,7 +211,11 @@ class _ShardWriter:
             for s in shape:
                 n *= s
             nbytes = n * _itemsize(dtype)
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": _TORCH_TO_ST[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             self._expected.append((name, nbytes))
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -570,9 +569,8 @@ def merge_weights(
             tuned, source, alpha, key_map, on_shape_mismatch, tie, chunk_elements, show_progress, _after_tensor
         )
         if output_dir is not None:
+            manifest["output_dir"] = str(output_dir)
             save_merged_model(tuned, output_dir, manifest, overwrite=overwrite)
-            result_path = Path(output_dir)
-            manifest["output_dir"] = str(result_path)
     elif isinstance(tuned, Mapping):
         if output_dir is not None:
             raise ValueError("output_dir is not supported for state-dict merges; save the returned dict yourself")
@@ -601,9 +599,21 @@ def merge_weights(
     return (result, manifest) if return_manifest else result
 
 
-def _manifest(alpha: float, tuned_desc: str, base_desc: str, plan: MergePlan, **extra) -> dict:
-    from .. import __version__
+def _library_version() -> str | None:
+    try:
+        from .. import __version__
 
+        return __version__
+    except ImportError:  # loaded as a stand-alone module
+        try:
+            from importlib.metadata import version
+
+            return version("fun-audio-chat")
+        except Exception:
+            return None
+
+
+def _manifest(alpha: float, tuned_desc: str, base_desc: str, plan: MergePlan, **extra) -> dict:
     return {
         "format": MANIFEST_FORMAT,
         "version": 1,
@@ -617,7 +627,7 @@ def _manifest(alpha: float, tuned_desc: str, base_desc: str, plan: MergePlan, **
         "base_unused": sorted(plan.base_unused),
         "shape_mismatch_kept": sorted(plan.skipped_shape_mismatch),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "library_version": __version__,
+        "library_version": _library_version(),
         **extra,
     }
 
@@ -640,10 +650,22 @@ def _chunked_merge_into(dest_flat: torch.Tensor, t1_flat: torch.Tensor, t0_flat:
         dest_flat[s:e].copy_(merge_tensors(t1_flat[s:e], t0_flat[s:e], alpha, dest_flat.dtype))
 
 
+def _refuse_sharded_parameters(named: Mapping[str, torch.Tensor]) -> None:
+    """In-place merging needs full local parameters: refuse FSDP (DTensor) and DeepSpeed ZeRO-3 shards."""
+    for name, tensor in named.items():
+        if hasattr(tensor, "ds_id") or hasattr(tensor, "device_mesh") or type(tensor).__name__ == "DTensor":
+            raise RuntimeError(
+                f"parameter {name!r} is sharded (FSDP / DeepSpeed ZeRO-3): an in-place merge would mix shards. "
+                "Save the stage-1 model, merge on disk with merge_weights(checkpoint_dir, base, alpha, "
+                "output_dir=...), and start stage 2 from the merged checkpoint (see docs/distributed.md)."
+            )
+
+
 @torch.no_grad()
 def _merge_module(module, source, alpha, key_map, on_shape_mismatch, tie, chunk, show_progress, after_tensor):
     # state_dict(keep_vars=True) lists tied tensors under each name; merge each underlying tensor once.
     named = module.state_dict(keep_vars=True)
+    _refuse_sharded_parameters(named)
     tuned_entries = {k: _Entry(v.dtype, tuple(v.shape)) for k, v in named.items()}
     plan = _plan(tuned_entries, source.entries(), key_map, on_shape_mismatch, tie)
     done: set[int] = set()
@@ -665,8 +687,13 @@ def _merge_module(module, source, alpha, key_map, on_shape_mismatch, tie, chunk,
 @torch.no_grad()
 def _merge_state_dict(tuned, source, alpha, key_map, on_shape_mismatch, tie, chunk, show_progress, after_tensor):
     tuned = {k: v for k, v in tuned.items() if torch.is_tensor(v)}
-    plan = _plan({k: _Entry(v.dtype, tuple(v.shape)) for k, v in tuned.items()}, source.entries(), key_map,
-                 on_shape_mismatch, tie)
+    plan = _plan(
+        {k: _Entry(v.dtype, tuple(v.shape)) for k, v in tuned.items()},
+        source.entries(),
+        key_map,
+        on_shape_mismatch,
+        tie,
+    )
     out: dict[str, torch.Tensor] = {}
     by_storage: dict[tuple, torch.Tensor] = {}
 
@@ -680,8 +707,9 @@ def _merge_state_dict(tuned, source, alpha, key_map, on_shape_mismatch, tie, chu
                 out[name] = by_storage[key]
             elif name in plan.pairs:
                 merged = torch.empty(t1.shape, dtype=t1.dtype, device=t1.device)
-                _chunked_merge_into(merged.view(-1), t1.reshape(-1), source.get(plan.pairs[name]).reshape(-1),
-                                    alpha, chunk)
+                _chunked_merge_into(
+                    merged.view(-1), t1.reshape(-1), source.get(plan.pairs[name]).reshape(-1), alpha, chunk
+                )
                 out[name] = merged
                 if after_tensor is not None:
                     after_tensor(name)
@@ -703,14 +731,20 @@ def _is_aux_file(rel: str) -> bool:
     return any(fnmatch.fnmatch(name, pat) for pat in _AUX_FILE_PATTERNS)
 
 
-def _aux_files(directory: Path) -> list[Path]:
+def _aux_files(directory: Path, subfolders: bool = True) -> list[Path]:
     """Model-description files of a checkpoint dir (top level plus one level of subfolders such as
-    ``speech_tokenizer/``), never training state (optimizer, scheduler, rng) or weights."""
+    ``speech_tokenizer/``), never training state (optimizer, scheduler, rng) or weights. Subfolders holding
+    weights of their own (other checkpoints) are skipped."""
     found = []
     for p in sorted(directory.iterdir()):
         if p.is_file() and _is_aux_file(p.name):
             found.append(p.relative_to(directory))
-        elif p.is_dir() and not p.name.startswith((".", "checkpoint-", "runs")):
+        elif (
+            subfolders
+            and p.is_dir()
+            and not p.name.startswith((".", "checkpoint-", "runs"))
+            and not any(q.suffix in (".safetensors",) + _PICKLE_SUFFIXES for q in p.iterdir())
+        ):
             for q in sorted(p.iterdir()):
                 if q.is_file() and _is_aux_file(q.name):
                     found.append(q.relative_to(directory))
@@ -774,14 +808,106 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _StreamBuffers:
+    """Fixed buffers of the streamed merge, allocated once and reused for every chunk.
+
+    Allocating fresh multi-MiB buffers per chunk lets the C allocator's heap grow with fragmentation; reusing
+    the same few buffers keeps the merge's memory at ``~(2 + 3 * 4 / itemsize) * chunk * itemsize`` bytes.
+    The arithmetic is exactly :func:`merge_tensors`: two products in the compute dtype, one sum, one cast.
+    """
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+        self._raw: dict[int, bytearray] = {}
+        self._work: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._out: torch.Tensor | None = None
+
+    def _raw_buffer(self, slot: int, nbytes: int) -> bytearray:
+        buf = self._raw.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._raw[slot] = bytearray(max(nbytes, self.chunk * 4))
+        return buf
+
+    def read(self, f, info: _TensorInfo, first: int, count: int, slot: int) -> torch.Tensor:
+        nbytes = count * info.itemsize
+        if nbytes == 0:
+            return torch.empty(0, dtype=info.dtype)
+        buf = self._raw_buffer(slot, nbytes)
+        view = memoryview(buf)[:nbytes]
+        f.seek(info.start + first * info.itemsize)
+        got = 0
+        while got < nbytes:
+            n = f.readinto(view[got:])
+            if not n:
+                raise OSError(f"{info.file}: unexpected end of file while reading {info.name!r}.")
+            got += n
+        return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(info.dtype)
+
+    def copy_bytes(self, f, info: _TensorInfo):
+        step = self.chunk * 4
+        buf = self._raw_buffer(2, step)
+        f.seek(info.start)
+        left = info.nbytes
+        while left:
+            want = min(step, left)
+            view = memoryview(buf)[:want]
+            got = 0
+            while got < want:
+                n = f.readinto(view[got:])
+                if not n:
+                    raise OSError(f"{info.file}: truncated tensor {info.name!r}")
+                got += n
+            yield view
+            left -= want
+
+    def _work_buffer(self, dtype: torch.dtype, slot: int) -> torch.Tensor:
+        key = (dtype, slot)
+        if key not in self._work:
+            self._work[key] = torch.empty(self.chunk, dtype=dtype)
+        return self._work[key]
+
+    def merge(self, t1: torch.Tensor, t0: torch.Tensor, alpha: float, out_dtype: torch.dtype) -> memoryview:
+        n = t1.numel()
+        if n == 0:
+            return memoryview(b"")
+        cdt = _compute_dtype(out_dtype)
+        a = float(alpha)
+        w1 = self._work_buffer(cdt, 0)[:n]
+        w0 = self._work_buffer(cdt, 1)[:n]
+        w1.copy_(t1)
+        w1.mul_(a)
+        w0.copy_(t0)
+        w0.mul_(1.0 - a)
+        w1.add_(w0)
+        if out_dtype == cdt:
+            result = w1
+        else:
+            size = _itemsize(out_dtype)
+            if self._out is None or self._out.numel() < self.chunk * size:
+                self._out = torch.empty(self.chunk * max(size, 4), dtype=torch.uint8)
+            result = self._out[: n * size].view(out_dtype)
+            result.copy_(w1)
+        return memoryview(result.view(torch.uint8).numpy())
+
+
 def atomic_output_dir(target: str | os.PathLike, overwrite: bool = False) -> _AtomicDir:
     """Context manager yielding a temporary directory that becomes ``target`` only if the block succeeds."""
     return _AtomicDir(Path(target), overwrite)
 
 
 def _merge_on_disk(
-    tuned_path, source, alpha, output_dir, key_map, on_shape_mismatch, tie, chunk, show_progress, overwrite,
-    copy_extra_files, after_tensor,
+    tuned_path,
+    source,
+    alpha,
+    output_dir,
+    key_map,
+    on_shape_mismatch,
+    tie,
+    chunk,
+    show_progress,
+    overwrite,
+    copy_extra_files,
+    after_tensor,
 ):
     tuned_path = _resolve_checkpoint_path(tuned_path)
     reader = SafetensorsCheckpoint(tuned_path)
@@ -791,15 +917,16 @@ def _merge_on_disk(
     plan = _plan(tuned_entries, source.entries(), key_map, on_shape_mismatch, tie)
     base_reader = source.reader
     base_handles: dict[Path, Any] = {}
+    buffers = _StreamBuffers(chunk)
 
     def base_chunk(bkey: str, first: int, count: int) -> torch.Tensor:
         if base_reader is None:
-            return source.get(bkey).reshape(-1)[first : first + count]
+            return source.get(bkey).detach().reshape(-1)[first : first + count].cpu()
         info = base_reader.infos[bkey]
         f = base_handles.get(info.file)
         if f is None:
             f = base_handles[info.file] = open(info.file, "rb")
-        return _read_into_tensor(f, info, first, count)
+        return buffers.read(f, info, first, count, slot=0)
 
     with atomic_output_dir(output_dir, overwrite) as tmp:
         try:
@@ -814,26 +941,17 @@ def _merge_on_disk(
                             for name in order:
                                 info = reader.infos[name]
                                 bkey = plan.pairs.get(name)
-                                if bkey is None:  # kept: raw byte copy, chunked
-                                    step = max(1, chunk) * 4
-                                    fin.seek(info.start)
-                                    left = info.nbytes
-                                    while left:
-                                        data = fin.read(min(step, left))
-                                        if not data:
-                                            raise OSError(f"{file}: truncated tensor {name!r}")
-                                        writer.write(name, data)
-                                        left -= len(data)
-                                        bar.update(len(data))
+                                if bkey is None:  # kept: raw byte copy through a fixed buffer
+                                    for view in buffers.copy_bytes(fin, info):
+                                        writer.write(name, view)
+                                        bar.update(len(view))
                                 else:
                                     for s in range(0, info.numel, chunk):
                                         n = min(chunk, info.numel - s)
-                                        t1 = _read_into_tensor(fin, info, s, n)
+                                        t1 = buffers.read(fin, info, s, n, slot=1)
                                         t0 = base_chunk(bkey, s, n)
-                                        merged = merge_tensors(t1, t0, alpha, info.dtype)
-                                        writer.write(name, _tensor_bytes(merged))
+                                        writer.write(name, buffers.merge(t1, t0, alpha, info.dtype))
                                         bar.update(n * info.itemsize)
-                                        del t1, t0, merged
                                 writer.end_tensor(name)
                                 if after_tensor is not None:
                                     after_tensor(name)
@@ -848,14 +966,15 @@ def _merge_on_disk(
             (tmp / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(reader.index, indent=2, sort_keys=True) + "\n")
         copied = []
         if copy_extra_files and reader.dir is not None:
-            for rel in _aux_files(reader.dir):
+            for rel in _aux_files(reader.dir, subfolders=tuned_path.is_dir()):
                 if rel.name in {f.name for f in reader.files}:
                     continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(reader.dir / rel, tmp / rel)
                 copied.append(str(rel))
-        manifest = _manifest(alpha, str(tuned_path), source.description, plan, copied_files=copied,
-                             shards=[f.name for f in reader.files])
+        manifest = _manifest(
+            alpha, str(tuned_path), source.description, plan, copied_files=copied, shards=[f.name for f in reader.files]
+        )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["output_dir"] = str(output_dir)
     return output_dir, manifest

@@ -1,0 +1,182 @@
+"""DRSR grouping: training-step time with group size 5 vs an ungrouped (group size 1) model of the same width.
+
+The method's claim (SPEC §0): running the LLM at 5 Hz instead of 25 Hz for speech roughly halves training
+compute. Both models here have the same widths and depths (random weights, fp32, CPU); only
+``audio_config.group_size`` differs. Each training example is a text prompt and a spoken reply of the same
+length in 25 Hz speech codes (10 speech-BOS delay codes + ``--seconds`` x 25 codes, transcript in ``text_ids``),
+laid out as in training (SPEC §5). With k = 5 the reply takes ceil(codes / 5) LLM positions, with k = 1 one
+position per code; the Speech Refined Head decodes all 25 Hz codes in both cases.
+
+One step = forward (text + speech losses) + backward. The two models' steps alternate (after two warm-up steps
+each) so that a busy machine slows both alike. Prints the median step times, the LLM / SRH sequence lengths
+and the median ratio ungrouped / grouped.
+
+Config: text Qwen3 hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 1536, vocab 4096;
+SRH hidden 256, 4 layers, intermediate 768; codebook 6565.
+
+Usage: python benchmarks/bench_drsr.py [--seconds 20] [--batch 2] [--repeats 5] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from fun_audio_chat import FunAudioChatConfig, FunAudioChatForConditionalGeneration
+
+VOCAB = 4096
+PAD, IM_START, IM_END, NEWLINE = 4094, 4080, 4095, 198
+AUDIO, ABOS, AEOS, SIL = 4089, 4090, 4091, 4093
+SYSTEM, USER, ASSISTANT = 10, 11, 12
+SPEECH_BOS, SPEECH_EOS, SPEECH_PAD = 6561, 6562, 6563
+SPEECH_DELAY = 10  # speech-BOS codes before the reply's first real code (SPEC §3.5)
+
+
+def bench_config(group_size: int) -> FunAudioChatConfig:
+    return FunAudioChatConfig(
+        text_config={
+            "model_type": "qwen3",
+            "vocab_size": VOCAB,
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+            "intermediate_size": 1536,
+            "max_position_embeddings": 8192,
+            "tie_word_embeddings": False,
+            "eos_token_id": IM_END,
+            "pad_token_id": PAD,
+            "audio_bos_index": ABOS,
+            "audio_eos_index": AEOS,
+            "sil_index": SIL,
+        },
+        audio_config={
+            "d_model": 128,
+            "encoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 256,
+            "output_dim": 512,
+            "codebook_size": 6565,
+            "group_size": group_size,
+            "bos_token_id": SPEECH_BOS,
+            "eos_token_id": SPEECH_EOS,
+            "pad_token_id": SPEECH_PAD,
+            "crq_transformer_config": {
+                "model_type": "qwen3",
+                "hidden_size": 256,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 64,
+                "intermediate_size": 768,
+                "vocab_size": 16,
+                "max_position_embeddings": 32768,
+            },
+        },
+        audio_token_index=AUDIO,
+    )
+
+
+def make_batch(group_size: int, seconds: float, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``batch`` identical-length spoken replies to a 40-token text prompt."""
+    gen = torch.Generator().manual_seed(seed)
+    codes = int(seconds * 25)
+    speech_len = SPEECH_DELAY + codes
+    slots = math.ceil(speech_len / group_size)
+    transcript = max(1, int(seconds * 3))  # ~3 text tokens per second of speech
+    rows, labels = [], []
+    for _ in range(batch):
+        system = torch.randint(100, 400, (12,), generator=gen).tolist()
+        user = torch.randint(100, 400, (20,), generator=gen).tolist()
+        prompt = [
+            IM_START,
+            SYSTEM,
+            NEWLINE,
+            *system,
+            IM_END,
+            NEWLINE,
+            IM_START,
+            USER,
+            NEWLINE,
+            *user,
+            IM_END,
+            NEWLINE,
+            IM_START,
+            ASSISTANT,
+            NEWLINE,
+        ]
+        reply = [ABOS, *([AUDIO] * slots), AEOS, IM_END, NEWLINE]
+        rows.append(prompt + reply)
+        labels.append([-100] * len(prompt) + reply)
+    speech = torch.cat(
+        [torch.full((batch, SPEECH_DELAY), SPEECH_BOS), torch.randint(0, 6561, (batch, codes), generator=gen)], dim=1
+    )
+    return {
+        "input_ids": torch.tensor(rows),
+        "attention_mask": torch.ones(len(rows), len(rows[0]), dtype=torch.long),
+        "labels": torch.tensor(labels),
+        "speech_ids": speech,
+        "speech_attention_mask": torch.ones_like(speech),
+        "text_ids": torch.randint(100, 400, (batch, transcript), generator=gen),
+        "text_attention_mask": torch.ones(batch, dtype=torch.bool),
+        "feature_exist_mask": torch.zeros(batch, dtype=torch.bool),
+    }
+
+
+def train_step(model, batch) -> float:
+    for p in model.parameters():
+        p.grad = None
+    start = time.perf_counter()
+    out = model(**batch)
+    out.loss.backward()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="assistant speech length (25 Hz codes)")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is the most stable on a shared CPU)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    setups = {}
+    for k in (5, 1):
+        torch.manual_seed(0)
+        model = FunAudioChatForConditionalGeneration(bench_config(k)).train()
+        setups[k] = (model, make_batch(k, args.seconds, args.batch))
+        for _ in range(2):  # warm-up
+            train_step(*setups[k])
+    # Alternate the two models step by step so that load changes on a shared machine hit both alike.
+    times: dict[int, list[float]] = {5: [], 1: []}
+    for _ in range(args.repeats):
+        for k in (5, 1):
+            times[k].append(train_step(*setups[k]))
+    ratios = [t1 / t5 for t5, t1 in zip(times[5], times[1])]
+    for k in (5, 1):
+        model, batch = setups[k]
+        llm_len = batch["input_ids"].shape[1]
+        print(
+            f"group size {k}: LLM positions {llm_len:5d}, SRH positions {llm_len * k:5d}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+            f"step (fwd+bwd) median {statistics.median(times[k]) * 1000:8.1f} ms"
+        )
+    print(
+        f"assistant speech {args.seconds:g} s ({int(args.seconds * 25)} codes), batch {args.batch}, "
+        f"threads {torch.get_num_threads()}, {args.repeats} alternating repeats"
+    )
+    print(
+        f"ratio ungrouped (k=1) / grouped (k=5) step time: {statistics.median(ratios):.2f}x "
+        f"(median of per-repeat ratios; range {min(ratios):.2f}-{max(ratios):.2f})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Supervised fine-tuning with ``transformers.Trainer``.
+
+* :class:`FunAudioChatTrainer` -- a ``Trainer`` that logs the text and the speech loss separately
+  (``text_loss`` / ``speech_loss`` next to ``loss``; ``eval_text_loss`` / ``eval_speech_loss`` in evaluation)
+  and normalises **both** streams correctly under gradient accumulation and data parallelism: it counts the
+  text targets and the speech targets of the whole accumulated (and, with ``average_tokens_across_devices``,
+  all-process) batch and passes ``num_items_in_batch={"text": n_text, "speech": n_speech}`` to the model, whose
+  losses are then ``sum / count`` per stream. The result equals one big batch, whatever the micro-batching.
+* :func:`count_loss_items` -- the number of text and speech targets of a batch, without running the model.
+* :func:`freeze_for_stage` -- which parts train in which stage (pre-alignment, Core-Cocktail, LLM only, ...).
+* :func:`sft_training_arguments` -- ``TrainingArguments`` with defaults that suit this model.
+
+A plain ``transformers.Trainer`` also runs (the model returns ``loss = text_loss + speech_loss`` and accepts
+``num_items_in_batch``), but it passes a single text-target count: the speech loss then stays a per-micro-batch
+mean that is summed, not averaged, over gradient-accumulation steps.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------------------------------------------
+# freezing
+
+#: Top-level parts of :class:`FunAudioChatForConditionalGeneration`.
+#: ``continuous_audio_tower``: Whisper-style speech encoder + its projection (the "adapter" to the LLM width);
+#: ``audio_tower``: discrete speech-token encoder (DRSR grouping) incl. the continuous-feature matching layer;
+#: ``audio_invert_tower``: the Speech Refined Head (its output head is tied to ``audio_tower.embed_tokens``);
+#: ``language_model``: the Qwen3 LLM.
+STAGE_TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
+    # SPEC §0 (1): encoder, adapter and SRH learn to talk to a frozen LLM.
+    "pre_alignment": ("continuous_audio_tower", "audio_tower", "audio_invert_tower"),
+    # SPEC §0 (2): full fine-tune (LLM + encoder + adapter, and the SRH whose loss is part of the objective).
+    "core_cocktail": ("continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model"),
+    "full": ("continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model"),
+    "llm": ("language_model",),
+    "srh": ("audio_invert_tower",),
+    "audio_encoder": ("continuous_audio_tower", "audio_tower"),
+    "speech_io": ("continuous_audio_tower", "audio_tower", "audio_invert_tower"),
+}
+STAGE_ALIASES = {"pre-alignment": "pre_alignment", "core-cocktail": "core_cocktail", "sft": "full", "dpo": "full"}
+
+#: Stored in the official checkpoint but never used by the forward: always frozen (also keeps DDP's
+#: unused-parameter detection unnecessary).
+ALWAYS_FROZEN = ("continuous_audio_tower.audio_bos_eos_token.",)
+
+
+def _matches(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p.rstrip(".") or name.startswith(p if p.endswith(".") else p + ".") for p in prefixes)
+
+
+def freeze_for_stage(model: nn.Module, stage: str | Iterable[str], *, verbose: bool = True) -> dict[str, Any]:
+    """Set ``requires_grad`` for a training stage and return a summary.
+
+    Args:
+        model: a :class:`FunAudioChatForConditionalGeneration` (or a PEFT wrapper's base model).
+        stage: one of :data:`STAGE_TRAINABLE_PARTS` (``"pre_alignment"``: encoder, adapter and SRH train with the
+            LLM frozen; ``"core_cocktail"``/``"full"``: everything; ``"llm"``; ``"srh"``; ``"audio_encoder"``;
+            ``"speech_io"``) or an iterable of parameter-name prefixes to train.
+
+    A parameter shared by several names (the SRH head tied to the speech embedding) trains if any of its names
+    is in a trainable part. Unused checkpoint tensors (:data:`ALWAYS_FROZEN`) are always frozen.
+    """
+    if isinstance(stage, str):
+        key = STAGE_ALIASES.get(stage, stage)
+        if key not in STAGE_TRAINABLE_PARTS:
+            raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGE_TRAINABLE_PARTS)} or pass prefixes")
+        parts = STAGE_TRAINABLE_PARTS[key]
+    else:
+        parts = tuple(stage)
+        key = "custom"
+    names_of: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    trainable = frozen = 0
+    trainable_names: list[str] = []
+    for pid, p in params.items():
+        names = names_of[pid]
+        train = any(_matches(n, parts) for n in names) and not any(_matches(n, ALWAYS_FROZEN) for n in names)
+        p.requires_grad_(train)
+        if train:
+            trainable += p.numel()
+            trainable_names.append(names[0])
+        else:
+            frozen += p.numel()
+    if trainable == 0:
+        raise ValueError(f"stage {stage!r} leaves no trainable parameter in {type(model).__name__}")
+    summary = {
+        "stage": key,
+        "trainable_parts": list(parts),
+        "trainable_parameters": trainable,
+        "frozen_parameters": frozen,
+        "trainable_names": trainable_names,
+    }
+    if verbose:
+        logger.info(
+            "stage %s: %s trainable / %s frozen parameters (%s)", key, f"{trainable:,}", f"{frozen:,}", ", ".join(parts)
+        )
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loss-item counting
+
+
+def count_loss_items(batch: Mapping[str, Any], model) -> tuple[int, int]:
+    """``(n_text, n_speech)``: how many text and speech targets a batch contributes to the two losses.
+
+    Delegates to the model's :meth:`count_loss_targets`, which builds the labels exactly as the training forward
+    does (SPEC §5) without running any network.
+    """
+    inputs = {key: torch.as_tensor(value) for key, value in batch.items() if isinstance(value, (torch.Tensor, list))}
+    if "input_ids" not in inputs:
+        return 0, 0
+    return _unwrap(model).count_loss_targets(**inputs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+class FunAudioChatTrainer(Trainer):
+    """``Trainer`` for Fun-Audio-Chat SFT: separate text/speech loss logging and per-stream normalisation.
+
+    Use it exactly like ``Trainer`` (``FunAudioChatTrainer(model=model, args=args, train_dataset=ds,
+    data_collator=collator)``). Logged keys: ``loss`` (= text + speech), ``text_loss``, ``speech_loss``; in
+    evaluation ``eval_text_loss`` and ``eval_speech_loss`` next to ``eval_loss``.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stream_sums: torch.Tensor | None = None
+        # True when the tracked values are each process's share of the all-process mean (counts gathered)
+        self._stream_global_share = False
+        self._stream_window_start = 0  # global step at which the current logging window began
+        self._eval_stream_sums: torch.Tensor | None = None
+        self._eval_stream_batches = 0
+
+    # --- counting -----------------------------------------------------------------------------------
+    def _fun_audio_chat_config(self):
+        return getattr(_unwrap(self.model), "config", None)
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        config = self._fun_audio_chat_config()
+        if (
+            self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or config is None
+            or getattr(config, "model_type", None) != "funaudiochat"
+            or not batch_samples
+            or "labels" not in batch_samples[0]
+        ):
+            return super()._get_num_items_in_batch(batch_samples, device)
+        counts = torch.zeros(2, dtype=torch.long)
+        for batch in batch_samples:
+            n_text, n_speech = count_loss_items(batch, self.model)
+            counts += torch.tensor([n_text, n_speech])
+        counts = counts.to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            counts = self.accelerator.gather(counts[None]).sum(0)
+        return {"text": counts[0], "speech": counts[1]}
+
+    # --- loss ---------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not isinstance(num_items_in_batch, dict) or not model.training:
+            if isinstance(num_items_in_batch, dict):
+                num_items_in_batch = None  # evaluation: plain per-batch means
+            if self.compute_loss_func is not None or self.label_smoother is not None:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.loss_is_scaled_for_ga = False
+            self._stream_global_share = False
+            outputs = model(**inputs)
+            loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
+            self._track_streams(
+                outputs,
+                training=model.training,
+                scale=1.0 / self.current_gradient_accumulation_steps if model.training else 1.0,
+            )
+            return (loss, outputs) if return_outputs else loss
+
+        counts = {k: v.clamp(min=1) if torch.is_tensor(v) else max(int(v), 1) for k, v in num_items_in_batch.items()}
+        outputs = model(**inputs, num_items_in_batch=counts)
+        loss = outputs["loss"]
+        # Each process normalised by the all-process count; DDP averages gradients, so undo the 1/world.
+        gathered = self.args.average_tokens_across_devices and self.args.world_size > 1
+        if gathered:
+            loss = loss * float(self.accelerator.num_processes)
+        self.loss_is_scaled_for_ga = True
+        self._stream_global_share = gathered
+        self._track_streams(outputs, training=True, scale=1.0)
+        return (loss, outputs) if return_outputs else loss
+
+    def _track_streams(self, outputs, training: bool, scale: float) -> None:
+        text = outputs.get("text_loss") if isinstance(outputs, Mapping) else None
+        speech = outputs.get("speech_loss") if isinstance(outputs, Mapping) else None
+        if text is None and speech is None:
+            return
+        values = torch.stack(
+            [
+                (text.detach().float() if text is not None else torch.zeros((), device=self.args.device)),
+                (speech.detach().float() if speech is not None else torch.zeros((), device=self.args.device)),
+            ]
+        ).to(self.args.device)
+        if training:
+            values = values * scale
+            if self._stream_sums is None:
+                self._stream_sums = values
+                self._stream_window_start = self.state.global_step
+            else:
+                self._stream_sums = self._stream_sums + values
+        else:
+            self._eval_stream_sums = values if self._eval_stream_sums is None else self._eval_stream_sums + values
+            self._eval_stream_batches += 1
+
+    # --- logging ------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stream_sums is not None:
+            sums = self._stream_sums
+            if self.args.world_size > 1:
+                # per-process values are shares of the all-process mean (or local means): sum, or average
+                sums = self.accelerator.reduce(sums.clone(), reduction="sum")
+                if not self._stream_global_share:
+                    sums = sums / self.args.world_size
+            steps = max(1, self.state.global_step - self._stream_window_start)
+            logs["text_loss"] = round(float(sums[0]) / steps, 6)
+            logs["speech_loss"] = round(float(sums[1]) / steps, 6)
+            self._stream_sums = None
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args, **kwargs):
+        self._eval_stream_sums, self._eval_stream_batches = None, 0
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self._eval_stream_sums is not None and output.metrics is not None:
+            sums = self._eval_stream_sums
+            batches = torch.tensor(float(self._eval_stream_batches), device=sums.device)
+            if self.args.world_size > 1:
+                sums = self.accelerator.reduce(sums.clone(), reduction="sum")
+                batches = self.accelerator.reduce(batches, reduction="sum")
+            output.metrics[f"{prefix}_text_loss"] = float(sums[0] / batches)
+            output.metrics[f"{prefix}_speech_loss"] = float(sums[1] / batches)
+        self._eval_stream_sums, self._eval_stream_batches = None, 0
+        return output
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# arguments
+
+
+SFT_DEFAULTS: dict[str, Any] = {
+    # the collator needs every column; the model's forward is not the list of dataset columns
+    "remove_unused_columns": False,
+    "lr_scheduler_type": "cosine_with_min_lr",
+    "lr_scheduler_kwargs": {"min_lr_rate": 0.1},
+    "learning_rate": 1e-5,
+    "warmup_steps": 0,
+    "logging_steps": 10,
+    "save_strategy": "steps",
+    "save_steps": 500,
+}
+
+
+def sft_training_arguments(output_dir: str, **overrides) -> TrainingArguments:
+    """``TrainingArguments`` with this model's defaults (:data:`SFT_DEFAULTS`: keep dataset columns, cosine to
+    10 % of the peak LR as in the official SFT recipe); every field can be overridden."""
+    kwargs = {**SFT_DEFAULTS, **overrides}
+    return TrainingArguments(output_dir=str(output_dir), **kwargs)
+
+
+__all__ = [
+    "ALWAYS_FROZEN",
+    "FunAudioChatTrainer",
+    "STAGE_TRAINABLE_PARTS",
+    "count_loss_items",
+    "freeze_for_stage",
+    "sft_training_arguments",
+]
