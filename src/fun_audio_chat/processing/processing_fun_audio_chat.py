@@ -43,6 +43,7 @@ import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from ..hub import FunAudioChatHubMixin
 from .audio_io import TARGET_SAMPLING_RATE, AudioInputError, load_audio, speech_frames
 from .chat_template import CHAT_TEMPLATE
 from .prompts import SPEECH_DELAY_TOKENS
@@ -61,7 +62,7 @@ _OFFICIAL_CONFIG_KEYS = ("audio_bos_token", "audio_eos_token", "audio_group_size
 _EXTRA_CONFIG_DEFAULTS = {"max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS, "text_sil_token": "<|sil|>"}
 
 
-class FunAudioChatProcessor(ProcessorMixin):
+class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
     r"""Processor of Fun-Audio-Chat.
 
     Args:

@@ -165,13 +165,14 @@ class CoreCocktailCallback(TrainerCallback):
         return manifest
 
     def _push(self, folder: Path) -> None:
-        from huggingface_hub import HfApi
+        from ..hub import push_folder_to_hub
 
-        api = HfApi(token=self.hub_token)
-        api.create_repo(self.hub_model_id, private=self.hub_private, exist_ok=True)
-        api.upload_folder(
-            repo_id=self.hub_model_id,
-            folder_path=str(folder),
+        # push_folder_to_hub creates the repo if needed and adds the model card (with the merge manifest).
+        push_folder_to_hub(
+            folder,
+            self.hub_model_id,
+            private=self.hub_private,
+            token=self.hub_token,
             commit_message=f"Core-Cocktail merge (alpha={self.alpha})",
         )
 

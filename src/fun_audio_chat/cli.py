@@ -1,0 +1,717 @@
+"""``fun-audio-chat``: the command-line entry point.
+
+Commands (``fun-audio-chat COMMAND --help`` for each):
+
+* ``demo`` — speech-to-speech on a tiny built-in model and the bundled speech clip, streamed as it is generated
+  (text pieces and 25 Hz speech-code groups), with timings. No downloads.
+* ``chat`` — answer one audio file with a model directory or Hub id (``tiny`` for the built-in model); writes the
+  reply text, the speech codes (JSON) and, when a detokenizer is available, a wav.
+* ``tokenize-speech`` — batch S3Tokenizer over a folder of audio files or a dataset → JSON lines of codes.
+* ``merge`` — Core-Cocktail merge ``alpha * tuned + (1 - alpha) * base`` of checkpoints on disk.
+
+Errors the user can fix (a missing file, a directory that is not a checkpoint, a model that cannot be fetched)
+print one ``fun-audio-chat <command>: error: ...`` line on stderr and exit with status 2.
+Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import unicodedata
+from pathlib import Path
+
+EXIT_USAGE = 2
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif")
+SPEECH_FRAME_RATE = 25
+
+
+class CLIError(Exception):
+    """A problem with the user's input: reported as one line, exit status 2."""
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _say(*parts, file=None) -> None:
+    print(*parts, file=file or sys.stdout, flush=True)
+
+
+def _printable(text: str) -> str:
+    """Text safe to write to a terminal: control characters (except newline and tab) become U+FFFD."""
+    return "".join(
+        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else "\ufffd" for ch in text
+    )
+
+
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux /proc), or None where that is unknown."""
+    try:
+        with open("/proc/self/stat") as handle:
+            start_ticks = int(handle.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as handle:
+            uptime = float(handle.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine (use --device cpu).")
+    return device
+
+
+def _resolve_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def tiny_model_and_processor(seed: int = 0):
+    """The tiny built-in model (random weights, seeded) and its processor."""
+    import torch
+
+    from . import FunAudioChatForConditionalGeneration, tiny_processor
+    from .tiny import tiny_config
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    return model, tiny_processor()
+
+
+def load_model_and_processor(spec: str, device: str = "cpu", dtype=None):
+    """Model + processor from ``tiny``, a checkpoint directory, or a Hub repo id, with clear errors."""
+    if spec == "tiny":
+        model, processor = tiny_model_and_processor()
+        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device), processor
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"--model {spec}: expected a model directory (or a Hub repo id), got a file.")
+        if not (path / "config.json").is_file():
+            raise CLIError(f"--model {spec}: not a model directory (no config.json in {path}).")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except ValueError as err:
+            raise CLIError(f"--model {spec}: config.json is not valid JSON ({err}).") from err
+        if model_type != "funaudiochat":
+            raise CLIError(
+                f"--model {spec}: config.json describes a {model_type!r} model, not a Fun-Audio-Chat checkpoint "
+                "(model_type 'funaudiochat')."
+            )
+        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
+            raise CLIError(f"--model {spec}: no weights (*.safetensors) in {path}.")
+        if not (path / "processor_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise CLIError(
+                f"--model {spec}: no processor files in {path} (processor_config.json, tokenizer files); save the "
+                "processor next to the model with processor.save_pretrained(DIR)."
+            )
+        source, where = str(path), "directory"
+    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise CLIError(f"--model {spec}: model directory not found (and it is not a Hub repo id like 'org/name').")
+    else:
+        source, where = spec, "Hub repo"
+
+    from . import FunAudioChatForConditionalGeneration, FunAudioChatProcessor
+
+    try:
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = FunAudioChatForConditionalGeneration.from_pretrained(source, **kwargs).to(device).eval()
+        processor = FunAudioChatProcessor.from_pretrained(source)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
+        hint = " (HF_HUB_OFFLINE is set: only the local cache is used)" if offline and where == "Hub repo" else ""
+        raise CLIError(f"--model {spec}: could not load the {where}{hint}: {first}") from err
+    return model, processor
+
+
+def _conversation(audio, prompt: str | None, system: str | None) -> list[dict]:
+    content: list[dict] = [{"type": "audio", "audio": audio, "sampling_rate": 16000}]
+    if prompt:
+        content.append({"type": "text", "text": prompt})
+    messages = [{"role": "user", "content": content}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+class _Generation:
+    """``model.generate`` in a thread feeding a :class:`FunAudioChatIteratorStreamer`; errors are re-raised."""
+
+    def __init__(self, model, processor, inputs, **generate_kwargs):
+        from . import FunAudioChatIteratorStreamer
+
+        self.streamer = FunAudioChatIteratorStreamer(processor.tokenizer, skip_special_tokens=True, timeout=600)
+        self.error: BaseException | None = None
+        self.output = None
+
+        def target():
+            try:
+                self.output = model.generate(**inputs, streamer=self.streamer, **generate_kwargs)
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer thread
+                self.error = err
+                self.streamer.end()
+
+        self.thread = threading.Thread(target=target, daemon=True, name="fun-audio-chat-generate")
+
+    def __iter__(self):
+        self.thread.start()
+        yield from self.streamer
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _load_audio_or_fail(processor, path: str):
+    from .processing import AudioInputError
+
+    try:
+        return processor.load_audio(path, name=path)
+    except AudioInputError as err:
+        raise CLIError(str(err)) from err
+
+
+# ------------------------------------------------------------------------------------------------ demo
+def cmd_demo(args) -> int:
+    startup = _process_age()  # python start-up + importing torch/transformers/fun_audio_chat
+    import torch
+
+    from . import TextEvent
+    from .processing import EXAMPLE_AUDIO_TEXT, example_audio_path
+
+    _set_threads(args.threads)
+    t_import = time.perf_counter()
+    model, processor = tiny_model_and_processor(args.seed)
+    tokenizer = processor.tokenizer
+    special_ids = set(tokenizer.all_special_ids)
+    t_model = time.perf_counter()
+    audio_path = args.audio or example_audio_path()
+    waveform = _load_audio_or_fail(processor, audio_path)
+    inputs = processor.apply_chat_template(
+        _conversation(waveform, None, None), add_generation_prompt=True, speech_output=True, tokenize=True,
+        return_dict=True, return_tensors="pt",
+    )
+    t_inputs = time.perf_counter()
+    n_params = sum(p.numel() for p in model.parameters())
+    text_cfg = model.config.text_config
+    _say("Fun-Audio-Chat demo: speech in -> text + 25 Hz speech codes out, streamed")
+    _say(f"  model   tiny built-in (random weights, {n_params / 1e6:.2f} M parameters: LLM {text_cfg.num_hidden_layers} "
+         f"layers x {text_cfg.hidden_size}, Speech Refined Head "
+         f"{model.config.audio_config.crq_transformer_config.num_hidden_layers} layers). Its words are noise; "
+         "the pipeline is the real one.")
+    heard = f' ("{EXAMPLE_AUDIO_TEXT}")' if args.audio is None else ""
+    _say(f"  audio   {Path(audio_path).name}, {len(waveform) / 16000:.2f} s{heard}")
+    n_audio = int((inputs["input_ids"] == processor.audio_token_id).sum())
+    _say(f"  prompt  {inputs['input_ids'].shape[1]} tokens ({n_audio} audio positions at 5 Hz), speech-out prompt")
+    _say("")
+    _say("Streaming reply (each speech group = 5 codes = 0.2 s of speech):")
+
+    torch.manual_seed(args.seed)
+    generation = _Generation(
+        model, processor, inputs, max_new_tokens=args.max_new_tokens, force_audio_bos=True, do_sample=False,
+        return_dict_in_generate=True,
+    )
+    t_gen = time.perf_counter()
+    first_text = first_speech = None
+    steps, groups = 0, []
+    for event in generation:
+        now = time.perf_counter()
+        if isinstance(event, TextEvent):
+            steps += 1
+            first_text = first_text or now
+            if event.token_id in special_ids:
+                piece = tokenizer.convert_ids_to_tokens(event.token_id)  # control tokens by name
+            else:
+                piece = repr(event.text)
+            _say(f"  text   {piece}")
+        else:
+            first_speech = first_speech or now
+            groups.append(event.codes)
+            _say(f"  speech {' '.join(f'{c:4d}' for c in event.codes)}")
+    t_end = time.perf_counter()
+    out = generation.output
+    reply = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1]:])
+    codes = processor.decode_speech(out.speech_ids, out.speech_attention_mask)[0]
+    speech_seconds = len(codes) / SPEECH_FRAME_RATE
+    gen_seconds = t_end - t_gen
+
+    _say("")
+    _say(f"Reply text: {_printable(reply)!r}")
+    _say(f"Speech: {len(codes)} codes = {speech_seconds:.2f} s of speech at 25 Hz "
+         f"(streamed {len(groups)} groups; first codes {codes[:10]})")
+    if args.out:
+        out_dir = Path(args.out)
+        _write_reply(out_dir, reply, codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
+        _say(f"Saved reply.txt and speech_codes.json to {out_dir}")
+    _say("")
+    _say("Timings")
+    if startup is not None:
+        _say(f"  start-up, imports   {startup:6.2f} s (python, torch, transformers)")
+    _say(f"  build tiny model    {t_model - t_import:6.2f} s")
+    _say(f"  load audio, prompt  {t_inputs - t_model:6.2f} s")
+    if first_text is not None:
+        _say(f"  first text token    {first_text - t_gen:6.2f} s after generate() started")
+    if first_speech is not None:
+        _say(f"  first speech group  {first_speech - t_gen:6.2f} s after generate() started")
+    rate = steps / gen_seconds if gen_seconds > 0 else float("inf")
+    _say(f"  generation          {gen_seconds:6.2f} s for {steps} steps ({rate:.1f} steps/s)")
+    if speech_seconds > 0:
+        _say(f"  real-time factor    {gen_seconds / speech_seconds:6.2f} (generation time / speech duration)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ chat
+def _find_detokenizer(args):
+    """The detokenizer for reply.wav: ``--detokenizer MODULE:FACTORY`` (any object with ``sampling_rate`` that maps
+    codes to a waveform, see ``fun_audio_chat.processing.SpeechDetokenizer``), else CosyVoice 3 from
+    ``--cosyvoice-dir`` (or $FUN_AUDIO_CHAT_COSYVOICE_DIR), else None."""
+    from .processing import SpeechDetokenizer
+
+    if args.detokenizer:
+        module_name, _, attribute = args.detokenizer.partition(":")
+        if not module_name or not attribute:
+            raise CLIError(f"--detokenizer {args.detokenizer}: expected MODULE:FACTORY, e.g. my_vocoder:build.")
+        import importlib
+
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as err:
+            raise CLIError(f"--detokenizer {args.detokenizer}: {err}") from err
+        detokenizer = factory if isinstance(factory, SpeechDetokenizer) else factory()
+        if not isinstance(detokenizer, SpeechDetokenizer):
+            raise CLIError(f"--detokenizer {args.detokenizer}: the object has no sampling_rate or is not callable.")
+        return detokenizer
+    model_dir = args.cosyvoice_dir or os.environ.get("FUN_AUDIO_CHAT_COSYVOICE_DIR")
+    if not model_dir:
+        return None
+    if not Path(model_dir).is_dir():
+        raise CLIError(f"--cosyvoice-dir {model_dir}: directory not found.")
+    from .processing import CosyVoice3Detokenizer
+
+    try:
+        return CosyVoice3Detokenizer(model_dir)
+    except ImportError as err:
+        raise CLIError(str(err)) from err
+
+
+def _write_reply(out_dir: Path, text: str, codes: list[int], *, model_name: str, audio: str, detokenizer) -> list[str]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    (out_dir / "reply.txt").write_text(text + "\n", encoding="utf-8")
+    written.append("reply.txt")
+    if codes is not None:
+        payload = {
+            "model": model_name,
+            "audio": audio,
+            "text": text,
+            "frame_rate_hz": SPEECH_FRAME_RATE,
+            "num_codes": len(codes),
+            "duration_s": len(codes) / SPEECH_FRAME_RATE,
+            "codes": codes,
+        }
+        (out_dir / "speech_codes.json").write_text(json.dumps(payload, ensure_ascii=False) + "\n", encoding="utf-8")
+        written.append("speech_codes.json")
+        if detokenizer is not None and codes:
+            from .processing import save_audio
+
+            save_audio(out_dir / "reply.wav", detokenizer(codes), detokenizer.sampling_rate)
+            written.append("reply.wav")
+    return written
+
+
+def cmd_chat(args) -> int:
+    audio = Path(args.audio).expanduser()
+    if not audio.exists():
+        raise CLIError(f"--audio {args.audio}: audio file not found.")
+    if audio.is_dir():
+        raise CLIError(f"--audio {args.audio}: expected an audio file, got a directory.")
+    import torch
+
+    _set_threads(args.threads)
+    device = _resolve_device(args.device)
+    detokenizer = None if args.text_only else _find_detokenizer(args)
+    t0 = time.perf_counter()
+    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    t_load = time.perf_counter() - t0
+    waveform = _load_audio_or_fail(processor, str(audio))
+    speech = not args.text_only
+    if speech and model.audio_invert_tower is None:
+        raise CLIError(f"--model {args.model} has no Speech Refined Head (speech-to-text only); pass --text-only.")
+    inputs = processor.apply_chat_template(
+        _conversation(waveform, args.prompt, args.system), add_generation_prompt=True, speech_output=speech,
+        tokenize=True, return_dict=True, return_tensors="pt",
+    ).to(device)
+    kwargs = {"max_new_tokens": args.max_new_tokens, "return_dict_in_generate": True}
+    if speech:
+        kwargs["force_audio_bos"] = True  # the official speech-to-speech setting
+    else:
+        kwargs["return_speech"] = False
+    if args.greedy:
+        kwargs["do_sample"] = False
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+
+    _say(f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / 16000:.1f} s of audio; "
+         f"{'text + speech' if speech else 'text only'}]", file=sys.stderr)
+    t_gen = time.perf_counter()
+    if args.no_stream:
+        output = model.generate(**inputs, **kwargs)
+    else:
+        generation = _Generation(model, processor, inputs, **kwargs)
+        for event in generation:
+            if hasattr(event, "text") and event.text:
+                sys.stdout.write(_printable(event.text))
+                sys.stdout.flush()
+        output = generation.output
+    if not args.no_stream:
+        sys.stdout.write("\n")
+    gen_seconds = time.perf_counter() - t_gen
+    prompt_length = inputs["input_ids"].shape[1]
+    text = processor.decode_text(output.sequences[0, prompt_length:])
+    codes = processor.decode_speech(output.speech_ids, output.speech_attention_mask)[0] if speech else None
+    if args.no_stream:
+        _say(_printable(text))
+    summary = f"[{gen_seconds:.1f} s"
+    if codes is not None:
+        summary += f"; {len(codes)} speech codes = {len(codes) / SPEECH_FRAME_RATE:.1f} s of speech"
+    _say(summary + "]", file=sys.stderr)
+    if args.out:
+        written = _write_reply(Path(args.out), text, codes, model_name=args.model, audio=str(audio),
+                               detokenizer=detokenizer)
+        _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
+        if speech and detokenizer is None:
+            _say("no detokenizer: reply.wav not written (pass --cosyvoice-dir with a CosyVoice 3 model and the "
+                 "cosyvoice package installed, or --detokenizer, to get audio)", file=sys.stderr)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ tokenize-speech
+def _audio_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+
+
+def _dataset_rows(source: str, split: str, audio_column: str, id_column: str | None):
+    """(id, audio) pairs of a ``datasets`` dataset: a ``save_to_disk`` directory, a data file, or a Hub id."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise CLIError("--dataset needs the `datasets` package (pip install 'fun-audio-chat[train]').") from err
+    path = Path(source)
+    try:
+        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+                              or (path / "state.json").is_file()):
+            data = datasets.load_from_disk(str(path))
+            if isinstance(data, datasets.DatasetDict):
+                if split not in data:
+                    raise CLIError(f"--split {split}: the dataset has splits {sorted(data)}.")
+                data = data[split]
+        elif path.is_file():
+            kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
+            if kind is None:
+                raise CLIError(f"{source}: unsupported data file type (use csv, json, jsonl or parquet).")
+            data = datasets.load_dataset(kind, data_files=str(path), split=split)
+        elif path.is_dir():
+            data = datasets.load_dataset(str(path), split=split)
+        else:
+            data = datasets.load_dataset(source, split=split)
+    except (FileNotFoundError, ValueError, OSError) as err:
+        if isinstance(err, CLIError):
+            raise
+        raise CLIError(f"could not load the dataset {source!r}: {err}") from err
+    if audio_column not in data.column_names:
+        raise CLIError(f"--audio-column {audio_column}: not a column of the dataset (columns: {data.column_names}).")
+    if id_column is not None and id_column not in data.column_names:
+        raise CLIError(f"--id-column {id_column}: not a column of the dataset (columns: {data.column_names}).")
+    feature = data.features[audio_column]
+    if isinstance(feature, datasets.Audio):
+        # raw bytes/paths: decoded by our loader (no torchcodec needed)
+        data = data.cast_column(audio_column, datasets.Audio(decode=False))
+    base_dir = path.parent if path.is_file() else path if path.is_dir() else None
+    rows = []
+    for index, row in enumerate(data):
+        audio = row[audio_column]
+        if isinstance(audio, str) and base_dir is not None and not os.path.isabs(audio) and not audio.startswith(("http://", "https://")):
+            audio = str(base_dir / audio)
+        rows.append((row[id_column] if id_column else index, audio))
+    return rows
+
+
+def _speech_tokenizer(args):
+    from .processing import S3SpeechTokenizer
+
+    try:
+        if args.random_weights:
+            config = None
+            if args.random_weights == "tiny":
+                from .processing.speech_tokenizer import import_s3tokenizer
+
+                import_s3tokenizer()
+                from s3tokenizer.model_v3 import ModelConfigV3
+
+                config = ModelConfigV3(n_audio_state=256, n_audio_head=4, n_audio_layer=2)
+            _say("warning: --random-weights: the speech tokenizer has random weights; the codes are meaningless "
+                 "(for testing the pipeline only).", file=sys.stderr)
+            return S3SpeechTokenizer.random(config=config, batch_size=args.batch_size, device=args.device)
+        return S3SpeechTokenizer.from_pretrained(args.tokenizer, batch_size=args.batch_size, device=args.device)
+    except ImportError as err:
+        raise CLIError(str(err)) from err
+    except (OSError, FileNotFoundError) as err:
+        raise CLIError(f"--tokenizer {args.tokenizer}: {err}") from err
+
+
+def cmd_tokenize_speech(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .processing import AudioInputError, load_audio
+
+    source = Path(args.input).expanduser()
+    if args.dataset:
+        items = _dataset_rows(args.input, args.split, args.audio_column, args.id_column)
+    else:
+        if not source.exists():
+            raise CLIError(f"{args.input}: no such file or folder.")
+        extensions = tuple(e if e.startswith(".") else "." + e for e in args.extensions.lower().split(","))
+        files = _audio_files(source, extensions)
+        root = source if source.is_dir() else source.parent
+        items = [(str(f.relative_to(root)), str(f)) for f in files]
+    if not items:
+        raise CLIError(f"{args.input}: no audio found (extensions {args.extensions}).")
+    out_path = Path(args.out)
+    if out_path.exists() and not args.overwrite:
+        raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
+    _set_threads(args.threads)
+    tokenizer = _speech_tokenizer(args)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = out_path.with_name(out_path.name + ".partial")
+    done = skipped = total_codes = 0
+    total_seconds = 0.0
+    t0 = time.perf_counter()
+    with open(tmp_path, "w", encoding="utf-8") as handle, tqdm(total=len(items), desc="tokenizing", unit="clip") as bar:
+        for start in range(0, len(items), args.batch_size):
+            batch = items[start : start + args.batch_size]
+            waveforms, kept = [], []
+            for item_id, audio in batch:
+                try:
+                    waveforms.append(load_audio(audio, name=str(item_id)))
+                    kept.append(item_id)
+                except AudioInputError as err:
+                    if not args.skip_errors:
+                        raise CLIError(f"{err} (pass --skip-errors to skip unreadable audio)") from err
+                    skipped += 1
+                    tqdm.write(f"skipped {item_id}: {err}", file=sys.stderr)
+            if waveforms:
+                codes = tokenizer(waveforms, sampling_rate=16000)
+                for item_id, waveform, clip_codes in zip(kept, waveforms, codes):
+                    seconds = len(waveform) / 16000
+                    record = {"id": item_id, "num_codes": len(clip_codes), "duration_s": round(seconds, 4),
+                              "codes": clip_codes}
+                    handle.write(json.dumps(record) + "\n")
+                    done += 1
+                    total_codes += len(clip_codes)
+                    total_seconds += seconds
+            bar.update(len(batch))
+    os.replace(tmp_path, out_path)
+    elapsed = time.perf_counter() - t0
+    _say(f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
+         f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else ""))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ merge
+def cmd_merge(args) -> int:
+    tuned = Path(args.tuned).expanduser()
+    if not tuned.exists():
+        raise CLIError(f"--tuned {args.tuned}: checkpoint not found.")
+    base_path = Path(args.base).expanduser()
+    if not base_path.exists() and (args.base.startswith((".", "/", "~")) or args.base.count("/") != 1):
+        raise CLIError(f"--base {args.base}: checkpoint not found (and it is not a Hub repo id like 'org/name').")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CLIError(f"--alpha {args.alpha}: must be between 0 and 1.")
+
+    from .hub import write_model_card
+    from .trainers.merging import PickleCheckpointError, merge_weights
+
+    t0 = time.perf_counter()
+    try:
+        result, manifest = merge_weights(
+            str(tuned), args.base if not base_path.exists() else str(base_path), args.alpha, output_dir=str(out),
+            on_shape_mismatch=args.on_shape_mismatch, overwrite=args.overwrite, show_progress=True,
+            return_manifest=True,
+        )
+    except PickleCheckpointError as err:
+        raise CLIError(str(err)) from err
+    except (FileNotFoundError, ValueError) as err:
+        raise CLIError(f"merge failed: {err}") from err
+    if not args.no_model_card:
+        write_model_card(out)
+    size = sum(f.stat().st_size for f in Path(result).rglob("*.safetensors"))
+    _say(f"merged {len(manifest['merged'])} tensors as {args.alpha:g} * tuned + {1 - args.alpha:g} * base; kept "
+         f"{len(manifest['kept_from_tuned'])} from the tuned model; wrote {result} ({size / 2**20:.1f} MiB) in "
+         f"{time.perf_counter() - t0:.1f} s")
+    if manifest.get("shape_mismatch_kept"):
+        _say(f"kept {len(manifest['shape_mismatch_kept'])} tensor(s) whose shapes differ from the base: "
+             f"{manifest['shape_mismatch_kept'][:5]}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ parser
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fun-audio-chat")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fun-audio-chat",
+        description="Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out) on transformers 5.",
+        epilog="Run `fun-audio-chat COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"fun-audio-chat {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    demo = commands.add_parser(
+        "demo", formatter_class=fmt, help="streaming speech-to-speech on a tiny built-in model (no downloads)",
+        description="Speech-to-speech on a tiny built-in model with the bundled speech clip: the text pieces and the "
+        "25 Hz speech-code groups are printed as they are generated, then timings. The tiny model has random "
+        "weights (its words are noise); everything else is the real pipeline.",
+    )
+    demo.add_argument("--audio", help="use this audio file instead of the bundled clip")
+    demo.add_argument("--max-new-tokens", type=int, default=24, help="LLM steps (each brings 5 speech codes)")
+    demo.add_argument("--seed", type=int, default=3, help="weights and sampling seed")
+    demo.add_argument("--out", help="also save reply.txt and speech_codes.json to this folder")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models are fastest on one)")
+    demo.set_defaults(func=cmd_demo)
+
+    chat = commands.add_parser(
+        "chat", formatter_class=fmt, help="answer one audio file (text, speech codes, wav)",
+        description="Answer a spoken question. Streams the reply text to stdout and, with --out, writes reply.txt, "
+        "speech_codes.json (25 Hz S3 codes) and reply.wav (only when a detokenizer is available: --cosyvoice-dir).",
+        epilog="examples:\n  fun-audio-chat chat --model FunAudioLLM/Fun-Audio-Chat-8B --audio question.wav --out reply/\n"
+        "  fun-audio-chat chat --model tiny --audio question.wav --text-only",
+    )
+    chat.formatter_class = argparse.RawDescriptionHelpFormatter
+    chat.add_argument("--model", required=True, help="checkpoint directory, Hub repo id, or 'tiny' (built-in)")
+    chat.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 ...), any sampling rate")
+    chat.add_argument("--text-only", action="store_true", help="answer with text only (speech-to-text prompt)")
+    chat.add_argument("--out", help="folder for reply.txt, speech_codes.json and reply.wav")
+    chat.add_argument("--prompt", help="text instruction placed after the audio in the user turn")
+    chat.add_argument("--system", help="system prompt (default: the official speech-out or text-out prompt)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="maximum LLM steps of the reply")
+    chat.add_argument("--greedy", action="store_true", help="greedy text decoding (speech codes stay sampled)")
+    chat.add_argument("--seed", type=int, default=None, help="sampling seed")
+    chat.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming")
+    chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                      help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    chat.add_argument("--cosyvoice-dir", help="CosyVoice 3 model directory for reply.wav (needs the cosyvoice "
+                      "package; default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)")
+    chat.add_argument("--detokenizer", metavar="MODULE:FACTORY",
+                      help="another codes-to-wave model for reply.wav: FACTORY() returns an object with sampling_rate "
+                      "that maps a list of codes to a waveform")
+    chat.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    chat.set_defaults(func=cmd_chat)
+
+    tok = commands.add_parser(
+        "tokenize-speech", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="batch S3Tokenizer: audio folder or dataset -> JSON lines of 25 Hz codes",
+        description="Turn audio into 25 Hz CosyVoice 3 speech codes (S3Tokenizer v3, 6561 codes) in batches, e.g. to "
+        "build training data for spoken replies. Writes one JSON object per clip: "
+        '{"id", "num_codes", "duration_s", "codes"}. Needs the optional s3tokenizer package '
+        "(pip install --no-deps s3tokenizer==0.3.0 && pip install onnx einops).",
+        epilog="examples:\n  fun-audio-chat tokenize-speech wavs/ --out codes.jsonl --tokenizer speech_tokenizer_v3.onnx\n"
+        "  fun-audio-chat tokenize-speech my_dataset/ --dataset --split train --audio-column audio --out codes.jsonl",
+    )
+    tok.add_argument("input", help="audio folder (searched recursively), one audio file, or with --dataset a dataset")
+    tok.add_argument("--out", required=True, help="output .jsonl file")
+    tok.add_argument("--tokenizer", default="speech_tokenizer_v3_25hz",
+                     help="S3Tokenizer weights: a local .onnx/.pt/.safetensors file or an s3tokenizer model name "
+                     "(downloaded from modelscope) (default: %(default)s)")
+    tok.add_argument("--random-weights", nargs="?", const="full", choices=["full", "tiny"],
+                     help="random weights instead of --tokenizer (tests only: the codes are meaningless)")
+    tok.add_argument("--dataset", action="store_true",
+                     help="INPUT is a dataset: a save_to_disk folder, a csv/json/jsonl/parquet file, or a Hub id")
+    tok.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
+    tok.add_argument("--audio-column", default="audio", help="dataset column with the audio (default: %(default)s)")
+    tok.add_argument("--id-column", help="dataset column used as the record id (default: the row index)")
+    tok.add_argument("--extensions", default=",".join(e[1:] for e in AUDIO_EXTENSIONS),
+                     help="audio file extensions searched in a folder (default: %(default)s)")
+    tok.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer batch (default: %(default)s)")
+    tok.add_argument("--device", default=None, help="torch device of the tokenizer (default: cpu)")
+    tok.add_argument("--skip-errors", action="store_true", help="skip unreadable audio instead of stopping")
+    tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    tok.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tok.set_defaults(func=cmd_tokenize_speech)
+
+    merge = commands.add_parser(
+        "merge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="Core-Cocktail merge of checkpoints on disk",
+        description="Core-Cocktail merge M = alpha * tuned + (1 - alpha) * base of a fine-tuned Fun-Audio-Chat "
+        "checkpoint with its base text LLM (a Qwen3 causal-LM checkpoint, or a Hub id). Merges shard by shard with "
+        "bounded memory, keeps the audio encoders and the Speech Refined Head from the tuned model, copies the config "
+        "and processor files, and writes merge_manifest.json and a model card. Safetensors only.",
+        epilog="example:\n  fun-audio-chat merge --tuned runs/stage1/final --base Qwen/Qwen3-8B --alpha 0.5 --out merged/",
+    )
+    merge.add_argument("--tuned", required=True, help="fine-tuned Fun-Audio-Chat checkpoint directory (M1)")
+    merge.add_argument("--base", required=True, help="base LLM checkpoint directory or Hub repo id (M0)")
+    merge.add_argument("--out", required=True, help="output directory (written atomically)")
+    merge.add_argument("--alpha", type=float, default=0.5, help="weight of the tuned model (default: %(default)s)")
+    merge.add_argument("--on-shape-mismatch", default="error", choices=["error", "keep_tuned"],
+                       help="what to do with tensors whose shapes differ, e.g. a resized vocabulary "
+                       "(default: %(default)s)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+    merge.add_argument("--no-model-card", action="store_true", help="do not write README.md")
+    merge.set_defaults(func=cmd_merge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        print(f"fun-audio-chat {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"fun-audio-chat {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
