@@ -351,3 +351,33 @@ def test_speech_repetition_penalty_follows_transformers_rule_over_reply_codes():
     assert out.speech_ids[0].tolist() == committed
     greedy = model.generate(**inputs, **{**controls, "speech_repetition_penalty": 1.0})
     assert not torch.equal(greedy[1], out.speech_ids), "penalty must change this reply's codes"
+
+
+def test_fused_speech_head_step_equals_the_module_path():
+    """The stacked-projection decode step computes what the per-module step computes; wrapped projections
+    (e.g. LoRA) fall back to the modules."""
+    from transformers.cache_utils import Cache
+
+    from fun_audio_chat.modeling.generation import PreallocatedKVLayer
+    from fun_audio_chat.modeling.speech_head import fused_decode_weights
+
+    model = oracle.load_model("gen_force_abos_b1")
+    head = model.audio_invert_tower
+    fused = fused_decode_weights(head.crq_transformer)
+    assert fused is not None and len(fused) == len(head.crq_transformer.layers)
+    torch.manual_seed(0)
+    prompt, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
+    results = []
+    for weights in (None, fused):
+        cache = Cache(layers=[PreallocatedKVLayer(16) for _ in head.crq_transformer.layers])
+        with torch.no_grad():
+            head.run_backbone(prompt, past_key_values=cache, use_cache=True)
+            results.append(head.decode_position(step, cache, torch.tensor([[7], [7]]), fused_weights=weights))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
+
+    original = head.crq_transformer.layers[0].self_attn.q_proj
+    head.crq_transformer.layers[0].self_attn.q_proj = torch.nn.Sequential(original)
+    try:
+        assert fused_decode_weights(head.crq_transformer) is None
+    finally:
+        head.crq_transformer.layers[0].self_attn.q_proj = original

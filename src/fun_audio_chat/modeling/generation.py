@@ -35,6 +35,8 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from .speech_head import fused_decode_weights
+
 # Speech-generation controls: generate() kwargs and GenerationConfig fields, with the official
 # speech-to-speech defaults (sampled codes, temperature 0.8, top-p 0.9, no top-k, repetition penalty 1.2).
 SPEECH_GENERATION_DEFAULTS = {
@@ -138,6 +140,9 @@ class SpeechDecodingState:
     has_group: torch.Tensor  # (B,) bool: a group was ever committed (fused LLM input needs one)
     last_group: torch.Tensor  # (B, k)
     seen_codes: torch.Tensor | None  # (B, codebook) bool: committed codes (repetition-penalty context)
+    fused_weights: list | None = None  # stacked SRH projections for the one-position steps
+    rotary_cos: torch.Tensor | None = None  # (B, k·(prompt+new), head_dim) rotary tables of every SRH position
+    rotary_sin: torch.Tensor | None = None
     groups: list = field(default_factory=list)  # per step (B, k)
     committed: list = field(default_factory=list)  # per step (B,) bool
 
@@ -239,7 +244,16 @@ class FunAudioChatGenerationMixin:
             has_group=torch.zeros(batch, dtype=torch.bool, device=device),
             last_group=torch.zeros(batch, k, dtype=torch.long, device=device),
             seen_codes=torch.zeros(batch, codebook, dtype=torch.bool, device=device) if track_codes else None,
+            fused_weights=fused_decode_weights(self.audio_invert_tower.crq_transformer),
+            **self._speech_head_rotary_tables(positions),
         )
+
+    def _speech_head_rotary_tables(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rotary (cos, sin) of every SRH position of the reply, computed once instead of at every sub-step."""
+        backbone = self.audio_invert_tower.crq_transformer
+        probe = torch.empty(0, dtype=self.audio_invert_tower.input_matching.weight.dtype, device=positions.device)
+        cos, sin = backbone.rotary_emb(probe, positions)
+        return {"rotary_cos": cos, "rotary_sin": sin}
 
     def _speech_head_call(self, state: SpeechDecodingState, sub_inputs: torch.Tensor) -> torch.Tensor:
         """Run the SRH backbone on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
@@ -248,7 +262,8 @@ class FunAudioChatGenerationMixin:
         head = self.audio_invert_tower
         if sub_inputs.shape[1] == 1:
             bias = None if state.sub_attention_bias is None else state.sub_attention_bias[..., :end]
-            logits = head.decode_position(sub_inputs, state.cache, positions, bias)
+            rotary = (state.rotary_cos[:, start:end], state.rotary_sin[:, start:end])
+            logits = head.decode_position(sub_inputs, state.cache, positions, bias, state.fused_weights, rotary)
         else:
             mask = None if state.sub_attention_mask is None else state.sub_attention_mask[:, :end]
             _, logits = head.run_backbone(

@@ -18,9 +18,28 @@ from ..configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig
 
 def _rms_norm(hidden: torch.Tensor, norm: nn.Module) -> torch.Tensor:
     """Qwen3 RMSNorm (statistics in fp32) as one fused op."""
-    weight = norm.weight
+    if hidden.dtype == torch.float32 and norm.weight.dtype == torch.float32:
+        return nn.functional.rms_norm(hidden, (hidden.shape[-1],), norm.weight, eps=norm.variance_epsilon)
     normed = nn.functional.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
-    return weight * normed.to(hidden.dtype)
+    return norm.weight * normed.to(hidden.dtype)
+
+
+def fused_decode_weights(backbone: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer, the q/k/v and the gate/up projection weights stacked into one matrix each.
+
+    One matrix product instead of three (and two) per layer and sub-step. Only for plain bias-free Linear
+    projections: wrapped ones (e.g. LoRA adapters) must run as modules, so then this returns None.
+    """
+    fused = []
+    for layer in backbone.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj)
+        if any(type(p) is not nn.Linear or p.bias is not None for p in projections):
+            return None
+        qkv = torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight])
+        gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+        fused.append((qkv, gate_up))
+    return fused
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -82,8 +101,14 @@ class FunAudioChatSpeechHead(nn.Module):
         past_key_values,
         position_ids: torch.Tensor,
         attention_bias: torch.Tensor | None = None,
+        fused_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One new sub-position (B, 1, H) through the backbone with its KV cache; returns logits (B, codebook).
+
+        ``fused_weights`` (from :func:`fused_decode_weights`, built once per generate call) replaces the
+        separate q/k/v and gate/up products by one each; ``rotary`` passes this position's precomputed
+        (cos, sin), each (B, 1, head_dim).
 
         Generation runs this k times per LLM step. It computes what ``crq_transformer`` computes for a single
         query position, minus the per-call work a full forward repeats every time (mask construction,
@@ -94,7 +119,7 @@ class FunAudioChatSpeechHead(nn.Module):
         config = backbone.config
         hidden = self.input_matching(sub_state)
         batch = hidden.shape[0]
-        cos, sin = backbone.rotary_emb(hidden, position_ids)
+        cos, sin = rotary if rotary is not None else backbone.rotary_emb(hidden, position_ids)
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         eager = config._attn_implementation == "eager"
         for index, layer in enumerate(backbone.layers[: config.num_hidden_layers]):
@@ -102,9 +127,16 @@ class FunAudioChatSpeechHead(nn.Module):
             head_dim = attention.head_dim
             residual = hidden
             normed = _rms_norm(hidden, layer.input_layernorm)
-            query = _rms_norm(attention.q_proj(normed).view(batch, 1, -1, head_dim), attention.q_norm).transpose(1, 2)
-            key = _rms_norm(attention.k_proj(normed).view(batch, 1, -1, head_dim), attention.k_norm).transpose(1, 2)
-            value = attention.v_proj(normed).view(batch, 1, -1, head_dim).transpose(1, 2)
+            if fused_weights is None:
+                query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            else:
+                query, key, value = nn.functional.linear(normed, fused_weights[index][0]).split(
+                    (attention.q_proj.out_features, attention.k_proj.out_features, attention.v_proj.out_features),
+                    dim=-1,
+                )
+            query = _rms_norm(query.view(batch, 1, -1, head_dim), attention.q_norm).transpose(1, 2)
+            key = _rms_norm(key.view(batch, 1, -1, head_dim), attention.k_norm).transpose(1, 2)
+            value = value.view(batch, 1, -1, head_dim).transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
             key, value = past_key_values.layers[index].update(key, value)
@@ -123,7 +155,11 @@ class FunAudioChatSpeechHead(nn.Module):
             residual = hidden
             normed = _rms_norm(hidden, layer.post_attention_layernorm)
             mlp = layer.mlp
-            hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+            if fused_weights is None:
+                gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+            else:
+                gate, up = nn.functional.linear(normed, fused_weights[index][1]).chunk(2, dim=-1)
+            hidden = residual + mlp.down_proj(mlp.act_fn(gate) * up)
         hidden = _rms_norm(hidden, backbone.norm)
         return self.lm_head(self.output_matching(hidden))[:, -1]
 
