@@ -296,3 +296,13 @@ def test_sequence_log_probs_match_the_training_losses():
     assert abs(text_mean.item() - out.text_loss.item()) < 1e-4
     assert abs(speech_mean.item() - out.speech_loss.item()) < 1e-4
     assert scores["text"].shape == (2,) and (scores["speech_tokens"] > 0).all()
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    for name in ("config.json", "generation_config.json"):
+        (tmp_path / name).write_text((oracle.checkpoint_dir("train_b1") / name).read_text())
+    torch.save(load_file(oracle.checkpoint_dir("train_b1") / "model.safetensors"), tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="refuses to unpickle"):
+        FunAudioChatForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="safetensors checkpoints only"):
+        FunAudioChatForConditionalGeneration.from_pretrained(oracle.checkpoint_dir("train_b1"), use_safetensors=False)

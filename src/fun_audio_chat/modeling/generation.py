@@ -162,13 +162,6 @@ class FunAudioChatGenerationMixin:
         # A config marked as derived from the model config drops unknown fields when it is read back.
         config._from_model_config = False
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._init_speech_generation_config()
-        return loaded
-
     def generate(self, inputs=None, generation_config: GenerationConfig | None = None, **kwargs):
         """Generate text and (unless ``return_speech=False``) 25 Hz speech codes.
 

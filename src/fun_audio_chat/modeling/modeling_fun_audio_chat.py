@@ -6,6 +6,7 @@ The forward here is the training / scoring path (teacher-forced SRH); generation
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,27 @@ class FunAudioChatForConditionalGeneration(
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
         self._init_speech_generation_config()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained`` restricted to safetensors (pickle checkpoints are refused), with the
+        speech generation fields added to a generation config that lacks them (official checkpoints)."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("Fun-Audio-Chat loads safetensors checkpoints only; pickle (.bin) files are refused.")
+        kwargs["use_safetensors"] = True
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as error:
+            folder = os.fspath(pretrained_model_name_or_path)
+            if os.path.isdir(folder) and any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(folder)):
+                raise OSError(
+                    f"{folder} holds only pickle weights (.bin/.pt); Fun-Audio-Chat refuses to unpickle checkpoints. "
+                    "Convert them to model.safetensors (safetensors.torch.save_file) from a trusted environment."
+                ) from error
+            raise
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._init_speech_generation_config()
+        return loaded
 
     # ----------------------------------------------------------------------------------------- plumbing
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
