@@ -381,3 +381,12 @@ def test_fused_speech_head_step_equals_the_module_path():
         assert fused_decode_weights(head.crq_transformer) is None
     finally:
         head.crq_transformer.layers[0].self_attn.q_proj = original
+
+
+def test_over_long_context_is_a_clear_error():
+    model = oracle.load_model("gen_force_abos_b1")
+    inputs, controls, _ = _case_kwargs("gen_force_abos_b1")
+    with pytest.raises(ValueError, match="Speech Refined Head would need"):
+        model.generate(**inputs, **{**controls, "max_new_tokens": 900})  # 5 x 930 > 4096 SRH positions
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model.generate(**inputs, **{**controls, "max_new_tokens": 1000, "return_speech": False})

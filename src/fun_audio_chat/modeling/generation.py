@@ -201,6 +201,23 @@ class FunAudioChatGenerationMixin:
             return output.sequences, output.speech_ids
         return output
 
+    def _check_context_length(self, prompt_length: int, max_new_tokens: int, return_speech: bool) -> None:
+        total = prompt_length + max(max_new_tokens, 0)
+        limit = self.config.text_config.max_position_embeddings
+        if total > limit:
+            raise ValueError(
+                f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the LLM's "
+                f"max_position_embeddings ({limit}); shorten the audio/conversation or lower max_new_tokens."
+            )
+        if return_speech:
+            head_limit = self.audio_invert_tower.crq_transformer.config.max_position_embeddings
+            if total * self.group_size > head_limit:
+                raise ValueError(
+                    f"the Speech Refined Head would need {total * self.group_size} positions (group size "
+                    f"{self.group_size} x {total} tokens) but supports {head_limit}; shorten the conversation, lower "
+                    "max_new_tokens, or generate text only (return_speech=False)."
+                )
+
     # ------------------------------------------------------------------------------- speech head
     def _start_speech_state(self, input_ids, attention_mask, max_new_tokens: int, track_codes: bool):
         batch = input_ids.shape[0]
@@ -379,7 +396,11 @@ class FunAudioChatGenerationMixin:
         audio_bos = self.config.text_config.audio_bos_index
         audio_eos = self.config.text_config.audio_eos_index
         force_audio_bos = bool(generation_config.force_audio_bos)
+        if return_speech and stopping_criteria.max_length is None:
+            # The speech head reserves its cache for the longest possible reply.
+            raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = stopping_criteria.max_length - input_ids.shape[1] if stopping_criteria.max_length else 0
+        self._check_context_length(input_ids.shape[1], max_new_tokens, return_speech)
         speech_settings = SpeechSamplingSettings(
             do_sample=bool(generation_config.speech_do_sample),
             temperature=generation_config.speech_temperature,
