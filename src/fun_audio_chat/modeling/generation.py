@@ -358,10 +358,8 @@ class FunAudioChatGenerationMixin:
         mask = (torch.arange(width, device=device)[None, :] < (counts * k)[:, None]).long()
         return packed.masked_fill(mask == 0, pad), mask
 
-    def _next_inputs_embeds(self, state, tokens: torch.Tensor, return_speech: bool) -> torch.Tensor:
-        text_embeds = self.get_input_embeddings()(tokens[:, None])
-        if not return_speech:
-            return text_embeds
+    def _next_inputs_embeds(self, state, text_embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """LLM input of the next step: (embed(text) + audio_tower(last group)) / 2 for speaking rows."""
         state.speaking = state.speaking | (tokens == self.config.text_config.audio_bos_index)
         fused_rows = state.speaking & state.has_group
         fused = (text_embeds + self.audio_tower(state.last_group).to(text_embeds.dtype)) / 2
@@ -420,7 +418,7 @@ class FunAudioChatGenerationMixin:
             if return_speech
             else None
         )
-        step_text_tokens = input_ids
+        step_text_embeds = None  # embeddings of the text tokens this step's LLM input carries (SRH conditioning)
         # </fun_audio_chat>
 
         model_inputs = self.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
@@ -449,7 +447,9 @@ class FunAudioChatGenerationMixin:
             # <fun_audio_chat: the SRH decodes this step's group before the text token is drawn (official RNG order)>
             if return_speech:
                 hidden = outputs.last_hidden_state
-                text_embeds = self.get_input_embeddings()(step_text_tokens).detach()
+                if step_text_embeds is None:
+                    step_text_embeds = self.get_input_embeddings()(input_ids)
+                text_embeds = step_text_embeds.detach()
                 group, seen = self._decode_speech_group(
                     state, hidden, text_embeds, speech_settings, speech_warpers, speech_logits_out
                 )
@@ -497,12 +497,10 @@ class FunAudioChatGenerationMixin:
             this_peer_finished = bool(unfinished_sequences.max() == 0)
 
             # <fun_audio_chat: next LLM input (fused for speaking rows) and SRH conditioning>
+            step_text_embeds = self.get_input_embeddings()(next_tokens[:, None])
             next_embeds = (
-                self._next_inputs_embeds(state, next_tokens, return_speech)
-                if return_speech
-                else self.get_input_embeddings()(next_tokens[:, None])
+                self._next_inputs_embeds(state, step_text_embeds, next_tokens) if return_speech else step_text_embeds
             )
-            step_text_tokens = next_tokens[:, None]
             # </fun_audio_chat>
             step += 1
             del outputs
