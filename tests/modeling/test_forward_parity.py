@@ -24,16 +24,7 @@ FORWARD_CASES = [
 
 def _intermediates(model, inputs):
     """Recompute the oracle's recorded intermediates with the model's public building blocks."""
-    merged = model.merge_audio(
-        inputs["input_ids"],
-        inputs["speech_ids"],
-        inputs.get("speech_attention_mask"),
-        inputs.get("input_features"),
-        inputs.get("feature_attention_mask"),
-        inputs.get("feature_exist_mask"),
-        inputs.get("text_ids"),
-        inputs.get("text_attention_mask"),
-    )
+    merged = model._merged_for_labels(inputs)
     padded_length = merged.padded_speech_ids.shape[1]
     encoded = model.continuous_audio_tower(inputs["input_features"], inputs["feature_attention_mask"].sum(-1))
     continuous = torch.zeros(len(encoded), padded_length, encoded[0].shape[-1])

@@ -1,7 +1,6 @@
 """Config, loading, saving, registration and input validation of FunAudioChatForConditionalGeneration."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -277,7 +276,6 @@ def test_tiny_random_model_trains_one_step():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
-    assert re.match(r"^\d", str(losses[0]))
 
 
 def test_sequence_log_probs_match_the_training_losses():
