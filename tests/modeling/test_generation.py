@@ -390,3 +390,15 @@ def test_over_long_context_is_a_clear_error():
         model.generate(**inputs, **{**controls, "max_new_tokens": 900})  # 5 x 930 > 4096 SRH positions
     with pytest.raises(ValueError, match="max_position_embeddings"):
         model.generate(**inputs, **{**controls, "max_new_tokens": 1000, "return_speech": False})
+
+
+def test_eager_attention_generation_matches_the_oracle():
+    """The oracle records that a correct eager implementation generates the same tokens as SDPA."""
+    model = oracle.load_model("gen_force_abos_b1", attn="eager")
+    assert model.audio_invert_tower.crq_transformer.config._attn_implementation == "eager"
+    inputs, controls, meta = _case_kwargs("gen_force_abos_b1")
+    assert meta["eager_fixed_generation_identical"]
+    reference = oracle.outputs("gen_force_abos_b1")
+    sequences, speech_ids = model.generate(**inputs, **controls)
+    assert torch.equal(sequences, reference["sequences"])
+    assert torch.equal(speech_ids, reference["speech_ids"])
