@@ -359,7 +359,7 @@ def test_fused_speech_head_step_equals_the_module_path():
     from transformers.cache_utils import Cache
 
     from fun_audio_chat.modeling.generation import PreallocatedKVLayer
-    from fun_audio_chat.modeling.speech_head import fused_decode_weights
+    from fun_audio_chat.modeling.single_position import fused_decode_weights
 
     model = oracle.load_model("gen_force_abos_b1")
     head = model.audio_invert_tower
@@ -402,3 +402,28 @@ def test_eager_attention_generation_matches_the_oracle():
     sequences, speech_ids = model.generate(**inputs, **controls)
     assert torch.equal(sequences, reference["sequences"])
     assert torch.equal(speech_ids, reference["speech_ids"])
+
+
+def test_single_position_llm_steps_equal_the_full_forward(monkeypatch):
+    """Decode steps normally bypass the LLM's full forward; forcing the full forward changes nothing."""
+    import fun_audio_chat.modeling.generation as generation
+
+    model = oracle.load_model("gen_force_abos_b2_leftpad")
+    inputs, controls, _ = _case_kwargs("gen_force_abos_b2_leftpad")
+    controls = {**controls, "max_new_tokens": 16}
+    calls = []
+    original_step = generation.FunAudioChatGenerationMixin._decode_llm_position
+
+    def counting_step(self, *args, **kwargs):
+        calls.append(1)
+        return original_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(generation.FunAudioChatGenerationMixin, "_decode_llm_position", counting_step)
+    lean = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
+    assert len(calls) == 15
+    monkeypatch.setattr(generation, "supports_single_position_decoding", lambda *a, **k: False)
+    full = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
+    assert len(calls) == 15
+    assert torch.equal(lean.sequences, full.sequences) and torch.equal(lean.speech_ids, full.speech_ids)
+    valid_logits = torch.stack(lean.logits) - torch.stack(full.logits)
+    assert valid_logits.abs().max() < 1e-5

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_outputs import ModelOutput
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
     LogitsProcessorList,
@@ -35,7 +36,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
-from .speech_head import fused_decode_weights
+from .single_position import decode_one_position, fused_decode_weights, supports_single_position_decoding
 
 # Speech-generation controls: generate() kwargs and GenerationConfig fields, with the official
 # speech-to-speech defaults (sampled codes, temperature 0.8, top-p 0.9, no top-k, repetition penalty 1.2).
@@ -65,6 +66,15 @@ class FunAudioChatGenerateOutput(GenerateDecoderOnlyOutput):
     speech_ids: torch.LongTensor | None = None
     speech_attention_mask: torch.LongTensor | None = None
     speech_logits: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class FunAudioChatSingleStepOutput(ModelOutput):
+    """What the decode loop reads from one LLM step."""
+
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    last_hidden_state: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -365,6 +375,22 @@ class FunAudioChatGenerationMixin:
         fused = (text_embeds + self.audio_tower(state.last_group).to(text_embeds.dtype)) / 2
         return torch.where(fused_rows[:, None, None], fused, text_embeds)
 
+    def _decode_llm_position(self, inputs_embeds: torch.Tensor, model_kwargs: dict, padded: bool):
+        """One LLM decode step through :func:`decode_one_position` (same numbers as the full forward)."""
+        backbone = self.language_model.model
+        cache = model_kwargs["past_key_values"]
+        position_ids = model_kwargs["position_ids"][:, -1:]
+        bias = None
+        if padded:
+            mask = model_kwargs["attention_mask"]
+            bias = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
+            bias = bias.masked_fill(mask == 0, torch.finfo(inputs_embeds.dtype).min)[:, None, None, :]
+        cos, sin = backbone.rotary_emb(inputs_embeds, position_ids)
+        hidden = decode_one_position(backbone, inputs_embeds, cache, cos, sin, bias)
+        return FunAudioChatSingleStepOutput(
+            logits=self.language_model.lm_head(hidden), past_key_values=cache, last_hidden_state=hidden
+        )
+
     # -------------------------------------------------------------------------------- decode loop
     def _sample(
         self,
@@ -429,11 +455,19 @@ class FunAudioChatGenerationMixin:
             "speech_attention_mask", "text_ids", "text_attention_mask",
         ):
             model_kwargs.pop(key, None)
+        # <fun_audio_chat: decode steps skip the full forward's per-call bookkeeping when the cache allows it>
+        single_position = supports_single_position_decoding(
+            self.language_model.model, outputs.past_key_values
+        ) and not (generation_config.output_attentions or generation_config.output_hidden_states)
+        prompt_mask = model_kwargs.get("attention_mask")
+        padded = prompt_mask is not None and not bool(prompt_mask.all())
         # </fun_audio_chat>
         step = 0
         this_peer_finished = False
         while not this_peer_finished:
-            if step > 0:
+            if step > 0 and single_position:
+                outputs = self._decode_llm_position(next_embeds, model_kwargs, padded)
+            elif step > 0:
                 model_inputs = self.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
                 model_inputs.pop("input_ids", None)
                 model_inputs["inputs_embeds"] = next_embeds
