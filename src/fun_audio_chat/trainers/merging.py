@@ -808,6 +808,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+
+def _read_exactly(f, view: memoryview, info) -> None:
+    """Fill ``view`` from ``f`` (``readinto`` may return short reads); a short file is a truncated tensor."""
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            raise OSError(f"{info.file}: unexpected end of file while reading tensor {info.name!r} (truncated checkpoint).")
+        got += n
+
 class _StreamBuffers:
     """Fixed buffers of the streamed merge, allocated once and reused for every chunk.
 
@@ -835,12 +845,7 @@ class _StreamBuffers:
         buf = self._raw_buffer(slot, nbytes)
         view = memoryview(buf)[:nbytes]
         f.seek(info.start + first * info.itemsize)
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise OSError(f"{info.file}: unexpected end of file while reading {info.name!r}.")
-            got += n
+        _read_exactly(f, view, info)
         return torch.frombuffer(buf, dtype=torch.uint8, count=nbytes).view(info.dtype)
 
     def copy_bytes(self, f, info: _TensorInfo):
@@ -851,12 +856,7 @@ class _StreamBuffers:
         while left:
             want = min(step, left)
             view = memoryview(buf)[:want]
-            got = 0
-            while got < want:
-                n = f.readinto(view[got:])
-                if not n:
-                    raise OSError(f"{info.file}: truncated tensor {info.name!r}")
-                got += n
+            _read_exactly(f, view, info)
             yield view
             left -= want
 
