@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
     LogitsProcessorList,
@@ -36,6 +36,7 @@ from transformers.generation import (
     TopPLogitsWarper,
 )
 
+from ..transformers_compat import CACHE_NAME, cache_of
 from .single_position import decode_one_position, fused_decode_weights, supports_single_position_decoding
 
 # Speech-generation controls: generate() kwargs and GenerationConfig fields, with the official
@@ -69,12 +70,10 @@ class FunAudioChatGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class FunAudioChatSingleStepOutput(ModelOutput):
-    """What the decode loop reads from one LLM step."""
+class FunAudioChatSingleStepOutput(BaseModelOutputWithPast):
+    """What the decode loop reads from one LLM step (the cache field is named as transformers names it)."""
 
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    last_hidden_state: torch.FloatTensor | None = None
 
 
 @dataclass
@@ -378,7 +377,7 @@ class FunAudioChatGenerationMixin:
     def _decode_llm_position(self, inputs_embeds: torch.Tensor, model_kwargs: dict, padded: bool):
         """One LLM decode step through :func:`decode_one_position` (same numbers as the full forward)."""
         backbone = self.language_model.model
-        cache = model_kwargs["past_key_values"]
+        cache = cache_of(model_kwargs)
         position_ids = model_kwargs["position_ids"][:, -1:]
         bias = None
         if padded:
@@ -388,7 +387,7 @@ class FunAudioChatGenerationMixin:
         cos, sin = backbone.rotary_emb(inputs_embeds, position_ids)
         hidden = decode_one_position(backbone, inputs_embeds, cache, cos, sin, bias)
         return FunAudioChatSingleStepOutput(
-            logits=self.language_model.lm_head(hidden), past_key_values=cache, last_hidden_state=hidden
+            logits=self.language_model.lm_head(hidden), last_hidden_state=hidden, **{CACHE_NAME: cache}
         )
 
     # -------------------------------------------------------------------------------- decode loop
@@ -457,7 +456,7 @@ class FunAudioChatGenerationMixin:
             model_kwargs.pop(key, None)
         # <fun_audio_chat: decode steps skip the full forward's per-call bookkeeping when the cache allows it>
         single_position = supports_single_position_decoding(
-            self.language_model.model, outputs.past_key_values
+            self.language_model.model, cache_of(outputs)
         ) and not (generation_config.output_attentions or generation_config.output_hidden_states)
         prompt_mask = model_kwargs.get("attention_mask")
         padded = prompt_mask is not None and not bool(prompt_mask.all())
@@ -548,7 +547,7 @@ class FunAudioChatGenerationMixin:
                     sequences=input_ids,
                     scores=scores,
                     logits=raw_logits,
-                    past_key_values=model_kwargs.get("past_key_values"),
+                    **{CACHE_NAME: cache_of(model_kwargs)},
                 )
             return input_ids
 
@@ -557,7 +556,7 @@ class FunAudioChatGenerationMixin:
             sequences=input_ids,
             scores=scores,
             logits=raw_logits,
-            past_key_values=model_kwargs.get("past_key_values") if return_dict_in_generate else None,
+            **{CACHE_NAME: cache_of(model_kwargs) if return_dict_in_generate else None},
             speech_ids=speech_ids,
             speech_attention_mask=speech_attention_mask,
             speech_logits=tuple(speech_logits_out) if speech_logits_out is not None else None,

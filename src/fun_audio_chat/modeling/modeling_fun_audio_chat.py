@@ -13,11 +13,12 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..configuration_fun_audio_chat import FunAudioChatConfig
 from ..hub import FunAudioChatHubMixin
+from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
@@ -27,27 +28,24 @@ IGNORE_INDEX = -100
 
 
 @dataclass
-class FunAudioChatOutputWithPast(ModelOutput):
-    """Forward output.
+class FunAudioChatOutputWithPast(CausalLMOutputWithPast):
+    """Forward output: the causal-LM fields (``loss``, ``logits``, the LLM cache, ``hidden_states``,
+    ``attentions``) plus the speech stream's.
 
     Args:
         loss: ``text_loss + speech_loss`` when ``labels`` are given.
         text_loss / speech_loss: the two streams' cross-entropies.
         logits: text logits (B, L, V) (or the last ``logits_to_keep`` positions).
         speech_logits: SRH logits (B, L·k, codebook) from the teacher-forced head.
-        past_key_values: the LLM cache.
-        hidden_states / attentions: the LLM's, on request.
         last_hidden_state: final (post-norm) LLM states, when ``return_last_hidden_state=True``.
+
+    The cache field is named as the installed transformers names it (see :mod:`fun_audio_chat.transformers_compat`);
+    ``output.past_key_values`` reads it on every supported release.
     """
 
-    loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     speech_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
     speech_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     last_hidden_state: torch.FloatTensor | None = None
 
 
@@ -76,7 +74,7 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["AudioEncoderLayer", "Qwen3DecoderLayer"]
-    _skip_keys_device_placement = "past_key_values"
+    _skip_keys_device_placement = [CACHE_NAME, LEGACY_CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -310,11 +308,18 @@ class FunAudioChatForConditionalGeneration(
             )
             text_features = embed(layout.transcript_ids) * has_text[:, None, None].to(token_embeds.dtype)
             averaged = (text_features + audio_embeds) / 2
-            if self.config.halve_unpaired_audio_features:
+            official = self.config.uses_official_training_recipe
+            if official:
                 audio_embeds = averaged
             else:
                 audio_embeds = torch.where(has_text[:, None, None], averaged, audio_embeds)
-            text_embeds = token_embeds.masked_scatter(layout.audio_slots[..., None], text_features[keep])
+            # SRH text conditioning at the audio slots: the official forward uses zeros for audio without a
+            # transcript; generate() uses the <|AUDIO|> token embedding there (the prompt's own tokens).
+            conditioning = text_features
+            if not official:
+                placeholder = embed(torch.full_like(layout.transcript_ids, self.config.audio_token_index))
+                conditioning = torch.where(has_text[:, None, None], text_features, placeholder)
+            text_embeds = token_embeds.masked_scatter(layout.audio_slots[..., None], conditioning[keep])
 
         slots = layout.audio_slots[..., None]
         layout.inputs_embeds = token_embeds.masked_scatter(slots, audio_embeds[keep].to(token_embeds.dtype))
@@ -365,11 +370,18 @@ class FunAudioChatForConditionalGeneration(
         return torch.where(labels == IGNORE_INDEX, labels, scattered)
 
     def build_speech_labels(self, labels, merged: MergedAudioInputs) -> torch.Tensor:
-        """(B, L·k) speech targets of each LLM position's group; EOS groups at <|audio_eos|> positions."""
+        """(B, L·k) speech targets of each LLM position's group; EOS groups at <|audio_eos|> positions.
+
+        The sub-positions that pad an audio's last group to k codes are ignored by the official recipe; the
+        consistent recipe makes them targets (the speech pad id), since generation emits that group whole.
+        """
         k = self.group_size
         batch, length = labels.shape
         rows = merged.padded_speech_ids.shape[0]
-        per_group = merged.padded_speech_ids.masked_fill(merged.padded_speech_mask == 0, IGNORE_INDEX)
+        tail_value = IGNORE_INDEX
+        if not self.config.uses_official_training_recipe:
+            tail_value = self.config.audio_config.pad_token_id
+        per_group = merged.padded_speech_ids.masked_fill(merged.padded_speech_mask == 0, tail_value)
         per_group = per_group.view(rows, -1, k)
         keep = torch.arange(per_group.shape[1], device=labels.device)[None, :] < merged.groups_per_audio[:, None]
         speech_labels = labels.new_full((batch, length, k), IGNORE_INDEX)
@@ -385,6 +397,95 @@ class FunAudioChatForConditionalGeneration(
         """Embedding of the code preceding each sub-position's target in the 25 Hz stream (B, L·k, H)."""
         codes = speech_labels.masked_fill(speech_labels == IGNORE_INDEX, self.config.audio_config.pad_token_id)
         return torch.roll(self.audio_invert_tower.code_embeddings(codes), shifts=-(self.group_size - 1), dims=1)
+
+    def teacher_forcing_codes(self, speech_labels: torch.Tensor) -> torch.Tensor:
+        """Id of the code preceding each sub-position's target in the 25 Hz stream (B, L·k); the speech pad id
+        where the official recipe has no code."""
+        codes = speech_labels.masked_fill(speech_labels == IGNORE_INDEX, self.config.audio_config.pad_token_id)
+        return torch.roll(codes, shifts=-(self.group_size - 1), dims=1)
+
+    def reply_start_positions(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) position of the labelled <|audio_bos|> that opens each row's spoken reply (L when there is none):
+        everything before it is the prompt ``generate()`` would prefill."""
+        opens = labels == self.config.text_config.audio_bos_index
+        length = labels.shape[1]
+        index = torch.arange(length, device=labels.device).expand_as(labels)
+        return torch.where(opens, index, torch.full_like(index, length)).min(dim=1).values
+
+    @torch.no_grad()
+    def generation_previous_codes(
+        self,
+        states: torch.Tensor,
+        speech_labels: torch.Tensor,
+        labels: torch.Tensor,
+        sub_mask: torch.Tensor | None = None,
+        sub_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Previous-code ids (B, L·k) the SRH sees in ``generate()`` at batch 1 with greedy speech codes.
+
+        Over the prompt (before the reply's <|audio_bos|> at position P) generation prefills every sub-position
+        up to (P-1, 0) with speech-BOS, then decodes the last k-1 prompt sub-positions one by one, each fed the
+        code just decoded; the last of those codes is the previous code of the reply's first sub-position.
+        Those k codes are decoded here greedily (no repetition penalty) with the current weights. The reply
+        itself keeps teacher forcing.
+        """
+        k = self.group_size
+        codes = self.teacher_forcing_codes(speech_labels)
+        starts = self.reply_start_positions(labels)
+        bos = self.config.audio_config.bos_token_id
+        head = self.audio_invert_tower
+        for row in range(codes.shape[0]):
+            start = int(starts[row])
+            if start == 0:
+                continue
+            prefilled = k * (start - 1) + 1
+            codes[row, :prefilled] = bos
+            if start >= labels.shape[1]:
+                codes[row, prefilled:] = bos
+                continue
+            sub_states = head.ungroup(states[row : row + 1, :start])
+            mask = None if sub_mask is None else sub_mask[row : row + 1]
+            positions = None if sub_positions is None else sub_positions[row : row + 1]
+            cache = DynamicCache()
+            end = prefilled
+            step_inputs = sub_states[:, :end] + head.code_embeddings(codes[row : row + 1, :end])
+            for sub_step in range(k):
+                begin = end - step_inputs.shape[1]
+                _, logits = head.run_backbone(
+                    step_inputs,
+                    attention_mask=None if mask is None else mask[:, :end],
+                    position_ids=None if positions is None else positions[:, begin:end],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                decoded = logits[:, -1].argmax(-1)
+                codes[row, end] = decoded[0]
+                if sub_step < k - 1:
+                    step_inputs = sub_states[:, end : end + 1] + head.code_embeddings(decoded)[:, None]
+                    end += 1
+        return codes
+
+    def teacher_forced_speech_logits(
+        self,
+        hidden: torch.Tensor,
+        text_embeds: torch.Tensor,
+        speech_labels: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """SRH logits (B, L·k, codebook) over a whole sequence, fed as ``config.training_recipe`` says."""
+        head = self.audio_invert_tower
+        states = hidden + text_embeds.detach()
+        sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
+        previous = None
+        if speech_labels is not None:
+            if self.config.uses_official_training_recipe or labels is None:
+                previous = self.teacher_forcing_embeddings(speech_labels)
+            else:
+                codes = self.generation_previous_codes(states, speech_labels, labels, sub_mask, sub_positions)
+                previous = head.code_embeddings(codes)
+        return head(states, previous, attention_mask=sub_mask, position_ids=sub_positions)
 
     def speech_head_positions(self, attention_mask, position_ids):
         """SRH mask and positions at 25 Hz from the LLM's: sub-position (p, j) sits at k·pos(p) + j."""
@@ -458,6 +559,7 @@ class FunAudioChatForConditionalGeneration(
                 position_ids=position_ids,
                 include_speech=compute_speech_logits is not False,
             )
+        past_key_values = pop_cache_argument(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -489,11 +591,11 @@ class FunAudioChatForConditionalGeneration(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            **{CACHE_NAME: past_key_values},
             **kwargs,
         )
         hidden = llm_output.last_hidden_state
@@ -523,10 +625,8 @@ class FunAudioChatForConditionalGeneration(
         if compute_speech_logits:
             if self.audio_invert_tower is None:
                 raise ValueError("This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False).")
-            previous_codes = self.teacher_forcing_embeddings(speech_labels) if speech_labels is not None else None
-            sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
-            speech_logits = self.audio_invert_tower(
-                hidden + text_embeds.detach(), previous_codes, attention_mask=sub_mask, position_ids=sub_positions
+            speech_logits = self.teacher_forced_speech_logits(
+                hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
             if speech_labels is not None:
                 shifted = nn.functional.pad(speech_labels, (0, self.group_size), value=IGNORE_INDEX)[
@@ -543,10 +643,10 @@ class FunAudioChatForConditionalGeneration(
             speech_loss=speech_loss,
             logits=logits,
             speech_logits=speech_logits,
-            past_key_values=llm_output.past_key_values,
             hidden_states=llm_output.hidden_states,
             attentions=llm_output.attentions,
             last_hidden_state=hidden if return_last_hidden_state else None,
+            **{CACHE_NAME: cache_of(llm_output)},
         )
         return output if return_dict else output.to_tuple()
 
@@ -576,12 +676,8 @@ class FunAudioChatForConditionalGeneration(
         result = {"text": text_logp, "text_tokens": text_count}
         if include_speech and merged is not None and self.audio_invert_tower is not None:
             speech_labels = self.build_speech_labels(labels, merged)
-            sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
-            speech_logits = self.audio_invert_tower(
-                hidden + text_embeds.detach(),
-                self.teacher_forcing_embeddings(speech_labels),
-                attention_mask=sub_mask,
-                position_ids=sub_positions,
+            speech_logits = self.teacher_forced_speech_logits(
+                hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
             k = self.group_size
             shifted = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]

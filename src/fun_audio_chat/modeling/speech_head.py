@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoModel
 
 from ..configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig
+from ..transformers_compat import CACHE_NAME
 from .single_position import decode_one_position
 
 
@@ -59,8 +60,8 @@ class FunAudioChatSpeechHead(nn.Module):
             inputs_embeds=self.input_matching(sub_states),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_NAME: past_key_values},
         )
         logits = self.lm_head(self.output_matching(output.last_hidden_state))
         return output, logits
