@@ -36,7 +36,6 @@ from typing import Any
 TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 
-_BLOCK_RE = re.compile(re.escape(TOOL_CALL_START) + r"(.*?)" + re.escape(TOOL_CALL_END), re.DOTALL)
 _NAME_RE = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 
 
@@ -59,13 +58,28 @@ def _unparsed(raw: str, error: str) -> dict[str, Any]:
     return {"name": name, "arguments": None, "unparsed": raw, "error": error}
 
 
+def _loads(text: str) -> Any:
+    """``json.loads`` that fails only with ``ValueError``: a nesting too deep for the decoder (``RecursionError``)
+    and an integer longer than Python's digit limit are bad model output like any other invalid JSON."""
+    try:
+        return json.loads(text)
+    except RecursionError as err:
+        raise ValueError("nested too deeply to decode") from err
+
+
+def _json_error(err: ValueError) -> str:
+    if isinstance(err, json.JSONDecodeError):
+        return f"{err.msg} at line {err.lineno} column {err.colno}"
+    return str(err).split(";")[0]
+
+
 def parse_tool_call_block(raw: str, strict: bool = False) -> dict[str, Any]:
     """Parse the text between one pair of ``<tool_call>`` tags."""
     body = raw.strip()
     try:
-        data = json.loads(body)
-    except json.JSONDecodeError as err:
-        message = f"tool call is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}): {body[:200]!r}"
+        data = _loads(body)
+    except ValueError as err:
+        message = f"tool call is not valid JSON ({_json_error(err)}): {body[:200]!r}"
         if strict:
             raise ToolCallParseError(message, raw) from err
         return _unparsed(raw, message)
@@ -77,8 +91,8 @@ def parse_tool_call_block(raw: str, strict: bool = False) -> dict[str, Any]:
     arguments = data.get("arguments", data.get("parameters", {}))
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except json.JSONDecodeError as err:
+            arguments = _loads(arguments) if arguments.strip() else {}
+        except ValueError as err:
             message = f"tool call arguments of {data['name']!r} are a string that is not valid JSON: {arguments[:200]!r}"
             if strict:
                 raise ToolCallParseError(message, raw) from err
@@ -94,25 +108,29 @@ def parse_tool_call_block(raw: str, strict: bool = False) -> dict[str, Any]:
 
 
 def parse_tool_calls(text: str, strict: bool = False) -> list[dict[str, Any]]:
-    """All tool calls in ``text`` in order (see the module docstring for the entry format)."""
-    calls = [parse_tool_call_block(match.group(1), strict=strict) for match in _BLOCK_RE.finditer(text)]
-    tail_start = text.rfind(TOOL_CALL_START)
-    if tail_start != -1 and text.find(TOOL_CALL_END, tail_start) == -1:
-        raw = text[tail_start + len(TOOL_CALL_START) :]
-        message = "tool call has no closing </tool_call> tag (generation cut off?)"
-        if strict:
-            raise ToolCallParseError(message, raw)
-        calls.append(_unparsed(raw, message))
-    return calls
+    """All tool calls in ``text`` in order (see the module docstring for the entry format).
+
+    Runs in time linear in ``len(text)``. A block runs from an opening tag to the next closing tag (an opening tag
+    inside it is part of its text); an opening tag never closed makes the last entry, reported as cut off.
+    """
+    parser = StreamingToolCallParser(strict=strict)
+    return parser.feed(text) + parser.finish()
 
 
 def strip_tool_calls(text: str) -> str:
     """The text of a reply without its ``<tool_call>`` blocks (what to show or speak to the user)."""
-    text = _BLOCK_RE.sub("", text)
-    cut = text.find(TOOL_CALL_START)
-    if cut != -1:
-        text = text[:cut]
-    return text.strip()
+    kept, position = [], 0
+    while True:
+        start = text.find(TOOL_CALL_START, position)
+        if start == -1:
+            kept.append(text[position:])
+            break
+        kept.append(text[position:start])
+        end = text.find(TOOL_CALL_END, start + len(TOOL_CALL_START))
+        if end == -1:  # cut-off call: drop the rest
+            break
+        position = end + len(TOOL_CALL_END)
+    return "".join(kept).strip()
 
 
 def tool_calls_to_message(calls: list[dict[str, Any]], content: str = "") -> dict[str, Any]:
@@ -136,13 +154,25 @@ class StreamingToolCallParser:
     ...     for call in parser.feed(piece):
     ...         run(call)
     >>> leftover_calls = parser.finish()
+
+    Each piece is scanned once (plus a carry shorter than a tag), so the total work is linear in the text fed,
+    whatever the piece sizes.
     """
 
     def __init__(self, strict: bool = False):
         self.strict = strict
-        self._buffer = ""
         self._calls: list[dict[str, Any]] = []
-        self.text = ""  # everything fed so far
+        self._pieces: list[str] = []  # everything fed so far, joined on demand by ``text``
+        self._carry = ""  # tail that may hold the start of a tag split across pieces
+        self._in_block = False
+        self._block: list[str] = []  # text of the open block, without the carry
+
+    @property
+    def text(self) -> str:
+        """Everything fed so far."""
+        if len(self._pieces) > 1:
+            self._pieces = ["".join(self._pieces)]
+        return self._pieces[0] if self._pieces else ""
 
     @property
     def calls(self) -> list[dict[str, Any]]:
@@ -150,38 +180,51 @@ class StreamingToolCallParser:
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         """Add streamed text; returns the calls completed by it."""
-        self.text += piece
-        self._buffer += piece
+        if not isinstance(piece, str):
+            raise TypeError(f"StreamingToolCallParser.feed takes text, got {type(piece).__name__}")
+        self._pieces.append(piece)
+        data = self._carry + piece
+        self._carry = ""
         done = []
-        while True:
-            start = self._buffer.find(TOOL_CALL_START)
-            if start == -1:
-                # keep a possible partial opening tag at the end
-                keep = max(0, len(self._buffer) - len(TOOL_CALL_START) + 1)
-                self._buffer = self._buffer[keep:]
-                break
-            end = self._buffer.find(TOOL_CALL_END, start)
-            if end == -1:
-                self._buffer = self._buffer[start:]
-                break
-            raw = self._buffer[start + len(TOOL_CALL_START) : end]
-            call = parse_tool_call_block(raw, strict=self.strict)
-            done.append(call)
-            self._buffer = self._buffer[end + len(TOOL_CALL_END) :]
+        while data:
+            if not self._in_block:
+                start = data.find(TOOL_CALL_START)
+                if start == -1:
+                    self._carry = data[-(len(TOOL_CALL_START) - 1) :]
+                    break
+                self._in_block = True
+                self._block = []
+                data = data[start + len(TOOL_CALL_START) :]
+            else:
+                end = data.find(TOOL_CALL_END)
+                if end == -1:
+                    keep = len(TOOL_CALL_END) - 1
+                    if len(data) > keep:
+                        self._block.append(data[:-keep])
+                        data = data[-keep:]
+                    self._carry = data
+                    break
+                self._block.append(data[:end])
+                data = data[end + len(TOOL_CALL_END) :]
+                self._in_block = False
+                done.append(parse_tool_call_block("".join(self._block), strict=self.strict))
+                self._block = []
         self._calls.extend(done)
         return done
 
     def finish(self) -> list[dict[str, Any]]:
         """End of stream: reports an unclosed block, if any. Returns the calls completed by this call."""
         done = []
-        start = self._buffer.find(TOOL_CALL_START)
-        if start != -1:
-            raw = self._buffer[start + len(TOOL_CALL_START) :]
+        if self._in_block:
+            raw = "".join(self._block) + self._carry
+            self._in_block = False
+            self._block = []
             message = "tool call has no closing </tool_call> tag (generation cut off?)"
             if self.strict:
+                self._carry = ""
                 raise ToolCallParseError(message, raw)
             done.append(_unparsed(raw, message))
-        self._buffer = ""
+        self._carry = ""
         self._calls.extend(done)
         return done
 
