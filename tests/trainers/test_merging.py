@@ -279,9 +279,71 @@ def test_killed_merge_leaves_no_output(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     assert not (tmp_path / "merged").exists()
-    # a rerun succeeds (the stale temporary sibling does not get in the way)
+    (stale,) = _leftovers(tmp_path)
+    # folders we did not write (no marker) or of a merge still running (live process) are never removed
+    foreign = tmp_path / ".merged.partial-123-user"
+    foreign.mkdir()
+    running = tmp_path / ".merged.partial-running"
+    running.mkdir()
+    merging_module._write_partial_marker(running)
+    # a rerun succeeds and removes the stale temporary sibling of the killed merge
     merge_weights(tuned_dir, base_dir, 0.5, output_dir=tmp_path / "merged", show_progress=False)
     assert read_manifest(tmp_path / "merged") is not None
+    assert sorted(_leftovers(tmp_path)) == sorted([foreign.name, running.name]) and stale not in _leftovers(tmp_path)
+    assert not (tmp_path / "merged" / merging_module._PARTIAL_MARKER).exists()
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "output",
+    ["base", "tuned", "parent", "inside-tuned", "inside-base", "base-file-dir"],
+)
+def test_output_that_is_contains_or_lies_inside_an_input_is_refused_untouched(tmp_path, output):
+    root = tmp_path / "work"
+    root.mkdir()
+    _, base_model, tuned_dir, base_dir = save_pair(root, torch.float32)
+    out = {
+        "base": base_dir,
+        "tuned": tuned_dir,
+        "parent": root,
+        "inside-tuned": tuned_dir / "merged",
+        "inside-base": base_dir / "sub" / "merged",
+        "base-file-dir": base_dir,
+    }[output]
+    base = base_dir / "model.safetensors.index.json" if output == "base-file-dir" else base_dir
+    before = _snapshot(root)
+    with pytest.raises(ValueError, match="output_dir .* (is|contains|lies inside) the (tuned|base) checkpoint"):
+        merge_weights(tuned_dir, base, 0.5, output_dir=out, overwrite=True, show_progress=False)
+    assert _snapshot(root) == before
+    assert sorted(p.name for p in root.iterdir()) == ["base", "tuned"]
+    # an in-memory tuned model saved over its base checkpoint is refused the same way
+    tuned_model, _ = make_pair()
+    with pytest.raises(ValueError, match="the base checkpoint"):
+        merge_weights(tuned_model, base_dir, 0.5, output_dir=base_dir, overwrite=True, show_progress=False)
+    assert _snapshot(root) == before
+
+
+def test_missing_base_is_never_looked_up_on_the_hub_unless_asked(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    _, _, tuned_dir, base_dir = save_pair(tmp_path, torch.float32)
+    asked = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        asked.append(repo_id)
+        return str(base_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    with pytest.raises(FileNotFoundError, match="base checkpoint 'runs/base' not found on disk.*base_from_hub=True"):
+        merge_weights(tuned_dir, "runs/base", 0.5, output_dir=tmp_path / "out", show_progress=False)
+    with pytest.raises(FileNotFoundError, match="tuned checkpoint 'runs/tuned' not found"):
+        merge_weights("runs/tuned", base_dir, 0.5, output_dir=tmp_path / "out", show_progress=False)
+    assert asked == [] and not (tmp_path / "out").exists()
+    merge_weights(tuned_dir, "org/base", 0.5, output_dir=tmp_path / "out", show_progress=False, base_from_hub=True)
+    assert asked == ["org/base"] and read_manifest(tmp_path / "out") is not None
 
 
 # ------------------------------------------------------------------------------------------ peak memory

@@ -344,17 +344,50 @@ def _discover_safetensors(path: Path) -> tuple[Path | None, list[Path], dict | N
     raise FileNotFoundError(f"no safetensors weights found in {path}")
 
 
-def _resolve_checkpoint_path(source: str | os.PathLike) -> Path:
-    path = Path(source)
-    if path.exists():
-        return path
-    text = str(source)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        # Looks like a Hub repo id: fetch only what merging needs.
-        from huggingface_hub import snapshot_download
+def _looks_like_repo_id(text: str) -> bool:
+    return text.count("/") == 1 and not text.startswith((".", "/", "~")) and all(text.split("/"))
 
-        return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]))
-    raise FileNotFoundError(f"checkpoint {source} does not exist")
+
+def _resolve_checkpoint_path(source: str | os.PathLike, role: str = "checkpoint", from_hub: bool = False) -> Path:
+    """A local checkpoint path, or with ``from_hub`` the local snapshot of a Hub repo id.
+
+    A path that does not exist is never looked up on the Hub unless asked: a typo such as ``runs/base`` is also a
+    valid repo id, and merging someone else's repository into a model would go unnoticed."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if not from_hub:
+        if path.exists():
+            return path
+        hint = ""
+        if _looks_like_repo_id(text):
+            hint = f"; to download the Hub repo {text!r} pass base_from_hub=True (CLI: --base-from-hub)"
+        raise FileNotFoundError(f"{role} checkpoint {text!r} not found on disk{hint}")
+    if not _looks_like_repo_id(text):
+        raise ValueError(f"{role} {text!r} is not a Hub repo id like 'org/name' (base_from_hub=True)")
+    from huggingface_hub import snapshot_download
+
+    # fetch only what merging needs
+    return Path(snapshot_download(text, allow_patterns=["*.safetensors", "*.json", "*.txt", "*.jinja", "*.model"]))
+
+
+def _refuse_output_overlapping_inputs(output_dir: str | os.PathLike, inputs: list[tuple[str, Path]]) -> None:
+    """Refuse an output directory that is, contains or lies inside an input checkpoint: writing it (or replacing
+    it with ``overwrite=True``) would delete or corrupt the input. Checked before anything is written."""
+    out = Path(output_dir).expanduser().resolve()
+    for role, path in inputs:
+        source = Path(path).expanduser().resolve()
+        if out == source:
+            relation = "is"
+        elif out in source.parents:
+            relation = "contains"
+        elif source.is_dir() and source in out.parents:
+            relation = "lies inside"
+        else:
+            continue
+        raise ValueError(
+            f"output_dir {str(out)!r} {relation} the {role} checkpoint {str(source)!r}: writing it would delete or "
+            "overwrite an input; choose an output directory outside the inputs."
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -473,7 +506,7 @@ def _check_alpha(alpha: float) -> float:
 class _BaseSource:
     """Uniform read access to the base: an ``nn.Module``, a state dict, or a checkpoint on disk."""
 
-    def __init__(self, base: Any):
+    def __init__(self, base: Any, from_hub: bool = False):
         self.reader: SafetensorsCheckpoint | None = None
         self.tensors: Mapping[str, torch.Tensor] | None = None
         self.tie_word_embeddings: bool | None = None
@@ -487,7 +520,7 @@ class _BaseSource:
             self.description = "<in-memory state dict>"
             self.tensors = base
         elif isinstance(base, (str, os.PathLike)):
-            self.reader = SafetensorsCheckpoint(_resolve_checkpoint_path(base))
+            self.reader = SafetensorsCheckpoint(_resolve_checkpoint_path(base, "base", from_hub=from_hub))
             self.description = str(self.reader.path)
             cfg = self.reader.config
             text_cfg = cfg.get("text_config", cfg)
@@ -527,6 +560,7 @@ def merge_weights(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     copy_extra_files: bool = True,
     return_manifest: bool = False,
+    base_from_hub: bool = False,
     _after_tensor: Callable[[str], None] | None = None,
 ):
     """Core-Cocktail merge ``M = alpha * tuned + (1 - alpha) * base`` over the tensors the two share.
@@ -552,6 +586,11 @@ def merge_weights(
         chunk_elements: flat chunk size of the streamed arithmetic (bounds the extra memory).
         copy_extra_files: copy config/generation/processor/tokenizer files of a tuned checkpoint directory.
         return_manifest: also return the manifest dict (alpha, sources, merged and kept tensor names).
+        base_from_hub: ``base`` is a Hub repo id to download. Off by default: a local path that does not exist is
+            an error, never a Hub lookup.
+
+    An ``output_dir`` that is, contains or lies inside the tuned or base checkpoint is refused (``ValueError``)
+    before anything is written.
 
     Returns:
         the merged model (same object), a new state dict, or the ``Path`` of the merged checkpoint; as
@@ -561,7 +600,14 @@ def merge_weights(
     if chunk_elements < 1:
         raise ValueError("chunk_elements must be positive")
     key_map = key_map or default_base_key_map
-    source = _BaseSource(base)
+    if isinstance(tuned, (str, os.PathLike)):
+        tuned = _resolve_checkpoint_path(tuned, "tuned")
+    source = _BaseSource(base, from_hub=base_from_hub)
+    if output_dir is not None:
+        inputs = [("tuned", tuned)] if isinstance(tuned, Path) else []
+        if source.reader is not None:
+            inputs += [("base", source.reader.path)] + [("base", f) for f in source.reader.files]
+        _refuse_output_overlapping_inputs(output_dir, inputs)
     tie = base_tie_word_embeddings if base_tie_word_embeddings is not None else source.tie_word_embeddings
 
     if isinstance(tuned, nn.Module):
@@ -751,10 +797,66 @@ def _aux_files(directory: Path, subfolders: bool = True) -> list[Path]:
     return found
 
 
+# Written into each temporary output directory while it is being filled (and removed just before it is renamed
+# into place): it identifies the directory as ours and names the writing process, so a later run can delete the
+# leftovers of a killed one without ever touching a folder it did not create.
+_PARTIAL_MARKER = ".fun_audio_chat_partial.json"
+
+
+def _process_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_partial_dirs(parent: str | os.PathLike) -> list[Path]:
+    """Delete the ``.<name>.partial-*`` / ``.<name>.old-*`` folders in ``parent`` left by killed merges or saves.
+
+    Only folders carrying our marker whose writer is a process of this machine that no longer runs are removed; a
+    folder without the marker, or of a live process (a merge running now), or written from another machine is left
+    alone. Returns the removed folders."""
+    import socket
+
+    removed = []
+    try:
+        candidates = [
+            p for p in Path(parent).iterdir() if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name)
+        ]
+    except OSError:
+        return removed
+    for folder in candidates:
+        marker = folder / _PARTIAL_MARKER
+        try:
+            if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
+                continue
+            info = json.loads(marker.read_text())
+            pid, host = int(info["pid"]), str(info["host"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if host != socket.gethostname() or _process_is_alive(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        logger.info("removed %s, left by an interrupted merge (process %d)", folder, pid)
+    return removed
+
+
+def _write_partial_marker(folder: Path) -> None:
+    import socket
+
+    payload = {"pid": os.getpid(), "host": socket.gethostname(), "created": time.time(), "target": folder.name}
+    (folder / _PARTIAL_MARKER).write_text(json.dumps(payload) + "\n")
+
+
 class _AtomicDir:
     """Write into a hidden temporary sibling of ``target``; rename it into place on success, delete it on any
-    failure (including KeyboardInterrupt). A killed process leaves at most a ``.<name>.partial-*`` sibling and
-    never a half-written ``target``."""
+    failure (including KeyboardInterrupt). A killed process leaves at most a marked ``.<name>.partial-*`` sibling
+    (deleted by the next run in the same folder, see :func:`remove_stale_partial_dirs`) and never a half-written
+    ``target``."""
 
     def __init__(self, target: Path, overwrite: bool):
         self.target = Path(target)
@@ -765,10 +867,12 @@ class _AtomicDir:
             else:
                 raise FileExistsError(f"{self.target} already exists; pass overwrite=True to replace it")
         self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partial_dirs(self.target.parent)
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def __enter__(self) -> Path:
         self.tmp.mkdir()
+        _write_partial_marker(self.tmp)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -776,6 +880,7 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         try:
+            (self.tmp / _PARTIAL_MARKER).unlink()
             _fsync_dir(self.tmp)
             if self.target.exists():
                 if self.target.is_dir() and not any(self.target.iterdir()):
@@ -784,6 +889,7 @@ class _AtomicDir:
                 else:
                     trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
                     os.rename(self.target, trash)
+                    _write_partial_marker(trash)  # if killed before the rmtree, a later run removes it
                     os.rename(self.tmp, self.target)
                     shutil.rmtree(trash, ignore_errors=True)
             else:
@@ -909,10 +1015,8 @@ def _merge_on_disk(
     copy_extra_files,
     after_tensor,
 ):
-    tuned_path = _resolve_checkpoint_path(tuned_path)
     reader = SafetensorsCheckpoint(tuned_path)
-    if output_dir.resolve() == (reader.dir or tuned_path).resolve():
-        raise ValueError("output_dir must differ from the tuned checkpoint directory")
+    _refuse_output_overlapping_inputs(output_dir, [("tuned", tuned_path)] + [("tuned", f) for f in reader.files])
     tuned_entries = {k: _Entry(i.dtype, i.shape) for k, i in reader.infos.items()}
     plan = _plan(tuned_entries, source.entries(), key_map, on_shape_mismatch, tie)
     base_reader = source.reader
@@ -1023,5 +1127,6 @@ __all__ = [
     "merge_tensors",
     "merge_weights",
     "read_manifest",
+    "remove_stale_partial_dirs",
     "save_merged_model",
 ]
