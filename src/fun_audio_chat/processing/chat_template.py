@@ -31,7 +31,10 @@ def _jinja_literal(text: str) -> str:
     return "'" + escaped + "'"
 
 
-_TEMPLATE = r"""{#- Fun-Audio-Chat chat template (fun_audio_chat) -#}
+# First line of every template this library writes: how a loaded processor tells ours from a checkpoint's other one.
+CHAT_TEMPLATE_MARKER = "{#- Fun-Audio-Chat chat template (fun_audio_chat) -#}"
+
+_TEMPLATE = CHAT_TEMPLATE_MARKER + r"""
 {%- macro render_text(content, with_audio) -%}
     {%- if content is string -%}
         {{- content -}}
@@ -122,4 +125,15 @@ CHAT_TEMPLATE = (
     .replace("@TOOLS_FOOTER@", _jinja_literal(TOOLS_SECTION_FOOTER))
 )
 
-__all__ = ["CHAT_TEMPLATE"]
+
+
+def is_fun_audio_chat_template(template) -> bool:
+    """True for a chat template written by this library (any version), which renders typed audio items, tools,
+    tool results and ``speech_output=`` in the Fun-Audio-Chat prompt layout. A dict of named templates counts when
+    its ``default`` entry does."""
+    if isinstance(template, dict):
+        template = template.get("default")
+    return isinstance(template, str) and template.lstrip().startswith(CHAT_TEMPLATE_MARKER)
+
+
+__all__ = ["CHAT_TEMPLATE", "CHAT_TEMPLATE_MARKER", "is_fun_audio_chat_template"]

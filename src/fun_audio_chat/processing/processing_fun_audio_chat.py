@@ -42,16 +42,19 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 from ..hub import FunAudioChatHubMixin
 from .audio_io import TARGET_SAMPLING_RATE, AudioInputError, load_audio, speech_frames
-from .chat_template import CHAT_TEMPLATE
+from .chat_template import CHAT_TEMPLATE, is_fun_audio_chat_template
 from .prompts import SPEECH_DELAY_TOKENS
 
 try:  # marker that transformers uses for control tokens written by users (sanitize_control_tokens)
     from transformers.processing_utils import _UNMARKED
 except ImportError:  # pragma: no cover - older/newer transformers
     _UNMARKED = ""
+
+logger = logging.get_logger(__name__)
 
 HOP_LENGTH = 160
 SPEECH_FRAME_RATE = 25
@@ -121,6 +124,31 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
             token = getattr(self, name)
             if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
                 raise ValueError(f"The text tokenizer has no {token} token ({name}); add the audio special tokens.")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, chat_template=None, **kwargs):
+        """``ProcessorMixin.from_pretrained``, with one rule about the chat template.
+
+        Conversations render in the Fun-Audio-Chat prompt layout whatever template the folder carries: a template
+        written by this library is used as it is; any other one (e.g. the Qwen2-Audio style default of the official
+        processor, which renders typed audio items as ``Audio N: ...`` lines and ignores ``tools=`` and
+        ``speech_output=``) is kept as ``processor.checkpoint_chat_template`` and the built-in template renders
+        instead. An explicit ``chat_template=`` (here, in the constructor or in ``apply_chat_template``) is always
+        used exactly as given.
+        """
+        if chat_template is not None:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, chat_template=chat_template, **kwargs)
+        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if not is_fun_audio_chat_template(processor.chat_template):
+            if processor.chat_template:
+                logger.info(
+                    "The chat template saved with this processor does not render typed audio items, tools and "
+                    "speech_output= in the Fun-Audio-Chat layout; the built-in template renders conversations "
+                    "(the saved one is processor.checkpoint_chat_template; pass chat_template= to use it)."
+                )
+            processor.checkpoint_chat_template = processor.chat_template
+            processor.chat_template = CHAT_TEMPLATE
+        return processor
 
     # ------------------------------------------------------------------ ids
     @property
@@ -285,7 +313,9 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
                 bare ``<|AUDIO|>`` gets ``<|audio_bos|>``/``<|audio_eos|>`` added around it).
             audio: one audio or a list of audios for all prompts, in placeholder order. Any form
                 :func:`~fun_audio_chat.processing.audio_io.load_audio` accepts.
-            sampling_rate: rate of raw sample arrays (files and datasets dicts carry their own).
+            sampling_rate: rate of raw sample arrays (files and datasets dicts carry their own). Raw arrays given
+                without it are taken at the feature extractor's rate (16 kHz), as the official processor and
+                transformers' audio processors do (with a one-time warning); other rates are resampled.
             padding / padding_side: text padding; ``padding_side`` defaults to ``"left"`` (generation).
             return_tensors: ``"pt"``, ``"np"`` or ``None`` (lists for text, numpy arrays for audio).
         """
@@ -344,7 +374,19 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
             return []
         if _is_single_audio(audio):
             audio = [audio]
-        return [self.load_audio(item, sampling_rate=sampling_rate, name=f"audio {i}") for i, item in enumerate(audio)]
+        waveforms = []
+        for index, item in enumerate(audio):
+            rate = sampling_rate
+            if rate is None and _is_raw_array(item):
+                # The official calling convention (processor(text=..., audio=[librosa.load(path, sr=16000)[0]])):
+                # bare arrays are at the feature extractor's rate.
+                rate = TARGET_SAMPLING_RATE
+                logger.warning_once(
+                    f"processor(audio=...) got raw arrays without sampling_rate=; taking them at {rate} Hz (the "
+                    "feature extractor's rate). Pass sampling_rate= to have other rates resampled."
+                )
+            waveforms.append(self.load_audio(item, sampling_rate=rate, name=f"audio {index}"))
+        return waveforms
 
     def _check_and_expand(self, texts: list[str], waveforms: list[np.ndarray]) -> list[str]:
         """Check placeholder/audio counts and make sure every placeholder sits between audio_bos and audio_eos."""
@@ -546,6 +588,13 @@ def _is_single_audio(audio: Any) -> bool:
     if isinstance(audio, (list, tuple)):
         return len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
     return False
+
+
+def _is_raw_array(audio: Any) -> bool:
+    """A bare sample array (numpy, torch or a list of numbers), which carries no sampling rate of its own."""
+    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+        return True
+    return isinstance(audio, list) and len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
 
 
 def _as_rows(token_ids) -> tuple[list[list[int]], bool]:
