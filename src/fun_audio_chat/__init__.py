@@ -18,6 +18,7 @@ from .modeling import (
     TextEvent,
 )
 from .processing import FunAudioChatDataCollator, FunAudioChatProcessor, tiny_processor
+from .token2wav import CosyVoice3Detokenizer
 
 AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
 AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
@@ -25,6 +26,7 @@ AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGen
 AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
 
 __all__ = [
+    "CosyVoice3Detokenizer",
     "EndEvent",
     "FunAudioChatAudioEncoderConfig",
     "FunAudioChatConfig",

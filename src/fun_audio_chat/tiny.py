@@ -84,3 +84,12 @@ def tiny_config(**overrides) -> FunAudioChatConfig:
         audio_token_index=TINY_TEXT_SPECIAL_IDS["<|AUDIO|>"],
         **overrides,
     )
+
+
+def tiny_detokenizer(seed: int = 0):
+    """A CosyVoice 3 detokenizer with the real structure at toy sizes and random weights (no downloads): it turns
+    speech codes into 24 kHz audio-shaped noise, fast enough for demos and tests."""
+    from .token2wav.configuration import tiny_token2wav_config
+    from .token2wav.detokenizer import random_detokenizer
+
+    return random_detokenizer(tiny_token2wav_config(), seed)

@@ -4,27 +4,27 @@
   ``<|audio_bos|>``/``<|sil|>`` run and a trailing ``<|audio_eos|>``/``<|sil|>``/``<|im_end|>`` run).
 * :func:`speech_ids_to_codes` — generated speech ids to per-row lists of real codes (stop at speech EOS, drop
   BOS/pad and anything outside ``[0, num_codes)``).
-* :class:`SpeechDetokenizer` — the protocol of a codes → waveform vocoder; :class:`CosyVoice3Detokenizer` adapts the
-  CosyVoice 3 flow-matching + HiFT model the official code uses (24 kHz), imported lazily.
+* :class:`SpeechDetokenizer` — the protocol of a codes → waveform vocoder; :class:`CosyVoice3Detokenizer` (from
+  :mod:`fun_audio_chat.token2wav`) is the native CosyVoice 3 flow-matching + HiFT model (24 kHz).
 * :func:`save_audio` — write a waveform with soundfile.
 """
 
 from __future__ import annotations
 
 import os
-import uuid as uuid_lib
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..token2wav.detokenizer import CosyVoice3Detokenizer
+
 COSYVOICE3_SAMPLING_RATE = 24000
 # Offline token2wav of the official code: 30 s segments (750 tokens at 25 Hz); a last segment under 2 s (50 tokens)
-# is merged with the previous one and the pair is split in half; 3 tokens of look-ahead (SPEC §6.3).
+# is merged with the previous one and the pair is split in half; 3 tokens of look-ahead.
 COSYVOICE3_SEGMENT_TOKENS = 750
 COSYVOICE3_MIN_LAST_SEGMENT = 50
 COSYVOICE3_PRE_LOOKAHEAD = 3
-COSYVOICE3_DEFAULT_SPEAKER = "中文女"
 
 
 def clean_text_ids(
@@ -95,7 +95,7 @@ class SpeechDetokenizer(Protocol):
     """Turns 25 Hz speech codes into a waveform.
 
     Implementations have a ``sampling_rate`` attribute and are callable on one list of codes, returning a 1-D float32
-    numpy waveform at that rate.
+    waveform (numpy array or torch tensor) at that rate.
     """
 
     sampling_rate: int
@@ -108,111 +108,9 @@ def split_for_token2wav(
 ) -> list[tuple[int, int]]:
     """``(start, end)`` token segments of the official offline token2wav: ``segment``-token pieces; a last piece
     shorter than ``min_last`` is merged with the previous one and the pair is split into two halves."""
-    if num_tokens <= 0:
-        return []
-    bounds = [(start, min(start + segment, num_tokens)) for start in range(0, num_tokens, segment)]
-    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
-        start = bounds[-2][0]
-        middle = start + (num_tokens - start) // 2
-        bounds = bounds[:-2] + [(start, middle), (middle, num_tokens)]
-    return bounds
+    from ..token2wav.detokenizer import split_segments
 
-
-class CosyVoice3Detokenizer:
-    """Adapter for the CosyVoice 3 token-to-wave model (flow matching to mel, HiFT vocoder, 24 kHz).
-
-    Needs the ``cosyvoice`` package (github FunAudioLLM/CosyVoice, not on PyPI as such) importable and a local
-    ``Fun-CosyVoice3-0.5B-2512`` model directory. It follows the official Fun-Audio-Chat detokenizer: full attention
-    inside 30 s windows (``static_chunk_size = 2 * 750``), no prompt speech, a fixed speaker embedding, 750-token
-    segments decoded with 3 tokens of look-ahead.
-
-    Args:
-        model_dir: the CosyVoice 3 model directory.
-        speaker_embedding: (1, 192) speaker embedding tensor/array; or
-        spk2info_path: a ``spk2info.pt``-style file (the official ``utils/new_spk2info.pt``) and ``speaker`` its key;
-            when neither is given, the model directory's own ``spk2info.pt`` is used.
-        fp16: half precision flow (GPU only).
-        model: an already-built ``CosyVoice3`` object (skips loading).
-    """
-
-    sampling_rate = COSYVOICE3_SAMPLING_RATE
-
-    def __init__(
-        self,
-        model_dir: str | os.PathLike | None = None,
-        speaker_embedding: Any = None,
-        spk2info_path: str | os.PathLike | None = None,
-        speaker: str = COSYVOICE3_DEFAULT_SPEAKER,
-        fp16: bool = False,
-        model: Any = None,
-    ):
-        import torch
-
-        if model is None:
-            if model_dir is None:
-                raise ValueError("CosyVoice3Detokenizer needs model_dir (or a built model=...).")
-            CosyVoice3 = _import_cosyvoice3()
-            model = CosyVoice3(os.fspath(model_dir), load_trt=False, load_vllm=False, fp16=fp16)
-        self.cosyvoice = model
-        self.model = model.model  # CosyVoice3Model: flow + hift + token2wav
-        self.sampling_rate = int(getattr(model, "sample_rate", COSYVOICE3_SAMPLING_RATE))
-        estimator = getattr(getattr(getattr(self.model, "flow", None), "decoder", None), "estimator", None)
-        if estimator is not None and hasattr(estimator, "static_chunk_size"):
-            estimator.static_chunk_size = 2 * COSYVOICE3_SEGMENT_TOKENS
-        if speaker_embedding is None:
-            if spk2info_path is not None:
-                spk2info = torch.load(os.fspath(spk2info_path), map_location="cpu")
-            else:
-                spk2info = getattr(getattr(model, "frontend", None), "spk2info", None) or {}
-            if speaker not in spk2info:
-                raise KeyError(f"speaker {speaker!r} not found in the speaker table (have {sorted(spk2info)[:10]}).")
-            speaker_embedding = spk2info[speaker]["embedding"]
-        embedding = torch.as_tensor(np.asarray(speaker_embedding, dtype=np.float32))
-        self.speaker_embedding = embedding.reshape(1, -1)
-
-    def __call__(self, codes: Sequence[int]) -> np.ndarray:
-        import torch
-
-        tokens = torch.tensor([[int(c) for c in codes]], dtype=torch.int32)
-        if tokens.shape[1] == 0:
-            return np.zeros(0, dtype=np.float32)
-        tokens = tokens.clamp(0, 6560)
-        session = str(uuid_lib.uuid4())
-        self.model.hift_cache_dict[session] = None
-        pieces = []
-        try:
-            segments = split_for_token2wav(tokens.shape[1])
-            for index, (start, end) in enumerate(segments):
-                last = index == len(segments) - 1
-                stop = tokens.shape[1] if last else min(end + COSYVOICE3_PRE_LOOKAHEAD, tokens.shape[1])
-                with torch.no_grad():
-                    speech = self.model.token2wav(
-                        token=tokens[:, :stop],
-                        prompt_token=torch.zeros(1, 0, dtype=torch.int32),
-                        prompt_feat=torch.zeros(1, 0, 80),
-                        embedding=self.speaker_embedding,
-                        token_offset=start,
-                        uuid=session,
-                        stream=False,
-                        finalize=last,
-                    )
-                pieces.append(speech.detach().float().cpu().reshape(-1).numpy())
-        finally:
-            self.model.hift_cache_dict.pop(session, None)
-        return np.concatenate(pieces).astype(np.float32) if pieces else np.zeros(0, dtype=np.float32)
-
-
-def _import_cosyvoice3():
-    try:
-        from cosyvoice.cli.cosyvoice import CosyVoice3
-    except ImportError as err:
-        raise ImportError(
-            "CosyVoice3Detokenizer needs the `cosyvoice` package from github.com/FunAudioLLM/CosyVoice (clone it, "
-            "install its requirements and put the repository and third_party/Matcha-TTS on PYTHONPATH), plus the "
-            "Fun-CosyVoice3-0.5B-2512 model files. The speech codes themselves do not need it: "
-            "processor.decode_speech(...) returns them."
-        ) from err
-    return CosyVoice3
+    return split_segments(num_tokens, segment, min_last)
 
 
 def save_audio(path: str | os.PathLike, waveform: Any, sampling_rate: int = COSYVOICE3_SAMPLING_RATE, format: str | None = None) -> str:

@@ -1,0 +1,16 @@
+"""Native CosyVoice 3 token-to-waveform model (25 Hz speech codes → 24 kHz audio) in plain PyTorch."""
+
+from .configuration import CosyVoice3Config, FlowConfig, HiFTConfig
+from .detokenizer import CosyVoice3Detokenizer, StreamingSession, split_segments
+from .loading import CheckpointFormatError, config_from_official_yaml
+
+__all__ = [
+    "CheckpointFormatError",
+    "CosyVoice3Config",
+    "CosyVoice3Detokenizer",
+    "FlowConfig",
+    "HiFTConfig",
+    "StreamingSession",
+    "config_from_official_yaml",
+    "split_segments",
+]

@@ -1,0 +1,407 @@
+"""``CosyVoice3Detokenizer``: 25 Hz speech codes → 24 kHz waveform, offline (batched) and streaming.
+
+Offline follows the official Fun-Audio-Chat detokenizer: 750-token segments (a last segment under 50 tokens is
+merged with the previous one and the pair halved), each rendered in one finalizing call with the fixed noise;
+rows of different lengths are batched through the flow and each equals its solo result.
+
+Streaming (:meth:`CosyVoice3Detokenizer.streaming_session`) offers the official per-call token-to-wave
+(``step``) and the official web-demo schedule (``push``/``finish``); with ``chunked=True`` the flow uses
+chunk-causal attention and keeps the attention cache of earlier chunks, and the vocoder always renders only a
+window around the new frames instead of the whole history. See ``docs/token2wav.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration import CosyVoice3Config
+from .flow import CosyVoice3Flow, FlowCache
+from .hift import HiFTGenerator
+from .loading import (
+    CONVERTED_CONFIG,
+    CONVERTED_WEIGHTS,
+    SPEAKER_FILE,
+    CheckpointFormatError,
+    _find_official_yaml,
+    config_from_official_yaml,
+    load_official_weights,
+    official_state_dict,
+    resolve_checkpoint,
+)
+from .noise import fixed_noise
+
+DEFAULT_SPEAKER_ASSET = Path(__file__).resolve().parent.parent / "assets" / "cosyvoice3_default_speaker.safetensors"
+# Frames of mel the windowed vocoder re-renders before the first new frame; more than its left receptive field.
+VOCODER_CONTEXT_FRAMES = 48
+
+
+def split_segments(num_tokens: int, segment: int = 750, min_last: int = 50) -> list[tuple[int, int]]:
+    """``(start, end)`` pieces of the official offline schedule: ``segment``-token pieces; a last piece shorter
+    than ``min_last`` is merged with the previous one and the pair is split into two halves."""
+    if num_tokens <= 0:
+        return []
+    bounds = [(start, min(start + segment, num_tokens)) for start in range(0, num_tokens, segment)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < min_last:
+        start = bounds[-2][0]
+        middle = start + (num_tokens - start) // 2
+        bounds = bounds[:-2] + [(start, middle), (middle, num_tokens)]
+    return bounds
+
+
+def default_speaker_embedding() -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(DEFAULT_SPEAKER_ASSET))["embedding"].float().reshape(1, -1)
+
+
+class CosyVoice3Detokenizer(nn.Module):
+    """The CosyVoice 3 token-to-waveform model (flow matching + HiFT vocoder) in plain PyTorch.
+
+    Call it on one code sequence (1-D LongTensor or list of ints) for a 1-D float32 waveform at
+    :attr:`sample_rate` (24 kHz), or on a list of sequences for a list of waveforms (batched).
+    """
+
+    def __init__(self, config: CosyVoice3Config | None = None, speaker_embedding: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config or CosyVoice3Config()
+        self.flow = CosyVoice3Flow(self.config.flow)
+        self.hift = HiFTGenerator(self.config.hift)
+        if speaker_embedding is None:
+            speaker_embedding = torch.zeros(1, self.config.flow.speaker_embedding_dim)
+        self.register_buffer("speaker_embedding", speaker_embedding.float().reshape(1, -1).clone())
+        self._noise_ready = False
+
+    # -- properties -------------------------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> int:
+        return self.config.hift.sample_rate
+
+    @property
+    def sampling_rate(self) -> int:  # the name the SpeechDetokenizer protocol uses
+        return self.sample_rate
+
+    @property
+    def samples_per_token(self) -> int:
+        return self.config.flow.token_mel_ratio * self.config.hift.samples_per_frame
+
+    def ensure_noise(self):
+        """Build the fixed noise tables (cheap; done once, lazily, so meta-device models never need them)."""
+        if not self._noise_ready:
+            initial_noise, state = fixed_noise(self.config)
+            device = self.speaker_embedding.device
+            self.flow.initial_noise = initial_noise.to(device)
+            self.hift.source_noise_state = state
+            self.hift.source_noise = self.hift.source_noise[:, :0]
+            self._noise_ready = True
+
+    # -- input checks -----------------------------------------------------------------------------------------
+    def _as_codes(self, codes: Any) -> list[int]:
+        if isinstance(codes, torch.Tensor):
+            if codes.dim() != 1:
+                raise ValueError(f"codes must be 1-D (got shape {tuple(codes.shape)}); pass a list of 1-D "
+                                 "sequences for a batch.")
+            if codes.is_floating_point():
+                raise ValueError("codes must be integers (a LongTensor or a list of ints), not floats.")
+            codes = codes.tolist()
+        out = [int(c) for c in codes]
+        vocab = self.config.flow.vocab_size
+        bad = [c for c in out if not 0 <= c < vocab]
+        if bad:
+            raise ValueError(f"speech codes must be in [0, {vocab}); got {bad[:5]}. Strip BOS/EOS/pad ids first "
+                             "(processor.decode_speech or speech_ids_to_codes does).")
+        return out
+
+    def _speaker(self, speaker_embedding, batch: int = 1) -> torch.Tensor:
+        weight = self.flow.token_embedding.weight
+        if speaker_embedding is None:
+            speaker = self.speaker_embedding
+        else:
+            speaker = torch.as_tensor(speaker_embedding, dtype=torch.float32)
+            if speaker.numel() != self.config.flow.speaker_embedding_dim:
+                raise ValueError(f"speaker_embedding must have {self.config.flow.speaker_embedding_dim} values "
+                                 f"(a (1, {self.config.flow.speaker_embedding_dim}) CAM++ embedding); got shape "
+                                 f"{tuple(speaker.shape)}.")
+            speaker = speaker.reshape(1, -1)
+        return speaker.to(device=weight.device, dtype=torch.float32).expand(batch, -1)
+
+    # -- offline ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def forward(self, codes, speaker_embedding=None):
+        """One sequence → 1-D waveform; a list of sequences (or a 2-D tensor) → list of waveforms."""
+        single = isinstance(codes, torch.Tensor) and codes.dim() == 1 or (
+            not isinstance(codes, torch.Tensor) and all(not isinstance(c, (list, tuple, torch.Tensor)) for c in codes)
+        )
+        if isinstance(codes, torch.Tensor) and codes.dim() == 2:
+            rows = [self._as_codes(row) for row in codes]
+        elif single:
+            rows = [self._as_codes(codes)]
+        else:
+            rows = [self._as_codes(row) for row in codes]
+        waves = self.render_rows(rows, speaker_embedding)
+        return waves[0] if single else waves
+
+    def render_rows(self, rows: Sequence[list[int]], speaker_embedding=None) -> list[torch.Tensor]:
+        self.ensure_noise()
+        pieces = []  # (row, segment tokens)
+        for index, row in enumerate(rows):
+            for start, end in split_segments(len(row), self.config.segment_tokens, self.config.min_last_segment_tokens):
+                pieces.append((index, row[start:end]))
+        device = self.flow.token_embedding.weight.device
+        mels = []
+        if pieces:
+            lengths = torch.tensor([len(tokens) for _, tokens in pieces], device=device)
+            batch = torch.zeros(len(pieces), int(lengths.max()), dtype=torch.long, device=device)
+            for i, (_, tokens) in enumerate(pieces):
+                batch[i, : len(tokens)] = torch.tensor(tokens, device=device)
+            speaker = self._speaker(speaker_embedding, len(pieces))
+            padded = lengths if len(pieces) > 1 and int(lengths.min()) != int(lengths.max()) else None
+            mel = self.flow(batch, speaker, lengths=padded, finalize=True)
+            ratio = self.config.flow.token_mel_ratio
+            mels = [mel[i : i + 1, :, : len(tokens) * ratio] for i, (_, tokens) in enumerate(pieces)]
+        speech = self._vocode_grouped(mels)
+        out = [[] for _ in rows]
+        for (index, _), wave in zip(pieces, speech):
+            out[index].append(wave)
+        dtype = torch.float32
+        return [torch.cat(parts).to(dtype) if parts else torch.zeros(0, dtype=dtype) for parts in out]
+
+    def _vocode_grouped(self, mels: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The vocoder on each mel, batching mels of equal length (its right edge must not see padding)."""
+        results: list[torch.Tensor | None] = [None] * len(mels)
+        by_length: dict[int, list[int]] = {}
+        for i, mel in enumerate(mels):
+            by_length.setdefault(mel.shape[2], []).append(i)
+        for length, members in by_length.items():
+            if length == 0:
+                for i in members:
+                    results[i] = torch.zeros(0, device=mels[i].device)
+                continue
+            speech, _ = self.hift(torch.cat([mels[i] for i in members]).float(), finalize=True)
+            for row, i in enumerate(members):
+                results[i] = speech[row].float().cpu()
+        return [r.cpu() for r in results]
+
+    # -- streaming --------------------------------------------------------------------------------------------
+    def streaming_session(self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True):
+        """A stateful stream for one utterance; see :class:`StreamingSession`."""
+        self.ensure_noise()
+        return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache)
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` (flow, HiFT and the default speaker embedding)."""
+        from safetensors.torch import save_file
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONVERTED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(folder / CONVERTED_WEIGHTS), metadata={"format": "pt"})
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, speaker_embedding=None, dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, revision: str | None = None, **hub_kwargs):
+        """Load a converted folder, an official CosyVoice 3 folder (yaml + flow.pt + hift.pt) or a Hub id of
+        either. The flow stays float32 unless ``dtype`` asks otherwise (bf16/fp16 are opt-in)."""
+        kind, folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
+        if kind == "converted":
+            from safetensors.torch import load_file
+
+            config = CosyVoice3Config.from_dict(json.loads((folder / CONVERTED_CONFIG).read_text()))
+            state = load_file(str(folder / CONVERTED_WEIGHTS))
+        else:
+            config = config_from_official_yaml(_find_official_yaml(folder).read_text())
+            state = official_state_dict(load_official_weights(folder / "flow.pt"),
+                                        load_official_weights(folder / "hift.pt"))
+            state["speaker_embedding"] = default_speaker_embedding()
+        if (folder / SPEAKER_FILE).is_file():
+            from safetensors.torch import load_file
+
+            state["speaker_embedding"] = load_file(str(folder / SPEAKER_FILE))["embedding"].reshape(1, -1)
+        with torch.device("meta"):
+            model = cls(config)
+        model.load_checkpoint_state(state)
+        if speaker_embedding is not None:
+            model.speaker_embedding.copy_(torch.as_tensor(speaker_embedding, dtype=torch.float32).reshape(1, -1))
+        if device is not None:
+            model.to(device)
+        if dtype is not None:
+            model.flow.to(dtype)
+        return model.eval()
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]):
+        expected = set(self.state_dict())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise CheckpointFormatError(
+                f"checkpoint does not match the config: missing {sorted(missing)[:6]}"
+                f"{'...' if len(missing) > 6 else ''}, unexpected {sorted(unexpected)[:6]}"
+                f"{'...' if len(unexpected) > 6 else ''}."
+            )
+        own = self.state_dict()
+        for key, value in state.items():
+            if tuple(own[key].shape) != tuple(value.shape):
+                raise CheckpointFormatError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
+                                            f"{tuple(own[key].shape)} (config and weights disagree).")
+        self.load_state_dict(state, strict=True, assign=True)
+        self.flow.estimator.rotary_inv_freq = self.flow.estimator.rotary_inv_freq.float()
+        self.hift.stft_window = torch.hann_window(self.config.hift.n_fft, periodic=True, dtype=torch.float64).float()
+        self.flow.initial_noise = torch.zeros(1, self.config.flow.mel_bins, 0)
+        self.hift.source_noise = torch.zeros(1, 0, self.config.hift.num_harmonics + 1)
+        self._noise_ready = False
+        return self
+
+
+class StreamingSession:
+    """One utterance rendered piece by piece.
+
+    * :meth:`step` is the official per-call token-to-wave: the flow runs over the codes given (all of them, from
+      the start of the current token window), the first ``2·token_offset`` mel frames are dropped, the new mel is
+      appended to the vocoder history and the samples not returned before come back.
+    * :meth:`push` / :meth:`finish` follow the official web-demo schedule on top of :meth:`step` (a call as soon as
+      ``hop + 3`` codes past the offset exist, the token window trimmed every 200 codes, the vocoder history
+      restarted after 500 trimmed codes) and :meth:`finish` also renders the tail the official sender drops.
+      With ``chunked=True`` the hop is one attention chunk (25 codes) and the flow is chunk-causal.
+    * ``use_cache=False`` recomputes everything each call exactly as the official code does (for comparisons).
+    """
+
+    def __init__(self, model: CosyVoice3Detokenizer, speaker_embedding=None, chunked: bool = False,
+                 use_cache: bool = True):
+        self.model = model
+        self.config = model.config
+        self.speaker = model._speaker(speaker_embedding, 1)
+        self.chunked = chunked
+        self.use_cache = use_cache
+        flow = self.config.flow
+        self.hop = flow.chunk_frames // flow.token_mel_ratio if chunked else self.config.stream_hop_tokens
+        self.tokens: list[int] = []
+        self.offset = 0
+        self.trimmed_tokens = 0
+        self.flow_cache = FlowCache(flow.num_steps, flow.num_layers)
+        self._reset_vocoder()
+
+    def _reset_vocoder(self):
+        self.mel_history = None  # (1, mel, frames)
+        self.speech_offset = 0  # samples returned so far
+        self.final_f0 = None  # (1, k) F0 of frames that no later call can change
+        self.finished = False
+
+    # -- the official per-call token-to-wave -----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, codes, token_offset: int = 0, finalize: bool = False, chunked: bool | None = None) -> torch.Tensor:
+        """Flow over ``codes`` (the whole current window), mel frames from ``2·token_offset`` appended to the
+        vocoder history; returns the new samples (1-D float32, possibly empty)."""
+        chunked = self.chunked if chunked is None else chunked
+        tokens = self.model._as_codes(codes)
+        if token_offset < 0 or token_offset > len(tokens):
+            raise ValueError(f"token_offset={token_offset} must be within the {len(tokens)} codes given.")
+        ratio, lookahead = self.config.flow.token_mel_ratio, self.config.flow.pre_lookahead_tokens
+        if not finalize and len(tokens) - lookahead <= token_offset:
+            new_mel = None
+        elif chunked and self.use_cache:
+            new_mel = self.model.flow.forward_cached(tokens, self.speaker, finalize, self.flow_cache)
+            new_mel = new_mel[:, :, 2 * token_offset if ratio == 2 else ratio * token_offset:]
+        else:
+            device = self.speaker.device
+            batch = torch.tensor([tokens], dtype=torch.long, device=device)
+            mel = self.model.flow(batch, self.speaker, finalize=finalize, chunked=chunked)
+            new_mel = mel[:, :, ratio * token_offset:]
+        if new_mel is not None and new_mel.shape[2]:
+            new_mel = new_mel.float()
+            self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], 2)
+        return self._vocode(finalize)
+
+    def _vocode(self, finalize: bool) -> torch.Tensor:
+        hift, config = self.model.hift, self.config.hift
+        per_frame = config.samples_per_frame
+        empty = torch.zeros(0)
+        if self.mel_history is None:
+            return empty
+        total = self.mel_history.shape[2]
+        held_back = 0 if finalize else config.f0_lookahead + config.conv_pre_lookahead + 1
+        if total - held_back <= self.speech_offset // per_frame:
+            return empty
+        if not self.use_cache:
+            speech, _ = hift(self.mel_history, finalize=finalize)
+            new = speech[0, self.speech_offset:]
+        else:
+            emitted_frames = self.speech_offset // per_frame
+            start = max(0, emitted_frames - VOCODER_CONTEXT_FRAMES)
+            known = 0 if self.final_f0 is None else self.final_f0.shape[1]
+            phase_start = None
+            override = None
+            if start:
+                increments = hift.source.frame_increments(self.final_f0[:, :start])
+                phase_start = increments.double().sum(dim=1)
+            if known > start:
+                override = self.final_f0[:, start:known]
+            speech, f0 = hift(self.mel_history[:, :, start:], finalize=finalize, frame_offset=start,
+                              f0_override=override, phase_start=phase_start)
+            new = speech[0, (emitted_frames - start) * per_frame:]
+            # F0 of frames with their look-ahead (all returned frames) and their full left context (far enough
+            # from the window start) is final: keep it to continue the source phase exactly in later calls
+            settled = start + f0.shape[1]
+            reliable_from = known if start == 0 else max(known, start + VOCODER_CONTEXT_FRAMES // 2)
+            if settled > reliable_from >= known:
+                piece = f0[:, reliable_from - start : settled - start]
+                self.final_f0 = piece if self.final_f0 is None else torch.cat([self.final_f0, piece], dim=1)
+        self.speech_offset += new.shape[0]
+        return new.float().cpu()
+
+    # -- the web-demo schedule ---------------------------------------------------------------------------------
+    def push(self, codes) -> torch.Tensor:
+        """Add codes as they arrive; returns the audio that became ready (1-D, possibly empty)."""
+        if self.finished:
+            raise RuntimeError("this streaming session is finished; start a new one with det.streaming_session().")
+        self.tokens.extend(self.model._as_codes(codes))
+        lookahead = self.config.flow.pre_lookahead_tokens
+        out = []
+        while len(self.tokens) >= self.offset + self.hop + lookahead:
+            out.append(self.step(self.tokens[: self.offset + self.hop + lookahead], self.offset, finalize=False))
+            self._advance()
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _advance(self):
+        self.offset += self.hop
+        if self.offset >= self.config.max_stream_tokens:
+            window = self.config.max_stream_tokens
+            self.offset -= window
+            self.tokens = self.tokens[window:]
+            self.trimmed_tokens += window
+            self.flow_cache = FlowCache(self.config.flow.num_steps, self.config.flow.num_layers)
+            if self.trimmed_tokens >= self.config.max_stream_history_tokens:
+                self.trimmed_tokens = 0
+                self._reset_vocoder()
+
+    def finish(self) -> torch.Tensor:
+        """Render everything not yet returned (the official sender skips a last call of ≤ 4 new codes and
+        never renders the vocoder's held-back frames; this does both) and close the session."""
+        if self.finished:
+            return torch.zeros(0)
+        if len(self.tokens) > self.offset or self.mel_history is not None:
+            tail = self.step(self.tokens, min(self.offset, len(self.tokens)), finalize=True)
+        else:
+            tail = torch.zeros(0)
+        self.finished = True
+        return tail
+
+
+def random_detokenizer(config: CosyVoice3Config | None = None, seed: int = 0) -> CosyVoice3Detokenizer:
+    """A detokenizer with random weights (deterministic for ``seed``), the default speaker and an F0 head set to
+    about 100 Hz so the excitation is voiced: for demos, tests and benchmarks."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CosyVoice3Detokenizer(config or CosyVoice3Config(), default_speaker_embedding())
+        with torch.no_grad():
+            classifier = model.hift.f0_predictor.classifier
+            classifier.weight.mul_(10.0)
+            classifier.bias.fill_(100.0)
+    return model.eval()

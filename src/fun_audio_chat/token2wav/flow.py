@@ -1,0 +1,173 @@
+"""Tokens (25 Hz) → 80-bin mel (50 Hz): token embedding, pre-look-ahead convolutions and a conditional flow
+matching sampler (Euler, cosine time schedule, classifier-free guidance) around the DiT estimator.
+
+The sampler always starts from the same fixed noise table, from frame 0 (or from the first new frame when
+continuing a cached stream), which makes every call deterministic and lets streaming reuse earlier frames.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .configuration import FlowConfig
+from .dit import DiffusionTransformer, DiTCache
+
+
+class PreLookaheadConvs(nn.Module):
+    """Each token's frame sees itself and ``lookahead`` future tokens (first conv), then two past positions
+    (second conv), plus a residual of its own embedding. Not finalizing, the last ``lookahead`` tokens are
+    right context only and produce no output."""
+
+    def __init__(self, mel_bins: int, channels: int, lookahead: int):
+        super().__init__()
+        self.lookahead = lookahead
+        self.lookahead_conv = nn.Conv1d(mel_bins, channels, lookahead + 1)
+        self.causal_conv = nn.Conv1d(channels, mel_bins, 3)
+
+    def forward(self, embedded: torch.Tensor, finalize: bool = True) -> torch.Tensor:
+        h = embedded.transpose(1, 2)
+        if finalize:
+            h = F.pad(h, (0, self.lookahead))
+        h = F.leaky_relu(self.lookahead_conv(h), 0.01)
+        h = self.causal_conv(F.pad(h, (self.causal_conv.kernel_size[0] - 1, 0)))
+        return h.transpose(1, 2) + embedded[:, : h.shape[2]]
+
+
+class FlowCache:
+    """A cached chunk-causal stream: one :class:`DiTCache` per Euler step plus the committed mel frames."""
+
+    def __init__(self, num_steps: int, num_layers: int):
+        self.steps = [DiTCache(num_layers) for _ in range(num_steps)]
+        self.tokens: list[int] = []  # the tokens whose frames are committed (with their look-ahead)
+        self.mel = None  # (1, mel, committed frames)
+
+    @property
+    def frames(self) -> int:
+        return self.steps[0].length
+
+    def memory_bytes(self) -> int:
+        return sum(step.memory_bytes() for step in self.steps)
+
+
+class CosyVoice3Flow(nn.Module):
+    def __init__(self, config: FlowConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.mel_bins)
+        self.speaker_projection = nn.Linear(config.speaker_embedding_dim, config.mel_bins)
+        self.pre_lookahead = PreLookaheadConvs(config.mel_bins, config.pre_lookahead_channels,
+                                               config.pre_lookahead_tokens)
+        self.estimator = DiffusionTransformer(config)
+        self.register_buffer("initial_noise", torch.zeros(1, config.mel_bins, 0), persistent=False)
+
+    # -- conditioning -----------------------------------------------------------------------------------------
+    def speaker(self, embedding: torch.Tensor) -> torch.Tensor:
+        return self.speaker_projection(F.normalize(embedding, dim=1))
+
+    def encode_tokens(self, tokens: torch.Tensor, lengths: torch.Tensor | None, finalize: bool) -> torch.Tensor:
+        """(B, n) tokens → mu (B, mel, T) at the mel rate."""
+        embedded = self.token_embedding(tokens.clamp(min=0))
+        if lengths is not None:
+            valid = torch.arange(tokens.shape[1], device=tokens.device)[None] < lengths[:, None]
+            embedded = embedded * valid[..., None].to(embedded.dtype)
+        h = self.pre_lookahead(embedded, finalize)
+        return h.repeat_interleave(self.config.token_mel_ratio, dim=1).transpose(1, 2)
+
+    def cfm_schedule(self, dtype=torch.float32, device=None) -> torch.Tensor:
+        t = torch.linspace(0, 1, self.config.num_steps + 1, dtype=dtype, device=device)
+        return 1 - torch.cos(t * 0.5 * torch.pi)
+
+    def noise(self, start: int, length: int, batch: int, dtype) -> torch.Tensor:
+        if start + length > self.initial_noise.shape[2]:
+            raise ValueError(
+                f"{start + length} mel frames exceed the flow's noise table of {self.initial_noise.shape[2]} frames "
+                f"({self.initial_noise.shape[2] // 50} s): split the codes into shorter pieces."
+            )
+        return self.initial_noise[:, :, start : start + length].expand(batch, -1, -1).to(dtype)
+
+    # -- sampling ---------------------------------------------------------------------------------------------
+    def sample(self, mu, speaker, lengths=None, chunk_frames=None, cache: FlowCache | None = None, commit=0,
+               trace: dict | None = None):
+        """Euler integration of the guided velocity from the fixed noise to a mel (B, mel, T)."""
+        batch, _, length = mu.shape
+        start = cache.frames if cache is not None else 0
+        x = self.noise(start, length, batch, mu.dtype)
+        cond = torch.zeros_like(mu)
+        guided_mu, guided_cond = torch.cat([mu, torch.zeros_like(mu)]), torch.cat([cond, cond])
+        guided_speaker = torch.cat([speaker, torch.zeros_like(speaker)])
+        guided_lengths = None if lengths is None else torch.cat([lengths, lengths])
+        t_span = self.cfm_schedule(mu.dtype, mu.device)
+        t, dt = t_span[0], t_span[1] - t_span[0]
+        cfg = self.config.cfg_rate
+        if trace is not None:
+            trace.update(z0=x.clone(), mu=mu.clone(), t=[], x_in=[], v_cond=[], v_uncond=[])
+        for step in range(1, self.config.num_steps + 1):
+            if trace is not None:
+                trace["t"].append(t.clone())
+                trace["x_in"].append(x.clone())
+            velocity = self.estimator(
+                torch.cat([x, x]), guided_mu, t.expand(2 * batch), guided_speaker, guided_cond, guided_lengths,
+                chunk_frames, cache.steps[step - 1] if cache is not None else None, commit,
+            )
+            v_cond, v_uncond = velocity[:batch], velocity[batch:]
+            if trace is not None:
+                trace["v_cond"].append(v_cond.clone())
+                trace["v_uncond"].append(v_uncond.clone())
+            x = x + dt * ((1.0 + cfg) * v_cond - cfg * v_uncond)
+            t = t + dt
+            if step < self.config.num_steps:
+                dt = t_span[step + 1] - t
+        return x
+
+    def forward(self, tokens, speaker_embedding, lengths=None, finalize=True, chunked=False,
+                trace: dict | None = None):
+        """Tokens (B, n) and speaker embeddings (B, 192) → mel (B, mel, T), T = ratio·n (finalize) or
+        ratio·(n − look-ahead). ``lengths`` (B,) gives each row's token count in a padded batch (finalize only)."""
+        if lengths is not None and not finalize:
+            raise ValueError("padded batches need finalize=True (each row's look-ahead would read padding).")
+        mu = self.encode_tokens(tokens, lengths, finalize)
+        speaker = self.speaker(speaker_embedding.to(mu.dtype))
+        if trace is not None:
+            trace["speaker"] = speaker.clone()
+        frame_lengths = None if lengths is None else lengths * self.config.token_mel_ratio
+        chunk = self.config.chunk_frames if chunked else None
+        return self.sample(mu, speaker, frame_lengths, chunk, trace=trace)
+
+    def forward_cached(self, tokens: list[int], speaker_embedding, finalize: bool, cache: FlowCache):
+        """Chunk-causal flow of one row, reusing ``cache``: frames of complete chunks whose tokens (with their
+        look-ahead) were seen before are not recomputed. Returns the whole mel (1, mel, T) like ``forward``."""
+        config = self.config
+        ratio, lookahead = config.token_mel_ratio, config.pre_lookahead_tokens
+        committed_tokens = cache.frames // ratio
+        reusable = committed_tokens + lookahead
+        if cache.frames and (len(tokens) < reusable or tokens[:reusable] != cache.tokens[:reusable]):
+            cache.__init__(config.num_steps, config.num_layers)  # the prefix changed: start over
+            committed_tokens = 0
+        device = self.token_embedding.weight.device
+        n_out = len(tokens) if finalize else len(tokens) - lookahead
+        if n_out <= committed_tokens:
+            return cache.mel[:, :, : n_out * ratio] if cache.mel is not None else self._empty_mel()
+        # the pre-look-ahead's causal conv reads two earlier token positions: recompute from a little before
+        context = min(committed_tokens, 2)
+        window = torch.tensor([tokens[committed_tokens - context:]], dtype=torch.long, device=device)
+        mu = self.encode_tokens(window, None, finalize)[:, :, context * ratio:]
+        speaker = self.speaker(speaker_embedding.to(mu.dtype))
+        new_frames = mu.shape[2]
+        total = cache.frames + new_frames
+        # only whole chunks of a non-final call are stable (a final call never continues)
+        stable = 0 if finalize else (total // config.chunk_frames) * config.chunk_frames - cache.frames
+        stable = max(stable, 0)
+        start_frames = cache.frames
+        mel_new = self.sample(mu, speaker, None, config.chunk_frames, cache=cache, commit=stable)
+        previous = cache.mel if cache.mel is not None else mel_new[:, :, :0]
+        mel = torch.cat([previous, mel_new], dim=2)
+        if stable:
+            cache.mel = mel[:, :, : start_frames + stable]
+            cache.tokens = list(tokens[: (start_frames + stable) // ratio + lookahead])
+        return mel
+
+    def _empty_mel(self):
+        weight = self.token_embedding.weight
+        return torch.zeros(1, self.config.mel_bins, 0, dtype=weight.dtype, device=weight.device)
