@@ -45,8 +45,16 @@ from transformers.processing_utils import ProcessorMixin
 from transformers.utils import logging
 
 from ..hub import FunAudioChatHubMixin
-from .audio_io import TARGET_SAMPLING_RATE, AudioInputError, load_audio, speech_frames
+from .audio_io import (
+    DEFAULT_AUDIO_LOADING_POLICY,
+    TARGET_SAMPLING_RATE,
+    AudioInputError,
+    AudioLoadingPolicy,
+    load_audio,
+    speech_frames,
+)
 from .chat_template import CHAT_TEMPLATE, is_fun_audio_chat_template
+from .conversation import check_template_flags, split_batch, validate_conversation, validate_tools
 from .prompts import SPEECH_DELAY_TOKENS
 
 try:  # marker that transformers uses for control tokens written by users (sanitize_control_tokens)
@@ -79,9 +87,15 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         max_audio_seconds: longest accepted clip (default 409.6 s = the 2048-position training context at 5 Hz);
             ``None`` disables the check. Longer audio raises instead of being truncated.
         text_sil_token: the text silence token that pads transcripts.
+
+    Audio sources: ``processor.audio_loading_policy`` (an :class:`~fun_audio_chat.processing.AudioLoadingPolicy`)
+    says whether audio given as a local path or an URL may be opened, for ``processor(audio=...)`` and for the
+    audio items of ``apply_chat_template``. The default allows both; a server taking conversations from users sets
+    ``AudioLoadingPolicy.in_memory_only()``. It is a runtime setting, not saved with the processor.
     """
 
     audio_kwargs = {"return_attention_mask": True}
+    audio_loading_policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY
 
     def __init__(
         self,
@@ -215,9 +229,16 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         """``<|AUDIO|>`` positions of a 16 kHz clip: ``ceil(int(duration * 25) / audio_group_size)``."""
         return math.ceil(self.num_speech_frames(num_samples) / self.audio_group_size)
 
-    def load_audio(self, audio: Any, sampling_rate: int | None = None, name: str | None = None) -> np.ndarray:
-        """Load one audio input (see :func:`fun_audio_chat.processing.audio_io.load_audio`) and check its length."""
-        waveform = load_audio(audio, sampling_rate=sampling_rate, target_sampling_rate=TARGET_SAMPLING_RATE, name=name)
+    def load_audio(
+        self, audio: Any, sampling_rate: int | None = None, name: str | None = None,
+        policy: AudioLoadingPolicy | None = None,
+    ) -> np.ndarray:
+        """Load one audio input (see :func:`fun_audio_chat.processing.audio_io.load_audio`) and check its length.
+        ``policy`` defaults to ``self.audio_loading_policy``."""
+        waveform = load_audio(
+            audio, sampling_rate=sampling_rate, target_sampling_rate=TARGET_SAMPLING_RATE, name=name,
+            policy=policy or self.audio_loading_policy,
+        )
         self._check_audio_length(waveform, name)
         return waveform
 
@@ -327,7 +348,9 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         for key in ("return_attention_mask", "load_audio_backend"):
             audio_kwargs.pop(key, None)
         kwargs.pop("return_mm_token_type_ids", None)
-        kwargs.pop("sanitize_control_tokens", None)
+        # set by apply_chat_template(..., sanitize_control_tokens=True): the control tokens of user text arrive
+        # marked, and the tokenizer must encode them as plain text (and not count them as placeholders)
+        sanitize_control_tokens = bool(kwargs.pop("sanitize_control_tokens", False))
         unknown = sorted(set(kwargs) | set(audio_kwargs))
         if unknown:
             warnings.warn(f"FunAudioChatProcessor ignores unknown arguments {unknown}.", stacklevel=2)
@@ -356,6 +379,8 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
             }
             if return_offsets_mapping:
                 tokenizer_kwargs["return_offsets_mapping"] = True
+            if sanitize_control_tokens:
+                tokenizer_kwargs["sanitize_control_tokens"] = True
             tokenizer_kwargs.update(text_kwargs)
             tokenizer_kwargs = {k: v for k, v in tokenizer_kwargs.items() if v is not None}
             text_inputs = self.tokenizer(texts, **tokenizer_kwargs)
@@ -372,6 +397,13 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
     def _load_audio_list(self, audio: Any, sampling_rate: int | None) -> list[np.ndarray]:
         if audio is None:
             return []
+        if (isinstance(audio, np.ndarray) or hasattr(audio, "detach")) and audio.ndim == 2:
+            # (2, N) could be a stereo clip or two clips, (N, 2) a stereo clip or N clips: never guess
+            raise AudioInputError(
+                f"audio is a 2-D array of shape {tuple(audio.shape)}: pass one clip as a 1-D array, several clips as "
+                "a list of 1-D arrays, or a multichannel clip inside a list ([clip], (channels, time) or (time, "
+                "channels)) to have its channels averaged to mono."
+            )
         if _is_single_audio(audio):
             audio = [audio]
         waveforms = []
@@ -402,6 +434,20 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         return [full.sub(self.audio_bos_token + self.audio_token + self.audio_eos_token, sample) for sample in texts]
 
     # ------------------------------------------------------------------ chat template
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """``ProcessorMixin.apply_chat_template`` after checking the conversation: with the built-in template, an
+        unknown role, content of the wrong type, an item other than text/audio, a tool result without a call, a
+        malformed tool schema or an empty conversation is an error instead of a silently wrong prompt; a misspelled
+        template flag (``speech_ouput=``) is an error with any template."""
+        check_template_flags(kwargs)
+        template = chat_template if chat_template is not None else self.chat_template
+        if is_fun_audio_chat_template(template):
+            conversations = split_batch(conversation)
+            for index, messages in enumerate(conversations):
+                validate_conversation(messages, index if len(conversations) > 1 else None)
+            validate_tools(kwargs.get("tools"))
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         """Collect, in order, the audio items the template turns into placeholders (user turns; assistant replies are
         history text), loading each with our loader (paths, URLs, bytes, arrays with a ``sampling_rate`` key in the
