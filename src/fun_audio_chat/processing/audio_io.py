@@ -4,16 +4,20 @@ Everything the processor accepts as "an audio" goes through :func:`load_audio`, 
 waveform at 16 kHz (the rate of the Whisper-style feature extractor and of the S3 speech tokenizer):
 
 * a path (``str`` / ``os.PathLike``) to a file soundfile can read (wav, flac, ogg/vorbis, opus, mp3 with recent
-  libsndfile, ...), or an ``http(s)://`` URL (fetched with ``urllib``; needs a network);
+  libsndfile, ...), or an ``http(s)://`` URL (fetched with ``urllib``; needs a network). Both can be turned off
+  with an :class:`AudioLoadingPolicy` (a server that takes conversations from users should refuse them), and a
+  download has a total time limit and a size limit, not only a per-read timeout;
 * encoded file bytes (``bytes`` / ``bytearray`` / ``memoryview``);
-* raw samples (numpy array, torch tensor, list of floats) **with** ``sampling_rate``; int16/int32/uint8 PCM is
-  scaled to [-1, 1]; 2-D arrays are (channels, time) or (time, channels) and are averaged to mono;
+* raw samples (numpy array, torch tensor, list of floats) **with** ``sampling_rate`` (an integer number of Hz);
+  int16/int32/uint8 PCM is scaled to [-1, 1]; a 2-D array is one multichannel clip, (channels, time) or
+  (time, channels) (the axis of at most 32 is the channel axis), and its channels are averaged to mono;
 * a ``(samples, sampling_rate)`` tuple;
 * a ``datasets`` audio dict: ``{"array", "sampling_rate"}`` (decoded) or ``{"path", "bytes"}`` (``Audio(decode=False)``);
 * a decoder object with ``get_all_samples()`` (what ``datasets.Audio`` returns when torchcodec is installed).
 
 Resampling uses ``soxr`` (high quality). Invalid audio raises :class:`AudioInputError` (a ``ValueError``) with a
-message that says what is wrong.
+message that says what is wrong; that includes a WAV file holding fewer frames than its header declares
+(a truncated download or copy), which would otherwise decode to a shorter clip without a word.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from __future__ import annotations
 import io
 import math
 import os
+import struct
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +39,51 @@ _MAX_CHANNELS = 32  # an axis this short is treated as the channel axis of a 2-D
 
 class AudioInputError(ValueError):
     """An audio input that cannot be used (missing file, unknown rate, empty, NaN samples, ...)."""
+
+
+@dataclass(frozen=True)
+class AudioLoadingPolicy:
+    """Which audio sources :func:`load_audio` may open, and the limits of a download.
+
+    The default allows local paths and URLs (what a library user loading their own files wants). A server that
+    takes conversations from users should refuse both, so that a request cannot make it read its own files or
+    fetch from its network: ``AudioLoadingPolicy(allow_local_paths=False, allow_urls=False)`` (bytes, arrays and
+    decoded datasets audio still work), set on the processor as ``processor.audio_loading_policy``.
+
+    Args:
+        allow_local_paths: open paths on this machine (also a datasets ``{"path": ...}`` dict without bytes).
+        allow_urls: download ``http(s)://`` URLs.
+        url_timeout_seconds: the longest wait for the server at connection and for each read.
+        url_max_seconds: total time limit of one download (a server that trickles bytes is cut off).
+        url_max_bytes: size limit of one download (checked against Content-Length first, then while reading).
+    """
+
+    allow_local_paths: bool = True
+    allow_urls: bool = True
+    url_timeout_seconds: float = 30.0
+    url_max_seconds: float = 120.0
+    url_max_bytes: int = 256 * 2**20
+
+    @classmethod
+    def in_memory_only(cls) -> AudioLoadingPolicy:
+        """Neither paths nor URLs: only bytes, arrays and decoded audio (for servers)."""
+        return cls(allow_local_paths=False, allow_urls=False)
+
+
+DEFAULT_AUDIO_LOADING_POLICY = AudioLoadingPolicy()
+
+
+def _sampling_rate(value: Any, name: str | None) -> int:
+    """An integer rate in Hz from an int, an integral float or numpy scalar; anything else is named as wrong."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise AudioInputError(
+            f"{_describe(name)}sampling_rate must be an integer number of Hz such as 16000, got {value!r}."
+        )
+    if not math.isfinite(float(value)) or float(value) != int(value) or int(value) <= 0:
+        raise AudioInputError(
+            f"{_describe(name)}sampling_rate must be a positive whole number of Hz such as 16000, got {value!r}."
+        )
+    return int(value)
 
 
 def _describe(name: str | None) -> str:
@@ -98,13 +150,46 @@ def validate_waveform(waveform: np.ndarray, name: str | None = None, sampling_ra
         )
 
 
-def _read_encoded(source: Any, name: str | None, what: str) -> tuple[np.ndarray, int]:
+def wav_declared_frames(head: bytes) -> int | None:
+    """Frame count a RIFF/WAVE header declares (``data`` chunk size / block align), from the first bytes of a
+    file; ``None`` when ``head`` is not a WAV header or the size is unknown (streamed WAVs write 0 or 0xFFFFFFFF;
+    RF64 keeps the size elsewhere)."""
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return None
+    position, block_align = 12, None
+    while position + 8 <= len(head):
+        chunk_id = head[position : position + 4]
+        (size,) = struct.unpack("<I", head[position + 4 : position + 8])
+        if chunk_id == b"fmt " and position + 22 <= len(head):
+            (block_align,) = struct.unpack("<H", head[position + 20 : position + 22])
+        elif chunk_id == b"data":
+            if not block_align or size in (0, 0xFFFFFFFF):
+                return None
+            return size // block_align
+        position += 8 + size + (size & 1)
+    return None
+
+
+_WAV_HEADER_BYTES = 1 << 16  # enough for fmt, fact, LIST... chunks before data
+
+
+def _check_complete(frames: int, head: bytes, name: str | None, what: str) -> None:
+    declared = wav_declared_frames(head)
+    if declared is not None and frames < declared:
+        raise AudioInputError(
+            f"{_describe(name)}{what} is truncated: its WAV header declares {declared} frames but it holds {frames} "
+            f"({100 * frames / declared:.0f}%); re-download or re-export the file."
+        )
+
+
+def _read_encoded(source: Any, name: str | None, what: str, head: bytes = b"") -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     try:
         data, sampling_rate = sf.read(source, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise AudioInputError(f"{_describe(name)}could not decode {what}: {err}") from err
+    _check_complete(data.shape[0], head, name, what)
     return data.T, int(sampling_rate)  # (channels, time)
 
 
@@ -115,7 +200,12 @@ def read_audio_file(path: str | os.PathLike, name: str | None = None) -> tuple[n
         raise AudioInputError(f"{_describe(name)}audio file not found: {path!r}")
     if os.path.isdir(path):
         raise AudioInputError(f"{_describe(name)}expected an audio file but {path!r} is a directory")
-    return _read_encoded(path, name, f"audio file {path!r} (not a readable audio file?)")
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_WAV_HEADER_BYTES)
+    except OSError as err:
+        raise AudioInputError(f"{_describe(name)}cannot read audio file {path!r}: {err.strerror or err}") from err
+    return _read_encoded(path, name, f"audio file {path!r} (not a readable audio file?)", head)
 
 
 def decode_audio_bytes(data: bytes | bytearray | memoryview, name: str | None = None) -> tuple[np.ndarray, int]:
@@ -123,20 +213,47 @@ def decode_audio_bytes(data: bytes | bytearray | memoryview, name: str | None = 
     data = bytes(data)
     if len(data) == 0:
         raise AudioInputError(f"{_describe(name)}audio bytes are empty.")
-    return _read_encoded(io.BytesIO(data), name, f"{len(data)} bytes of audio (not an audio file?)")
+    return _read_encoded(io.BytesIO(data), name, f"{len(data)} bytes of audio (not an audio file?)",
+                         data[:_WAV_HEADER_BYTES])
 
 
-def _fetch_url(url: str, name: str | None) -> bytes:
+def _fetch_url(url: str, name: str | None, policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY) -> bytes:
+    """Download with a total time limit and a size limit (a per-read timeout alone lets a server that sends a
+    byte now and then hold the caller forever)."""
     import urllib.error
     import urllib.request
 
+    deadline = time.monotonic() + policy.url_max_seconds
+    limit = policy.url_max_bytes
+
+    def fail(why: str) -> AudioInputError:
+        return AudioInputError(f"{_describe(name)}could not download audio from {url!r}: {why}")
+
     try:
-        with urllib.request.urlopen(url, timeout=30) as response:  # noqa: S310 - user-provided audio URL
-            return response.read()
+        timeout = min(policy.url_timeout_seconds, policy.url_max_seconds)
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # the policy allows URLs
+            declared = response.headers.get("Content-Length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                raise fail(f"it is {int(declared)} bytes, more than the {limit}-byte limit (url_max_bytes).")
+            parts, size = [], 0
+            while True:
+                if time.monotonic() > deadline:
+                    raise fail(
+                        f"not finished after {policy.url_max_seconds:g} s ({size} bytes so far; url_max_seconds). "
+                        "Download it and pass the local path."
+                    )
+                part = response.read1(1 << 16)
+                if not part:
+                    break
+                size += len(part)
+                if size > limit:
+                    raise fail(f"more than the {limit}-byte limit (url_max_bytes).")
+                parts.append(part)
+            return b"".join(parts)
+    except AudioInputError:
+        raise
     except (urllib.error.URLError, OSError, ValueError) as err:
-        raise AudioInputError(
-            f"{_describe(name)}could not download audio from {url!r}: {err}. Download it and pass the local path."
-        ) from err
+        raise fail(f"{err}. Download it and pass the local path.") from err
 
 
 def _is_url(value: str) -> bool:
@@ -148,6 +265,7 @@ def load_audio(
     sampling_rate: int | None = None,
     target_sampling_rate: int = TARGET_SAMPLING_RATE,
     name: str | None = None,
+    policy: AudioLoadingPolicy | None = None,
 ) -> np.ndarray:
     """Load any supported audio input as a mono float32 waveform at ``target_sampling_rate``.
 
@@ -157,8 +275,9 @@ def load_audio(
             files and bytes, which carry their own rate. A dict's own ``sampling_rate`` wins over this argument.
         target_sampling_rate: output rate (16 kHz for Fun-Audio-Chat).
         name: how to refer to this input in error messages (e.g. ``"audio 2"``).
+        policy: which sources may be opened and the download limits (default: paths and URLs allowed).
     """
-    samples, rate = _load_samples(audio, sampling_rate, name)
+    samples, rate = _load_samples(audio, sampling_rate, name, policy or DEFAULT_AUDIO_LOADING_POLICY)
     if rate is None or rate <= 0:
         raise AudioInputError(f"{_describe(name)}invalid sampling rate {rate!r}.")
     samples = to_mono(_to_float(np.asarray(samples), name), name)
@@ -168,18 +287,29 @@ def load_audio(
     return waveform
 
 
-def _load_samples(audio: Any, sampling_rate: int | None, name: str | None) -> tuple[np.ndarray, int | None]:
+def _load_samples(
+    audio: Any, sampling_rate: int | None, name: str | None, policy: AudioLoadingPolicy
+) -> tuple[np.ndarray, int | None]:
     if audio is None:
         raise AudioInputError(f"{_describe(name)}audio is None.")
     if isinstance(audio, (str, os.PathLike)):
         text = os.fspath(audio)
         if isinstance(text, str) and _is_url(text):
-            return decode_audio_bytes(_fetch_url(text, name), name)
+            if not policy.allow_urls:
+                raise AudioInputError(
+                    f"{_describe(name)}audio URLs are not allowed here (allow_urls=False); send the audio itself."
+                )
+            return decode_audio_bytes(_fetch_url(text, name, policy), name)
+        if not policy.allow_local_paths:
+            raise AudioInputError(
+                f"{_describe(name)}audio file paths are not allowed here (allow_local_paths=False); send the audio "
+                "itself (bytes or samples)."
+            )
         return read_audio_file(text, name)
     if isinstance(audio, (bytes, bytearray, memoryview)):
         return decode_audio_bytes(audio, name)
     if isinstance(audio, dict):
-        return _load_from_dict(audio, sampling_rate, name)
+        return _load_from_dict(audio, sampling_rate, name, policy)
     if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)) and not isinstance(audio[1], bool):
         return _raw_samples(audio[0], int(audio[1]), name)
     if hasattr(audio, "get_all_samples"):  # torchcodec / datasets AudioDecoder
@@ -210,21 +340,23 @@ def _raw_samples(samples: Any, sampling_rate: int | None, name: str | None) -> t
             f"{_describe(name)}the sampling rate of a raw audio array is unknown; pass sampling_rate=... "
             '(or {"array": ..., "sampling_rate": ...}).'
         )
-    return array, int(sampling_rate)
+    return array, _sampling_rate(sampling_rate, name)
 
 
-def _load_from_dict(audio: dict, sampling_rate: int | None, name: str | None) -> tuple[np.ndarray, int | None]:
+def _load_from_dict(
+    audio: dict, sampling_rate: int | None, name: str | None, policy: AudioLoadingPolicy
+) -> tuple[np.ndarray, int | None]:
     if audio.get("array") is not None:
         rate = audio.get("sampling_rate", sampling_rate)
         if rate is None:
             raise AudioInputError(
                 f'{_describe(name)}audio dict has an "array" but no "sampling_rate"; the rate of raw samples is unknown.'
             )
-        return _raw_samples(audio["array"], int(rate), name)
+        return _raw_samples(audio["array"], _sampling_rate(rate, name), name)
     if audio.get("bytes") is not None:
         return decode_audio_bytes(audio["bytes"], name)
     if audio.get("path") is not None:
-        return _load_samples(audio["path"], sampling_rate, name)
+        return _load_samples(audio["path"], sampling_rate, name, policy)
     raise AudioInputError(
         f'{_describe(name)}audio dict needs "array" + "sampling_rate", "bytes" or "path"; got keys {sorted(audio)}.'
     )
@@ -256,9 +388,11 @@ def audio_placeholder_count(num_samples: int, group_size: int = 5, sampling_rate
 
 
 __all__ = [
+    "DEFAULT_AUDIO_LOADING_POLICY",
     "EXAMPLE_AUDIO_TEXT",
     "TARGET_SAMPLING_RATE",
     "AudioInputError",
+    "AudioLoadingPolicy",
     "audio_placeholder_count",
     "decode_audio_bytes",
     "duration_seconds",
@@ -269,4 +403,5 @@ __all__ = [
     "speech_frames",
     "to_mono",
     "validate_waveform",
+    "wav_declared_frames",
 ]
