@@ -34,6 +34,30 @@ class CLIError(Exception):
     """A problem with the user's input: reported as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors as one line (``PROG: error: ...``) with exit status 2, like every other CLI error."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+_positive_int = _at_least(1)
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _say(*parts, file=None) -> None:
     print(*parts, file=file or sys.stdout, flush=True)
@@ -140,11 +164,21 @@ def load_model_and_processor(spec: str, device: str = "cpu", dtype=None):
         model = FunAudioChatForConditionalGeneration.from_pretrained(source, **kwargs).to(device).eval()
         processor = FunAudioChatProcessor.from_pretrained(source)
     except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = _first_line(err)
         offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
         hint = " (HF_HUB_OFFLINE is set: only the local cache is used)" if offline and where == "Hub repo" else ""
         raise CLIError(f"--model {spec}: could not load the {where}{hint}: {first}") from err
+    except Exception as err:  # corrupt or inconsistent files: safetensors and torch raise their own
+        raise CLIError(
+            f"--model {spec}: the {where} is corrupt or inconsistent ({type(err).__name__}: {_first_line(err)})"
+        ) from err
     return model, processor
+
+
+def _first_line(err: BaseException, limit: int = 300) -> str:
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    return line if len(line) <= limit else line[:limit] + "..."
 
 
 def _conversation(audio, prompt: str | None, system: str | None) -> list[dict]:
@@ -299,7 +333,19 @@ def _find_detokenizer(args):
             factory = getattr(importlib.import_module(module_name), attribute)
         except (ImportError, AttributeError) as err:
             raise CLIError(f"--detokenizer {args.detokenizer}: {err}") from err
-        detokenizer = factory if isinstance(factory, SpeechDetokenizer) else factory()
+        except Exception as err:  # the user's module failed while importing
+            raise CLIError(f"--detokenizer {args.detokenizer}: importing {module_name} failed: "
+                           f"{type(err).__name__}: {err}") from err
+        if isinstance(factory, SpeechDetokenizer):
+            detokenizer = factory
+        elif callable(factory):
+            try:
+                detokenizer = factory()
+            except Exception as err:  # the user's factory: reported, not traced
+                raise CLIError(f"--detokenizer {args.detokenizer}: {attribute}() failed: "
+                               f"{type(err).__name__}: {err}") from err
+        else:
+            detokenizer = None
         if not isinstance(detokenizer, SpeechDetokenizer):
             raise CLIError(f"--detokenizer {args.detokenizer}: the object has no sampling_rate or is not callable.")
         return detokenizer
@@ -484,10 +530,6 @@ def _speech_tokenizer(args):
 
 
 def cmd_tokenize_speech(args) -> int:
-    from tqdm.auto import tqdm
-
-    from .processing import AudioInputError, load_audio
-
     source = Path(args.input).expanduser()
     if args.dataset:
         items = _dataset_rows(args.input, args.split, args.audio_column, args.id_column)
@@ -507,7 +549,23 @@ def cmd_tokenize_speech(args) -> int:
     tokenizer = _speech_tokenizer(args)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = out_path.with_name(out_path.name + ".partial")
+    # hidden and unique, so it never replaces a file of the user's; removed whatever stops the run
+    tmp_path = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
+    try:
+        done, skipped, total_codes, total_seconds, elapsed = _tokenize_into(args, items, tokenizer, tmp_path)
+        os.replace(tmp_path, out_path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+    _say(f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
+         f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else ""))
+    return 0
+
+
+def _tokenize_into(args, items, tokenizer, tmp_path: Path):
+    from tqdm.auto import tqdm
+
+    from .processing import AudioInputError, load_audio
+
     done = skipped = total_codes = 0
     total_seconds = 0.0
     t0 = time.perf_counter()
@@ -535,11 +593,7 @@ def cmd_tokenize_speech(args) -> int:
                     total_codes += len(clip_codes)
                     total_seconds += seconds
             bar.update(len(batch))
-    os.replace(tmp_path, out_path)
-    elapsed = time.perf_counter() - t0
-    _say(f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
-         f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else ""))
-    return 0
+    return done, skipped, total_codes, total_seconds, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -548,8 +602,12 @@ def cmd_merge(args) -> int:
     if not tuned.exists():
         raise CLIError(f"--tuned {args.tuned}: checkpoint not found.")
     base_path = Path(args.base).expanduser()
-    if not base_path.exists() and (args.base.startswith((".", "/", "~")) or args.base.count("/") != 1):
-        raise CLIError(f"--base {args.base}: checkpoint not found (and it is not a Hub repo id like 'org/name').")
+    if args.base_from_hub:
+        if args.base.startswith((".", "/", "~")) or args.base.count("/") != 1:
+            raise CLIError(f"--base {args.base}: --base-from-hub needs a Hub repo id like 'org/name'.")
+    elif not base_path.exists():
+        hint = " (to download a Hub repo, add --base-from-hub)" if args.base.count("/") == 1 else ""
+        raise CLIError(f"--base {args.base}: checkpoint not found{hint}.")
     out = Path(args.out).expanduser()
     if out.exists() and not args.overwrite:
         raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
@@ -562,14 +620,14 @@ def cmd_merge(args) -> int:
     t0 = time.perf_counter()
     try:
         result, manifest = merge_weights(
-            str(tuned), args.base if not base_path.exists() else str(base_path), args.alpha, output_dir=str(out),
+            str(tuned), args.base if args.base_from_hub else str(base_path), args.alpha, output_dir=str(out),
             on_shape_mismatch=args.on_shape_mismatch, overwrite=args.overwrite, show_progress=True,
-            return_manifest=True,
+            return_manifest=True, base_from_hub=args.base_from_hub,
         )
     except PickleCheckpointError as err:
         raise CLIError(str(err)) from err
-    except (FileNotFoundError, ValueError) as err:
-        raise CLIError(f"merge failed: {err}") from err
+    except (OSError, ValueError) as err:  # missing or truncated shards, bad headers, overlapping output
+        raise CLIError(f"merge failed: {_first_line(err)}") from err
     if not args.no_model_card:
         write_model_card(out)
     size = sum(f.stat().st_size for f in Path(result).rglob("*.safetensors"))
@@ -593,7 +651,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="fun-audio-chat",
         description="Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out) on transformers 5.",
         epilog="Run `fun-audio-chat COMMAND --help` for the options of a command.",
@@ -609,10 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
         "weights (its words are noise); everything else is the real pipeline.",
     )
     demo.add_argument("--audio", help="use this audio file instead of the bundled clip")
-    demo.add_argument("--max-new-tokens", type=int, default=24, help="LLM steps (each brings 5 speech codes)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="LLM steps (each brings 5 speech codes)")
     demo.add_argument("--seed", type=int, default=3, help="weights and sampling seed")
     demo.add_argument("--out", help="also save reply.txt and speech_codes.json to this folder")
-    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models are fastest on one)")
+    demo.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (tiny models are fastest on one)")
     demo.set_defaults(func=cmd_demo)
 
     chat = commands.add_parser(
@@ -629,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--out", help="folder for reply.txt, speech_codes.json and reply.wav")
     chat.add_argument("--prompt", help="text instruction placed after the audio in the user turn")
     chat.add_argument("--system", help="system prompt (default: the official speech-out or text-out prompt)")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="maximum LLM steps of the reply")
+    chat.add_argument("--max-new-tokens", type=_positive_int, default=512, help="maximum LLM steps of the reply")
     chat.add_argument("--greedy", action="store_true", help="greedy text decoding (speech codes stay sampled)")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming")
@@ -641,7 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--detokenizer", metavar="MODULE:FACTORY",
                       help="another codes-to-wave model for reply.wav: FACTORY() returns an object with sampling_rate "
                       "that maps a list of codes to a waveform")
-    chat.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    chat.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     chat.set_defaults(func=cmd_chat)
 
     tok = commands.add_parser(
@@ -668,11 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--id-column", help="dataset column used as the record id (default: the row index)")
     tok.add_argument("--extensions", default=",".join(e[1:] for e in AUDIO_EXTENSIONS),
                      help="audio file extensions searched in a folder (default: %(default)s)")
-    tok.add_argument("--batch-size", type=int, default=8, help="clips per tokenizer batch (default: %(default)s)")
+    tok.add_argument("--batch-size", type=_positive_int, default=8, help="clips per tokenizer batch (default: %(default)s)")
     tok.add_argument("--device", default=None, help="torch device of the tokenizer (default: cpu)")
     tok.add_argument("--skip-errors", action="store_true", help="skip unreadable audio instead of stopping")
     tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    tok.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tok.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     tok.set_defaults(func=cmd_tokenize_speech)
 
     merge = commands.add_parser(
@@ -707,6 +765,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except CLIError as err:
         print(f"fun-audio-chat {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, OSError) as err:  # our libraries' input errors (they name the problem): one line, no trace
+        print(f"fun-audio-chat {args.command}: error: {_first_line(err, limit=500)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"fun-audio-chat {args.command}: interrupted", file=sys.stderr)

@@ -3,13 +3,16 @@
 from .configuration import CosyVoice3Config, FlowConfig, HiFTConfig
 from .detokenizer import CosyVoice3Detokenizer, StreamingSession, split_segments
 from .loading import CheckpointFormatError, config_from_official_yaml
+from .streaming_audio import AudioEvent, SpeechAudioStreamer
 
 __all__ = [
+    "AudioEvent",
     "CheckpointFormatError",
     "CosyVoice3Config",
     "CosyVoice3Detokenizer",
     "FlowConfig",
     "HiFTConfig",
+    "SpeechAudioStreamer",
     "StreamingSession",
     "config_from_official_yaml",
     "split_segments",

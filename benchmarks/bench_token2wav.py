@@ -1,0 +1,94 @@
+"""CosyVoice 3 token-to-waveform: offline real-time factor, streaming cost relative to offline, time to the
+first audio chunk, and offline batching — real-size config (flow 332 M, HiFT 20.8 M parameters), random weights,
+fp32, CPU.
+
+Streaming patterns (each renders the same codes, fed one code at a time as a model would emit them):
+* ``official``: the Fun-Audio-Chat web-demo schedule as the official code runs it — a call every 15 codes once
+  15 + 3 are available, each call redoing the flow over every code so far and the vocoder over the whole mel
+  history (``streaming_session(use_cache=False)``);
+* ``windowed``: the same schedule and flow, the vocoder re-rendering only a window around the new frames;
+* ``cached``: ``streaming_session(chunked=True)``: a call every 25 codes (one attention chunk) with chunk-causal
+  attention; the flow keeps its keys/values of earlier chunks and the vocoder works on a window.
+The first chunk of ``official``/``windowed`` comes after 18 codes, of ``cached`` after 28.
+
+Prints seconds and the ratios side by side. Usage:
+    python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--threads 2] [--skip-official]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from fun_audio_chat.token2wav.configuration import CosyVoice3Config
+from fun_audio_chat.token2wav.detokenizer import random_detokenizer
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def stream(model, codes, **session_kwargs):
+    """Feed codes one by one; returns (total seconds, seconds until the first non-empty chunk, codes fed then)."""
+    session = model.streaming_session(**session_kwargs)
+    first = None
+    start = time.perf_counter()
+    samples = 0
+    for index, code in enumerate(codes):
+        chunk = session.push([code])
+        samples += chunk.numel()
+        if first is None and chunk.numel():
+            first = (time.perf_counter() - start, index + 1)
+    samples += session.finish().numel()
+    total = time.perf_counter() - start
+    assert samples == len(codes) * model.samples_per_token, samples
+    return total, first
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--codes", type=int, default=50, help="speech codes to render (25 per second of audio)")
+    parser.add_argument("--batch", type=int, default=4, help="rows for the batched offline run (0 to skip)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-official", action="store_true", help="skip the slow official streaming pattern")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    build, model = timed(lambda: random_detokenizer(CosyVoice3Config(), seed=0))
+    flow_params = sum(p.numel() for p in model.flow.parameters())
+    hift_params = sum(p.numel() for p in model.hift.parameters())
+    print(f"real-size detokenizer: flow {flow_params:,} + HiFT {hift_params:,} parameters, built in {build:.1f} s, "
+          f"{args.threads} thread(s), fp32")
+    model.ensure_noise()
+    codes = torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(0)).tolist()
+    audio_seconds = args.codes / 25
+    model(codes[:4])  # warm-up
+
+    offline, _ = timed(lambda: model(codes))
+    print(f"\n{args.codes} codes = {audio_seconds:.2f} s of audio")
+    print(f"{'pattern':<34}{'seconds':>9}{'x offline':>11}{'RTF':>8}{'first chunk s':>15}{'after codes':>13}")
+    print(f"{'offline (one call)':<34}{offline:>9.2f}{1.0:>11.2f}{offline / audio_seconds:>8.2f}{'':>15}{'':>13}")
+    patterns = [("windowed", {"use_cache": True}), ("cached chunked", {"chunked": True})]
+    if not args.skip_official:
+        patterns.insert(0, ("official web-demo (recompute all)", {"use_cache": False}))
+    for name, kwargs in patterns:
+        total, first = stream(model, codes, **kwargs)
+        first_s, first_at = first if first else (float("nan"), 0)
+        print(f"{name:<34}{total:>9.2f}{total / offline:>11.2f}{total / audio_seconds:>8.2f}{first_s:>15.2f}"
+              f"{first_at:>13d}")
+    if args.batch:
+        rows = [torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(s)).tolist()
+                for s in range(args.batch)]
+        batched, _ = timed(lambda: model(rows))
+        per_row = batched / args.batch
+        print(f"{f'offline batch of {args.batch}, per row':<34}{per_row:>9.2f}{per_row / offline:>11.2f}"
+              f"{per_row / audio_seconds:>8.2f}{'':>15}{'':>13}")
+    print("\nx offline = cost relative to one offline call on the same codes; RTF = seconds per second of audio.")
+
+
+if __name__ == "__main__":
+    main()
