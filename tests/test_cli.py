@@ -90,6 +90,18 @@ def work(tmp_path_factory):
     shutil.copy(tmp / "tiny" / "config.json", tmp / "pickled" / "config.json")
     torch.save({"w": torch.zeros(1)}, tmp / "pickled" / "pytorch_model.bin")
     (tmp / "exists.jsonl").write_text("")
+    # damaged checkpoints: garbage weights, a shard cut in half, a config that does not match the weights
+    for name in ("corrupt", "truncated", "inconsistent"):
+        shutil.copytree(tmp / "tiny", tmp / name)
+    (tmp / "corrupt" / "model.safetensors").write_bytes(b"\x00garbage" * 100)
+    weights = (tmp / "truncated" / "model.safetensors").read_bytes()
+    (tmp / "truncated" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    config = json.loads((tmp / "inconsistent" / "config.json").read_text())
+    config["text_config"]["hidden_size"] *= 2
+    (tmp / "inconsistent" / "config.json").write_text(json.dumps(config))
+    (tmp / "bad_wavs").mkdir()
+    shutil.copy(ASSET, tmp / "bad_wavs" / "a.wav")
+    (tmp / "bad_wavs" / "b.wav").write_bytes(b"RIFF not really a wav")
     (tmp / "fake_vocoder.py").write_text(
         "import numpy as np\n"
         "class Vocoder:\n"
@@ -145,6 +157,19 @@ def runs(work):
         ["merge", "--tuned", str(w / "pickled"), "--base", str(w / "base"), "--out", str(w / "m2")],
         ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w / "empty")],
         ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w / "m3"), "--alpha", "2"],
+        ["chat", "--model", "tiny", "--audio", str(ASSET), "--max-new-tokens", "0"],
+        ["demo", "--threads", "-1"],
+        ["tokenize-speech", str(w / "wavs"), "--out", str(w / "z.jsonl"), "--batch-size", "0"],
+        ["chat", "--model", "tiny", "--audio", str(ASSET), "--detokenizer", "json:loads"],
+        ["chat", "--model", str(w / "corrupt"), "--audio", str(ASSET)],
+        ["chat", "--model", str(w / "truncated"), "--audio", str(ASSET)],
+        ["chat", "--model", str(w / "inconsistent"), "--audio", str(ASSET)],
+        ["merge", "--tuned", str(w / "truncated"), "--base", str(w / "base"), "--out", str(w / "m4")],
+        ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w / "base"), "--overwrite"],
+        ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w), "--overwrite"],
+        ["merge", "--tuned", str(w / "tiny"), "--base", "nowhere/base", "--out", str(w / "m5")],
+        ["tokenize-speech", str(w / "bad_wavs"), "--out", str(w / "bad_codes.jsonl"), "--random-weights", "tiny",
+         "--batch-size", "1"],
     ]
     env = _env(w)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(w), env.get("PYTHONPATH")]))  # fake_vocoder
@@ -319,6 +344,17 @@ def test_help_pages(driver):
         (("merge", "pickled"), "pickle"),
         (("merge", "/empty"), "exists; pass --overwrite"),
         (("merge", "--alpha 2"), "must be between 0 and 1"),
+        (("chat", "--max-new-tokens 0"), "argument --max-new-tokens: must be at least 1, got 0"),
+        (("demo", "--threads -1"), "argument --threads: must be at least 1, got -1"),
+        (("tokenize-speech", "--batch-size 0"), "argument --batch-size: must be at least 1, got 0"),
+        (("chat", "json:loads"), "--detokenizer json:loads: loads() failed: TypeError"),
+        (("chat", "/corrupt "), "is corrupt or inconsistent"),
+        (("chat", "/truncated "), "is corrupt or inconsistent"),
+        (("chat", "/inconsistent "), "is corrupt or inconsistent"),
+        (("merge", "/truncated "), "truncated checkpoint"),
+        (("merge", "/base --overwrite"), "is the base checkpoint"),
+        (("merge", "nowhere/base"), "add --base-from-hub"),
+        (("tokenize-speech", "bad_wavs"), "could not decode"),
     ],
 )
 def test_errors_are_one_clear_line_with_exit_status_2(driver, parts, message):
@@ -329,3 +365,15 @@ def test_errors_are_one_clear_line_with_exit_status_2(driver, parts, message):
     assert "Traceback" not in stderr
     command = result["argv"][0]
     assert stderr.splitlines()[-1].startswith(f"fun-audio-chat {command}: error: ")
+
+
+def test_merge_into_a_folder_holding_its_inputs_is_refused_and_deletes_nothing(driver, work):
+    (result,) = [r for r in driver.values() if r["argv"][:1] == ["merge"] and r["argv"][-2:] == [str(work), "--overwrite"]]
+    assert result["code"] == 2 and "contains the tuned checkpoint" in result["stderr"], result
+    assert (work / "tiny" / "config.json").is_file() and (work / "base" / "config.json").is_file()
+
+
+def test_failed_tokenize_speech_leaves_no_partial_file(driver, work):
+    assert _find(driver, "tokenize-speech", "bad_wavs")["code"] == 2
+    assert not (work / "bad_codes.jsonl").exists()
+    assert [p.name for p in work.iterdir() if "partial" in p.name] == []

@@ -667,10 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
         "weights (its words are noise); everything else is the real pipeline.",
     )
     demo.add_argument("--audio", help="use this audio file instead of the bundled clip")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="LLM steps (each brings 5 speech codes)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=24,
+                      help="LLM steps (each brings 5 speech codes)")
     demo.add_argument("--seed", type=int, default=3, help="weights and sampling seed")
     demo.add_argument("--out", help="also save reply.txt and speech_codes.json to this folder")
-    demo.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (tiny models are fastest on one)")
+    demo.add_argument("--threads", type=_positive_int, default=1,
+                      help="torch CPU threads (tiny models are fastest on one)")
     demo.set_defaults(func=cmd_demo)
 
     chat = commands.add_parser(
@@ -726,7 +728,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--id-column", help="dataset column used as the record id (default: the row index)")
     tok.add_argument("--extensions", default=",".join(e[1:] for e in AUDIO_EXTENSIONS),
                      help="audio file extensions searched in a folder (default: %(default)s)")
-    tok.add_argument("--batch-size", type=_positive_int, default=8, help="clips per tokenizer batch (default: %(default)s)")
+    tok.add_argument("--batch-size", type=_positive_int, default=8,
+                     help="clips per tokenizer batch (default: %(default)s)")
     tok.add_argument("--device", default=None, help="torch device of the tokenizer (default: cpu)")
     tok.add_argument("--skip-errors", action="store_true", help="skip unreadable audio instead of stopping")
     tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -749,6 +752,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--on-shape-mismatch", default="error", choices=["error", "keep_tuned"],
                        help="what to do with tensors whose shapes differ, e.g. a resized vocabulary "
                        "(default: %(default)s)")
+    merge.add_argument("--base-from-hub", action="store_true",
+                       help="--base is a Hub repo id to download (otherwise it must be a local checkpoint)")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     merge.set_defaults(func=cmd_merge)
