@@ -499,7 +499,7 @@ class LocalHubServer(ThreadingHTTPServer):
             env["HF_HOME"] = os.fspath(hf_home)
         return env
 
-    def start(self) -> "LocalHubServer":
+    def start(self) -> LocalHubServer:
         self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
                                         name="local-hub-server")
         self._thread.start()
@@ -522,7 +522,7 @@ class LocalHubServer(ThreadingHTTPServer):
         self.shutdown()
         self.server_close()
 
-    def __enter__(self) -> "LocalHubServer":
+    def __enter__(self) -> LocalHubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

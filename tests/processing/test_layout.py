@@ -23,8 +23,9 @@ OFFICIAL_PROCESSOR_CONFIG = {
 
 
 def _load_fixture():
-    import fun_audio_chat  # noqa: F401  (registers the processor)
     from transformers import AutoProcessor
+
+    import fun_audio_chat  # noqa: F401  (registers the processor)
 
     return AutoProcessor.from_pretrained(str(PROCESSOR_FIXTURE))
 

@@ -30,8 +30,9 @@ WEATHER_TOOL = {
 
 
 def _load(folder, **kwargs):
-    import fun_audio_chat  # noqa: F401  (registers the processor)
     from transformers import AutoProcessor
+
+    import fun_audio_chat  # noqa: F401  (registers the processor)
 
     return AutoProcessor.from_pretrained(str(folder), **kwargs)
 
