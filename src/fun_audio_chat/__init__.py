@@ -1,44 +1,112 @@
 """fun_audio_chat: Hugging Face-native Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out).
 
-Importing the package registers the configs with ``AutoConfig``, the model with ``AutoModelForSeq2SeqLM`` (what
-the official model card uses) and ``AutoModelForMultimodalLM``, and the processor with ``AutoProcessor``.
+The package registers the configs with ``AutoConfig``, the model with ``AutoModelForSeq2SeqLM`` (what the official
+model card uses) and ``AutoModelForMultimodalLM``, and the processor with ``AutoProcessor``, so after
+``import fun_audio_chat`` the Auto classes load Fun-Audio-Chat checkpoints.
+
+Importing the package itself is light: torch and transformers load when first needed, so the ``fun-audio-chat``
+command answers ``--help`` and argument errors at once. The classes below load on first access; the registration
+runs then, or as soon as transformers is imported (right away if it already is), whichever comes first.
 """
 
-from transformers import AutoConfig, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
+from __future__ import annotations
 
-from .configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig, FunAudioChatConfig
-from .modeling import (
-    EndEvent,
-    FunAudioChatForConditionalGeneration,
-    FunAudioChatGenerateOutput,
-    FunAudioChatIteratorStreamer,
-    FunAudioChatOutputWithPast,
-    FunAudioChatPreTrainedModel,
-    SpeechEvent,
-    TextEvent,
-)
-from .processing import FunAudioChatDataCollator, FunAudioChatProcessor, tiny_processor
-from .token2wav import CosyVoice3Detokenizer
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 
-AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
-AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
-AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
-AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
-
-__all__ = [
-    "CosyVoice3Detokenizer",
-    "EndEvent",
-    "FunAudioChatAudioEncoderConfig",
-    "FunAudioChatConfig",
-    "FunAudioChatDataCollator",
-    "FunAudioChatForConditionalGeneration",
-    "FunAudioChatGenerateOutput",
-    "FunAudioChatIteratorStreamer",
-    "FunAudioChatOutputWithPast",
-    "FunAudioChatPreTrainedModel",
-    "FunAudioChatProcessor",
-    "SpeechEvent",
-    "TextEvent",
-    "tiny_processor",
-]
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "configuration_fun_audio_chat": ("FunAudioChatAudioEncoderConfig", "FunAudioChatConfig"),
+    "modeling": (
+        "EndEvent",
+        "FunAudioChatForConditionalGeneration",
+        "FunAudioChatGenerateOutput",
+        "FunAudioChatIteratorStreamer",
+        "FunAudioChatOutputWithPast",
+        "FunAudioChatPreTrainedModel",
+        "SpeechEvent",
+        "TextEvent",
+    ),
+    "processing": ("FunAudioChatDataCollator", "FunAudioChatProcessor", "tiny_processor"),
+    "token2wav": ("CosyVoice3Detokenizer",),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_registration = {"done": False, "running": False}
+
+
+def register_auto_classes() -> None:
+    """Register the Fun-Audio-Chat classes with transformers' Auto classes (idempotent; imports torch)."""
+    if _registration["done"] or _registration["running"]:
+        return
+    _registration["running"] = True
+    try:
+        from transformers import AutoConfig, AutoModelForMultimodalLM, AutoModelForSeq2SeqLM
+
+        from .configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig, FunAudioChatConfig
+        from .modeling import FunAudioChatForConditionalGeneration
+
+        importlib.import_module(".processing", __name__)  # registers the processor with AutoProcessor
+
+        AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
+        AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
+        AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
+        AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
+        _registration["done"] = True
+    finally:
+        _registration["running"] = False
+
+
+class _RegisterOnTransformersImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register_auto_classes` right after ``transformers`` is first imported, so that
+    ``import fun_audio_chat`` followed by ``AutoModel...from_pretrained`` works without importing torch up front."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "transformers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)  # once; the spec below comes from the remaining finders
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            try:
+                register_auto_classes()
+            except Exception as err:  # never break the user's `import transformers`
+                warnings.warn(
+                    f"fun_audio_chat could not register its classes with transformers' Auto classes ({err!r}); "
+                    "call fun_audio_chat.register_auto_classes() to see the error.",
+                    stacklevel=2,
+                )
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    register_auto_classes()
+elif not any(isinstance(finder, _RegisterOnTransformersImport) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterOnTransformersImport())
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    register_auto_classes()
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
+
+__all__ = sorted(_WHERE)
