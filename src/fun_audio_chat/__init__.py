@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
-import importlib.util
+import importlib.machinery
 import sys
 import warnings
 
@@ -61,32 +61,60 @@ def register_auto_classes() -> None:
 
 
 class _RegisterOnTransformersImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register_auto_classes` right after ``transformers`` is first imported, so that
-    ``import fun_audio_chat`` followed by ``AutoModel...from_pretrained`` works without importing torch up front."""
+    """Runs :func:`register_auto_classes` once transformers is imported, so that ``import fun_audio_chat`` followed
+    by ``AutoModel...from_pretrained`` works without importing torch up front.
+
+    It wraps the execution of ``transformers`` and of this package's submodules, counting how many are running:
+    registration needs our modules whole, so when one of them is what imports transformers, it waits until the
+    outermost of them has finished."""
+
+    def __init__(self):
+        self.depth = 0
+        self.resolving = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != "transformers":
+        if self.resolving or not (fullname == "transformers" or fullname.startswith(__name__ + ".")):
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)  # once; the spec below comes from the remaining finders
-        spec = importlib.util.find_spec(fullname)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+        self.resolving = True
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                find = getattr(finder, "find_spec", None)
+                if finder is not self and find is not None:
+                    spec = find(fullname, path, target)
+                    if spec is not None:
+                        break
+        finally:
+            self.resolving = False
+        if spec is None or not isinstance(
+            spec.loader, (importlib.machinery.SourceFileLoader, importlib.machinery.SourcelessFileLoader)
+        ):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_then_register(module):
-            exec_module(module)
+            self.depth += 1
             try:
-                register_auto_classes()
-            except Exception as err:  # never break the user's `import transformers`
-                warnings.warn(
-                    f"fun_audio_chat could not register its classes with transformers' Auto classes ({err!r}); "
-                    "call fun_audio_chat.register_auto_classes() to see the error.",
-                    stacklevel=2,
-                )
+                exec_module(module)
+            finally:
+                self.depth -= 1
+            if self.depth == 0 and "transformers" in sys.modules:
+                self.register()
 
         spec.loader.exec_module = exec_then_register
         return spec
+
+    def register(self):
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        try:
+            register_auto_classes()
+        except Exception as err:  # never break the user's `import transformers`
+            warnings.warn(
+                f"fun_audio_chat could not register its classes with transformers' Auto classes ({err!r}); "
+                "call fun_audio_chat.register_auto_classes() to see the error.",
+                stacklevel=2,
+            )
 
 
 if "transformers" in sys.modules:

@@ -8,6 +8,7 @@ values, so ``FunAudioChatConfig()`` describes the released model.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -136,6 +137,15 @@ class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
         return output
 
 
+def refuse_missing_local_path(source: str | os.PathLike) -> None:
+    """Raise ``OSError`` for a path that can only be local (absolute, ``./``, ``~``, more than one ``/``) and does not
+    exist: transformers would report it as an invalid Hub repo id."""
+    text = os.fspath(source)
+    looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
+    if looks_local and not os.path.exists(os.path.expanduser(text)):
+        raise OSError(f"{text}: no such directory (a local path, not a Hub repo id); check the path.")
+
+
 class FunAudioChatConfig(PreTrainedConfig):
     r"""Configuration of :class:`FunAudioChatForConditionalGeneration`.
 
@@ -202,6 +212,22 @@ class FunAudioChatConfig(PreTrainedConfig):
                 f"audio_token_index={self.audio_token_index} is outside the text vocabulary [0, {text.vocab_size})."
             )
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """``PreTrainedConfig.get_config_dict`` that names the two common mistakes instead of failing later: a local
+        path that does not exist (not a bad Hub repo id) and a checkpoint of another model type, such as the Qwen3
+        base LLM (not a hidden-size mismatch)."""
+        source = os.fspath(pretrained_model_name_or_path)
+        refuse_missing_local_path(source)
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"{source} holds a {model_type!r} checkpoint, not Fun-Audio-Chat (model_type {cls.model_type!r}). "
+                "A Qwen3 LLM loads with AutoModelForCausalLM; use it as the base of a Core-Cocktail merge."
+            )
+        return config_dict, kwargs
+
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()
         # Default-valued flags of ours are noise in an official-layout config.json.
@@ -210,4 +236,4 @@ class FunAudioChatConfig(PreTrainedConfig):
         return output
 
 
-__all__ = ["FunAudioChatAudioEncoderConfig", "FunAudioChatConfig"]
+__all__ = ["FunAudioChatAudioEncoderConfig", "FunAudioChatConfig", "refuse_missing_local_path"]

@@ -238,3 +238,8 @@ def test_datasets_pipeline_map_collate_and_one_trainer_step(processor, tmp_path)
     changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert any(n.startswith("language_model") for n in changed)
     assert any("audio_invert_tower" in n for n in changed)  # the speech loss trains the SRH
+
+
+def test_empty_batch_is_named(processor):
+    with pytest.raises(ValueError, match="empty batch"):
+        FunAudioChatDataCollator(processor)([])

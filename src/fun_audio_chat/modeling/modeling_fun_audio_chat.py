@@ -16,7 +16,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..configuration_fun_audio_chat import FunAudioChatConfig
+from ..configuration_fun_audio_chat import FunAudioChatConfig, refuse_missing_local_path
 from ..hub import FunAudioChatHubMixin
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
@@ -114,6 +114,7 @@ class FunAudioChatForConditionalGeneration(
         speech generation fields added to a generation config that lacks them (official checkpoints)."""
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Fun-Audio-Chat loads safetensors checkpoints only; pickle (.bin) files are refused.")
+        refuse_missing_local_path(pretrained_model_name_or_path)
         kwargs["use_safetensors"] = True
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -256,6 +256,11 @@ class FunAudioChatDataCollator:
         return out
 
     def __call__(self, features: list[dict]) -> dict[str, Any]:
+        if len(features) == 0:
+            raise ValueError(
+                "FunAudioChatDataCollator got an empty batch (0 examples); check that the dataset is not empty "
+                "after filtering and that the batch size is at least 1."
+            )
         examples = [self._example(f) for f in features]
         batch: dict[str, Any] = {}
 
