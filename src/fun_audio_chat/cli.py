@@ -8,6 +8,7 @@ Commands (``fun-audio-chat COMMAND --help`` for each):
   reply text, the speech codes (JSON) and, when a detokenizer is available, a wav.
 * ``tokenize-speech`` — batch S3Tokenizer over a folder of audio files or a dataset → JSON lines of codes.
 * ``merge`` — Core-Cocktail merge ``alpha * tuned + (1 - alpha) * base`` of checkpoints on disk.
+* ``serve`` — a voice chat page and an OpenAI-compatible audio API (``/v1/chat/completions``) over one model.
 
 Errors the user can fix (a missing file, a directory that is not a checkpoint, a model that cannot be fetched)
 print one ``fun-audio-chat <command>: error: ...`` line on stderr and exit with status 2.
@@ -640,6 +641,61 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ serve
+def _serve_detokenizer(spec: str | None, model_spec: str):
+    """Speech codes → audio for ``serve``: ``none``, a CosyVoice 3 directory, or by default the tiny random one
+    for the tiny model. None = no detokenizer (the server then answers with text only)."""
+    if spec == "none" or (spec is None and model_spec != "tiny"):
+        return None
+    if spec is None or spec == "tiny":
+        from .tiny import tiny_detokenizer
+
+        return tiny_detokenizer(seed=0)
+    path = Path(spec).expanduser()
+    if not path.is_dir():
+        raise CLIError(f"--detokenizer {spec}: directory not found (expected a CosyVoice 3 token-to-wave model).")
+    try:
+        from . import CosyVoice3Detokenizer
+
+        return CosyVoice3Detokenizer.from_pretrained(str(path))
+    except (ImportError, OSError, ValueError) as err:
+        raise CLIError(f"--detokenizer {spec}: could not load it: {err}") from err
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from .serving import ServingEngine, create_app
+    except ImportError as err:
+        raise CLIError(f"serve needs FastAPI and uvicorn ({err}): pip install 'fun-audio-chat[serve]'.") from err
+    import socket
+
+    probe = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((args.host, args.port))
+    except OSError as err:
+        raise CLIError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({err.strerror}); "
+                       "pick another --port or --host.") from err
+    finally:
+        probe.close()
+    _set_threads(args.threads)
+    device = _resolve_device(args.device)
+    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    detokenizer = _serve_detokenizer(args.detokenizer, args.model)
+    engine = ServingEngine(model, processor, detokenizer, max_batch_size=args.max_batch_size,
+                           batch_window=args.batch_window_ms / 1000)
+    model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
+    app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens,
+                     max_audio_seconds=args.max_audio_seconds)
+    mode = "text + speech" if engine.can_speak else "text only (no detokenizer: pass --detokenizer DIR)"
+    _say(f"fun-audio-chat serve: model {model_id!r}, {mode}; voice page http://{args.host}:{args.port}/ , "
+         f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -757,6 +813,39 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     merge.set_defaults(func=cmd_merge)
+
+    serve = commands.add_parser(
+        "serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="voice chat page + OpenAI-compatible audio API",
+        description="Serve a model over HTTP: a voice chat page at / (microphone, voice detection or push-to-talk, "
+        "streamed text and audio, barge-in), an OpenAI-compatible POST /v1/chat/completions (input_audio parts, "
+        "modalities text/audio, streaming, tools) and GET /v1/models, per-turn metrics at /metrics. Requests that "
+        "arrive together are decoded as one batch. With no arguments: the tiny built-in model and a tiny random "
+        "detokenizer (no downloads; their words and sounds are noise).",
+        epilog="examples:\n  fun-audio-chat serve\n"
+        "  fun-audio-chat serve --model FunAudioLLM/Fun-Audio-Chat-8B --detokenizer cosyvoice3/ --port 8000",
+    )
+    serve.add_argument("--model", default="tiny", help="checkpoint directory, Hub repo id, or 'tiny' (default)")
+    serve.add_argument("--detokenizer", metavar="DIR",
+                       help="CosyVoice 3 token-to-wave directory for spoken replies; 'none' for text only "
+                       "(default: a tiny random one with --model tiny, none otherwise)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--model-id", help="model name in the API (default: the --model value)")
+    serve.add_argument("--max-new-tokens", type=int, default=256,
+                       help="reply length when a request gives no max_tokens (default: %(default)s)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
+    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+                       help="how long a request waits for others to join its batch (default: %(default)s)")
+    serve.add_argument("--max-audio-seconds", type=float, default=120.0,
+                       help="longest accepted audio clip in a request (default: %(default)s)")
+    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                       help="server log level (default: %(default)s)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

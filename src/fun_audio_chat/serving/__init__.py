@@ -1,0 +1,45 @@
+"""``fun-audio-chat serve``: a voice chat page and an OpenAI-compatible audio API over one model instance.
+
+* :mod:`.engine` — :class:`ServingEngine`: batches turns through ``generate`` and streams text and audio;
+* :mod:`.openai_api` — ``/v1/chat/completions`` and ``/v1/models`` (schemas, SSE streaming, tool calls);
+* :mod:`.audio` — inline base64 audio in, wav / flac / pcm16 out;
+* :mod:`.metrics` — per-turn latency and real-time-factor metrics (``/metrics``);
+* :mod:`.app` — :func:`create_app`, the FastAPI application (needs ``pip install "fun-audio-chat[serve]"``);
+* ``static/`` — the voice page.
+"""
+
+from .engine import (
+    AudioDelta,
+    ServingEngine,
+    TextDelta,
+    TurnCancelled,
+    TurnDone,
+    TurnFailed,
+    TurnHandle,
+    TurnMetrics,
+    TurnRequest,
+    TurnResult,
+)
+
+
+def __getattr__(name):
+    if name == "create_app":  # imported on use: FastAPI is an optional dependency
+        from .app import create_app
+
+        return create_app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "AudioDelta",
+    "ServingEngine",
+    "TextDelta",
+    "TurnCancelled",
+    "TurnDone",
+    "TurnFailed",
+    "TurnHandle",
+    "TurnMetrics",
+    "TurnRequest",
+    "TurnResult",
+    "create_app",
+]

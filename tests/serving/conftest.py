@@ -1,0 +1,85 @@
+"""Fixtures for the serving tests: the tiny model, and real HTTP servers on 127.0.0.1 started in this process."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="serving tests need the serve extra: pip install 'fun-audio-chat[serve,test]'")
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "test-artifacts" / "serving"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def tiny_detokenizer_or_none():
+    """The tiny random detokenizer when the library has it (speech out), else None (text-only server)."""
+    try:
+        from fun_audio_chat.tiny import tiny_detokenizer
+    except ImportError:
+        return None
+    return tiny_detokenizer(seed=0)
+
+
+class LocalServer:
+    """``create_app(engine)`` served by uvicorn in a thread of this process, on 127.0.0.1."""
+
+    def __init__(self, engine, model_id: str = "tiny", **app_kwargs):
+        import uvicorn
+
+        from fun_audio_chat.serving import create_app
+
+        self.engine = engine
+        self.app = create_app(engine, model_id, **app_kwargs)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="test-uvicorn")
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def client(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="not-needed", max_retries=0, timeout=120, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    from fun_audio_chat.cli import tiny_model_and_processor
+
+    return tiny_model_and_processor(0)
+
+
+@pytest.fixture(scope="session")
+def hello_b64() -> str:
+    from fun_audio_chat.processing import example_audio_path
+
+    return base64.b64encode(Path(example_audio_path()).read_bytes()).decode("ascii")
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

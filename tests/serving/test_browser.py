@@ -1,0 +1,164 @@
+"""The voice page in a real browser: headless Debian Chromium with a fake microphone playing a spoken question
+(looped), against ``fun-audio-chat serve`` started as a subprocess. The page must detect the turn, show the reply
+text, play reply audio chunks, stop a reply when the user speaks again (barge-in) and answer a typed turn.
+
+Needs ``apt-get install -y chromium chromium-driver`` (and selenium from the test extra): without them this test
+fails, it does not skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from fun_audio_chat.processing import example_audio_path
+
+from .conftest import free_port
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("FUN_AUDIO_CHAT_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("FUN_AUDIO_CHAT_CHROMEDRIVER", "/usr/bin/chromedriver")
+INSTALL_HINT = "install them with: apt-get install -y chromium chromium-driver (Debian), pip install selenium"
+
+
+def _require_browser():
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    if missing:
+        pytest.fail(f"the browser test needs headless Chromium and chromedriver, missing {missing}; {INSTALL_HINT}")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.fail(f"the browser test needs selenium; {INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def served():
+    """``fun-audio-chat serve`` with its defaults (tiny model, tiny detokenizer) on a free port."""
+    port = free_port()
+    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fun-audio-chat-serve-{port}.log", "w+")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--max-new-tokens", "16",
+         "--log-level", "warning"],
+        stdout=log, stderr=subprocess.STDOUT, env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    health = None
+    while health is None:
+        if process.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            process.kill()
+            pytest.fail(f"fun-audio-chat serve did not start:\n{log.read()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                health = json.loads(response.read())
+        except OSError:
+            time.sleep(0.3)
+    yield url, health
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    log.close()
+
+
+@pytest.fixture
+def microphone_wav(tmp_path) -> Path:
+    """What Chromium's fake microphone plays (looped): the bundled question, 1.2 s of silence (the turn ends after
+    0.7 s of it), the question again (it starts while the reply is on its way: a barge-in), then 8 s of silence
+    for the second reply to stream and play."""
+    speech, rate = sf.read(example_audio_path(), dtype="float32")
+
+    def silence(seconds):
+        return np.zeros(int(rate * seconds), dtype=np.float32)
+
+    path = tmp_path / "microphone.wav"
+    sf.write(path, np.concatenate([silence(0.5), speech, silence(1.2), speech, silence(8)]), rate, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture
+def browser(microphone_wav):
+    _require_browser()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which(CHROMIUM)
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,820",
+                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                 f"--use-file-for-fake-audio-capture={microphone_wav}",
+                 "--autoplay-policy=no-user-gesture-required"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(shutil.which(CHROMEDRIVER)))
+    yield driver
+    driver.quit()
+
+
+def _counter(driver, name: str) -> int:
+    return int(driver.execute_script(f"return document.body.dataset.{name} || '0'"))
+
+
+def _wait(driver, what: str, condition, timeout: float = 90):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            logs = "\n".join(str(entry) for entry in driver.get_log("browser"))
+            status = driver.execute_script("return JSON.stringify(document.body.dataset)")
+            pytest.fail(f"timed out waiting for {what}; page state {status}; console:\n{logs}")
+        time.sleep(0.2)
+
+
+def test_voice_page_turn_detection_reply_audio_barge_in_and_typed_turn(served, browser, artifacts_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    url, health = served
+    browser.get(url + "/")
+    _wait(browser, "the model name", lambda: "tiny" in browser.find_element(By.ID, "model").text, 30)
+    browser.find_element(By.ID, "start").click()
+
+    # spoken turns: detected by voice activity; the second starts while the first reply is on its way (barge-in)
+    _wait(browser, "two detected spoken turns", lambda: _counter(browser, "utterances") >= 2)
+    _wait(browser, "a barge-in", lambda: _counter(browser, "bargeIns") >= 1)
+    assert browser.find_elements(By.CSS_SELECTOR, ".turn.assistant.interrupted")
+    _wait(browser, "the reply to the second spoken turn", lambda: _counter(browser, "turns") >= 1)
+    for user_turn in browser.find_elements(By.CSS_SELECTOR, ".turn.user")[:2]:
+        assert "s of speech" in user_turn.text
+        # the clip (3.4 s) plus the kept lead-in and the closing silence
+        assert 3.4 <= float(user_turn.text.split()[1]) <= 5.0
+    answered = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant:not(.interrupted)")[0]
+    assert answered.find_element(By.CSS_SELECTOR, ".text").text.strip(), "the reply text was not shown"
+    timing = answered.find_element(By.CSS_SELECTOR, ".meta").text
+    assert "first text" in timing and "first audio" in timing, timing
+    assert health["speech"], "fun-audio-chat serve with no arguments must answer with speech"
+    _wait(browser, "a played audio chunk", lambda: _counter(browser, "chunksPlayed") >= 1)
+
+    # typed turn (voice detection off so the looping microphone does not interrupt it)
+    browser.execute_script("document.getElementById('mode').value = 'ptt'")
+    turns_before = _counter(browser, "turns")
+    browser.find_element(By.ID, "text-input").send_keys("Hello from the keyboard")
+    browser.find_element(By.ID, "send").click()
+    _wait(browser, "the reply to the typed turn", lambda: _counter(browser, "turns") > turns_before)
+    assert browser.find_elements(By.CSS_SELECTOR, ".turn.user")[-1].text == "Hello from the keyboard"
+    assert browser.find_elements(By.CSS_SELECTOR, ".turn.assistant .text")[-1].text.strip()
+    assert not browser.find_elements(By.CSS_SELECTOR, ".turn.error")
+
+    shot = artifacts_dir / "voice_page.png"
+    browser.save_screenshot(str(shot))
+    browser.save_screenshot(str(tmp_path / "voice_page.png"))
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")

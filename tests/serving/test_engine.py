@@ -1,0 +1,129 @@
+"""ServingEngine: batched rows equal their solo runs, seeds repeat, cancellation stops a row, a bad row does not
+fail its batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fun_audio_chat.processing import example_audio_path, load_audio
+from fun_audio_chat.serving import ServingEngine, TextDelta, TurnDone, TurnFailed, TurnRequest
+
+
+def _spoken(seconds: float | None = None) -> list[dict]:
+    waveform = load_audio(example_audio_path())
+    if seconds is not None:
+        waveform = waveform[: int(seconds * 16000)]
+    return [{"role": "user", "content": [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]}]
+
+
+def _typed(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture
+def engine(tiny_pair):
+    model, processor = tiny_pair
+    # a wide batch window so that requests submitted back to back share one generate call
+    engine = ServingEngine(model, processor, max_batch_size=8, batch_window=0.3).start()
+    yield engine
+    engine.close()
+
+
+def _submit_together(engine, requests):
+    handles = [engine.submit(request) for request in requests]
+    return [handle.result() for handle in handles]
+
+
+def test_batched_rows_equal_their_solo_runs(engine):
+    conversations = [_spoken(), _typed("What is the weather like?"), _spoken(1.5), _typed("Hi")]
+    for speech in (True, False):
+        requests = [TurnRequest(c, speech=speech, max_new_tokens=10, temperature=0) for c in conversations]
+        solo = [engine.submit(request).result() for request in requests]
+        together = _submit_together(engine, requests)
+        assert [r.metrics.batch_size for r in solo] == [1, 1, 1, 1]
+        assert [r.metrics.batch_size for r in together] == [4, 4, 4, 4]
+        assert [r.text for r in together] == [r.text for r in solo]
+        assert [r.codes for r in together] == [r.codes for r in solo]
+        if speech:
+            assert all(len(r.codes) > 0 for r in solo)
+        else:
+            assert all(r.codes is None for r in solo)
+
+
+def test_streamed_text_pieces_make_the_final_text(engine):
+    handle = engine.submit(TurnRequest(_spoken(), speech=True, max_new_tokens=12, temperature=0))
+    events = list(handle)
+    assert isinstance(events[-1], TurnDone)
+    pieces = "".join(event.text for event in events if isinstance(event, TextDelta))
+    assert pieces == events[-1].result.text
+    metrics = events[-1].result.metrics
+    assert metrics.completion_tokens == 12 and events[-1].result.finish_reason == "length"
+    assert 0 <= metrics.queue_seconds <= metrics.first_text_seconds <= metrics.total_seconds
+
+
+def test_seed_makes_sampling_repeatable_and_runs_alone(engine):
+    request = TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=1234)
+    first, second = _submit_together(engine, [request, request])
+    assert first.metrics.batch_size == second.metrics.batch_size == 1  # a seeded request is decoded alone
+    assert (first.text, first.codes) == (second.text, second.codes)
+    other = engine.submit(TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95,
+                                      seed=99)).result()
+    assert (other.text, other.codes) != (first.text, first.codes)
+
+
+def test_greedy_means_greedy_speech_too(engine):
+    request = TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=0)
+    first = engine.submit(request).result()
+    import torch
+
+    torch.manual_seed(12345)  # a different global RNG state must not change a greedy reply
+    second = engine.submit(request).result()
+    assert first.codes == second.codes and first.text == second.text
+
+
+def test_cancelled_row_stops_and_the_others_finish(engine):
+    long = TurnRequest(_typed("Tell me a long story"), speech=False, max_new_tokens=300, temperature=0)
+    short = TurnRequest(_typed("Hi"), speech=False, max_new_tokens=300, temperature=0)
+    victim = engine.submit(long)
+    survivor = engine.submit(short)
+    for event in victim:
+        if isinstance(event, TextDelta):
+            victim.cancel()
+            break
+    result = survivor.result()
+    assert result.metrics.batch_size == 2 and result.metrics.completion_tokens == 300
+    victim_done = [event for event in victim if isinstance(event, (TurnDone, TurnFailed))][-1]
+    assert isinstance(victim_done, TurnDone) and victim_done.result.finish_reason == "cancelled"
+
+    alone = engine.submit(long)
+    for event in alone:
+        if isinstance(event, TextDelta):
+            alone.cancel()
+            break
+    done = [event for event in alone if isinstance(event, TurnDone)][-1]
+    # every row cancelled: generate returns long before its 300 steps
+    assert done.result.finish_reason == "cancelled" and engine.batches_run >= 2
+    assert done.result.metrics.total_seconds < result.metrics.total_seconds
+
+
+def test_a_row_that_does_not_fit_fails_alone(engine):
+    fine = TurnRequest(_typed("Hi"), speech=False, max_new_tokens=8, temperature=0)
+    too_long = TurnRequest(_typed("word " * 1100), speech=False, max_new_tokens=8, temperature=0)
+    fine_handle, bad_handle = engine.submit(fine), engine.submit(too_long)
+    events = list(bad_handle)
+    assert isinstance(events[-1], TurnFailed) and isinstance(events[-1].error, ValueError)
+    assert "exceeds the model's context" in str(events[-1].error)
+    assert fine_handle.result().metrics.completion_tokens == 8
+
+
+def test_engine_rejects_bad_settings(tiny_pair):
+    model, processor = tiny_pair
+    with pytest.raises(ValueError, match="max_batch_size"):
+        ServingEngine(model, processor, max_batch_size=0)
+    engine = ServingEngine(model, processor)
+    assert not engine.can_speak and engine.sample_rate is None
+    result = engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=4, temperature=0)).result()
+    # without a detokenizer a speech request still gets its text and codes, but no audio
+    assert result.audio is None and len(result.codes) > 0 and np.isfinite(result.metrics.total_seconds)
+    engine.close()
