@@ -8,6 +8,7 @@ Commands (``fun-audio-chat COMMAND --help`` for each):
   reply text, the speech codes (JSON) and, when a detokenizer is available, a wav.
 * ``tokenize-speech`` — batch S3Tokenizer over a folder of audio files or a dataset → JSON lines of codes.
 * ``merge`` — Core-Cocktail merge ``alpha * tuned + (1 - alpha) * base`` of checkpoints on disk.
+* ``convert-detokenizer`` — an official CosyVoice 3 folder (or Hub id) → our safetensors detokenizer folder.
 * ``serve`` — a voice chat page and an OpenAI-compatible audio API (``/v1/chat/completions``) over one model.
 
 Errors the user can fix (a missing file, a directory that is not a checkpoint, a model that cannot be fetched)
@@ -242,6 +243,11 @@ def cmd_demo(args) -> int:
     tokenizer = processor.tokenizer
     special_ids = set(tokenizer.all_special_ids)
     t_model = time.perf_counter()
+    from .tiny import tiny_detokenizer
+
+    detokenizer = tiny_detokenizer(args.seed)
+    audio_session = detokenizer.streaming_session()
+    t_detokenizer = time.perf_counter()
     audio_path = args.audio or example_audio_path()
     waveform = _load_audio_or_fail(processor, audio_path)
     inputs = processor.apply_chat_template(
@@ -269,8 +275,9 @@ def cmd_demo(args) -> int:
         return_dict_in_generate=True,
     )
     t_gen = time.perf_counter()
-    first_text = first_speech = None
+    first_text = first_speech = first_audio = None
     steps, groups = 0, []
+    audio_chunks, audio_seconds_spent = [], 0.0
     for event in generation:
         now = time.perf_counter()
         if isinstance(event, TextEvent):
@@ -284,13 +291,23 @@ def cmd_demo(args) -> int:
         else:
             first_speech = first_speech or now
             groups.append(event.codes)
+            t_audio = time.perf_counter()
+            chunk = audio_session.push(list(event.codes))
+            audio_seconds_spent += time.perf_counter() - t_audio
+            audio_chunks.append(chunk)
             _say(f"  speech {' '.join(f'{c:4d}' for c in event.codes)}")
+            if chunk.numel():
+                first_audio = first_audio or time.perf_counter()
+                _say(f"  audio  {chunk.numel() / detokenizer.sample_rate:.2f} s ready (24 kHz)")
+    t_audio = time.perf_counter()
+    audio_chunks.append(audio_session.finish())
+    audio_seconds_spent += time.perf_counter() - t_audio
     t_end = time.perf_counter()
     out = generation.output
     reply = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1]:])
     codes = processor.decode_speech(out.speech_ids, out.speech_attention_mask)[0]
     speech_seconds = len(codes) / SPEECH_FRAME_RATE
-    gen_seconds = t_end - t_gen
+    gen_seconds = t_end - t_gen - audio_seconds_spent  # the audio rendering is reported on its own
 
     _say("")
     _say(f"Reply text: {_printable(reply)!r}")
@@ -299,12 +316,16 @@ def cmd_demo(args) -> int:
     if args.out:
         out_dir = Path(args.out)
         _write_reply(out_dir, reply, codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
-        _say(f"Saved reply.txt and speech_codes.json to {out_dir}")
+        from .processing import save_audio
+
+        save_audio(out_dir / "reply.wav", torch.cat(audio_chunks), detokenizer.sample_rate)
+        _say(f"Saved reply.txt, speech_codes.json and reply.wav (the streamed audio) to {out_dir}")
     _say("")
     _say("Timings")
     if startup is not None:
         _say(f"  start-up, imports   {startup:6.2f} s (python, torch, transformers)")
     _say(f"  build tiny model    {t_model - t_import:6.2f} s")
+    _say(f"  build detokenizer   {t_detokenizer - t_model:6.2f} s (tiny CosyVoice 3 flow + HiFT, random weights)")
     _say(f"  load audio, prompt  {t_inputs - t_model:6.2f} s")
     if first_text is not None:
         _say(f"  first text token    {first_text - t_gen:6.2f} s after generate() started")
@@ -314,16 +335,40 @@ def cmd_demo(args) -> int:
     _say(f"  generation          {gen_seconds:6.2f} s for {steps} steps ({rate:.1f} steps/s)")
     if speech_seconds > 0:
         _say(f"  real-time factor    {gen_seconds / speech_seconds:6.2f} (generation time / speech duration)")
+    if first_audio is not None:
+        _say(f"  first audio chunk   {first_audio - t_gen:6.2f} s after generate() started")
+    audio_out = sum(chunk.numel() for chunk in audio_chunks) / detokenizer.sample_rate
+    if audio_out > 0:
+        _say(f"  audio rendering     {audio_seconds_spent:6.2f} s for {audio_out:.2f} s of 24 kHz audio "
+             f"(real-time factor {audio_seconds_spent / audio_out:.2f}, streamed as the codes arrived)")
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ chat
+def _load_native_detokenizer(spec: str, flag: str):
+    """``tiny``, a CosyVoice 3 folder (official or converted) or a Hub id of one → CosyVoice3Detokenizer."""
+    if spec == "tiny":
+        from .tiny import tiny_detokenizer
+
+        return tiny_detokenizer()
+    from .token2wav import CosyVoice3Detokenizer
+
+    try:
+        return CosyVoice3Detokenizer.from_pretrained(os.path.expanduser(spec))
+    except Exception as err:  # format, file and Hub errors: one line for the user
+        raise CLIError(f"{flag} {spec}: could not load a CosyVoice 3 detokenizer: {_first_line(err)}") from err
+
+
 def _find_detokenizer(args):
-    """The detokenizer for reply.wav: ``--detokenizer MODULE:FACTORY`` (any object with ``sampling_rate`` that maps
-    codes to a waveform, see ``fun_audio_chat.processing.SpeechDetokenizer``), else CosyVoice 3 from
-    ``--cosyvoice-dir`` (or $FUN_AUDIO_CHAT_COSYVOICE_DIR), else None."""
+    """The detokenizer for reply.wav: ``--detokenizer`` (a CosyVoice 3 folder, official or converted, a Hub id,
+    ``tiny``, or ``MODULE:FACTORY`` for any object with ``sampling_rate`` that maps codes to a waveform, see
+    ``fun_audio_chat.processing.SpeechDetokenizer``), else ``--cosyvoice-dir`` (or $FUN_AUDIO_CHAT_COSYVOICE_DIR),
+    else None."""
     from .processing import SpeechDetokenizer
 
+    spec = args.detokenizer
+    if spec and (spec == "tiny" or ":" not in spec or Path(spec).expanduser().exists()):
+        return _load_native_detokenizer(spec, "--detokenizer")
     if args.detokenizer:
         module_name, _, attribute = args.detokenizer.partition(":")
         if not module_name or not attribute:
@@ -355,12 +400,7 @@ def _find_detokenizer(args):
         return None
     if not Path(model_dir).is_dir():
         raise CLIError(f"--cosyvoice-dir {model_dir}: directory not found.")
-    from .processing import CosyVoice3Detokenizer
-
-    try:
-        return CosyVoice3Detokenizer(model_dir)
-    except ImportError as err:
-        raise CLIError(str(err)) from err
+    return _load_native_detokenizer(model_dir, "--cosyvoice-dir")
 
 
 def _write_reply(out_dir: Path, text: str, codes: list[int], *, model_name: str, audio: str, detokenizer) -> list[str]:
@@ -449,8 +489,8 @@ def cmd_chat(args) -> int:
                                detokenizer=detokenizer)
         _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
         if speech and detokenizer is None:
-            _say("no detokenizer: reply.wav not written (pass --cosyvoice-dir with a CosyVoice 3 model and the "
-                 "cosyvoice package installed, or --detokenizer, to get audio)", file=sys.stderr)
+            _say("no detokenizer: reply.wav not written (pass --detokenizer with a CosyVoice 3 folder, a converted "
+                 "detokenizer or a Hub id to get audio from the speech codes)", file=sys.stderr)
     return 0
 
 
@@ -641,6 +681,31 @@ def cmd_merge(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ convert-detokenizer
+def cmd_convert_detokenizer(args) -> int:
+    out = Path(args.out).expanduser()
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise CLIError(f"{args.out}: folder exists and is not empty (pass --overwrite to replace its files).")
+    t0 = time.perf_counter()
+    detokenizer = _load_native_detokenizer(args.source, "SRC")
+    if args.speaker_embedding:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(Path(args.speaker_embedding).expanduser()))
+        except Exception as err:  # noqa: BLE001 - reported as one line
+            raise CLIError(f"--speaker-embedding {args.speaker_embedding}: {_first_line(err)}") from err
+        if len(tensors) != 1 or next(iter(tensors.values())).numel() != 192:
+            raise CLIError(f"--speaker-embedding {args.speaker_embedding}: expected one tensor of 192 values.")
+        detokenizer.speaker_embedding.copy_(next(iter(tensors.values())).float().reshape(1, -1))
+    detokenizer.save_pretrained(out)
+    flow = sum(p.numel() for p in detokenizer.flow.parameters())
+    hift = sum(p.numel() for p in detokenizer.hift.parameters())
+    _say(f"wrote {out}/config.json and model.safetensors (flow {flow:,} + HiFT {hift:,} parameters) in "
+         f"{time.perf_counter() - t0:.1f} s; load it with CosyVoice3Detokenizer.from_pretrained({str(out)!r})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ serve
 def _serve_detokenizer(spec: str | None, model_spec: str):
     """Speech codes → audio for ``serve``: ``none``, a CosyVoice 3 directory, or by default the tiny random one
@@ -726,7 +791,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--max-new-tokens", type=_positive_int, default=24,
                       help="LLM steps (each brings 5 speech codes)")
     demo.add_argument("--seed", type=int, default=3, help="weights and sampling seed")
-    demo.add_argument("--out", help="also save reply.txt and speech_codes.json to this folder")
+    demo.add_argument("--out", help="also save reply.txt, speech_codes.json and reply.wav to this folder")
     demo.add_argument("--threads", type=_positive_int, default=1,
                       help="torch CPU threads (tiny models are fastest on one)")
     demo.set_defaults(func=cmd_demo)
@@ -734,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat = commands.add_parser(
         "chat", formatter_class=fmt, help="answer one audio file (text, speech codes, wav)",
         description="Answer a spoken question. Streams the reply text to stdout and, with --out, writes reply.txt, "
-        "speech_codes.json (25 Hz S3 codes) and reply.wav (only when a detokenizer is available: --cosyvoice-dir).",
+        "speech_codes.json (25 Hz S3 codes) and reply.wav (only when a detokenizer is given: --detokenizer).",
         epilog="examples:\n  fun-audio-chat chat --model FunAudioLLM/Fun-Audio-Chat-8B --audio question.wav --out reply/\n"
         "  fun-audio-chat chat --model tiny --audio question.wav --text-only",
     )
@@ -752,13 +817,27 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
     chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                       help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    chat.add_argument("--cosyvoice-dir", help="CosyVoice 3 model directory for reply.wav (needs the cosyvoice "
-                      "package; default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)")
-    chat.add_argument("--detokenizer", metavar="MODULE:FACTORY",
-                      help="another codes-to-wave model for reply.wav: FACTORY() returns an object with sampling_rate "
-                      "that maps a list of codes to a waveform")
+    chat.add_argument("--cosyvoice-dir", help="official CosyVoice 3 folder for reply.wav (same as --detokenizer DIR; "
+                      "default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)")
+    chat.add_argument("--detokenizer", metavar="PATH",
+                      help="speech codes -> reply.wav: a CosyVoice 3 folder (official, or converted with "
+                      "convert-detokenizer), a Hub id of one, 'tiny' (random weights), or MODULE:FACTORY for "
+                      "another codes-to-wave object with sampling_rate")
     chat.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     chat.set_defaults(func=cmd_chat)
+
+    convert = commands.add_parser(
+        "convert-detokenizer", help="official CosyVoice 3 folder -> safetensors detokenizer folder",
+        description="Read an official CosyVoice 3 folder (cosyvoice3.yaml read as data, flow.pt and hift.pt read as "
+        "weights only) or a Hub id of one, and write config.json + model.safetensors for "
+        "CosyVoice3Detokenizer.from_pretrained. Only the flow and vocoder are kept.",
+    )
+    convert.add_argument("source", metavar="SRC", help="official CosyVoice 3 folder or Hub id")
+    convert.add_argument("out", metavar="OUT", help="output folder")
+    convert.add_argument("--speaker-embedding", metavar="FILE",
+                         help="safetensors file with one 192-value speaker embedding to make the default voice")
+    convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    convert.set_defaults(func=cmd_convert_detokenizer)
 
     tok = commands.add_parser(
         "tokenize-speech", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -19,6 +19,7 @@ DEFAULT_AUDIO_BOS_INDEX = 151670
 DEFAULT_AUDIO_EOS_INDEX = 151671
 DEFAULT_SIL_INDEX = 151673
 DEFAULT_AUDIO_TOKEN_INDEX = 151669
+TRAINING_RECIPES = ("consistent", "official")
 
 _SRH_BACKBONE_DEFAULTS = {
     "hidden_size": 1024,
@@ -153,10 +154,13 @@ class FunAudioChatConfig(PreTrainedConfig):
         audio_config: :class:`FunAudioChatAudioEncoderConfig` (or its dict).
         text_config: Qwen3 config of the LLM; keeps ``audio_bos_index``, ``audio_eos_index`` and ``sil_index``.
         audio_token_index: id of the ``<|AUDIO|>`` placeholder.
-        halve_unpaired_audio_features: the official training forward averages every audio row with its
-            transcript embedding whenever ``text_ids`` are given, which halves user-audio features that have
-            no transcript (inference never does). Off by default so training sees what inference sees; turn it
-            on to reproduce the official training numbers.
+        training_recipe: what the training forward feeds (see ``docs/training.md``). ``"consistent"`` (default)
+            trains what ``generate()`` does: the pad tail of a reply's last speech group is a target (the speech
+            pad id), and the Speech Refined Head gets generation's previous-code embeddings (speech-BOS over the
+            prompt, the greedily decoded prompt codes before the reply) and text conditioning (the ``<|AUDIO|>``
+            embedding at audio without a transcript); user-audio features are never halved. ``"official"``
+            reproduces the official training forward bit for bit.
+        halve_unpaired_audio_features: older spelling of ``training_recipe="official"``; True selects it.
     """
 
     model_type = "funaudiochat"
@@ -171,6 +175,7 @@ class FunAudioChatConfig(PreTrainedConfig):
     audio_token_index: int = DEFAULT_AUDIO_TOKEN_INDEX
     ignore_index: int = -100
     hidden_size: int | None = None
+    training_recipe: str = "consistent"
     halve_unpaired_audio_features: bool = False
     tie_word_embeddings: bool = False
     use_cache: bool = False
@@ -192,8 +197,19 @@ class FunAudioChatConfig(PreTrainedConfig):
     def speech_group_size(self) -> int:
         return self.audio_config.group_size
 
+    @property
+    def uses_official_training_recipe(self) -> bool:
+        """True when the training forward reproduces the official one (``training_recipe="official"`` or the
+        older ``halve_unpaired_audio_features=True``)."""
+        return self.training_recipe == "official" or bool(self.halve_unpaired_audio_features)
+
     def validate_consistency(self) -> None:
         text, audio = self.text_config, self.audio_config
+        if self.training_recipe not in TRAINING_RECIPES:
+            raise ValueError(
+                f"training_recipe={self.training_recipe!r} is not one of {TRAINING_RECIPES}: \"consistent\" trains "
+                "what generate() does, \"official\" reproduces the official training forward."
+            )
         if audio.output_dim != text.hidden_size:
             raise ValueError(
                 f"audio_config.output_dim ({audio.output_dim}) must equal text_config.hidden_size "
@@ -233,6 +249,8 @@ class FunAudioChatConfig(PreTrainedConfig):
         # Default-valued flags of ours are noise in an official-layout config.json.
         if not output.get("halve_unpaired_audio_features", False):
             output.pop("halve_unpaired_audio_features", None)
+        if output.get("training_recipe") == "consistent":
+            output.pop("training_recipe", None)
         return output
 
 

@@ -1,7 +1,7 @@
 """Forward parity with the official implementation (tests/fixtures/oracle), fp32.
 
-Training cases need ``halve_unpaired_audio_features=True``: the official training forward halves user-audio
-features whenever transcripts are present (our default leaves them unhalved, like inference).
+Training cases run under ``training_recipe="official"``, which reproduces the official training forward (the
+default "consistent" recipe feeds training what generation does; see docs/training.md).
 Left-padded rows are compared on their valid positions only (fully masked positions are undefined).
 """
 
@@ -54,10 +54,11 @@ def _intermediates(model, inputs):
     return merged, found
 
 
-@pytest.mark.parametrize("case,variant,halve", FORWARD_CASES)
-def test_forward_matches_official(case, variant, halve):
+@pytest.mark.parametrize("case,variant,official", FORWARD_CASES)
+def test_forward_matches_official(case, variant, official):
     model = oracle.load_model(case)
-    model.config.halve_unpaired_audio_features = halve
+    if official:
+        model.config.training_recipe = "official"
     inputs = oracle.variant_inputs(case, variant)
     reference = oracle.outputs(case, variant)
     try:
@@ -65,7 +66,7 @@ def test_forward_matches_official(case, variant, halve):
             out = model(**inputs, return_last_hidden_state=True)
             merged, intermediates = _intermediates(model, inputs)
     finally:
-        model.config.halve_unpaired_audio_features = False
+        model.config.training_recipe = "consistent"
 
     valid = inputs["attention_mask"].bool()
     valid_sub = valid.repeat_interleave(model.group_size, dim=1)

@@ -212,6 +212,32 @@ def test_identical_text_only_speech_drives_the_loss(processor, tmp_path):
     assert max(float(g.abs().max()) for g in grads.values()) < 1e-5
 
 
+def test_per_task_speech_logp_weight(processor, tmp_path):
+    """A text-preference task scores text only, the others keep the global speech weight."""
+    rows = synthetic_rows(1, seed=5)  # tasks text, speech, both
+    model = tiny_model(0)
+    ref = perturbed_copy(model, scale=0.05, seed=2)
+    trainer = make_trainer(
+        model, rows, processor, tmp_path, ref_model=ref, speech_logp_weight=0.5, task_speech_logp_weights={"text": 0.0}
+    )
+    batch = _collate(trainer, rows)
+    with torch.no_grad():
+        policy = trainer.answer_log_probs(trainer.model, batch)
+    tasks = [trainer.task_names[i] for i in batch["task_ids"].tolist()]
+    for row, task in enumerate(tasks):
+        weight = 0.0 if task == "text" else 0.5
+        for side in ("chosen", "rejected"):
+            expected = policy[f"{side}_text"][row] + weight * policy[f"{side}_speech"][row]
+            assert abs(float(policy[side][row] - expected)) < 1e-5
+    text_row = tasks.index("text")
+    assert float(policy["chosen_speech"][text_row]) != 0.0  # the speech stream is there, just not scored
+    # only the text-task pair: the SRH-only parameters get no gradient
+    _, grads = _loss_and_grads(trainer, _collate(trainer, [rows[text_row]]))
+    assert sum(float(grads[n].abs().sum()) for n in _srh_only_params(model)) == 0.0
+    with pytest.raises(ValueError, match="task 'text'"):
+        make_trainer(model, rows, processor, tmp_path / "bad", ref_model=ref, task_speech_logp_weights={"text": -1})
+
+
 def test_task_with_weight_zero_contributes_no_gradient(processor, tmp_path):
     rows = synthetic_rows(1, seed=5)  # tasks text, speech, both
     model = tiny_model(0)

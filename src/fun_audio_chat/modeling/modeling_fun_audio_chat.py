@@ -432,38 +432,50 @@ class FunAudioChatForConditionalGeneration(
         """
         k = self.group_size
         codes = self.teacher_forcing_codes(speech_labels)
+        batch, total = codes.shape
         starts = self.reply_start_positions(labels)
-        bos = self.config.audio_config.bos_token_id
+        index = torch.arange(total, device=codes.device)
+        # sub-positions up to (P-1, 0) are prefilled with speech-BOS (the whole row when there is no reply)
+        prefilled = torch.where(starts < labels.shape[1], k * (starts - 1) + 1, torch.full_like(starts, total))
+        codes = codes.masked_fill(index[None, :] < prefilled[:, None], self.config.audio_config.bos_token_id)
+        decoding = (starts > 0) & (starts < labels.shape[1])
+        if not bool(decoding.any()):
+            return codes
+        rows = torch.arange(batch, device=codes.device)
         head = self.audio_invert_tower
-        for row in range(codes.shape[0]):
-            start = int(starts[row])
-            if start == 0:
-                continue
-            prefilled = k * (start - 1) + 1
-            codes[row, :prefilled] = bos
-            if start >= labels.shape[1]:
-                codes[row, prefilled:] = bos
-                continue
-            sub_states = head.ungroup(states[row : row + 1, :start])
-            mask = None if sub_mask is None else sub_mask[row : row + 1]
-            positions = None if sub_positions is None else sub_positions[row : row + 1]
-            cache = DynamicCache()
-            end = prefilled
-            step_inputs = sub_states[:, :end] + head.code_embeddings(codes[row : row + 1, :end])
-            for sub_step in range(k):
-                begin = end - step_inputs.shape[1]
-                _, logits = head.run_backbone(
-                    step_inputs,
-                    attention_mask=None if mask is None else mask[:, :end],
-                    position_ids=None if positions is None else positions[:, begin:end],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                decoded = logits[:, -1].argmax(-1)
-                codes[row, end] = decoded[0]
-                if sub_step < k - 1:
-                    step_inputs = sub_states[:, end : end + 1] + head.code_embeddings(decoded)[:, None]
-                    end += 1
+        width = int(prefilled[decoding].max())
+        sub_states = head.ungroup(states[:, : int(starts[decoding].max())])
+        prefix_mask = torch.ones(batch, width, dtype=torch.long, device=codes.device)
+        if sub_mask is not None:
+            prefix_mask = prefix_mask * sub_mask[:, :width].long()
+        cache = DynamicCache()
+        _, logits = head.run_backbone(
+            sub_states[:, :width] + head.code_embeddings(codes[:, :width]),
+            attention_mask=prefix_mask,
+            position_ids=None if sub_positions is None else sub_positions[:, :width],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        last = (prefilled - 1).clamp(min=0, max=width - 1)
+        decoded = logits[rows, last].argmax(-1)
+        # Rows with a shorter prompt must not see the prefix entries past their own (P-1, 0): mask them out.
+        key_mask = prefix_mask * (index[None, :width] < prefilled[:, None]).long()
+        for sub_step in range(1, k + 1):
+            target = (prefilled + sub_step - 1).clamp(max=total - 1)
+            codes[decoding, target[decoding]] = decoded[decoding]
+            if sub_step == k:
+                break
+            step_states = sub_states[rows, target.clamp(max=sub_states.shape[1] - 1)][:, None]
+            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
+            positions = target[:, None] if sub_positions is None else sub_positions[rows, target][:, None]
+            _, logits = head.run_backbone(
+                step_states + head.code_embeddings(decoded)[:, None],
+                attention_mask=key_mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            decoded = logits[:, -1].argmax(-1)
         return codes
 
     def teacher_forced_speech_logits(
@@ -633,7 +645,12 @@ class FunAudioChatForConditionalGeneration(
                 shifted = nn.functional.pad(speech_labels, (0, self.group_size), value=IGNORE_INDEX)[
                     :, self.group_size :
                 ]
-                speech_loss = self.speech_loss(speech_logits, shifted, speech_counts)
+                if bool((shifted != IGNORE_INDEX).any()):
+                    speech_loss = self.speech_loss(speech_logits, shifted, speech_counts)
+            if speech_loss is None and labels is not None:
+                # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
+                # process runs its backward (sharded engines gather and reduce its parameters on all ranks).
+                speech_loss = speech_logits.float().sum() * 0.0
 
         if text_loss is not None:
             loss = text_loss if speech_loss is None else text_loss + speech_loss

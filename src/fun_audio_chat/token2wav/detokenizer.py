@@ -38,8 +38,9 @@ from .loading import (
 from .noise import fixed_noise
 
 DEFAULT_SPEAKER_ASSET = Path(__file__).resolve().parent.parent / "assets" / "cosyvoice3_default_speaker.safetensors"
-# Frames of mel the windowed vocoder re-renders before the first new frame; more than its left receptive field.
-VOCODER_CONTEXT_FRAMES = 48
+# Frames of mel the windowed vocoder re-renders before the first new frame: more than its left receptive field
+# (about 26 frames at the released sizes: the F0 convs, the upsampling convs and the dilated residual blocks).
+VOCODER_CONTEXT_FRAMES = 32
 
 
 def split_segments(num_tokens: int, segment: int = 750, min_last: int = 50) -> list[tuple[int, int]]:
@@ -292,6 +293,7 @@ class StreamingSession:
         self.mel_history = None  # (1, mel, frames)
         self.speech_offset = 0  # samples returned so far
         self.final_f0 = None  # (1, k) F0 of frames that no later call can change
+        self.final_phase = None  # (1, k, H+1) float64 running phase (cycles) after each of those frames
         self.finished = False
 
     # -- the official per-call token-to-wave -----------------------------------------------------------------
@@ -339,8 +341,7 @@ class StreamingSession:
             phase_start = None
             override = None
             if start:
-                increments = hift.source.frame_increments(self.final_f0[:, :start])
-                phase_start = increments.double().sum(dim=1)
+                phase_start = self.final_phase[:, start - 1]
             if known > start:
                 override = self.final_f0[:, start:known]
             speech, f0 = hift(self.mel_history[:, :, start:], finalize=finalize, frame_offset=start,
@@ -350,9 +351,14 @@ class StreamingSession:
             # from the window start) is final: keep it to continue the source phase exactly in later calls
             settled = start + f0.shape[1]
             reliable_from = known if start == 0 else max(known, start + VOCODER_CONTEXT_FRAMES // 2)
-            if settled > reliable_from >= known:
+            if settled > reliable_from == known:
                 piece = f0[:, reliable_from - start : settled - start]
+                increments = hift.source.frame_increments(piece).double()
+                if self.final_phase is not None:
+                    increments = torch.cat([self.final_phase[:, -1:], increments], dim=1)
+                running = torch.cumsum(increments, dim=1)[:, (0 if self.final_phase is None else 1):]
                 self.final_f0 = piece if self.final_f0 is None else torch.cat([self.final_f0, piece], dim=1)
+                self.final_phase = running if self.final_phase is None else torch.cat([self.final_phase, running], 1)
         self.speech_offset += new.shape[0]
         return new.float().cpu()
 

@@ -114,9 +114,9 @@ class DiTCache:
 
     def memory_bytes(self) -> int:
         total = 0 if self.input_tail is None else self.input_tail.numel() * self.input_tail.element_size()
-        for k, v in self.layers:
-            if k is not None:
-                total += 2 * k.numel() * k.element_size()
+        for keys, values in self.layers:
+            if keys is not None:
+                total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         return total
 
 

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from .configuration import HiFTConfig
@@ -143,7 +144,7 @@ class HiFTGenerator(nn.Module):
         self.source_resblocks = nn.ModuleList()
         self.resblocks = nn.ModuleList()
         rates = config.upsample_rates
-        for index, (rate, kernel) in enumerate(zip(rates, config.upsample_kernel_sizes)):
+        for index, kernel in enumerate(config.upsample_kernel_sizes):
             out = channels // (2 ** (index + 1))
             self.upsample_convs.append(_normed(CausalConv1d(channels // (2**index), out, kernel)))
             stride = math.prod(rates[index + 1 :])
@@ -223,13 +224,14 @@ class HiFTGenerator(nn.Module):
         (B, k) replaces the first k predicted F0 frames, ``phase_start`` continues the source phase.
         """
         config = self.config
-        f0 = self.f0_predictor(mel, finalize)
-        if f0_override is not None and f0_override.shape[1]:
-            f0 = torch.cat([f0_override.to(f0.dtype), f0[:, f0_override.shape[1]:]], dim=1)
-        samples = f0.shape[1] * config.samples_per_frame
-        noise = self.noise(frame_offset * config.samples_per_frame, samples)
-        source, _ = self.source(f0, noise, phase_start)
-        if trace is not None:
-            trace.update(f0=f0, source=source)
-        decoder_mel = mel if finalize else mel[:, :, : -config.f0_lookahead]
-        return self.decode(decoder_mel, source, finalize), f0
+        with parametrize.cached():  # each weight-normalised kernel is computed once per call
+            f0 = self.f0_predictor(mel, finalize)
+            if f0_override is not None and f0_override.shape[1]:
+                f0 = torch.cat([f0_override.to(f0.dtype), f0[:, f0_override.shape[1]:]], dim=1)
+            samples = f0.shape[1] * config.samples_per_frame
+            noise = self.noise(frame_offset * config.samples_per_frame, samples)
+            source, _ = self.source(f0, noise, phase_start)
+            if trace is not None:
+                trace.update(f0=f0, source=source)
+            decoder_mel = mel if finalize else mel[:, :, : -config.f0_lookahead]
+            return self.decode(decoder_mel, source, finalize), f0

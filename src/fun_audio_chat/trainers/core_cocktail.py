@@ -223,6 +223,12 @@ def core_cocktail_training_arguments(
         kwargs["lr_scheduler_kwargs"] = {}
     kwargs.update(overrides)
     kwargs["output_dir"] = str(output_dir)
+    scheduler_kwargs = dict(kwargs.get("lr_scheduler_kwargs") or {})
+    if "min_lr" in scheduler_kwargs and "min_lr_rate" not in scheduler_kwargs:
+        # The same floor as a ratio of the peak: transformers' `min_lr` reads `optimizer.defaults`, which the
+        # DeepSpeed optimizer does not have; `min_lr_rate` works with every optimizer.
+        scheduler_kwargs["min_lr_rate"] = float(scheduler_kwargs.pop("min_lr")) / float(kwargs["learning_rate"])
+        kwargs["lr_scheduler_kwargs"] = scheduler_kwargs
     return TrainingArguments(**kwargs)
 
 
@@ -285,7 +291,7 @@ def load_weights_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
 
 def _release_trainer(trainer) -> None:
-    """Drop a finished Trainer's DDP wrapper / optimizer so the next stage wraps the model afresh."""
+    """Drop a finished Trainer's DDP/DeepSpeed wrapper and optimizer so the next stage wraps the model afresh."""
     try:
         trainer.accelerator.free_memory()
     except Exception:  # pragma: no cover - best effort
@@ -293,7 +299,31 @@ def _release_trainer(trainer) -> None:
     trainer.model_wrapped = None
     trainer.optimizer = None
     trainer.lr_scheduler = None
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        # accelerate refuses a second Accelerator with a DeepSpeed plugin in one process unless its shared state is
+        # reset (the process group itself stays up).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state()
     gc.collect()
+
+
+def _finished_checkpoint(stage_dir: Path) -> Path | None:
+    """The stage's last checkpoint when it was written at the stage's final step (nothing left to train).
+
+    Resuming ``Trainer.train`` from such a checkpoint runs one optimizer step more than the uninterrupted run, so
+    the runner loads its weights instead.
+    """
+    last = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+    if last is None or not (Path(last) / "trainer_state.json").is_file():
+        return None
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    max_steps, step = int(state.get("max_steps") or 0), int(state.get("global_step") or 0)
+    return Path(last) if max_steps > 0 and step >= max_steps else None
+
+
+def _completed_stage_history(checkpoint: Path) -> list:
+    return list(json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", []))
 
 
 def run_core_cocktail(
@@ -373,12 +403,19 @@ def run_core_cocktail(
         merger = CoreCocktailCallback(base, alpha=alpha, save_dir=merged_dir, merge_kwargs=merge_kwargs)
         trainer = make_trainer(args1, train_dataset, [merger])
         last = get_last_checkpoint(str(stage1_dir)) if resume and stage1_dir.is_dir() else None
-        if last:
-            logger.info("Core-Cocktail: resuming stage 1 from %s", last)
+        finished = _finished_checkpoint(stage1_dir) if resume else None
         _write_state(output_dir, {"status": "stage1", "alpha": alpha})
-        out = trainer.train(resume_from_checkpoint=last)
-        result.stage1_metrics = dict(out.metrics)
-        result.log_history["stage1"] = list(trainer.state.log_history)
+        if finished is not None:
+            logger.info("Core-Cocktail: stage 1 finished at %s; loading it and merging", finished)
+            load_weights_into(model, finished)
+            merger.merge(model, args=args1, state=None, processing_class=processing_class)
+            result.log_history["stage1"] = _completed_stage_history(finished)
+        else:
+            if last:
+                logger.info("Core-Cocktail: resuming stage 1 from %s", last)
+            out = trainer.train(resume_from_checkpoint=last)
+            result.stage1_metrics = dict(out.metrics)
+            result.log_history["stage1"] = list(trainer.state.log_history)
         if not merger.merged:  # pragma: no cover - on_train_end always fires
             raise RuntimeError("stage 1 ended without the Core-Cocktail merge")
         _barrier()
@@ -400,13 +437,23 @@ def run_core_cocktail(
     # ---- stage 2 ---------------------------------------------------------------------------------------------
     trainer = make_trainer(args2, stage2_train_dataset if stage2_train_dataset is not None else train_dataset, [])
     last2 = get_last_checkpoint(str(stage2_dir)) if resume and stage2_dir.is_dir() else None
-    if last2:
-        logger.info("Core-Cocktail: resuming stage 2 from %s", last2)
+    finished2 = _finished_checkpoint(stage2_dir) if resume else None
     _write_state(output_dir, {"status": "stage2", "alpha": alpha, "merged_dir": str(merged_dir)})
-    out = trainer.train(resume_from_checkpoint=last2)
-    result.stage2_metrics = dict(out.metrics)
-    result.log_history["stage2"] = list(trainer.state.log_history)
-    trainer.save_model(str(final_dir))
+    if finished2 is not None:
+        logger.info("Core-Cocktail: stage 2 finished at %s; loading it", finished2)
+        load_weights_into(model, finished2)
+        result.log_history["stage2"] = _completed_stage_history(finished2)
+        if _is_main_process():  # no engine was started: save the plain module
+            _unwrap_model(model).save_pretrained(str(final_dir))
+            if processing_class is not None:
+                processing_class.save_pretrained(str(final_dir))
+    else:
+        if last2:
+            logger.info("Core-Cocktail: resuming stage 2 from %s", last2)
+        out = trainer.train(resume_from_checkpoint=last2)
+        result.stage2_metrics = dict(out.metrics)
+        result.log_history["stage2"] = list(trainer.state.log_history)
+        trainer.save_model(str(final_dir))
     _barrier()
     _write_state(
         output_dir, {"status": "done", "alpha": alpha, "merged_dir": str(merged_dir), "final_dir": str(final_dir)}

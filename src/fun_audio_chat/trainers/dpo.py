@@ -208,6 +208,11 @@ class FunAudioChatDPOConfig(DPOConfig):
         speech_logp_weight (`float`, defaults to `1.0`):
             Weight of the SRH speech log-probability in an answer's log-probability
             (``text + speech_logp_weight * speech``). ``0`` scores the text stream only.
+        task_speech_logp_weights (`dict[str, float]`, *optional*):
+            ``speech_logp_weight`` per task label; tasks not listed (and rows without a task) use
+            ``speech_logp_weight``. A text-preference task (chosen and rejected differ in words only) is scored on
+            its text with ``0``: the transcript also conditions the SRH, so with the speech term that task is learned
+            mostly through the speech stream (see ``docs/dpo.md``).
         task_weights (`dict[str, float]`, *optional*):
             Loss weight per task label (the ``task`` column). The loss is ``mean over pairs of weight(task) *
             pair loss``: a task with weight 0 contributes nothing. Tasks not listed get ``default_task_weight``.
@@ -227,7 +232,7 @@ class FunAudioChatDPOConfig(DPOConfig):
     per-token probabilities of a single stream and are not supported (they raise).
     """
 
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["task_weights"]
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["task_weights", "task_speech_logp_weights"]
 
     max_length: int | None = field(
         default=2048,
@@ -236,6 +241,10 @@ class FunAudioChatDPOConfig(DPOConfig):
     speech_logp_weight: float = field(
         default=1.0,
         metadata={"help": "Weight of the SRH speech log-prob in an answer's log-prob (text + w * speech)."},
+    )
+    task_speech_logp_weights: dict[str, float] | str | None = field(
+        default=None,
+        metadata={"help": "speech_logp_weight per task label, e.g. {'text_preference': 0.0}."},
     )
     task_weights: dict[str, float] | str | None = field(
         default=None,
@@ -258,6 +267,16 @@ class FunAudioChatDPOConfig(DPOConfig):
 
             self.task_weights = json.loads(self.task_weights)
         self.task_weights = {str(k): float(v) for k, v in (self.task_weights or {}).items()} or None
+        if isinstance(self.task_speech_logp_weights, str):
+            import json
+
+            self.task_speech_logp_weights = json.loads(self.task_speech_logp_weights)
+        self.task_speech_logp_weights = {
+            str(k): float(v) for k, v in (self.task_speech_logp_weights or {}).items()
+        } or None
+        for name, value in (self.task_speech_logp_weights or {}).items():
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"speech_logp_weight of task {name!r} must be a finite number >= 0, got {value}.")
         for name, value in {**(self.task_weights or {}), "default_task_weight": self.default_task_weight}.items():
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"task weight {name!r} must be a finite number >= 0, got {value}.")
@@ -283,6 +302,12 @@ class FunAudioChatDPOConfig(DPOConfig):
                     f"loss types {SORTING_LOSS_TYPES} sort the batch, so a pair's loss cannot carry its task weight; "
                     "use task_weights only with the other loss types."
                 )
+
+    def task_speech_logp_weight(self, task: str | None) -> float:
+        """The speech-stream weight of a task's answers."""
+        if task is None:
+            return self.speech_logp_weight
+        return (self.task_speech_logp_weights or {}).get(task, self.speech_logp_weight)
 
     def task_weight(self, task: str | None) -> float:
         if task is None:
@@ -410,6 +435,9 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         elif isinstance(data_collator, FunAudioChatPreferenceCollator) and data_collator.task_names is None:
             data_collator.task_names = self.task_names
         self._task_weight_table = torch.tensor([args.task_weight(t) for t in self.task_names], dtype=torch.float32)
+        self._task_speech_weight_table = torch.tensor(
+            [args.task_speech_logp_weight(t) for t in self.task_names], dtype=torch.float32
+        )
         self._task_stats: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
 
         super().__init__(
@@ -438,7 +466,7 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         from datasets import Dataset
 
         names: list[str] = list(args.tasks or [])
-        found: set[str] = set(args.task_weights or {})
+        found: set[str] = set(args.task_weights or {}) | set(args.task_speech_logp_weights or {})
         for dataset in datasets:
             parts = dataset.values() if isinstance(dataset, Mapping) else [dataset]
             for part in parts:
@@ -539,37 +567,51 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         return task_ids, weights
 
     # -------------------------------------------------------------------------------------------- loss
-    def _answers(self, streams: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Split 2B-row stream log-probs into chosen/rejected and combine ``text + speech_logp_weight * speech``."""
-        w = self.speech_logp_weight
+    def speech_weights(self, inputs: Mapping, batch: int, device) -> torch.Tensor:
+        """(B,) speech-stream weight of each pair: its task's ``task_speech_logp_weights`` entry, else
+        ``speech_logp_weight``."""
+        task_ids = inputs.get("task_ids")
+        default = torch.full((batch,), self.speech_logp_weight, device=device)
+        if task_ids is None or not len(self._task_speech_weight_table):
+            return default
+        table = self._task_speech_weight_table.to(device)
+        return torch.where(task_ids >= 0, table[task_ids.clamp(min=0)], default)
+
+    def _answers(self, streams: Mapping[str, torch.Tensor], inputs: Mapping | None = None) -> dict[str, torch.Tensor]:
+        """Split 2B-row stream log-probs into chosen/rejected and combine ``text + w * speech`` with each pair's
+        speech weight ``w``."""
         out: dict[str, torch.Tensor] = {}
         for key in ("text", "speech"):
             out[f"chosen_{key}"], out[f"rejected_{key}"] = streams[key].chunk(2)
+        w = self.speech_weights(inputs or {}, out["chosen_text"].shape[0], out["chosen_text"].device)
+        w = w.to(out["chosen_text"].dtype)
+        out["speech_weights"] = w
         for side in ("chosen", "rejected"):
             out[side] = out[f"{side}_text"] + w * out[f"{side}_speech"]
         if "text_tokens" in streams:
-            tokens = streams["text_tokens"] + (streams["speech_tokens"] if w != 0 else 0)
+            scored = (w != 0).repeat(2).to(streams["speech_tokens"].dtype)
+            tokens = streams["text_tokens"] + streams["speech_tokens"] * scored
             out["chosen_tokens"], out["rejected_tokens"] = tokens.chunk(2)
         return out
 
     def answer_log_probs(self, model: nn.Module, inputs: Mapping) -> dict[str, torch.Tensor]:
         """Log-probs of the chosen and rejected answers of a collated batch, each (B,): ``chosen``/``rejected``
-        (= ``text + speech_logp_weight * speech``), their ``_text``/``_speech`` parts and ``_tokens`` (scored tokens:
-        text, plus speech unless ``speech_logp_weight == 0``)."""
-        return self._answers(self.stream_log_probs(model, inputs))
+        (= ``text + w * speech`` with the pair's task speech weight ``w``), their ``_text``/``_speech`` parts,
+        ``_tokens`` (scored tokens: text, plus speech unless ``w == 0``) and ``speech_weights``."""
+        return self._answers(self.stream_log_probs(model, inputs), inputs)
 
     def reference_answer_log_probs(self, inputs: Mapping) -> dict[str, torch.Tensor]:
         """The reference's :meth:`answer_log_probs` (from the batch's precomputed columns when present)."""
         if "ref_chosen_logps" in inputs:
             both = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]], dim=0)
-            return self._answers({"text": both[:, 0], "speech": both[:, 1]})
-        return self._answers(self.reference_stream_log_probs(inputs))
+            return self._answers({"text": both[:, 0], "speech": both[:, 1]}, inputs)
+        return self._answers(self.reference_stream_log_probs(inputs), inputs)
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         policy = self.answer_log_probs(model, inputs)
         ref = {k: v.to(policy["chosen"]) for k, v in self.reference_answer_log_probs(inputs).items()}
-        w = self.speech_logp_weight
+        w = policy["speech_weights"]
         chosen_logps, rejected_logps = policy["chosen"], policy["rejected"]
         chosen_text, rejected_text = policy["chosen_text"], policy["rejected_text"]
         chosen_speech, rejected_speech = policy["chosen_speech"], policy["rejected_speech"]

@@ -158,6 +158,12 @@ class FunAudioChatTrainer(Trainer):
         self._eval_stream_sums: torch.Tensor | None = None
         self._eval_stream_batches = 0
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        from .distributed import resolve_distributed_engine
+
+        resolve_distributed_engine(self)
+
     # --- counting -----------------------------------------------------------------------------------
     def _fun_audio_chat_config(self):
         return getattr(_unwrap(self.model), "config", None)

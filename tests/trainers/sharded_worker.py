@@ -1,0 +1,104 @@
+"""Worker of the 2-process FSDP / DeepSpeed tests (``torchrun --nproc_per_node 2 sharded_worker.py MODE ENGINE OUT``).
+
+MODE ``sft``: one SGD step on a fixed global batch whose examples have different target counts on the two ranks;
+rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
+MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step); ``BASE`` is the Core-Cocktail base.
+ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from safetensors.torch import save_file  # noqa: E402
+
+from fun_audio_chat.trainers import FunAudioChatTrainer, run_core_cocktail  # noqa: E402
+from fun_audio_chat.trainers.distributed import deepspeed_training_arguments, fsdp2_training_arguments  # noqa: E402
+from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, train_dataset, training_args  # noqa: E402
+
+
+def skip_shared_memory_kernel() -> None:
+    """DeepSpeed JIT-compiles a shared-memory CPU all-reduce kernel on first use (minutes on a busy machine);
+    the tests use gloo's collectives instead."""
+    import deepspeed.comm.torch
+
+    deepspeed.comm.torch.build_shm_op = lambda: None
+
+
+def engine_arguments(engine: str, model) -> dict:
+    if engine == "fsdp2":
+        return fsdp2_training_arguments(model)
+    if engine in ("zero2", "zero3"):
+        skip_shared_memory_kernel()
+        return {**deepspeed_training_arguments(int(engine[-1]), zero_allow_untested_optimizer=True), "use_cpu": False}
+    raise ValueError(engine)
+
+
+def full_state(trainer, model) -> dict:
+    """Full weights, gathered on every rank (collective under FSDP2 and ZeRO-3)."""
+    if trainer.is_deepspeed_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+        return {k: v.detach().float().contiguous().clone() for k, v in (state or {}).items()}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
+        state[name] = tensor.detach().float().contiguous().clone()
+    return state
+
+
+def main():
+    mode, engine, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    rank = int(os.environ["RANK"])
+    model = oracle_model()
+    if mode == "sft":
+        args = training_args(
+            out / "sft",
+            max_steps=1,
+            optim="sgd",
+            learning_rate=0.5,
+            max_grad_norm=0.0,
+            train_sampling_strategy="sequential",
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=2,
+            **engine_arguments(engine, model),
+        )
+        trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+        trainer.train()
+        state = full_state(trainer, model)
+        if rank == 0:
+            state.pop("audio_invert_tower.lm_head.weight", None)
+            save_file(state, str(out / f"{engine}.safetensors"))
+            report = {
+                "wrapper": type(trainer.model_wrapped).__name__,
+                "sharded": type(next(model.language_model.parameters())).__name__ == "DTensor",
+                "world_size": trainer.args.world_size,
+                "tied": model.audio_invert_tower.lm_head.weight is model.audio_tower.embed_tokens.weight,
+            }
+            (out / f"{engine}.json").write_text(json.dumps(report))
+    elif mode == "cc":
+        base = Path(sys.argv[4])
+        stage = dict(
+            max_steps=2, save_steps=1, logging_steps=1, report_to="none", disable_tqdm=True, seed=0, data_seed=0,
+            per_device_train_batch_size=1, learning_rate=1e-3, min_lr=1e-4, **engine_arguments(engine, model),
+        )
+        stage.setdefault("use_cpu", True)
+        run_core_cocktail(
+            model, base, train_dataset(2), out / "cc", data_collator=collate,
+            stage1_args=stage, stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
+        )
+        if rank == 0:
+            (out / "cc_done.json").write_text(json.dumps({"ok": True}))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
