@@ -216,7 +216,15 @@ def test_resume_from_any_point_gives_the_uninterrupted_result(tmp_path, monkeypa
 
     out = tmp_path / "resumed"
     counter = CountSteps()
-    for crash in (InterruptAt("stage1", step=2), InterruptAt("stage2"), InterruptAt("stage2", step=2)):
+    # kills mid-stage, right after each stage's final checkpoint (before the merge / the final save), and at the
+    # start of stage 2
+    for crash in (
+        InterruptAt("stage1", step=2),
+        InterruptAt("stage1", step=4),
+        InterruptAt("stage2"),
+        InterruptAt("stage2", step=2),
+        InterruptAt("stage2", step=4),
+    ):
         with pytest.raises(Interrupt):
             run(out, crash, counter)
     assert calls == [1]  # merged exactly once, when stage 1 finished after its resumption
@@ -290,11 +298,11 @@ def test_stage_arguments_defaults_and_overrides(tmp_path):
 
     a1 = core_cocktail_training_arguments(1, tmp_path / "s1")
     a2 = core_cocktail_training_arguments(2, tmp_path / "s2", {"min_lr": 2e-6, "num_train_epochs": 2})
-    assert (a1.learning_rate, a1.lr_scheduler_kwargs["min_lr"], str(a1.lr_scheduler_type)) == (
-        1e-4,
-        1e-5,
-        "SchedulerType.COSINE_WITH_MIN_LR",
-    )
-    assert (a2.learning_rate, a2.lr_scheduler_kwargs["min_lr"], a2.num_train_epochs) == (1e-5, 2e-6, 2)
+    # the floor is passed as a ratio of the peak (`min_lr` needs `optimizer.defaults`, which DeepSpeed lacks)
+    assert (a1.learning_rate, str(a1.lr_scheduler_type)) == (1e-4, "SchedulerType.COSINE_WITH_MIN_LR")
+    assert a1.lr_scheduler_kwargs["min_lr_rate"] * a1.learning_rate == pytest.approx(1e-5)
+    assert "min_lr" not in a1.lr_scheduler_kwargs
+    assert (a2.learning_rate, a2.num_train_epochs) == (1e-5, 2)
+    assert a2.lr_scheduler_kwargs["min_lr_rate"] * a2.learning_rate == pytest.approx(2e-6)
     a3 = core_cocktail_training_arguments(1, tmp_path / "s3", {"lr_scheduler_type": "linear"})
     assert a3.lr_scheduler_kwargs == {}
