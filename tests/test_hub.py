@@ -2,16 +2,18 @@
 
 ``huggingface_hub`` reads ``HF_ENDPOINT`` when it is imported, and the test session runs with
 ``HF_HUB_OFFLINE=1``, so the pushing and pulling happen in one worker subprocess (this file run as a script with
-``--worker``) whose environment points at the server, with a dummy token and a fresh ``HF_HOME``. The worker
-writes a JSON report; the tests below check it, one aspect each:
+``--worker``) whose environment points at the server, with a dummy token and a fresh ``HF_HOME``. The worker only
+records what it finds on the Hub — file lists, the cards' text, the bytes of what it loaded back, the tensors to
+compare (``tensors.safetensors``) — and the tests below check that behaviour, one aspect each:
 
-* model: ``model.push_to_hub`` → ``from_pretrained(repo_id)`` gives the same weights and the same ``generate``
-  outputs (text and speech, same seed);
-* processor: ``processor.push_to_hub`` → ``AutoProcessor.from_pretrained(repo_id)`` gives the same inputs;
+* ``push_with_model_card(model, processor, repo)``: the official layout and the Fun-Audio-Chat card in one repo;
+  ``from_pretrained(repo_id)`` gives the same weights, inputs and ``generate`` outputs; the card's own example runs;
+* transformers' own ``model.push_to_hub(..., tags=)`` / ``processor.push_to_hub``: same layout, transformers' card
+  with the tags; pushing again to a repo with our card keeps it and adds the tags;
+* ``processor.save_pretrained(dir, push_to_hub=True)`` uploads exactly the files it saved;
 * generation config: non-default speech sampling fields survive the trip;
-* merged Core-Cocktail checkpoint: ``merge_weights`` on disk → ``upload_folder`` (and
-  ``push_folder_to_hub``) → ``from_pretrained`` equals the local merged checkpoint;
-* the official file layout and the model card (how to load it with this library);
+* merged Core-Cocktail checkpoint: ``merge_weights`` on disk → ``upload_folder`` / ``push_folder_to_hub`` →
+  ``from_pretrained`` equals the local merged checkpoint, with a card describing the merge;
 * a missing repository gives a clear error.
 """
 
@@ -30,7 +32,10 @@ sys.path.insert(0, str(HERE))
 
 from hub_server import LocalHubServer  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 REPO = "fac-tiny"
+PLAIN_REPO = "fac-tiny-plain"
 OFFICIAL_FILES = {
     "config.json",
     "generation_config.json",
@@ -51,75 +56,67 @@ OFFICIAL_FILES = {
 # ------------------------------------------------------------------------------------------------ worker
 def _worker(workdir: Path) -> dict:
     """Runs in the subprocess (HF_ENDPOINT points at the local server)."""
+    import re
+    import shutil
+
     import torch
     from huggingface_hub import HfApi
+    from safetensors.torch import save_file
     from transformers import AutoProcessor, GenerationConfig, Qwen3ForCausalLM
 
     import fun_audio_chat
-    from fun_audio_chat import FunAudioChatForConditionalGeneration, FunAudioChatProcessor, tiny_processor
-    from fun_audio_chat.hub import MODEL_CARD_MARKER, FunAudioChatHubMixin, push_folder_to_hub, write_model_card
+    from fun_audio_chat import FunAudioChatForConditionalGeneration, tiny_processor
+    from fun_audio_chat.hub import push_folder_to_hub, push_with_model_card, write_model_card
     from fun_audio_chat.processing import example_audio_path
     from fun_audio_chat.tiny import tiny_config
     from fun_audio_chat.trainers import merge_weights
 
     torch.set_num_threads(1)
-    report: dict = {"integrated": {
-        "model": issubclass(FunAudioChatForConditionalGeneration, FunAudioChatHubMixin),
-        "processor": issubclass(FunAudioChatProcessor, FunAudioChatHubMixin),
-    }}
-    # Until the classes inherit the mixin, exercise it through same-named subclasses (the saved files name the
-    # class, so they must keep the public names).
-    model_cls = FunAudioChatForConditionalGeneration
-    if not report["integrated"]["model"]:
-        model_cls = type("FunAudioChatForConditionalGeneration", (FunAudioChatHubMixin, model_cls), {})
-    processor = tiny_processor()
-    if not report["integrated"]["processor"]:
-        processor.__class__ = type("FunAudioChatProcessor", (FunAudioChatHubMixin, FunAudioChatProcessor), {})
-
     api = HfApi()
     user = api.whoami()["name"]
-    repo_id = f"{user}/{REPO}"
+    report: dict = {"user": user, "files": {}, "cards": {}}
+    tensors: dict[str, torch.Tensor] = {}  # "<comparison>/<a|b>/<key>" -> tensor, compared by the tests
+
+    def record_repo(name: str) -> None:
+        repo_id = f"{user}/{name}"
+        report["files"][name] = sorted(api.list_repo_files(repo_id))
+        report["cards"][name] = Path(api.hf_hub_download(repo_id, "README.md")).read_text()
+
+    def record_pair(comparison: str, a: dict, b: dict) -> None:
+        for side, values in (("a", a), ("b", b)):
+            for key, value in values.items():
+                tensors[f"{comparison}/{side}/{key}"] = value.detach().contiguous().clone()
 
     torch.manual_seed(0)
-    model = model_cls(tiny_config()).eval()
+    model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
     model.generation_config.speech_temperature = 0.7
     model.generation_config.speech_top_k = 25
     model.generation_config.max_new_tokens = 12
-    model.push_to_hub(REPO)
-    processor.push_to_hub(REPO)
+    processor = tiny_processor()
 
-    report["files"] = sorted(api.list_repo_files(repo_id))
-    card = Path(api.hf_hub_download(repo_id, "README.md")).read_text()
-    report["card"] = {
-        "ours": MODEL_CARD_MARKER in card,
-        "load_model": f'FunAudioChatForConditionalGeneration.from_pretrained("{repo_id}"' in card,
-        "load_processor": f'FunAudioChatProcessor.from_pretrained("{repo_id}")' in card,
-        "library_name": "library_name: transformers" in card,
-        "describes_config": "Speech Refined Head" in card,
-    }
+    # ---- one call: weights, processor files and the Fun-Audio-Chat card
+    commit = push_with_model_card(model, processor, REPO, tags=["my-experiment"])
+    report["commit_repo_id"] = commit.repo_url.repo_id
+    record_repo(REPO)
+    repo_id = f"{user}/{REPO}"
 
-    # ---- the card's own usage example runs against the pushed repo (with a short reply)
-    import re
-    import shutil
-
-    snippet = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
+    # the card's own usage example runs against the pushed repo (with a short reply)
+    snippet = re.search(r"```python\n(.*?)```", report["cards"][REPO], re.DOTALL).group(1)
     shutil.copy(example_audio_path(), workdir / "question.wav")
     snippet = snippet.replace('"question.wav"', repr(str(workdir / "question.wav")))
     snippet = snippet.replace("max_new_tokens=512", "max_new_tokens=6")
     card_namespace: dict = {}
     exec(compile(snippet, "README.md", "exec"), card_namespace)
-    report["card"]["example_runs"] = isinstance(card_namespace.get("codes"), list)
+    report["card_example_codes"] = card_namespace["codes"]
+    report["card_example_reply"] = card_namespace["processor"].decode_text(
+        card_namespace["out"].sequences[0, card_namespace["inputs"]["input_ids"].shape[1]:])
 
-    # ---- pull everything back by repo id
+    # pull everything back by repo id
     loaded = FunAudioChatForConditionalGeneration.from_pretrained(repo_id).eval()
     loaded_processor = AutoProcessor.from_pretrained(repo_id)
     loaded_generation = GenerationConfig.from_pretrained(repo_id)
     report["loaded_classes"] = [type(loaded).__name__, type(loaded_processor).__name__]
-
-    original_sd, loaded_sd = model.state_dict(), loaded.state_dict()
-    report["model_state_equal"] = sorted(original_sd) == sorted(loaded_sd) and all(
-        torch.equal(original_sd[k], loaded_sd[k]) for k in original_sd
-    )
+    record_pair("model_state", model.state_dict(), loaded.state_dict())
 
     messages = [{"role": "user", "content": [{"type": "audio", "path": example_audio_path()}]}]
 
@@ -128,25 +125,19 @@ def _worker(workdir: Path) -> dict:
                                         return_dict=True, return_tensors="pt")
 
     inputs, loaded_inputs = inputs_of(processor), inputs_of(loaded_processor)
-    report["processor_inputs_equal"] = sorted(inputs) == sorted(loaded_inputs) and all(
-        torch.equal(inputs[k], loaded_inputs[k]) for k in inputs
-    )
+    record_pair("processor_inputs", dict(inputs), dict(loaded_inputs))
     text = "hello, what is the weather today?"
-    report["tokenizer_equal"] = (
-        processor.tokenizer(text)["input_ids"] == loaded_processor.tokenizer(text)["input_ids"]
-        and processor.speech_tokenizer.get_vocab() == loaded_processor.speech_tokenizer.get_vocab()
-        and processor.chat_template == loaded_processor.chat_template
-        and processor.to_dict() == loaded_processor.to_dict()
-    )
+    report["tokenized"] = [processor.tokenizer(text)["input_ids"], loaded_processor.tokenizer(text)["input_ids"]]
+    report["speech_vocab_equal"] = processor.speech_tokenizer.get_vocab() == loaded_processor.speech_tokenizer.get_vocab()
+    report["chat_templates"] = [processor.chat_template, loaded_processor.chat_template]
+    report["processor_configs"] = [processor.to_dict(), loaded_processor.to_dict()]
 
     def run(m, batch):
         torch.manual_seed(123)
         out = m.generate(**batch, force_audio_bos=True, return_dict_in_generate=True)
-        return out.sequences, out.speech_ids
+        return {"sequences": out.sequences, "speech_ids": out.speech_ids}
 
-    (seq_a, sp_a), (seq_b, sp_b) = run(model, inputs), run(loaded, loaded_inputs)
-    report["generate_equal"] = torch.equal(seq_a, seq_b) and torch.equal(sp_a, sp_b)
-    report["generated_shapes"] = [list(seq_a.shape), list(sp_a.shape)]
+    record_pair("generate", run(model, inputs), run(loaded, loaded_inputs))
 
     fields = ("speech_temperature", "speech_top_k", "speech_top_p", "speech_do_sample", "max_new_tokens",
               "return_speech", "eos_token_id", "pad_token_id")
@@ -154,6 +145,28 @@ def _worker(workdir: Path) -> dict:
         name: [getattr(model.generation_config, name, None), getattr(loaded_generation, name, None),
                getattr(loaded.generation_config, name, None)]
         for name in fields
+    }
+
+    # ---- transformers' own push_to_hub (tags=): the official layout with transformers' card
+    model.push_to_hub(PLAIN_REPO, tags=["plain-tag"])
+    processor.push_to_hub(PLAIN_REPO)
+    record_repo(PLAIN_REPO)
+    plain = FunAudioChatForConditionalGeneration.from_pretrained(f"{user}/{PLAIN_REPO}").eval()
+    record_pair("plain_state", model.state_dict(), plain.state_dict())
+    record_pair("plain_inputs", dict(inputs), dict(inputs_of(AutoProcessor.from_pretrained(f"{user}/{PLAIN_REPO}"))))
+    # pushing with transformers to the repo that has our card keeps the card and adds the tags
+    processor.push_to_hub(REPO, tags=["later-tag"])
+    report["card_after_transformers_push"] = Path(api.hf_hub_download(repo_id, "README.md")).read_text()
+
+    # ---- processor.save_pretrained(..., push_to_hub=True): the files it saves are the files it uploads
+    saved_dir = workdir / "fac-tiny-processor"
+    processor.save_pretrained(saved_dir, push_to_hub=True)
+    saved = sorted(str(f.relative_to(saved_dir)) for f in saved_dir.rglob("*") if f.is_file())
+    report["processor_push"] = {
+        "saved": saved,
+        "hub": sorted(api.list_repo_files(f"{user}/fac-tiny-processor")),
+        "differing": [name for name in saved if Path(api.hf_hub_download(f"{user}/fac-tiny-processor", name))
+                      .read_bytes() != (saved_dir / name).read_bytes()],
     }
 
     # ---- Core-Cocktail: merge on disk, upload the merged folder, load it back
@@ -168,34 +181,19 @@ def _worker(workdir: Path) -> dict:
     api.upload_folder(repo_id=f"{user}/fac-tiny-merged", folder_path=str(merged_dir),
                       commit_message="Upload Core-Cocktail merge")
     push_folder_to_hub(tuned_dir, "fac-tiny-tuned")  # a folder without a card gets one; the folder is untouched
-    report["tuned_dir_untouched"] = not (tuned_dir / "README.md").exists()
+    report["tuned_dir_files_after_push"] = sorted(f.name for f in tuned_dir.iterdir())
     (tuned_dir / "README.md").write_text("# My own card\n")  # a card written by the user is uploaded as it is
     push_folder_to_hub(tuned_dir, "fac-tiny-own-card")
-    report["own_card_kept"] = Path(api.hf_hub_download(f"{user}/fac-tiny-own-card", "README.md")).read_text() == (
-        "# My own card\n"
-    )
+    for name in ("fac-tiny-merged", "fac-tiny-tuned", "fac-tiny-own-card"):
+        record_repo(name)
 
     local_merged = FunAudioChatForConditionalGeneration.from_pretrained(merged_dir).eval()
     hub_merged = FunAudioChatForConditionalGeneration.from_pretrained(f"{user}/fac-tiny-merged").eval()
     merged_processor = AutoProcessor.from_pretrained(f"{user}/fac-tiny-merged")
-    a, b = local_merged.state_dict(), hub_merged.state_dict()
-    report["merged_state_equal"] = all(torch.equal(a[k], b[k]) for k in a) and sorted(a) == sorted(b)
-    report["merged_differs_from_tuned"] = not torch.equal(
-        a["language_model.model.layers.0.self_attn.q_proj.weight"],
-        original_sd["language_model.model.layers.0.self_attn.q_proj.weight"],
-    )
-    merged_inputs = inputs_of(merged_processor)
-    (seq_c, sp_c), (seq_d, sp_d) = run(local_merged, inputs), run(hub_merged, merged_inputs)
-    report["merged_generate_equal"] = torch.equal(seq_c, seq_d) and torch.equal(sp_c, sp_d)
-    merged_files = set(api.list_repo_files(f"{user}/fac-tiny-merged"))
-    merged_card = Path(api.hf_hub_download(f"{user}/fac-tiny-merged", "README.md")).read_text()
-    tuned_card = Path(api.hf_hub_download(f"{user}/fac-tiny-tuned", "README.md")).read_text()
-    report["merged"] = {
-        "manifest_uploaded": "merge_manifest.json" in merged_files,
-        "card_mentions_merge": "Core-Cocktail merge" in merged_card and "0.5 * M1 + 0.5 * M0" in merged_card,
-        "card_is_ours": MODEL_CARD_MARKER in merged_card,
-        "tuned_card_is_ours": MODEL_CARD_MARKER in tuned_card,
-    }
+    record_pair("merged_state", local_merged.state_dict(), hub_merged.state_dict())
+    record_pair("merged_vs_tuned", {"q": local_merged.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]},
+                {"q": model.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]})
+    record_pair("merged_generate", run(local_merged, inputs), run(hub_merged, inputs_of(merged_processor)))
 
     # ---- a missing repository: a clear OSError from transformers
     try:
@@ -204,6 +202,7 @@ def _worker(workdir: Path) -> dict:
     except OSError as err:
         report["missing_repo_error"] = str(err)
     report["version"] = fun_audio_chat.__version__
+    save_file(tensors, str(workdir / "tensors.safetensors"))
     return report
 
 
@@ -220,20 +219,41 @@ def report(tmp_path_factory):
             env=env, capture_output=True, text=True, timeout=220,
         )
     assert proc.returncode == 0, f"hub worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "tensors_path": str(workdir / "tensors.safetensors")}
 
 
 # ------------------------------------------------------------------------------------------------ tests
-def test_model_round_trip_gives_identical_weights_and_outputs(report):
+@pytest.fixture(scope="module")
+def tensors(report):
+    from safetensors.torch import load_file
+
+    return load_file(report["tensors_path"])
+
+
+def assert_pair_equal(tensors, comparison: str) -> None:
+    import torch
+
+    a = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{comparison}/a/")}
+    b = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{comparison}/b/")}
+    assert a and sorted(a) == sorted(b), comparison
+    different = [key for key in a if a[key].shape != b[key].shape or not torch.equal(a[key], b[key])]
+    assert not different, f"{comparison}: {different}"
+
+
+def test_model_round_trip_gives_identical_weights_and_outputs(report, tensors):
     assert report["loaded_classes"] == ["FunAudioChatForConditionalGeneration", "FunAudioChatProcessor"]
-    assert report["model_state_equal"]
-    assert report["generate_equal"], report["generated_shapes"]
-    assert report["generated_shapes"][1][1] > 0  # speech codes were produced (and compared)
+    assert report["commit_repo_id"] == f"{report['user']}/{REPO}"
+    assert_pair_equal(tensors, "model_state")
+    assert_pair_equal(tensors, "generate")
+    assert tensors["generate/a/speech_ids"].shape[1] > 0  # speech codes were produced (and compared)
 
 
-def test_processor_round_trip_gives_identical_inputs(report):
-    assert report["processor_inputs_equal"]
-    assert report["tokenizer_equal"]
+def test_processor_round_trip_gives_identical_inputs(report, tensors):
+    assert_pair_equal(tensors, "processor_inputs")
+    assert report["tokenized"][0] == report["tokenized"][1]
+    assert report["speech_vocab_equal"]
+    assert report["chat_templates"][0] == report["chat_templates"][1]
+    assert report["processor_configs"][0] == report["processor_configs"][1]
 
 
 def test_generation_config_round_trip(report):
@@ -243,25 +263,59 @@ def test_generation_config_round_trip(report):
     assert report["generation_config"]["speech_top_k"][0] == 25
 
 
-def test_merged_core_cocktail_checkpoint_round_trip(report):
-    assert report["merged_state_equal"]
-    assert report["merged_differs_from_tuned"]
-    assert report["merged_generate_equal"]
-    assert report["merged"]["manifest_uploaded"]
-    assert report["merged"]["card_mentions_merge"] and report["merged"]["card_is_ours"]
-    assert report["merged"]["tuned_card_is_ours"] and report["tuned_dir_untouched"]
-    assert report["own_card_kept"]
-
-
-def test_pushed_repo_has_official_layout_and_model_card(report):
-    missing = OFFICIAL_FILES - set(report["files"])
+def test_push_with_model_card_uploads_official_layout_and_our_card(report):
+    missing = OFFICIAL_FILES - set(report["files"][REPO])
     assert not missing, f"missing from the pushed repo: {sorted(missing)}"
-    assert all(report["card"].values()), report["card"]
+    card, repo_id = report["cards"][REPO], f"{report['user']}/{REPO}"
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    metadata = card.split("---")[1]
+    assert "- my-experiment" in metadata and "- fun-audio-chat" in metadata
+    assert f'FunAudioChatForConditionalGeneration.from_pretrained("{repo_id}"' in card
+    assert f'FunAudioChatProcessor.from_pretrained("{repo_id}")' in card
+    assert "Speech Refined Head: 2 layers, hidden size 32" in card  # read from the pushed config.json
+    assert "vocabulary 512" in card
 
 
-def test_model_and_processor_classes_push_model_cards(report):
-    """``model.push_to_hub`` / ``processor.push_to_hub`` write the Fun-Audio-Chat card, not transformers' placeholder."""
-    assert all(report["integrated"].values()), report["integrated"]
+def test_card_example_runs_against_the_pushed_repo(report):
+    codes = report["card_example_codes"]
+    assert isinstance(codes, list) and all(isinstance(code, int) and 0 <= code < 296 for code in codes)
+    assert isinstance(report["card_example_reply"], str)
+
+
+def test_transformers_push_to_hub_uploads_official_layout_with_tags(report, tensors):
+    assert OFFICIAL_FILES <= set(report["files"][PLAIN_REPO])
+    plain_card = report["cards"][PLAIN_REPO]
+    assert "- plain-tag" in plain_card.split("---")[1]
+    assert "fun_audio_chat" not in plain_card  # transformers' own card: the library adds nothing behind its back
+    assert_pair_equal(tensors, "plain_state")
+    assert_pair_equal(tensors, "plain_inputs")
+    # a later transformers push keeps the Fun-Audio-Chat card and adds its tags
+    after = report["card_after_transformers_push"]
+    assert "generated by fun_audio_chat" in after and "later-tag" in after and "my-experiment" in after
+
+
+def test_processor_save_pretrained_push_uploads_what_it_saved(report):
+    pushed = report["processor_push"]
+    assert "speech_tokenizer/tokenizer.json" in pushed["saved"] and "preprocessor_config.json" in pushed["saved"]
+    assert set(pushed["saved"]) <= set(pushed["hub"])
+    assert set(pushed["hub"]) - set(pushed["saved"]) <= {"README.md", ".gitattributes"}
+    assert pushed["differing"] == []
+
+
+def test_merged_core_cocktail_checkpoint_round_trip(report, tensors):
+    import torch
+
+    assert_pair_equal(tensors, "merged_state")
+    assert_pair_equal(tensors, "merged_generate")
+    assert not torch.equal(tensors["merged_vs_tuned/a/q"], tensors["merged_vs_tuned/b/q"])
+    assert "merge_manifest.json" in report["files"]["fac-tiny-merged"]
+    merged_card = report["cards"]["fac-tiny-merged"]
+    assert "## Core-Cocktail merge" in merged_card and "0.5 * M1 + 0.5 * M0" in merged_card
+    assert "- core-cocktail" in merged_card.split("---")[1]
+    assert 'from_pretrained("' + report["user"] + '/fac-tiny-merged"' in merged_card
+    assert "generated by fun_audio_chat" in report["cards"]["fac-tiny-tuned"]
+    assert "README.md" not in report["tuned_dir_files_after_push"]  # the user's folder was not modified
+    assert report["cards"]["fac-tiny-own-card"] == "# My own card\n"
 
 
 def test_missing_repo_error_is_clear(report):

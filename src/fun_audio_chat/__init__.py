@@ -31,7 +31,8 @@ _EXPORTS = {
         "SpeechEvent",
         "TextEvent",
     ),
-    "processing": ("FunAudioChatDataCollator", "FunAudioChatProcessor", "tiny_processor"),
+    "processing": ("FunAudioChatDataCollator", "FunAudioChatProcessor"),
+    "tiny": ("tiny_processor",),
     "token2wav": ("CosyVoice3Detokenizer",),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}

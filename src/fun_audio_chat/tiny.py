@@ -1,8 +1,15 @@
 """A tiny built-in Fun-Audio-Chat layout for demos, notebooks and tests (no downloads).
 
 The token layout matches the official tiny oracle models: text vocabulary 512 with the special tokens at
-500..507, and a speech codebook of 300 (296 codes + BOS/EOS/unused/pad). The tiny processor built by
-:mod:`fun_audio_chat.processing` uses exactly these ids, so a tiny model and a tiny processor always agree.
+500..507, and a speech codebook of 300 (296 codes + BOS/EOS/unused/pad). :func:`tiny_config` and
+:func:`tiny_processor` use exactly these ids, so a tiny model and a tiny processor always agree.
+
+The tiny text vocabulary: ids 0-255 are the 256 byte tokens (byte ``b`` has id ``b``, except ``\n`` which has
+id 198 as in Qwen's vocabulary), ids 10/11/12 are the role words ``system``/``user``/``assistant`` (as in the oracle
+fixtures), then BPE merges of a few common words up to id 499, then the specials 500-507 and the tool tags
+``<tool_call>``, ``</tool_call>``, ``<tool_response>``, ``</tool_response>`` at 508-511 (non-special, as in Qwen).
+The tiny speech tokenizer has 296 codes (``[AU0000]`` … ``[AU0295]``) + ``<|audio_bos|>`` 296, ``<|audio_eos|>``
+297, ``<|endoftext|>`` 298, ``<|audio_pad|>`` 299 (the oracle's pad is 299).
 """
 
 from __future__ import annotations
@@ -22,6 +29,21 @@ TINY_TEXT_SPECIAL_IDS = {
 TINY_TEXT_VOCAB_SIZE = 512
 TINY_SPEECH_CODES = 296  # real codes 0..295, then BOS 296, EOS 297, (298 unused), PAD 299
 TINY_SPEECH_CODEBOOK = 300
+TINY_SPEECH_SPECIAL_TOKENS = ("<|audio_bos|>", "<|audio_eos|>", "<|endoftext|>", "<|audio_pad|>")  # ids 296..299
+TOOL_TAG_TOKENS = ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>")
+
+# Words merged into single tokens by the tiny BPE (after the role words). Chosen so that merges only start with
+# a space or inside these words, which keeps arbitrary text tokenizable byte by byte.
+_TINY_WORDS = (
+    " the", " you", " are", " to", " and", " of", " a", " is", " in", " it", " what", " text", " speech",
+    " tokens", " generate", " asked", " both", " at", " same", " time", " function", " name", " arguments",
+    " call", " tool", " weather", " hello", " please", " can", " with", " for", " this", " that", " how",
+    " me", " my", " your", " do", " not", " be", " on", " say", " tell", " about", " today", " audio",
+    " question", " answer", " JSON", " object", " inside", " tags", " reply", " each", " help", " request",
+    " use", " one", " per", " its", " own", " described", " signatures", " functions", " user", " assistant",
+    " helpful", " thank", " good", " morning", " there", " number", " string", " type", " description",
+    " properties", " required", " parameters", " city", " location", " unit", " celsius",
+)
 
 
 def tiny_config(**overrides) -> FunAudioChatConfig:
@@ -93,3 +115,89 @@ def tiny_detokenizer(seed: int = 0):
     from .token2wav.detokenizer import random_detokenizer
 
     return random_detokenizer(tiny_token2wav_config(), seed)
+
+
+def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    base_size = min(TINY_TEXT_SPECIAL_IDS.values())  # 500: everything below is the BPE model vocabulary
+    role_ids = {"system": 10, "user": 11, "assistant": 12}
+    newline_id = 198
+    # Bytes whose natural id is taken by "\n" or a role word move to the first free ids after 255.
+    displaced = [10, 11, 12, newline_id]
+    byte_ids = {b: b for b in range(256)}
+    byte_ids[10] = newline_id
+    for offset, byte in enumerate(displaced[1:]):
+        byte_ids[byte] = 256 + offset
+    vocab = {b2u[b]: i for b, i in byte_ids.items()}
+    next_id = 256 + len(displaced) - 1
+    merges: list[tuple[str, str]] = []
+
+    def add_word(word: str, final_id: int | None = None) -> bool:
+        nonlocal next_id
+        symbols = "".join(b2u[b] for b in word.encode("utf-8"))
+        for end in range(2, len(symbols) + 1):
+            piece = symbols[:end]
+            if piece in vocab:
+                continue
+            if end == len(symbols) and final_id is not None:
+                token_id = final_id
+            elif next_id < base_size:
+                token_id = next_id
+                next_id += 1
+            else:
+                return False
+            merges.append((symbols[: end - 1], symbols[end - 1]))
+            vocab[piece] = token_id
+        return True
+
+    for word, token_id in role_ids.items():
+        add_word(word, token_id)
+    for word in _TINY_WORDS:
+        if not add_word(word):
+            break
+    # Fill any remaining ids below the specials so that the specials land exactly at 500..
+    while next_id < base_size:
+        vocab[f"<|reserved_{next_id}|>"] = next_id
+        next_id += 1
+    assert len(vocab) == base_size and sorted(vocab.values()) == list(range(base_size))
+    return vocab, merges
+
+
+def build_tiny_text_tokenizer():
+    """The tiny byte-level BPE :class:`~transformers.Qwen2Tokenizer` (512 ids) used by :func:`tiny_processor`."""
+    from tokenizers import AddedToken
+    from transformers import Qwen2Tokenizer
+
+    from .processing.builders import add_audio_special_tokens
+
+    vocab, merges = _tiny_vocab_and_merges()
+    # Qwen2Tokenizer adds <|endoftext|> (its unk/eos/pad default) first: id 500.
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, model_max_length=1024)
+    for token, _ in sorted(TINY_TEXT_SPECIAL_IDS.items(), key=lambda kv: kv[1]):
+        tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    for token in TOOL_TAG_TOKENS:
+        tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)])
+    add_audio_special_tokens(tokenizer)  # the audio tokens are already in place: this names them
+    for token, token_id in TINY_TEXT_SPECIAL_IDS.items():
+        got = tokenizer.convert_tokens_to_ids(token)
+        if got != token_id:
+            raise RuntimeError(f"tiny tokenizer: {token} got id {got}, expected {token_id}")
+    if len(tokenizer) != TINY_TEXT_VOCAB_SIZE:
+        raise RuntimeError(f"tiny tokenizer has {len(tokenizer)} ids, expected {TINY_TEXT_VOCAB_SIZE}")
+    return tokenizer
+
+
+def build_tiny_speech_tokenizer():
+    """The tiny ``speech_tokenizer/``: 296 codes, then bos 296, eos 297, ``<|endoftext|>`` 298, pad 299."""
+    from .processing.builders import build_speech_tokenizer
+
+    return build_speech_tokenizer(TINY_SPEECH_CODES, special_tokens=TINY_SPEECH_SPECIAL_TOKENS)
+
+
+def tiny_processor(**processor_kwargs):
+    """A fresh tiny :class:`~fun_audio_chat.FunAudioChatProcessor` matching :func:`tiny_config` (no downloads)."""
+    from .processing.builders import build_processor
+
+    return build_processor(build_tiny_text_tokenizer(), build_tiny_speech_tokenizer(), **processor_kwargs)

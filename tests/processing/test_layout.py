@@ -148,7 +148,8 @@ def test_non_default_settings_survive_save(tmp_path, processor):
     assert AutoProcessor.from_pretrained(str(tmp_path)).max_audio_seconds == 30.0
 
 
-def test_missing_speech_tokenizer_folder_falls_back_to_release_layout(tmp_path):
+def test_missing_speech_tokenizer_folder_is_an_error_naming_it(tmp_path):
+    """No guessed codebook: a folder without speech_tokenizer/ cannot say how many speech codes its model has."""
     import shutil
 
     target = tmp_path / "no_speech"
@@ -156,10 +157,17 @@ def test_missing_speech_tokenizer_folder_falls_back_to_release_layout(tmp_path):
     shutil.rmtree(target / "speech_tokenizer")
     from transformers import AutoProcessor
 
-    with pytest.warns(UserWarning, match="speech_tokenizer"):
-        processor = AutoProcessor.from_pretrained(str(target))
-    assert processor.num_speech_codes == 6561
-    assert (processor.speech_bos_token_id, processor.speech_eos_token_id, processor.speech_pad_token_id) == (6561, 6562, 6563)
+    with pytest.raises(ValueError, match=r"speech_tokenizer/ subfolder is missing.*build_speech_tokenizer"):
+        AutoProcessor.from_pretrained(str(target))
+
+
+def test_processor_without_speech_tokenizer_is_an_error(processor):
+    from fun_audio_chat.processing import FunAudioChatProcessor
+
+    with pytest.raises(ValueError, match="needs the speech tokenizer"):
+        FunAudioChatProcessor(feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer)
+    with pytest.raises(ValueError, match=r"has no \[AU0000\]"):
+        FunAudioChatProcessor(processor.feature_extractor, processor.tokenizer, speech_tokenizer=processor.tokenizer)
 
 
 def test_release_speech_tokenizer_ids():

@@ -17,7 +17,6 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..configuration_fun_audio_chat import FunAudioChatConfig, refuse_missing_local_path
-from ..hub import FunAudioChatHubMixin
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
 from .generation import FunAudioChatGenerationMixin
@@ -88,9 +87,7 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
             init.copy_(module.positional_embedding, sinusoid_table(*module.positional_embedding.shape))
 
 
-class FunAudioChatForConditionalGeneration(
-    FunAudioChatHubMixin, FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin
-):
+class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin):
     # The SRH output head is the speech embedding table (official `tie_weights` always ties it); the LLM head
     # follows text_config.tie_word_embeddings (False for the release).
     _srh_tied_weights = {"audio_invert_tower.lm_head.weight": "audio_tower.embed_tokens.weight"}

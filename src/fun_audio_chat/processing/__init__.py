@@ -17,6 +17,12 @@ from .audio_io import (
     load_audio,
     resample,
 )
+from .builders import (
+    add_audio_special_tokens,
+    build_feature_extractor,
+    build_processor,
+    build_speech_tokenizer,
+)
 from .chat_template import CHAT_TEMPLATE
 from .collator import FunAudioChatDataCollator, build_training_example
 from .detokenizer import (
@@ -35,17 +41,21 @@ from .prompts import (
     SPOKEN_S2M_PROMPT,
 )
 from .speech_tokenizer import S3SpeechTokenizer, import_s3tokenizer
-from .tiny import (
-    add_audio_special_tokens,
-    build_feature_extractor,
-    build_processor,
-    build_speech_tokenizer,
-    build_tiny_text_tokenizer,
-    tiny_processor,
-)
 from .tool_calling import StreamingToolCallParser, ToolCallParseError, parse_tool_calls
 
 AutoProcessor.register(FunAudioChatConfig, FunAudioChatProcessor, exist_ok=True)
+
+# The tiny processor lives in fun_audio_chat.tiny (with the tiny config), which builds on this package; these names
+# stay importable from here for convenience, resolved on first use so that processing never imports it up front.
+_FROM_TINY = ("build_tiny_text_tokenizer", "tiny_processor")
+
+
+def __getattr__(name: str):
+    if name in _FROM_TINY:
+        import importlib
+
+        return getattr(importlib.import_module("fun_audio_chat.tiny"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AUDIO_TEMPLATE",

@@ -387,6 +387,29 @@ def audio_placeholder_count(num_samples: int, group_size: int = 5, sampling_rate
     return math.ceil(speech_frames(num_samples, sampling_rate) / group_size)
 
 
+def is_single_audio(audio: Any) -> bool:
+    """True when ``audio`` is one clip (a path, URL, bytes, datasets dict, ``(array, rate)`` pair, decoder, 1-D array
+    or list of numbers), False for a list of clips."""
+    if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview, dict)):
+        return True
+    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
+        return True
+    if hasattr(audio, "get_all_samples"):
+        return True
+    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+        return audio.ndim == 1
+    if isinstance(audio, (list, tuple)):
+        return len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
+    return False
+
+
+def is_raw_array(audio: Any) -> bool:
+    """A bare sample array (numpy, torch or a list of numbers), which carries no sampling rate of its own."""
+    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
+        return True
+    return isinstance(audio, list) and len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
+
+
 __all__ = [
     "DEFAULT_AUDIO_LOADING_POLICY",
     "EXAMPLE_AUDIO_TEXT",
@@ -397,6 +420,8 @@ __all__ = [
     "decode_audio_bytes",
     "duration_seconds",
     "example_audio_path",
+    "is_raw_array",
+    "is_single_audio",
     "load_audio",
     "read_audio_file",
     "resample",

@@ -110,7 +110,7 @@ def build_training_example(
     prompt_text = processor.apply_chat_template(
         prompt_messages, tools=tools, add_generation_prompt=True, tokenize=False, **template_kwargs
     )
-    waveforms = processor._multimodal_inputs_from_conversations([prompt_messages], {})[2]
+    waveforms = processor.audios_in_conversation(prompt_messages)
     expanded = processor._check_and_expand([prompt_text], waveforms)
     expanded, _ = processor.get_text_with_replacements(
         expanded, audio_replacements=[processor.audio_token * processor.num_audio_tokens(len(w)) for w in waveforms]

@@ -1,6 +1,6 @@
 """``FunAudioChatProcessor``: Whisper features + Qwen text tokenizer + speech tokenizer, in the official file layout.
 
-On disk (official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout, SPEC §1.5 / §3)::
+On disk (the official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout)::
 
     processor_config.json      {"audio_bos_token", "audio_eos_token", "audio_group_size": 5, "audio_pad_token",
                                 "audio_token", "processor_class": "FunAudioChatProcessor"}
@@ -10,7 +10,8 @@ On disk (official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout, SPEC §1.5 / §3)::
     speech_tokenizer/          tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 ``AutoProcessor.from_pretrained(dir)`` loads it once :mod:`fun_audio_chat` is imported; ``save_pretrained`` writes it
-back in the same layout.
+back in the same layout, and transformers' ``push_to_hub`` uploads it (the model card is
+:func:`fun_audio_chat.hub.push_with_model_card`'s job).
 
 Model inputs returned by ``processor(text=..., audio=...)`` and by
 ``processor.apply_chat_template(..., tokenize=True, return_dict=True)``:
@@ -29,27 +30,27 @@ Model inputs returned by ``processor(text=..., audio=...)`` and by
 Audio rows are in the order the placeholders appear (sample by sample).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: transformers reads the annotations of the ProcessingKwargs
+# TypedDicts below at run time (ProcessorMixin._merge_kwargs), so they must be real types, not strings.
 import json
 import math
 import os
 import re
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
-from ..hub import FunAudioChatHubMixin
 from .audio_io import (
     DEFAULT_AUDIO_LOADING_POLICY,
     TARGET_SAMPLING_RATE,
     AudioInputError,
     AudioLoadingPolicy,
+    is_raw_array,
+    is_single_audio,
     load_audio,
     speech_frames,
 )
@@ -73,7 +74,21 @@ _OFFICIAL_CONFIG_KEYS = ("audio_bos_token", "audio_eos_token", "audio_group_size
 _EXTRA_CONFIG_DEFAULTS = {"max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS, "text_sil_token": "<|sil|>"}
 
 
-class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
+class FunAudioChatAudioKwargs(AudioKwargs, total=False):
+    """
+    sampling_rate (`int`, *optional*):
+        Rate of raw sample arrays (files, bytes and datasets dicts carry their own). Checked by our audio loader, which
+        names the problem (``"16k"``, 0, NaN …) instead of a generic type error.
+    """
+
+    sampling_rate: Any
+
+
+class FunAudioChatProcessorKwargs(ProcessingKwargs, total=False):
+    audio_kwargs: FunAudioChatAudioKwargs
+
+
+class FunAudioChatProcessor(ProcessorMixin):
     r"""Processor of Fun-Audio-Chat.
 
     Args:
@@ -94,7 +109,10 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
     ``AudioLoadingPolicy.in_memory_only()``. It is a runtime setting, not saved with the processor.
     """
 
-    audio_kwargs = {"return_attention_mask": True}
+    valid_processor_kwargs = FunAudioChatProcessorKwargs
+    # Defaults of __call__ (lowest priority in ProcessorMixin._merge_kwargs): left padding for generation; the chat
+    # template writes every special token itself.
+    text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False}
     audio_loading_policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY
 
     def __init__(
@@ -124,15 +142,14 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         self.max_audio_seconds = max_audio_seconds
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token)
         if speech_tokenizer is None or not _is_speech_tokenizer(speech_tokenizer):
-            from .tiny import build_speech_tokenizer
-
-            if speech_tokenizer is not None:
-                warnings.warn(
-                    "The speech tokenizer has no [AU....] vocabulary (was the speech_tokenizer/ subfolder missing?); "
-                    "using the released layout with 6561 codes.",
-                    stacklevel=2,
-                )
-            speech_tokenizer = build_speech_tokenizer(6561)
+            found = "none was given" if speech_tokenizer is None else "the one given has no [AU0000] … vocabulary"
+            raise ValueError(
+                f"FunAudioChatProcessor needs the speech tokenizer of the checkpoint ({found}; when loading a folder, "
+                "its speech_tokenizer/ subfolder is missing or is not a Fun-Audio-Chat speech tokenizer). Copy "
+                "speech_tokenizer/ from the released FunAudioLLM/Fun-Audio-Chat-8B repository, or pass "
+                "speech_tokenizer=fun_audio_chat.processing.build_speech_tokenizer(num_codes) with the codebook size "
+                "of your model (6561 for the release)."
+            )
         super().__init__(feature_extractor, tokenizer, speech_tokenizer, chat_template=chat_template)
         for name in ("audio_token", "audio_bos_token", "audio_eos_token"):
             token = getattr(self, name)
@@ -310,22 +327,7 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
         self,
         text: str | list[str] | None = None,
         audio: Any = None,
-        images=None,
-        videos=None,
-        *,
-        sampling_rate: int | None = None,
-        padding: bool | str = True,
-        padding_side: str | None = None,
-        truncation: bool | None = None,
-        max_length: int | None = None,
-        pad_to_multiple_of: int | None = None,
-        return_tensors: str | None = None,
-        add_special_tokens: bool = False,
-        return_offsets_mapping: bool = False,
-        return_text_replacement_offsets: bool = False,
-        text_kwargs: dict | None = None,
-        audio_kwargs: dict | None = None,
-        **kwargs,
+        **kwargs: Unpack[FunAudioChatProcessorKwargs],
     ) -> BatchFeature:
         """Tokenize prompts and featurize their audio.
 
@@ -334,32 +336,30 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
                 bare ``<|AUDIO|>`` gets ``<|audio_bos|>``/``<|audio_eos|>`` added around it).
             audio: one audio or a list of audios for all prompts, in placeholder order. Any form
                 :func:`~fun_audio_chat.processing.audio_io.load_audio` accepts.
-            sampling_rate: rate of raw sample arrays (files and datasets dicts carry their own). Raw arrays given
-                without it are taken at the feature extractor's rate (16 kHz), as the official processor and
-                transformers' audio processors do (with a one-time warning); other rates are resampled.
-            padding / padding_side: text padding; ``padding_side`` defaults to ``"left"`` (generation).
-            return_tensors: ``"pt"``, ``"np"`` or ``None`` (lists for text, numpy arrays for audio).
+            kwargs: transformers' processor keyword arguments, flat or per modality (``text_kwargs=``,
+                ``audio_kwargs=``), merged by ``ProcessorMixin._merge_kwargs``. The ones that matter here:
+
+                * ``sampling_rate``: rate of raw sample arrays (files and datasets dicts carry their own). Raw arrays
+                  given without it are taken at the feature extractor's rate (16 kHz), as the official processor and
+                  transformers' audio processors do (with a one-time warning); other rates are resampled.
+                * ``padding`` / ``padding_side`` / ``truncation`` / ``max_length`` …: text tokenizer settings;
+                  ``padding_side`` defaults to ``"left"`` (generation).
+                * ``return_tensors``: ``"pt"``, ``"np"`` or ``None`` (lists for text, numpy arrays for audio).
+                * ``return_text_replacement_offsets``: also return where each placeholder was expanded.
+
+            An argument this processor does not know is reported by transformers' logger and ignored.
         """
-        if images is not None or videos is not None:
-            raise ValueError("FunAudioChatProcessor handles text and audio only; images/videos are not supported.")
-        text_kwargs = dict(text_kwargs or {})
-        audio_kwargs = dict(audio_kwargs or {})
-        sampling_rate = audio_kwargs.pop("sampling_rate", sampling_rate)
-        for key in ("return_attention_mask", "load_audio_backend"):
-            audio_kwargs.pop(key, None)
-        kwargs.pop("return_mm_token_type_ids", None)
-        # set by apply_chat_template(..., sanitize_control_tokens=True): the control tokens of user text arrive
-        # marked, and the tokenizer must encode them as plain text (and not count them as placeholders)
-        sanitize_control_tokens = bool(kwargs.pop("sanitize_control_tokens", False))
-        unknown = sorted(set(kwargs) | set(audio_kwargs))
-        if unknown:
-            warnings.warn(f"FunAudioChatProcessor ignores unknown arguments {unknown}.", stacklevel=2)
+        output_kwargs = self._merge_kwargs(FunAudioChatProcessorKwargs, **kwargs)
+        text_kwargs = output_kwargs["text_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+        return_text_replacement_offsets = bool(output_kwargs.get("return_text_replacement_offsets"))
+        for processor_only in ("return_text_replacement_offsets", "return_mm_token_type_ids"):
+            text_kwargs.pop(processor_only, None)
         if text is None and audio is None:
             raise ValueError("Provide `text` and/or `audio`.")
 
-        waveforms = self._load_audio_list(audio, sampling_rate)
+        waveforms = self._load_audio_list(audio, output_kwargs["audio_kwargs"].get("sampling_rate"))
         data: dict[str, Any] = {}
-        offsets = None
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(sample, str) for sample in texts):
@@ -368,22 +368,9 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
             texts, offsets = self.get_text_with_replacements(
                 texts, audio_replacements=[self.audio_token * self.num_audio_tokens(len(w)) for w in waveforms]
             )
-            tokenizer_kwargs = {
-                "padding": padding,
-                "padding_side": padding_side or text_kwargs.pop("padding_side", None) or "left",
-                "truncation": truncation,
-                "max_length": max_length,
-                "pad_to_multiple_of": pad_to_multiple_of,
-                "add_special_tokens": add_special_tokens,
-                "return_attention_mask": True,
-            }
-            if return_offsets_mapping:
-                tokenizer_kwargs["return_offsets_mapping"] = True
-            if sanitize_control_tokens:
-                tokenizer_kwargs["sanitize_control_tokens"] = True
-            tokenizer_kwargs.update(text_kwargs)
-            tokenizer_kwargs = {k: v for k, v in tokenizer_kwargs.items() if v is not None}
-            text_inputs = self.tokenizer(texts, **tokenizer_kwargs)
+            # apply_chat_template(..., sanitize_control_tokens=True) marks the control tokens of user text; the
+            # tokenizer (which gets that flag in text_kwargs) encodes them as plain text, and they are not placeholders
+            text_inputs = self.tokenizer(texts, **{**text_kwargs, "return_attention_mask": True})
             self._check_special_mm_tokens(texts, text_inputs, modalities=["audio"])
             data.update(text_inputs)
             if return_text_replacement_offsets:
@@ -404,12 +391,12 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
                 "a list of 1-D arrays, or a multichannel clip inside a list ([clip], (channels, time) or (time, "
                 "channels)) to have its channels averaged to mono."
             )
-        if _is_single_audio(audio):
+        if is_single_audio(audio):
             audio = [audio]
         waveforms = []
         for index, item in enumerate(audio):
             rate = sampling_rate
-            if rate is None and _is_raw_array(item):
+            if rate is None and is_raw_array(item):
                 # The official calling convention (processor(text=..., audio=[librosa.load(path, sr=16000)[0]])):
                 # bare arrays are at the feature extractor's rate.
                 rate = TARGET_SAMPLING_RATE
@@ -448,17 +435,19 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
             validate_tools(kwargs.get("tools"))
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
-    def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
-        """Collect, in order, the audio items the template turns into placeholders (user turns; assistant replies are
-        history text), loading each with our loader (paths, URLs, bytes, arrays with a ``sampling_rate`` key in the
-        content item, datasets dicts)."""
-        batch_audios = []
-        for conversation in conversations:
-            for index, message in enumerate(conversation):
-                content = message.get("content")
-                role = message.get("role")
-                # the template renders audio placeholders for user turns only (not for replies, tool results or
-                # the leading system prompt), so only those audios are inputs
+    def audios_in_conversation(self, conversation) -> list[np.ndarray]:
+        """The 16 kHz waveforms of the audio items the chat template turns into ``<|AUDIO|>`` placeholders, in
+        placeholder order: the audio of user turns (assistant replies, tool results and the leading system prompt
+        are rendered as history text, so their audio is not an input). ``conversation`` is one conversation (a list
+        of messages) or a batch of them; a batch gives one flat list, as ``processor(audio=...)`` takes it.
+
+        Each item is loaded with :meth:`load_audio` under ``self.audio_loading_policy``: ``"audio"`` (an array,
+        bytes, a datasets dict …; a ``"sampling_rate"`` key in the item gives the rate of a raw array), ``"path"``
+        or ``"url"``."""
+        waveforms: list[np.ndarray] = []
+        for messages in split_batch(conversation):
+            for index, message in enumerate(messages):
+                role, content = message.get("role"), message.get("content")
                 if role in ("assistant", "tool") or (index == 0 and role == "system"):
                     continue
                 if not isinstance(content, (list, tuple)):
@@ -471,12 +460,20 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
                         raise AudioInputError(
                             'an {"type": "audio"} content item needs one of "audio", "path" or "url".'
                         )
-                    name = f"audio {len(batch_audios)}"
-                    batch_audios.append(
-                        self.load_audio(item[keys[0]], sampling_rate=item.get("sampling_rate"), name=name)
+                    waveforms.append(
+                        self.load_audio(item[keys[0]], sampling_rate=item.get("sampling_rate"),
+                                        name=f"audio {len(waveforms)}")
                     )
+        return waveforms
+
+    # transformers (5.23, 5.24) loads the audio of chat items in this private hook of ProcessorMixin.apply_chat_template
+    # and offers no public one. Its own version loads every audio item with transformers.audio_utils.load_audio, which
+    # knows neither our loading policy, nor the "sampling_rate" key of an item, nor that assistant audio is history
+    # text; so this one override hands the loading to the public audios_in_conversation and returns the hook's
+    # (images, videos, audios, extra inputs) tuple. It is the only private ProcessorMixin method overridden here.
+    def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         empty = [[] for _ in conversations]
-        return empty, empty, batch_audios, {}
+        return empty, empty, self.audios_in_conversation(list(conversations)), {}
 
     # ------------------------------------------------------------------ decoding
     def decode_text(self, token_ids, skip_special_tokens: bool = True) -> str | list[str]:
@@ -542,8 +539,12 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Write the official layout: processor_config.json, preprocessor_config.json, the text tokenizer files,
-        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer)."""
-        files = super().save_pretrained(save_directory, push_to_hub=False, **{k: v for k, v in kwargs.items() if k != "repo_id"})
+        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer).
+
+        With ``push_to_hub=True`` the folder is then uploaded by transformers' ``push_to_hub`` (``repo_id`` defaults
+        to the folder's name; ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
+        ``create_pr`` and ``tags`` are passed on), so saving and pushing write the same files."""
+        files = super().save_pretrained(save_directory)
         self.feature_extractor.save_pretrained(save_directory)
         _write_special_tokens_map(self.tokenizer, os.path.join(save_directory, "special_tokens_map.json"))
         speech_dir = os.path.join(save_directory, "speech_tokenizer")
@@ -560,16 +561,9 @@ class FunAudioChatProcessor(FunAudioChatHubMixin, ProcessorMixin):
                     json.dump(config, handle, indent=2, ensure_ascii=False)
                     handle.write("\n")
         if push_to_hub:
-            repo_id = kwargs.pop("repo_id", None) or str(save_directory).rstrip("/").split(os.path.sep)[-1]
-            commit_message = kwargs.pop("commit_message", None)
-            token = kwargs.get("token")
-            from huggingface_hub import HfApi
-
-            api = HfApi(token=token)
-            repo_id = api.create_repo(repo_id, exist_ok=True, private=kwargs.get("private")).repo_id
-            api.upload_folder(
-                repo_id=repo_id, folder_path=str(save_directory), commit_message=commit_message or "Upload processor"
-            )
+            repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
+            push_arguments = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+            self.push_to_hub(repo_id, **{key: kwargs[key] for key in push_arguments if key in kwargs})
         return files
 
 
@@ -605,7 +599,7 @@ def _write_bpe_vocab_files(tokenizer, save_directory: str) -> None:
     if model is None or type(model).__name__ != "BPE":
         return
     try:
-        model.save(save_directory)
+        model.save(os.fspath(save_directory))  # tokenizers takes a str, not a Path
     except Exception:  # pragma: no cover - optional convenience files
         return
 
@@ -620,27 +614,6 @@ def _is_speech_tokenizer(tokenizer) -> bool:
         return "[AU0000]" in tokenizer.get_vocab()
     except Exception:
         return False
-
-
-def _is_single_audio(audio: Any) -> bool:
-    if isinstance(audio, (str, os.PathLike, bytes, bytearray, memoryview, dict)):
-        return True
-    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)):
-        return True
-    if hasattr(audio, "get_all_samples"):
-        return True
-    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
-        return audio.ndim == 1
-    if isinstance(audio, (list, tuple)):
-        return len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
-    return False
-
-
-def _is_raw_array(audio: Any) -> bool:
-    """A bare sample array (numpy, torch or a list of numbers), which carries no sampling rate of its own."""
-    if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
-        return True
-    return isinstance(audio, list) and len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
 
 
 def _as_rows(token_ids) -> tuple[list[list[int]], bool]:

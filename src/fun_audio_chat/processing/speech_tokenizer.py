@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .audio_io import TARGET_SAMPLING_RATE, load_audio
+from .audio_io import TARGET_SAMPLING_RATE, is_single_audio, load_audio
 
 S3_MODEL_NAME = "speech_tokenizer_v3_25hz"
 S3_FRAME_RATE = 25
@@ -234,9 +234,7 @@ class S3SpeechTokenizer:
 
     def __call__(self, audios: Any, sampling_rate: int | None = None) -> list[list[int]]:
         """Codes of one audio or a list of audios; returns one list of ints per clip."""
-        from .processing_fun_audio_chat import _is_single_audio
-
-        single = _is_single_audio(audios)
+        single = is_single_audio(audios)
         items = [audios] if single else list(audios)
         rate = self.sampling_rate if sampling_rate is None else sampling_rate
         waveforms = [load_audio(a, sampling_rate=rate, name=f"audio {i}") for i, a in enumerate(items)]
