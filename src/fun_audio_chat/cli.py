@@ -914,7 +914,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-new-tokens", type=int, default=256,
                        help="reply length when a request gives no max_tokens (default: %(default)s)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
-    serve.add_argument("--batch-window-ms", type=float, default=10.0,
+    serve.add_argument("--batch-window-ms", type=float, default=25.0,
                        help="how long a request waits for others to join its batch (default: %(default)s)")
     serve.add_argument("--max-audio-seconds", type=float, default=120.0,
                        help="longest accepted audio clip in a request (default: %(default)s)")

@@ -260,7 +260,7 @@ class ServingEngine:
         detokenizer=None,
         *,
         max_batch_size: int = 8,
-        batch_window: float = 0.01,
+        batch_window: float = 0.025,
         generate_kwargs: dict | None = None,
     ):
         if max_batch_size < 1:
@@ -521,41 +521,68 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ speech thread
     def _speech_loop(self) -> None:
+        """Runs the detokenizer sessions. Jobs of one turn run in order; across turns, the turn whose client has
+        received the least audio goes first, so a turn of a later batch is not starved by an earlier batch whose
+        codes all arrived at once (the LLM usually runs ahead of synthesis)."""
+        sessions: dict[int, Any] = {}
+        waiting: dict[int, deque] = {}  # request id -> its jobs not yet run, in order
+        handles: dict[int, TurnHandle] = {}
+        closing = False
+        while not (closing and not waiting):
+            block = not waiting
+            while True:
+                try:
+                    job = self._speech_jobs.get(block=block)
+                except queue.Empty:
+                    break
+                block = False
+                if job is None:
+                    closing = True
+                    continue
+                handle = job[0]
+                handles[handle.request_id] = handle
+                waiting.setdefault(handle.request_id, deque()).append(job)
+            if not waiting:
+                continue
+            request_id = min(waiting, key=lambda rid: (handles[rid].metrics.audio_seconds, rid))
+            jobs = waiting[request_id]
+            self._run_speech_job(jobs.popleft(), sessions)
+            if not jobs:
+                del waiting[request_id]
+                if request_id not in sessions:
+                    handles.pop(request_id, None)
+
+    def _run_speech_job(self, job, sessions: dict) -> None:
         import torch
 
-        sessions: dict[int, Any] = {}
-        while True:
-            job = self._speech_jobs.get()
-            if job is None:
-                return
-            handle, kind, payload = job
-            try:
-                if kind == "start":
-                    sessions[handle.request_id] = self.detokenizer.streaming_session()
-                elif kind == "drop":
-                    sessions.pop(handle.request_id, None)
-                elif kind == "codes":
-                    session = sessions.get(handle.request_id)
-                    if session is None or handle.cancelled.is_set():
-                        continue
-                    with torch.inference_mode():
-                        samples = session.push(list(payload))
-                    self._emit_audio(handle, samples)
-                elif kind == "finish":
-                    session = sessions.pop(handle.request_id, None)
-                    if session is not None and not handle.cancelled.is_set():
-                        with torch.inference_mode():
-                            self._emit_audio(handle, session.finish())
-                    result: TurnResult = payload
-                    if handle.audio_parts:
-                        result.audio = np.concatenate(handle.audio_parts)
-                    else:
-                        result.audio = np.zeros(0, dtype=np.float32)
-                    self._finish(handle, result)
-            except Exception as err:  # noqa: BLE001 - this turn fails, the others go on
+        handle, kind, payload = job
+        try:
+            if kind == "start":
+                sessions[handle.request_id] = self.detokenizer.streaming_session()
+            elif kind == "drop":
                 sessions.pop(handle.request_id, None)
-                if not handle.finished.is_set():
-                    self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
+            elif kind == "codes":
+                session = sessions.get(handle.request_id)
+                if session is None or handle.cancelled.is_set():
+                    return
+                with torch.inference_mode():
+                    samples = session.push(list(payload))
+                self._emit_audio(handle, samples)
+            elif kind == "finish":
+                session = sessions.pop(handle.request_id, None)
+                if session is not None and not handle.cancelled.is_set():
+                    with torch.inference_mode():
+                        self._emit_audio(handle, session.finish())
+                result: TurnResult = payload
+                if handle.audio_parts:
+                    result.audio = np.concatenate(handle.audio_parts)
+                else:
+                    result.audio = np.zeros(0, dtype=np.float32)
+                self._finish(handle, result)
+        except Exception as err:  # noqa: BLE001 - this turn fails, the others go on
+            sessions.pop(handle.request_id, None)
+            if not handle.finished.is_set():
+                self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
 
     def _emit_audio(self, handle: TurnHandle, samples) -> None:
         if samples is None:
