@@ -137,7 +137,7 @@ def test_voice_page_turn_detection_reply_audio_barge_in_and_typed_turn(served, b
     assert browser.find_elements(By.CSS_SELECTOR, ".turn.assistant.interrupted")
     _wait(browser, "the reply to the second spoken turn", lambda: _counter(browser, "turns") >= 1)
     for user_turn in browser.find_elements(By.CSS_SELECTOR, ".turn.user")[:2]:
-        assert "s of speech" in user_turn.text
+        assert user_turn.text.startswith("(spoken)") and user_turn.text.endswith("s of speech")
         # the clip (3.4 s) plus the kept lead-in and the closing silence
         assert 3.4 <= float(user_turn.text.split()[1]) <= 5.0
     answered = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant:not(.interrupted)")[0]
@@ -147,8 +147,9 @@ def test_voice_page_turn_detection_reply_audio_barge_in_and_typed_turn(served, b
     assert health["speech"], "fun-audio-chat serve with no arguments must answer with speech"
     _wait(browser, "a played audio chunk", lambda: _counter(browser, "chunksPlayed") >= 1)
 
-    # typed turn (voice detection off so the looping microphone does not interrupt it)
+    # typed turn (voice detection off so the looping microphone does not interrupt it), once the reply has played
     browser.execute_script("document.getElementById('mode').value = 'ptt'")
+    _wait(browser, "the end of the reply's audio", lambda: browser.find_element(By.ID, "status").text == "listening")
     turns_before = _counter(browser, "turns")
     browser.find_element(By.ID, "text-input").send_keys("Hello from the keyboard")
     browser.find_element(By.ID, "send").click()

@@ -231,7 +231,7 @@ async function endUtterance() {
   const audio16k = await resampleTo16k(samples, state.audioContext.sampleRate);
   bump("utterances");
   const data = base64FromBytes(wavBytes(audio16k, INPUT_RATE));
-  const turn = addTurn("user", `🎤 ${(audio16k.length / INPUT_RATE).toFixed(1)} s of speech`);
+  const turn = addTurn("user", `(spoken) ${(audio16k.length / INPUT_RATE).toFixed(1)} s of speech`);
   sendTurn({ role: "user", content: [{ type: "input_audio", input_audio: { data, format: "wav" } }] }, endedAt, turn);
 }
 
