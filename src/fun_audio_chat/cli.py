@@ -878,7 +878,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint with its base text LLM (a Qwen3 causal-LM checkpoint, or a Hub id). Merges shard by shard with "
         "bounded memory, keeps the audio encoders and the Speech Refined Head from the tuned model, copies the config "
         "and processor files, and writes merge_manifest.json and a model card. Safetensors only.",
-        epilog="example:\n  fun-audio-chat merge --tuned runs/stage1/final --base Qwen/Qwen3-8B --alpha 0.5 --out merged/",
+        epilog="examples:\n  fun-audio-chat merge --tuned runs/stage1/final --base runs/base-llm --alpha 0.5 --out merged/\n"
+        "  fun-audio-chat merge --tuned runs/stage1/final --base Qwen/Qwen3-8B --base-from-hub --out merged/",
     )
     merge.add_argument("--tuned", required=True, help="fine-tuned Fun-Audio-Chat checkpoint directory (M1)")
     merge.add_argument("--base", required=True, help="base LLM checkpoint directory or Hub repo id (M0)")
