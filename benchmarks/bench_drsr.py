@@ -11,6 +11,13 @@ One step = forward (text + speech losses) + backward. The two models' steps alte
 each) so that a busy machine slows both alike. Prints the median step times, the LLM / SRH sequence lengths
 and the median ratio ungrouped / grouped.
 
+Then, at two LLM widths (512 and 1024, same depth; the SRH keeps its size), the training step of the full model
+(k = 5) against a plain Qwen3 causal LM built from the same text config on the same positions and text targets: the
+cost of the speech stack (discrete speech encoder, transcript merge, Speech Refined Head with its loss). The
+prompts have no user audio, so the continuous audio encoder does not run. Also the full model's step under
+``training_recipe="consistent"`` (default) against ``"official"``: the cost of decoding the prompt's last SRH
+sub-steps before the teacher-forced pass.
+
 Config: text Qwen3 hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 1536, vocab 4096;
 SRH hidden 256, 4 layers, intermediate 768; codebook 6565.
 
@@ -34,19 +41,20 @@ AUDIO, ABOS, AEOS, SIL = 4089, 4090, 4091, 4093
 SYSTEM, USER, ASSISTANT = 10, 11, 12
 SPEECH_BOS, SPEECH_EOS, SPEECH_PAD = 6561, 6562, 6563
 SPEECH_DELAY = 10  # speech-BOS codes before the reply's first real code (SPEC §3.5)
+LLM_POSITIONS_NOTE = "same LLM positions and text targets for both, median of alternating repeats"
 
 
-def bench_config(group_size: int) -> FunAudioChatConfig:
+def bench_config(group_size: int, width: int = 512) -> FunAudioChatConfig:
     return FunAudioChatConfig(
         text_config={
             "model_type": "qwen3",
             "vocab_size": VOCAB,
-            "hidden_size": 512,
+            "hidden_size": width,
             "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 4,
+            "num_attention_heads": width // 64,
+            "num_key_value_heads": width // 128,
             "head_dim": 64,
-            "intermediate_size": 1536,
+            "intermediate_size": 3 * width,
             "max_position_embeddings": 8192,
             "tie_word_embeddings": False,
             "eos_token_id": IM_END,
@@ -60,7 +68,7 @@ def bench_config(group_size: int) -> FunAudioChatConfig:
             "encoder_layers": 1,
             "encoder_attention_heads": 2,
             "encoder_ffn_dim": 256,
-            "output_dim": 512,
+            "output_dim": width,
             "codebook_size": 6565,
             "group_size": group_size,
             "bos_token_id": SPEECH_BOS,
@@ -137,6 +145,61 @@ def train_step(model, batch) -> float:
     return time.perf_counter() - start
 
 
+def plain_llm_step(llm, batch) -> float:
+    for p in llm.parameters():
+        p.grad = None
+    start = time.perf_counter()
+    out = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["text_labels"])
+    out.loss.backward()
+    return time.perf_counter() - start
+
+
+def alternate(steps: dict, repeats: int) -> dict[str, list[float]]:
+    """Two warm-up calls each, then ``repeats`` rounds calling every step in turn; returns the times."""
+    for step in steps.values():
+        for _ in range(2):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            times[name].append(step())
+    return times
+
+
+def speech_stack_cost(width: int, args) -> None:
+    """Full model vs a plain Qwen3 of the same text config, and the consistent vs the official recipe."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = FunAudioChatForConditionalGeneration(bench_config(5, width)).train()
+    llm = Qwen3ForCausalLM(model.config.text_config).train()
+    batch = make_batch(5, args.seconds, args.batch)
+    layout = model.audio_layout(batch["input_ids"], batch["speech_ids"], batch["speech_attention_mask"], batch["text_ids"])
+    plain = {**batch, "text_labels": model.build_text_labels(batch["labels"], layout, batch["text_attention_mask"])}
+
+    def full(recipe):
+        def step():
+            model.config.training_recipe = recipe
+            return train_step(model, batch)
+
+        return step
+
+    times = alternate(
+        {"full": full("consistent"), "official": full("official"), "qwen3": lambda: plain_llm_step(llm, plain)},
+        args.repeats,
+    )
+    stack = [f / q for f, q in zip(times["full"], times["qwen3"])]
+    recipe = [f / o for f, o in zip(times["full"], times["official"])]
+    full_params = sum(p.numel() for p in model.parameters()) / 1e6
+    llm_params = sum(p.numel() for p in llm.parameters()) / 1e6
+    print(
+        f"width {width}: full model {full_params:.1f}M params {statistics.median(times['full']) * 1000:8.1f} ms | "
+        f"plain Qwen3 {llm_params:.1f}M params {statistics.median(times['qwen3']) * 1000:8.1f} ms | "
+        f"ratio full / Qwen3 {statistics.median(stack):.2f}x (range {min(stack):.2f}-{max(stack):.2f}) | "
+        f"consistent / official recipe {statistics.median(recipe):.2f}x"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=20.0, help="assistant speech length (25 Hz codes)")
@@ -176,6 +239,9 @@ def main() -> None:
         f"ratio ungrouped (k=1) / grouped (k=5) step time: {statistics.median(ratios):.2f}x "
         f"(median of per-repeat ratios; range {min(ratios):.2f}-{max(ratios):.2f})"
     )
+    print(f"training step (fwd+bwd), {LLM_POSITIONS_NOTE}:")
+    for width in (512, 1024):
+        speech_stack_cost(width, args)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 MODE ``sft``: one SGD step on a fixed global batch whose examples have different target counts on the two ranks;
 rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
-MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step); ``BASE`` is the Core-Cocktail base.
+MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step) with ``BASE`` as the Core-Cocktail base
+and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final weights there.
 ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
 """
 
@@ -89,12 +90,15 @@ def main():
             per_device_train_batch_size=1, learning_rate=1e-3, min_lr=1e-4, **engine_arguments(engine, model),
         )
         stage.setdefault("use_cpu", True)
-        run_core_cocktail(
-            model, base, train_dataset(2), out / "cc", data_collator=collate,
+        run_dir = Path(sys.argv[5])
+        result = run_core_cocktail(
+            model, base, train_dataset(2), run_dir, data_collator=collate,
             stage1_args=stage, stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
         )
         if rank == 0:
-            (out / "cc_done.json").write_text(json.dumps({"ok": True}))
+            state = {k: v.detach().float().contiguous().clone() for k, v in result.model.state_dict().items()}
+            state.pop("audio_invert_tower.lm_head.weight", None)
+            save_file(state, str(run_dir / "result.safetensors"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

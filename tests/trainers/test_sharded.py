@@ -83,3 +83,79 @@ def test_sharded_sft_equals_one_process(engine, tmp_path, single_process_step):
     assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-3  # it did train
     for name, value in trained.items():
         torch.testing.assert_close(value, single_process_step[name].float(), atol=5e-6, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------ Core-Cocktail, DeepSpeed
+@pytest.fixture(scope="module")
+def core_cocktail_base(tmp_path_factory):
+    return base_llm_checkpoint(oracle_model(), tmp_path_factory.mktemp("cc_base") / "base")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_core_cocktail(tmp_path_factory, core_cocktail_base):
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("cc_once")
+    _run(out, "cc", "zero2", out, core_cocktail_base, out / "run")
+    return out / "run"
+
+
+def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktail):
+    run = uninterrupted_core_cocktail
+    assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
+    assert (run / "merged" / "merge_manifest.json").is_file() and (run / "final" / "config.json").is_file()
+    final = load_file(str(run / "result.safetensors"))
+    start = oracle_model().state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
+
+
+def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
+    """Start the worker, SIGKILL the whole process group once ``marker`` exists."""
+    proc = subprocess.Popen(
+        _command(*args), env=_env(), cwd=tmp_path, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before {marker} appeared"
+            assert time.monotonic() < deadline, f"{marker} did not appear in {timeout} s"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
+    tmp_path, core_cocktail_base, uninterrupted_core_cocktail
+):
+    run = tmp_path / "run"
+    args = ("cc", "zero2", tmp_path, core_cocktail_base, run)
+    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
+    assert not (run / "merged").exists()
+    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1" / "trainer_state.json")
+    assert not (run / "final").exists()
+    _run(tmp_path, *args)
+    resumed = load_file(str(run / "result.safetensors"))
+    reference = load_file(str(uninterrupted_core_cocktail / "result.safetensors"))
+    for name, value in resumed.items():
+        torch.testing.assert_close(value, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_engines_that_cannot_run_fail_at_start(tmp_path):
+    """In one process: ZeRO-3 / FSDP Core-Cocktail and DeepSpeed with use_cpu are refused before any training."""
+    from fun_audio_chat.trainers import run_core_cocktail
+    from fun_audio_chat.trainers.distributed import deepspeed_config
+
+    model = oracle_model()
+    for stage_args, message in (
+        ({"deepspeed": deepspeed_config(3)}, "ZeRO-3"),
+        ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}, "FSDP"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_core_cocktail(model, tmp_path, [], tmp_path / "cc", stage1_args={**stage_args, "use_cpu": True})
+    assert not (tmp_path / "cc").exists()
+    # DeepSpeed that accelerate would skip (use_cpu=True) is refused instead of silently running without it
+    args = training_args(tmp_path / "ds", deepspeed=deepspeed_config(2))
+    with pytest.raises(ValueError, match="did not start DeepSpeed"):
+        FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)

@@ -322,6 +322,26 @@ def _finished_checkpoint(stage_dir: Path) -> Path | None:
     return Path(last) if max_steps > 0 and step >= max_steps else None
 
 
+def _check_in_place_merge_possible(args: TrainingArguments) -> None:
+    """The runner merges the module's parameters in place, which needs every parameter whole on every process."""
+    if args.fsdp:
+        raise ValueError(
+            "run_core_cocktail merges the weights in place, which FSDP's sharded parameters do not allow; run the two "
+            "stages as separate launches and merge on disk with merge_weights (docs/distributed.md), or use DDP / "
+            "DeepSpeed ZeRO-1/2."
+        )
+    config = args.deepspeed
+    if isinstance(config, (str, os.PathLike)):
+        config = json.loads(Path(config).read_text())
+    stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0) if isinstance(config, Mapping) else 0
+    if int(stage or 0) >= 3:
+        raise ValueError(
+            "run_core_cocktail merges the weights in place, which DeepSpeed ZeRO-3's partitioned parameters do not "
+            "allow; use ZeRO-2 (the official recipe), or run the two stages as separate launches and merge on disk "
+            "with merge_weights (docs/distributed.md)."
+        )
+
+
 def _completed_stage_history(checkpoint: Path) -> list:
     return list(json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", []))
 
@@ -369,6 +389,8 @@ def run_core_cocktail(
     merged_dir, final_dir = output_dir / "merged", output_dir / "final"
     args1 = core_cocktail_training_arguments(1, stage1_dir, stage1_args)
     args2 = core_cocktail_training_arguments(2, stage2_dir, stage2_args)
+    for args in (args1, args2):
+        _check_in_place_merge_possible(args)
     trainer_kwargs = dict(trainer_kwargs or {})
     state = _read_state(output_dir) if resume else {}
     if not resume and output_dir.exists() and any(output_dir.iterdir()):

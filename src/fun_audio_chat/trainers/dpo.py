@@ -35,7 +35,6 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
