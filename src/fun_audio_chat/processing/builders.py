@@ -27,6 +27,8 @@ def _set_audio_token_attributes(tokenizer) -> None:
     tokens as model-specific attributes (``tokenizer.audio_token`` …, saved in ``tokenizer_config.json``)."""
     tokenizer.eos_token = "<|im_end|>"
     tokenizer.pad_token = "<|endoftext|>"
+    # transformers (5.23, 5.24) names model-specific special tokens of an existing tokenizer only through this private
+    # method: the public add_special_tokens accepts the standard names (bos_token …) and extra_special_tokens only.
     tokenizer._set_model_specific_special_tokens(
         special_tokens={
             "audio_token": "<|AUDIO|>",
