@@ -105,7 +105,7 @@ def _chunked_stream(model, tokens, use_cache, pushes=1):
 def test_cached_chunked_stream_equals_the_official_chunked_schedule(official_model):
     """chunked=True: hop 25 + 3 with chunk-causal attention, every call recomputing (use_cache=False, the
     official per-call behaviour) vs the cached flow and windowed vocoder."""
-    tokens = codes(140, 9)
+    tokens = codes(110, 9)
     reference, _ = _chunked_stream(official_model, tokens, use_cache=False)
     calls = []
     hook = official_model.flow.estimator.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
@@ -113,7 +113,7 @@ def test_cached_chunked_stream_equals_the_official_chunked_schedule(official_mod
         cached, session = _chunked_stream(official_model, tokens, use_cache=True, pushes=7)
     finally:
         hook.remove()
-    assert cached.shape == reference.shape == (140 * 960,)
+    assert cached.shape == reference.shape == (110 * 960,)
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=0)
     # the cache really is used: no Euler step sees more than one chunk plus the look-ahead frames
     assert max(calls) <= 50 + 2 * 25
