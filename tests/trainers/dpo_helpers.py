@@ -66,7 +66,7 @@ def synthetic_rows(n_per_kind: int, seed: int, n_codes: int = 15) -> list[dict]:
     """
     rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n_per_kind):
+    for _ in range(n_per_kind):
         for kind in ("text", "speech", "both"):
             prompt = user(f"q {_word(rng, 'hijklmnopqrs', 3)}")
             shared_text = _word(rng, "hijklmnopqrs")
