@@ -155,3 +155,12 @@ def test_bf16_flow_is_opt_in(tiny, tmp_path):
     assert half.hift.conv_post.bias.dtype == torch.float32
     wave = half(codes(20))
     assert wave.dtype == torch.float32 and wave.shape == (20 * 960,) and torch.isfinite(wave).all()
+
+
+def test_numpy_inputs(tiny):
+    import numpy as np
+
+    rows = [np.arange(10, 30), np.arange(40, 52)]
+    waves = tiny(rows)
+    assert [w.shape[0] for w in waves] == [20 * 960, 12 * 960]
+    torch.testing.assert_close(tiny(rows[1]), waves[1], atol=1e-5, rtol=0)

@@ -136,9 +136,10 @@ class CosyVoice3Detokenizer(nn.Module):
     @torch.inference_mode()
     def forward(self, codes, speaker_embedding=None):
         """One sequence → 1-D waveform; a list of sequences (or a 2-D tensor) → list of waveforms."""
-        single = isinstance(codes, torch.Tensor) and codes.dim() == 1 or (
-            not isinstance(codes, torch.Tensor) and all(not isinstance(c, (list, tuple, torch.Tensor)) for c in codes)
-        )
+        if isinstance(codes, torch.Tensor):
+            single = codes.dim() == 1
+        else:
+            single = all(not hasattr(c, "__len__") for c in codes)  # ints (or 0-d arrays), not sequences
         if isinstance(codes, torch.Tensor) and codes.dim() == 2:
             rows = [self._as_codes(row) for row in codes]
         elif single:
@@ -310,7 +311,7 @@ class StreamingSession:
             new_mel = None
         elif chunked and self.use_cache:
             new_mel = self.model.flow.forward_cached(tokens, self.speaker, finalize, self.flow_cache)
-            new_mel = new_mel[:, :, 2 * token_offset if ratio == 2 else ratio * token_offset:]
+            new_mel = new_mel[:, :, ratio * token_offset :]
         else:
             device = self.speaker.device
             batch = torch.tensor([tokens], dtype=torch.long, device=device)
