@@ -127,3 +127,57 @@ def test_engine_rejects_bad_settings(tiny_pair):
     # without a detokenizer a speech request still gets its text and codes, but no audio
     assert result.audio is None and len(result.codes) > 0 and np.isfinite(result.metrics.total_seconds)
     engine.close()
+
+
+class _EndAtStep:
+    """Logits processor ending each reply (``<|im_end|>``) after a number of steps chosen by its prompt length, so a
+    row ends at the same step in a batch and alone."""
+
+    def __init__(self, end_token: int, pad_token: int, steps_by_prompt_length: dict[int, int]):
+        self.end_token, self.pad_token, self.steps = end_token, pad_token, steps_by_prompt_length
+        self.prompt = None
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if self.prompt is None or input_ids.shape[1] <= self.prompt.shape[1] or not torch.equal(
+                input_ids[:, : self.prompt.shape[1]], self.prompt):
+            self.prompt = input_ids.clone()  # a new generate call
+            self.ends = [self.steps[int(n)] for n in (input_ids != self.pad_token).sum(-1)]
+        step = input_ids.shape[1] - self.prompt.shape[1]
+        scores = scores.clone()
+        for row, end in enumerate(self.ends):
+            if step >= end:
+                scores[row] = float("-inf")
+                scores[row, self.end_token] = 0.0
+            else:
+                scores[row, self.end_token] = float("-inf")
+        return scores
+
+
+@pytest.mark.parametrize("speech", [False, True])
+def test_a_row_that_ends_early_is_answered_before_its_batch_ends(tiny_pair, speech):
+    from transformers import LogitsProcessorList
+
+    model, processor = tiny_pair
+    short, long = _typed("Hi"), _typed("Tell me a long story about the weather")
+    lengths = [
+        int(processor.apply_chat_template(c, add_generation_prompt=True, speech_output=speech, tokenize=True,
+                                          return_dict=True, return_tensors="pt")["attention_mask"].sum()) for c in (short, long)
+    ]
+    end_at = _EndAtStep(processor.im_end_token_id, processor.tokenizer.pad_token_id,
+                        {lengths[0]: 3, lengths[1]: 60})
+    engine = ServingEngine(model, processor, batch_window=0.3,
+                           generate_kwargs={"logits_processor": LogitsProcessorList([end_at])}).start()
+    try:
+        requests = [TurnRequest(c, speech=speech, max_new_tokens=80, temperature=0) for c in (short, long)]
+        solo = [engine.submit(request).result() for request in requests]
+        together = _submit_together(engine, requests)
+    finally:
+        engine.close()
+    assert [r.metrics.batch_size for r in together] == [2, 2]
+    assert [r.metrics.completion_tokens for r in together] == [4, 61]
+    assert [r.finish_reason for r in together] == ["stop", "stop"]
+    assert [(r.text, r.codes) for r in together] == [(r.text, r.codes) for r in solo]
+    # the short row was answered while the long one was still decoding
+    assert together[0].metrics.total_seconds < together[1].metrics.total_seconds / 2

@@ -169,8 +169,10 @@ class TurnHandle:
         self._sync_queue: queue.Queue = queue.Queue()
         # filled by the engine
         self.prompt_length = 0
+        self.token_ids: list[int] = []
         self.text_parts: list[str] = []
-        self.codes: list[int] = []
+        self.codes: list[int] = []  # real speech codes streamed so far
+        self.speech_ended = False
         self.audio_parts: list[np.ndarray] = []
 
     # engine side ---------------------------------------------------------------------------------
@@ -412,6 +414,8 @@ class ServingEngine:
                 self.busy.clear()
 
     def _fail(self, handle: TurnHandle, error: BaseException) -> None:
+        if handle.finished.is_set():
+            return
         logger.info("turn %d failed: %s", handle.request_id, error)
         if self.on_turn_end is not None:
             self.on_turn_end(handle, None, error)
@@ -432,7 +436,8 @@ class ServingEngine:
             handle.metrics.batch_size = len(batch)
             handle.metrics.queue_seconds = started - handle.submitted_at
             handle.prompt_length = prompt_length
-            handle.text_parts, handle.codes, handle.audio_parts = [], [], []
+            handle.text_parts, handle.codes, handle.audio_parts, handle.token_ids = [], [], [], []
+            handle.speech_ended = False
         speaking = request.speech and self.can_speak
         if speaking:
             for handle in batch:
@@ -460,24 +465,41 @@ class ServingEngine:
 
         worker = threading.Thread(target=run, daemon=True, name="fun-audio-chat-generate")
         worker.start()
+        eos_ids = self._stop_token_ids()
+        ending: set[int] = set()  # rows whose end-of-reply token came in this step
+        done: set[int] = set()  # rows already answered
         for event in streamer:
-            handle = batch[event.row]
-            if handle.cancelled.is_set():
+            row = event.row
+            handle = batch[row]
+            if row in done or handle.cancelled.is_set():
                 continue
             if isinstance(event, TextEvent):
+                if row in ending:
+                    # the next step began: the row's last speech group has been delivered, its turn can end now
+                    # instead of when the longest row of the batch ends
+                    codes = list(handle.codes) if request.speech else None
+                    self._complete(handle, self.processor.decode_text(handle.token_ids), codes, "stop",
+                                   len(handle.token_ids), int(inputs["attention_mask"][row].sum()), speaking)
+                    done.add(row)
+                    continue
+                handle.token_ids.append(event.token_id)
                 if event.text:
                     handle.text_parts.append(event.text)
                     handle._emit(TextDelta(event.text))
+                if event.token_id in eos_ids:
+                    ending.add(row)
             elif isinstance(event, SpeechEvent):
-                handle.codes.extend(event.codes)
-                if speaking:
-                    self._speech_jobs.put((handle, "codes", event.codes))
+                codes = self._speech_codes(handle, event.codes)
+                handle.codes.extend(codes)
+                if speaking and codes:
+                    self._speech_jobs.put((handle, "codes", codes))
         worker.join()
         self.batches_run += 1
         if "error" in outcome:
             if speaking:
-                for handle in batch:
-                    self._speech_jobs.put((handle, "drop", None))
+                for row, handle in enumerate(batch):
+                    if row not in done:
+                        self._speech_jobs.put((handle, "drop", None))
             raise outcome["error"]
 
         output = outcome["output"]
@@ -486,26 +508,46 @@ class ServingEngine:
         codes = (
             self.processor.decode_speech(output.speech_ids, output.speech_attention_mask) if request.speech else None
         )
-        eos_ids = self._stop_token_ids()
         for row, handle in enumerate(batch):
+            if row in done:
+                continue
             row_ids = sequences[row].tolist()
             ended = next((i for i, token in enumerate(row_ids) if token in eos_ids), None)
-            handle.metrics.prompt_tokens = int(inputs["attention_mask"][row].sum())
-            handle.metrics.completion_tokens = (ended + 1) if ended is not None else len(row_ids)
             if handle.cancelled.is_set():
                 reason = "cancelled"
             elif ended is not None:
                 reason = "stop"
             else:
                 reason = "length"
-            result = TurnResult(
-                text=texts[row], codes=codes[row] if codes is not None else None, audio=None,
-                sample_rate=self.sample_rate if speaking else None, finish_reason=reason, metrics=handle.metrics,
-            )
-            if speaking:
-                self._speech_jobs.put((handle, "finish", result))
-            else:
-                self._finish(handle, result)
+            self._complete(handle, texts[row], codes[row] if codes is not None else None, reason,
+                           (ended + 1) if ended is not None else len(row_ids),
+                           int(inputs["attention_mask"][row].sum()), speaking)
+
+    def _speech_codes(self, handle: TurnHandle, group) -> list[int]:
+        """The real speech codes of a streamed group: speech-BOS delay codes and padding dropped, nothing after
+        the speech EOS (what ``processor.decode_speech`` keeps, and what a detokenizer accepts)."""
+        if handle.speech_ended:
+            return []
+        eos = self.processor.speech_eos_token_id
+        num_codes = self.processor.num_speech_codes
+        codes = []
+        for code in group:
+            if code == eos:
+                handle.speech_ended = True
+                break
+            if 0 <= code < num_codes:
+                codes.append(int(code))
+        return codes
+
+    def _complete(self, handle, text, codes, reason, completion_tokens, prompt_tokens, speaking) -> None:
+        handle.metrics.prompt_tokens = prompt_tokens
+        handle.metrics.completion_tokens = completion_tokens
+        result = TurnResult(text=text, codes=codes, audio=None, sample_rate=self.sample_rate if speaking else None,
+                            finish_reason=reason, metrics=handle.metrics)
+        if speaking:
+            self._speech_jobs.put((handle, "finish", result))
+        else:
+            self._finish(handle, result)
 
     def _stop_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
