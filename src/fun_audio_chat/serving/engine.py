@@ -17,8 +17,11 @@ Threads:
   ``generate`` keeps every row of a padded batch equal to the same row decoded alone, so batching changes
   throughput, never an answer (under greedy settings). Sampled requests with a ``seed`` run alone, so their seed
   alone decides their answer;
-* the **speech thread** turns each row's 25 Hz speech-code groups into audio with one streaming detokenizer
-  session per request, so synthesis overlaps with the next decoding steps.
+* the **speech thread** turns each row's 25 Hz speech codes into audio with one streaming detokenizer session per
+  request, so synthesis overlaps with the next decoding steps; the request whose client has received the least
+  audio is served first.
+
+A row whose reply ends (``<|im_end|>``) before the rest of its batch is answered at once.
 
 A cancelled handle (its client went away) stops its row at the next decoding step through a stopping criterion;
 when every row of a batch is cancelled, ``generate`` returns at once. The batch itself is fixed for its lifetime
