@@ -8,8 +8,9 @@ Streaming patterns (each renders the same codes, fed one code at a time as a mod
   history (``streaming_session(use_cache=False)``);
 * ``windowed``: the same schedule and flow, the vocoder re-rendering only a window around the new frames;
 * ``cached``: ``streaming_session(chunked=True)``: a call every 25 codes (one attention chunk) with chunk-causal
-  attention; the flow keeps its keys/values of earlier chunks and the vocoder works on a window.
-The first chunk of ``official``/``windowed`` comes after 18 codes, of ``cached`` after 28.
+  attention; the flow keeps its keys/values of earlier chunks and the vocoder works on a window;
+* ``cached15``: the same with a call every 15 codes (a partial chunk is recomputed by the next call).
+The first chunk of ``official``/``windowed``/``cached15`` comes after 18 codes, of ``cached`` after 28.
 
 Prints seconds and the ratios side by side. Usage:
     python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--threads 2] [--patterns official,cached]
@@ -58,7 +59,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4, help="rows for the batched offline run (0 to skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--patterns", default="official,cached",
-                        help="streaming patterns to time, from official, windowed, cached")
+                        help="streaming patterns to time, from official, windowed, cached, cached15")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,7 +79,8 @@ def main():
     print(f"{'offline (one call)':<34}{offline:>9.2f}{1.0:>11.2f}{offline / audio_seconds:>8.2f}{'':>15}{'':>13}")
     known = {"official": ("official web-demo (recompute all)", {"use_cache": False}),
              "windowed": ("web-demo, windowed vocoder", {"use_cache": True}),
-             "cached": ("cached chunked", {"chunked": True})}
+             "cached": ("cached chunked (hop 25)", {"chunked": True}),
+             "cached15": ("cached chunked, hop 15", {"chunked": True, "hop_tokens": 15})}
     chosen = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in known]
     if unknown:

@@ -95,8 +95,8 @@ def test_streaming_step_matches_official_call_semantics(tiny):
         session.step(tokens[:5], token_offset=9)
 
 
-def _chunked_stream(model, tokens, use_cache, pushes=1):
-    session = model.streaming_session(chunked=True, use_cache=use_cache)
+def _chunked_stream(model, tokens, use_cache, pushes=1, hop_tokens=None):
+    session = model.streaming_session(chunked=True, use_cache=use_cache, hop_tokens=hop_tokens)
     step = -(-len(tokens) // pushes)
     pieces = [session.push(tokens[i : i + step]) for i in range(0, len(tokens), step)]
     return torch.cat(pieces + [session.finish()]), session
@@ -164,3 +164,12 @@ def test_numpy_inputs(tiny):
     waves = tiny(rows)
     assert [w.shape[0] for w in waves] == [20 * 960, 12 * 960]
     torch.testing.assert_close(tiny(rows[1]), waves[1], atol=1e-5, rtol=0)
+
+
+def test_cached_chunked_stream_with_a_short_hop_recomputes_partial_chunks(tiny):
+    tokens = codes(70, 13)  # hop 15: calls end inside chunks, whose frames the next call recomputes
+    reference, _ = _chunked_stream(tiny, tokens, use_cache=False, hop_tokens=15)
+    cached, session = _chunked_stream(tiny, tokens, use_cache=True, pushes=5, hop_tokens=15)
+    torch.testing.assert_close(cached, reference, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="hop_tokens must be positive"):
+        tiny.streaming_session(hop_tokens=-1)

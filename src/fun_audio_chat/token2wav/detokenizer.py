@@ -191,10 +191,11 @@ class CosyVoice3Detokenizer(nn.Module):
         return [r.cpu() for r in results]
 
     # -- streaming --------------------------------------------------------------------------------------------
-    def streaming_session(self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True):
+    def streaming_session(self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True,
+                          hop_tokens: int | None = None):
         """A stateful stream for one utterance; see :class:`StreamingSession`."""
         self.ensure_noise()
-        return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache)
+        return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -271,19 +272,24 @@ class StreamingSession:
     * :meth:`push` / :meth:`finish` follow the official web-demo schedule on top of :meth:`step` (a call as soon as
       ``hop + 3`` codes past the offset exist, the token window trimmed every 200 codes, the vocoder history
       restarted after 500 trimmed codes) and :meth:`finish` also renders the tail the official sender drops.
-      With ``chunked=True`` the hop is one attention chunk (25 codes) and the flow is chunk-causal.
+      With ``chunked=True`` the flow is chunk-causal and the hop defaults to one attention chunk (25 codes);
+      ``hop_tokens`` changes it (e.g. 15 for a first chunk after 18 codes: a partial chunk is recomputed
+      by the next call, as the official chunked calls would).
     * ``use_cache=False`` recomputes everything each call exactly as the official code does (for comparisons).
     """
 
     def __init__(self, model: CosyVoice3Detokenizer, speaker_embedding=None, chunked: bool = False,
-                 use_cache: bool = True):
+                 use_cache: bool = True, hop_tokens: int | None = None):
         self.model = model
         self.config = model.config
         self.speaker = model._speaker(speaker_embedding, 1)
         self.chunked = chunked
         self.use_cache = use_cache
         flow = self.config.flow
-        self.hop = flow.chunk_frames // flow.token_mel_ratio if chunked else self.config.stream_hop_tokens
+        default_hop = flow.chunk_frames // flow.token_mel_ratio if chunked else self.config.stream_hop_tokens
+        self.hop = hop_tokens or default_hop
+        if self.hop <= 0:
+            raise ValueError(f"hop_tokens must be positive, got {hop_tokens}.")
         self.tokens: list[int] = []
         self.offset = 0
         self.trimmed_tokens = 0
