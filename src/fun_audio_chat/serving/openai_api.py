@@ -291,12 +291,13 @@ class ChatCompletionsAPI:
                 audio = message.get("audio")
                 if audio is not None:
                     audio_id = audio.get("id") if isinstance(audio, dict) else None
-                    if audio_id not in self._transcripts:
+                    transcript = self._transcripts.get(audio_id) if isinstance(audio_id, str) else None
+                    if transcript is None:
                         raise APIError(
                             400, f"{where}.audio.id {audio_id!r} is not a recent reply of this server (expired or "
                             "unknown); send the reply's transcript as 'content' instead.", f"{where}.audio",
                         )
-                    text = text or self._transcripts[audio_id]
+                    text = text or transcript
                 entry: dict[str, Any] = {"role": "assistant", "content": text}
                 if message.get("tool_calls"):
                     entry["tool_calls"] = self._tool_calls_in(message["tool_calls"], f"{where}.tool_calls")
@@ -405,7 +406,8 @@ class ChatCompletionsAPI:
         completion_id = "chatcmpl-" + secrets.token_hex(12)
         try:
             first = await self._wait(handle, request)
-        except APIError:
+        except BaseException:  # the client left (or the task was cancelled) before the turn started
+            handle.cancel()
             raise
         if isinstance(first, TurnFailed):
             raise self._error_for(first.error)
