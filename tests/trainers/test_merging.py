@@ -418,3 +418,20 @@ def test_on_disk_merge_peak_rss_is_bounded(tmp_path):
         "language_model.model.layers.15.mlp.up_proj.weight",
     ):
         assert torch.equal(merged.get(key), expected(tuned.get(key), base.get(key[len(LLM) :]), 0.5))
+
+
+def test_saving_a_merged_model_over_its_base_is_refused(tmp_path):
+    """The path of the Core-Cocktail callback: merge in memory, then save_merged_model(save_dir)."""
+    from fun_audio_chat.trainers import save_merged_model
+
+    _, _, tuned_dir, base_dir = save_pair(tmp_path, torch.float32)
+    tuned_model, _ = make_pair()
+    before = _snapshot(base_dir)
+    _, manifest = merge_weights(tuned_model, base_dir, 0.5, show_progress=False, return_manifest=True)
+    for target in (base_dir, tmp_path, base_dir / "inside"):
+        with pytest.raises(ValueError, match="the base checkpoint"):
+            save_merged_model(tuned_model, target, manifest, overwrite=True)
+    assert _snapshot(base_dir) == before
+    save_merged_model(tuned_model, tmp_path / "merged", manifest)
+    assert read_manifest(tmp_path / "merged")["base"] == manifest["base"]
+

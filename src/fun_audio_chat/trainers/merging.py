@@ -1093,8 +1093,20 @@ def save_merged_model(
     overwrite: bool = False,
     **save_kwargs,
 ) -> Path:
-    """``model.save_pretrained`` (plus the processor and the manifest) into ``output_dir``, atomically."""
+    """``model.save_pretrained`` (plus the processor and the manifest) into ``output_dir``, atomically.
+
+    With a manifest whose ``base`` / ``tuned`` name checkpoints on disk, an ``output_dir`` that is, contains or lies
+    inside one of them is refused (the merged model must never replace its own inputs)."""
     output_dir = Path(output_dir)
+    if manifest is not None:
+        on_disk = [
+            (role, Path(manifest[role]))
+            for role in ("tuned", "base")
+            if isinstance(manifest.get(role), str)
+            and not manifest[role].startswith("<")  # "<in-memory ...>"
+            and Path(manifest[role]).exists()
+        ]
+        _refuse_output_overlapping_inputs(output_dir, on_disk)
     with atomic_output_dir(output_dir, overwrite) as tmp:
         model.save_pretrained(tmp, **save_kwargs)
         if processing_class is not None and hasattr(processing_class, "save_pretrained"):
