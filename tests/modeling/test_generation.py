@@ -316,15 +316,16 @@ def test_generation_config_round_trip_keeps_speech_controls(tmp_path):
     assert reloaded.generation_config.speech_temperature == 0.6
 
 
-def test_return_speech_without_head_is_a_clear_error():
+def test_model_without_head_generates_text_by_default_and_refuses_speech():
     from fun_audio_chat import FunAudioChatForConditionalGeneration
     from fun_audio_chat.tiny import tiny_config
 
     model = FunAudioChatForConditionalGeneration(tiny_config(audio_config={"enable_audio_invert_tower": False}))
-    with pytest.raises(ValueError, match="return_speech=False"):
-        model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2)
-    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_speech=False)
+    assert model.generation_config.return_speech is False
+    out = model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2)
     assert out.shape == (1, 5)
+    with pytest.raises(ValueError, match="return_speech=False"):
+        model.generate(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, return_speech=True)
 
 
 def test_speech_repetition_penalty_follows_transformers_rule_over_reply_codes():
@@ -353,34 +354,30 @@ def test_speech_repetition_penalty_follows_transformers_rule_over_reply_codes():
     assert not torch.equal(greedy[1], out.speech_ids), "penalty must change this reply's codes"
 
 
-def test_fused_speech_head_step_equals_the_module_path():
-    """The stacked-projection decode step computes what the per-module step computes; wrapped projections
-    (e.g. LoRA) fall back to the modules."""
-    from transformers.cache_utils import Cache
+def test_speech_head_decode_step_equals_the_backbone_forward():
+    """The SRH decode step (transformers' Qwen3 layers with precomputed rotary and mask) computes what
+    ``crq_transformer.forward`` computes for that position, padded or not."""
+    from transformers.cache_utils import Cache, DynamicCache
 
     from fun_audio_chat.modeling.generation import PreallocatedKVLayer
-    from fun_audio_chat.modeling.single_position import fused_decode_weights
 
     model = oracle.load_model("gen_force_abos_b1")
     head = model.audio_invert_tower
-    fused = fused_decode_weights(head.crq_transformer)
-    assert fused is not None and len(fused) == len(head.crq_transformer.layers)
+    backbone = head.crq_transformer
     torch.manual_seed(0)
     prompt, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
-    results = []
-    for weights in (None, fused):
-        cache = Cache(layers=[PreallocatedKVLayer(16) for _ in head.crq_transformer.layers])
-        with torch.no_grad():
-            head.run_backbone(prompt, past_key_values=cache, use_cache=True)
-            results.append(head.decode_position(step, cache, torch.tensor([[7], [7]]), fused_weights=weights))
-    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-5)
-
-    original = head.crq_transformer.layers[0].self_attn.q_proj
-    head.crq_transformer.layers[0].self_attn.q_proj = torch.nn.Sequential(original)
-    try:
-        assert fused_decode_weights(head.crq_transformer) is None
-    finally:
-        head.crq_transformer.layers[0].self_attn.q_proj = original
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    positions = (torch.arange(8)[None, :] - (8 - mask.sum(-1))[:, None]).clamp(min=0)
+    with torch.no_grad():
+        reference_cache = DynamicCache()
+        head.run_backbone(prompt, mask[:, :7], positions[:, :7], past_key_values=reference_cache, use_cache=True)
+        _, reference = head.run_backbone(step, mask, positions[:, 7:], past_key_values=reference_cache, use_cache=True)
+        cache = Cache(layers=[PreallocatedKVLayer(16) for _ in backbone.layers])
+        head.run_backbone(prompt, mask[:, :7], positions[:, :7], past_key_values=cache, use_cache=True)
+        bias = torch.zeros(2, 1, 1, 8).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+        rotary = backbone.rotary_emb(step, positions[:, 7:])
+        found = head.decode_step(step, cache, positions[:, 7:], rotary, bias)
+    torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
 
 
 def test_over_long_context_is_a_clear_error():
@@ -402,28 +399,3 @@ def test_eager_attention_generation_matches_the_oracle():
     sequences, speech_ids = model.generate(**inputs, **controls)
     assert torch.equal(sequences, reference["sequences"])
     assert torch.equal(speech_ids, reference["speech_ids"])
-
-
-def test_single_position_llm_steps_equal_the_full_forward(monkeypatch):
-    """Decode steps normally bypass the LLM's full forward; forcing the full forward changes nothing."""
-    import fun_audio_chat.modeling.generation as generation
-
-    model = oracle.load_model("gen_force_abos_b2_leftpad")
-    inputs, controls, _ = _case_kwargs("gen_force_abos_b2_leftpad")
-    controls = {**controls, "max_new_tokens": 16}
-    calls = []
-    original_step = generation.FunAudioChatGenerationMixin._decode_llm_position
-
-    def counting_step(self, *args, **kwargs):
-        calls.append(1)
-        return original_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(generation.FunAudioChatGenerationMixin, "_decode_llm_position", counting_step)
-    lean = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
-    assert len(calls) == 15
-    monkeypatch.setattr(generation, "supports_single_position_decoding", lambda *a, **k: False)
-    full = model.generate(**inputs, **controls, return_dict_in_generate=True, output_logits=True)
-    assert len(calls) == 15
-    assert torch.equal(lean.sequences, full.sequences) and torch.equal(lean.speech_ids, full.speech_ids)
-    valid_logits = torch.stack(lean.logits) - torch.stack(full.logits)
-    assert valid_logits.abs().max() < 1e-5

@@ -1,7 +1,13 @@
 """generate() for Fun-Audio-Chat: one 5 Hz LLM step emits a text token while the Speech Refined Head emits the
 next k 25 Hz speech codes.
 
-Data flow of one decoding step (all in :meth:`FunAudioChatGenerationMixin._sample`):
+Built on transformers' generation machinery the way ``models/csm/generation_csm.py`` is: speech controls are
+resolved once in :meth:`FunAudioChatGenerationMixin._prepare_generation_config`, and
+:meth:`FunAudioChatGenerationMixin._sample` is transformers' sampling loop (``_prefill``,
+``_has_unfinished_sequences``, ``get_compiled_call`` for decode steps) with the speech additions fenced in
+``# <fun_audio_chat>`` blocks. All per-call speech bookkeeping lives in one :class:`SpeechDecoder`.
+
+Data flow of one decoding step:
 
 1. LLM step on the fused input -> text logits and the last hidden state ``h``.
 2. SRH on ``h + embed(input text token)``: ``pre_matching`` ungroups it into k sub-positions, decoded
@@ -12,23 +18,25 @@ Data flow of one decoding step (all in :meth:`FunAudioChatGenerationMixin._sampl
    holding speech-EOS becomes all speech-EOS, that step's text token becomes ``<|audio_eos|>`` and the row stops.
 5. Next LLM input: ``embed(text)`` for silent rows, ``(embed(text) + audio_tower(last group)) / 2`` for speaking rows.
 
-All per-call state lives in :class:`SpeechDecodingState`; no module attributes are touched, so calls can
-interleave and a training forward after ``generate()`` is unaffected. Every row keeps its own positions and
-masks in the SRH, so a row of a left-padded batch decodes exactly as it would alone.
+Compiled decoding follows transformers' convention: ``cache_implementation="static"`` plus a ``compile_config``
+(on CPU with ``compile_config._compile_all_devices = True``) compiles the LLM decode step and the SRH sub-step,
+whose cache is then static too. No module attributes hold per-call state, so calls can interleave and a training
+forward after ``generate()`` is unaffected. Every row keeps its own positions and masks in the SRH, so a row of a
+left-padded batch decodes exactly as it would alone.
 """
 
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import Cache, DynamicLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.cache_utils import Cache, DynamicLayer, StaticCache
 from transformers.generation import (
     GenerateDecoderOnlyOutput,
+    GenerationMode,
     LogitsProcessorList,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
@@ -37,10 +45,10 @@ from transformers.generation import (
 )
 
 from ..transformers_compat import CACHE_NAME, cache_of
-from .single_position import decode_one_position, fused_decode_weights, supports_single_position_decoding
 
 # Speech-generation controls: generate() kwargs and GenerationConfig fields, with the official
 # speech-to-speech defaults (sampled codes, temperature 0.8, top-p 0.9, no top-k, repetition penalty 1.2).
+# ``return_speech`` defaults to whether the model has a Speech Refined Head.
 SPEECH_GENERATION_DEFAULTS = {
     "return_speech": True,
     "force_audio_bos": False,
@@ -50,6 +58,16 @@ SPEECH_GENERATION_DEFAULTS = {
     "speech_top_k": 0,
     "speech_repetition_penalty": 1.2,
 }
+# Inputs of the prompt's audio, consumed by the prefill.
+_PROMPT_AUDIO_INPUTS = (
+    "input_features",
+    "feature_attention_mask",
+    "feature_exist_mask",
+    "speech_ids",
+    "speech_attention_mask",
+    "text_ids",
+    "text_attention_mask",
+)
 
 
 @dataclass
@@ -70,19 +88,42 @@ class FunAudioChatGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 @dataclass
-class FunAudioChatSingleStepOutput(BaseModelOutputWithPast):
-    """What the decode loop reads from one LLM step (the cache field is named as transformers names it)."""
-
-    logits: torch.FloatTensor | None = None
-
-
-@dataclass
 class SpeechSamplingSettings:
     do_sample: bool
     temperature: float
     top_p: float
     top_k: int
     repetition_penalty: float
+
+    @classmethod
+    def from_generation_config(cls, config: GenerationConfig) -> SpeechSamplingSettings:
+        return cls(
+            do_sample=bool(config.speech_do_sample),
+            temperature=config.speech_temperature,
+            top_p=config.speech_top_p,
+            top_k=config.speech_top_k,
+            repetition_penalty=config.speech_repetition_penalty,
+        )
+
+    def validate(self) -> None:
+        """Refuse values the speech sampler cannot use, naming the fix (as transformers does for text)."""
+        penalty = self.repetition_penalty
+        if penalty is not None and (not isinstance(penalty, (int, float)) or penalty <= 0):
+            raise ValueError(
+                f"speech_repetition_penalty has to be a strictly positive float (1.0 = no penalty), got {penalty!r}."
+            )
+        if not self.do_sample:
+            return
+        temperature = self.temperature
+        if temperature is not None and (not isinstance(temperature, (int, float)) or temperature <= 0):
+            raise ValueError(
+                f"speech_temperature={temperature!r} cannot be used for sampling speech codes: it must be a strictly "
+                "positive float. For greedy (deterministic) speech codes pass speech_do_sample=False."
+            )
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"speech_top_p must be in (0, 1], got {self.top_p!r}.")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+            raise ValueError(f"speech_top_k must be a non-negative integer (0 = off), got {self.top_k!r}.")
 
     def warpers(self) -> LogitsProcessorList:
         processors = LogitsProcessorList()
@@ -98,7 +139,7 @@ class SpeechSamplingSettings:
 
 
 class PreallocatedKVLayer(DynamicLayer):
-    """A KV-cache layer with room for the whole reply reserved up front.
+    """A KV-cache layer with room for the whole reply reserved up front (the SRH's cache outside compiled decoding).
 
     The SRH appends one position per sub-step (5 per LLM step); growing by concatenation would copy the whole
     cache every time. Writing into a reserved buffer and handing attention a view of the filled part avoids that.
@@ -109,7 +150,7 @@ class PreallocatedKVLayer(DynamicLayer):
         self.capacity = capacity
         self.length = 0
 
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         batch, heads, _, head_dim = key_states.shape
         self._key_buffer = key_states.new_empty(batch, heads, self.capacity, head_dim)
@@ -131,62 +172,222 @@ class PreallocatedKVLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :end]
         return self.keys, self.values
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self, *args, **kwargs) -> int:
         return self.length
 
 
-@dataclass
-class SpeechDecodingState:
-    """Everything one generate() call keeps about speech, per row."""
+class SpeechDecoder:
+    """Everything one ``generate()`` call keeps about speech, per row, and the SRH steps that use it.
 
-    cache: Cache
-    sub_attention_mask: torch.Tensor | None  # (B, k·(prompt+new)) preallocated; None when nothing is padded
-    sub_attention_bias: torch.Tensor | None  # the same as an additive (B, 1, 1, ·) bias for one-position calls
-    sub_positions: torch.Tensor  # (B, k·(prompt+new)) SRH position of every sub-position, per row
-    sub_length: int  # sub-positions already in the SRH cache
-    previous_code: torch.Tensor  # (B,) code sampled last (its embedding feeds the next sub-position)
-    speaking: torch.Tensor  # (B,) bool
-    has_group: torch.Tensor  # (B,) bool: a group was ever committed (fused LLM input needs one)
-    last_group: torch.Tensor  # (B, k)
-    seen_codes: torch.Tensor | None  # (B, codebook) bool: committed codes (repetition-penalty context)
-    fused_weights: list | None = None  # stacked SRH projections for the one-position steps
-    rotary_cos: torch.Tensor | None = None  # (B, k·(prompt+new), head_dim) rotary tables of every SRH position
-    rotary_sin: torch.Tensor | None = None
-    groups: list = field(default_factory=list)  # per step (B, k)
-    committed: list = field(default_factory=list)  # per step (B,) bool
+    ``start`` sizes it from the prefill; ``decode_group`` runs the SRH for one LLM step (or the prefill);
+    ``commit`` keeps the group for speaking rows; ``next_inputs_embeds`` builds the next LLM input; ``collect``
+    packs each row's codes. The SRH cache covers one reply: a generate() call continuing from a returned LLM cache
+    starts a fresh SRH context over the positions it feeds.
+    """
+
+    def __init__(self, model, generation_config: GenerationConfig, compile_config=None):
+        self.model = model
+        self.head = model.audio_invert_tower
+        self.k = model.group_size
+        self.settings = SpeechSamplingSettings.from_generation_config(generation_config)
+        self.warpers = self.settings.warpers()
+        self.compile_config = compile_config
+        self.logits = [] if (generation_config.return_dict_in_generate and generation_config.output_logits) else None
+        self.groups: list[torch.Tensor] = []  # per step (B, k)
+        self.committed: list[torch.Tensor] = []  # per step (B,) bool
+
+    # ------------------------------------------------------------------------------------------ set-up
+    def start(self, prompt_ids, prompt_embeds, attention_mask, new_positions: int, max_new_tokens: int) -> None:
+        """Size the per-row state from the prefill: ``new_positions`` LLM positions are fed in this call."""
+        model, k = self.model, self.k
+        batch, device = prompt_embeds.shape[0], prompt_embeds.device
+        backbone = self.head.crq_transformer
+        self.total = k * (new_positions + max(max_new_tokens, 1) + 1)
+        positions = torch.arange(self.total, device=device)[None, :].expand(batch, -1)
+        self.sub_attention_mask = self.sub_attention_bias = None
+        segment_mask = None if attention_mask is None else attention_mask[:, -new_positions:]
+        if segment_mask is not None and not bool(segment_mask.all()):
+            sub_mask = torch.ones(batch, self.total, dtype=segment_mask.dtype, device=device)
+            sub_mask[:, : k * new_positions] = segment_mask.repeat_interleave(k, dim=1)
+            # Left-padded rows count positions from their first real sub-position, as they would alone.
+            padding = (k * (new_positions - segment_mask.sum(-1))).long()[:, None]
+            positions = (positions - padding).clamp(min=0)
+            self.sub_attention_mask = sub_mask
+            dtype = self.head.input_matching.weight.dtype
+            bias = torch.zeros(batch, 1, 1, self.total, dtype=dtype, device=device)
+            self.sub_attention_bias = bias.masked_fill(sub_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+        self.sub_positions = positions.contiguous()
+        self.sub_length = 0
+        layers = backbone.config.num_hidden_layers
+        if self.compile_config is not None:
+            self.cache = StaticCache(config=backbone.config, max_cache_len=self.total)
+            self.compiled_backbone = self.head.compiled_backbone(self.compile_config)
+        else:
+            self.cache = Cache(layers=[PreallocatedKVLayer(self.total) for _ in range(layers)])
+            # Rotary (cos, sin) of every SRH position of the reply, computed once instead of at every sub-step.
+            probe = torch.empty(0, dtype=self.head.input_matching.weight.dtype, device=device)
+            self.rotary = backbone.rotary_emb(probe, self.sub_positions)
+        audio_config = model.config.audio_config
+        self.previous_code = torch.full((batch,), audio_config.bos_token_id, dtype=torch.long, device=device)
+        audio_bos = model.config.text_config.audio_bos_index
+        if prompt_ids is not None and prompt_ids.shape[1] > 0:
+            self.speaking = prompt_ids[:, -1] == audio_bos
+        else:
+            # A prompt given as embeddings speaks when it ends with the <|audio_bos|> embedding.
+            bos_embedding = model.get_input_embeddings().weight[audio_bos].to(prompt_embeds.dtype)
+            self.speaking = (prompt_embeds[:, -1] == bos_embedding).all(-1)
+        self.has_group = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.last_group = torch.zeros(batch, k, dtype=torch.long, device=device)
+        track = self.settings.repetition_penalty not in (None, 1.0)
+        self.seen_codes = (
+            torch.zeros(batch, audio_config.codebook_size, dtype=torch.bool, device=device) if track else None
+        )
+
+    # -------------------------------------------------------------------------------------- SRH steps
+    def _backbone_logits(self, sub_inputs: torch.Tensor) -> torch.Tensor:
+        """Run the SRH on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
+        start, end = self.sub_length, self.sub_length + sub_inputs.shape[1]
+        positions = self.sub_positions[:, start:end]
+        head = self.head
+        if sub_inputs.shape[1] > 1:  # prefill: never compiled (its shape is used once)
+            mask = self.sub_attention_mask
+            if mask is not None and self.compile_config is None:
+                mask = mask[:, :end]
+            _, logits = head.run_backbone(
+                sub_inputs, attention_mask=mask, position_ids=positions, past_key_values=self.cache, use_cache=True
+            )
+        elif self.compile_config is not None:
+            output = self.compiled_backbone(
+                inputs_embeds=head.input_matching(sub_inputs),
+                attention_mask=self.sub_attention_mask,
+                position_ids=positions,
+                use_cache=True,
+                **{CACHE_NAME: self.cache},
+            )
+            logits = head.lm_head(head.output_matching(output.last_hidden_state))
+        else:
+            bias = None if self.sub_attention_bias is None else self.sub_attention_bias[..., :end]
+            rotary = (self.rotary[0][:, start:end], self.rotary[1][:, start:end])
+            logits = head.decode_step(sub_inputs, self.cache, positions, rotary, bias)
+        self.sub_length = end
+        return logits[:, -1].float()
+
+    def _select_code(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        if seen is not None:
+            # Same rule as transformers' RepetitionPenaltyLogitsProcessor, over a per-row set of codes, so
+            # rows with different histories (or none) in one batch never see each other's codes.
+            penalty = self.settings.repetition_penalty
+            penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits = torch.where(seen, penalised, logits)
+        if self.settings.do_sample:
+            scores = self.warpers(None, logits)
+            return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        return torch.argmax(logits, dim=-1)
+
+    def decode_group(self, states: torch.Tensor, text_embeds: torch.Tensor):
+        """k autoregressive SRH sub-steps conditioned on the latest LLM states (B, n, H); returns (B, k) codes.
+
+        At prefill (n > 1) every earlier sub-position enters the cache in one call with the speech-BOS
+        embedding, as the official model does; the last k sub-positions are then decoded one by one.
+        """
+        head, k = self.head, self.k
+        sub_states = head.ungroup(states + text_embeds.detach())  # (B, n·k, H)
+        leading = sub_states.shape[1] - (k - 1)
+        seen = self.seen_codes.clone() if self.seen_codes is not None else None
+        rows = torch.arange(sub_states.shape[0], device=sub_states.device)
+        codes = []
+        for sub_step in range(k):
+            previous = head.code_embeddings(self.previous_code)[:, None, :]
+            if sub_step == 0:
+                step_inputs = sub_states[:, :leading] + previous
+            else:
+                index = leading + sub_step - 1
+                step_inputs = sub_states[:, index : index + 1] + previous
+            logits = self._backbone_logits(step_inputs)
+            if self.logits is not None:
+                self.logits.append(logits)
+            code = self._select_code(logits, seen)
+            if seen is not None:
+                seen[rows, code] = True
+            self.previous_code = code
+            codes.append(code)
+        self._pending_seen = seen
+        return torch.stack(codes, dim=1)
+
+    # ------------------------------------------------------------------------------------- bookkeeping
+    def commit(self, group: torch.Tensor, commit_rows: torch.Tensor) -> torch.Tensor:
+        """Keep the group for speaking rows; returns rows whose group carried speech-EOS."""
+        speech_eos = self.model.config.audio_config.eos_token_id
+        ends = (group == speech_eos).any(dim=1) & commit_rows
+        group = torch.where(ends[:, None], torch.full_like(group, speech_eos), group)
+        self.groups.append(group)
+        self.committed.append(commit_rows)
+        self.last_group = torch.where(commit_rows[:, None], group, self.last_group)
+        self.has_group = self.has_group | commit_rows
+        if self._pending_seen is not None:
+            self.seen_codes = torch.where(commit_rows[:, None], self._pending_seen, self.seen_codes)
+        self.speaking = self.speaking & ~ends
+        return ends
+
+    def stream(self, streamer) -> None:
+        """Hand this step's committed groups to a streamer that takes speech (``put_speech``)."""
+        if streamer is None or not hasattr(streamer, "put_speech"):
+            return
+        rows = self.committed[-1].nonzero(as_tuple=True)[0]
+        if rows.numel():
+            streamer.put_speech(self.groups[-1][rows].cpu(), rows.cpu())
+
+    def next_inputs_embeds(self, text_embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """LLM input of the next step: (embed(text) + audio_tower(last group)) / 2 for speaking rows."""
+        self.speaking = self.speaking | (tokens == self.model.config.text_config.audio_bos_index)
+        fused_rows = self.speaking & self.has_group
+        fused = (text_embeds + self.model.audio_tower(self.last_group).to(text_embeds.dtype)) / 2
+        return torch.where(fused_rows[:, None, None], fused, text_embeds)
+
+    def collect(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.k
+        pad = self.model.config.audio_config.pad_token_id
+        if not self.groups:
+            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
+            return empty, empty.clone()
+        groups = torch.stack(self.groups, dim=1)  # (B, T, k)
+        committed = torch.stack(self.committed, dim=1)  # (B, T)
+        counts = committed.sum(1)
+        width = int(counts.max()) * k
+        # Stable sort moves each row's committed groups to the front, in order.
+        order = torch.sort((~committed).to(torch.int8), dim=1, stable=True).indices
+        packed = torch.gather(groups, 1, order[..., None].expand(-1, -1, k)).reshape(batch, -1)[:, :width]
+        mask = (torch.arange(width, device=device)[None, :] < (counts * k)[:, None]).long()
+        return packed.masked_fill(mask == 0, pad), mask
 
 
 class FunAudioChatGenerationMixin:
     """Speech-aware ``generate``; mixed into :class:`FunAudioChatForConditionalGeneration`."""
 
     # ------------------------------------------------------------------------------ configuration
+    def _speech_generation_defaults(self) -> dict[str, Any]:
+        return {**SPEECH_GENERATION_DEFAULTS, "return_speech": getattr(self, "audio_invert_tower", None) is not None}
+
     def _init_speech_generation_config(self) -> None:
         """Give ``self.generation_config`` the speech fields, so ``generation_config.json`` carries them."""
         config = self.generation_config
         if config is None:
             return
-        for name, value in SPEECH_GENERATION_DEFAULTS.items():
+        for name, value in self._speech_generation_defaults().items():
             if getattr(config, name, None) is None:
                 setattr(config, name, value)
+        if self.audio_invert_tower is None:
+            config.return_speech = False
         # A config marked as derived from the model config drops unknown fields when it is read back.
         config._from_model_config = False
 
-    def generate(self, inputs=None, generation_config: GenerationConfig | None = None, **kwargs):
-        """Generate text and (unless ``return_speech=False``) 25 Hz speech codes.
-
-        Speech controls (also read from ``generation_config``): ``return_speech``, ``force_audio_bos``,
-        ``speech_do_sample``, ``speech_temperature``, ``speech_top_p``, ``speech_top_k``,
-        ``speech_repetition_penalty``. Text sampling uses the standard fields.
-
-        Returns:
-            with speech and ``return_dict_in_generate=False``: the tuple ``(sequences, speech_ids)`` (the
-            official return value); with ``return_dict_in_generate=True``: a :class:`FunAudioChatGenerateOutput`;
-            without speech: what transformers' generate returns.
-        """
-        base = generation_config if generation_config is not None else self.generation_config
-        generation_config = copy.deepcopy(base)
-        for name, default in SPEECH_GENERATION_DEFAULTS.items():
-            value = kwargs.pop(name, None)
+    def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
+        """transformers' preparation plus the speech controls: kwargs > ``generation_config`` > the model's
+        generation config > defaults; unsupported generation modes and unusable speech settings are refused."""
+        speech = {name: kwargs.pop(name) for name in SPEECH_GENERATION_DEFAULTS if name in kwargs}
+        generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        for name, default in self._speech_generation_defaults().items():
+            value = speech.get(name)
             if value is None:
                 value = getattr(generation_config, name, None)
             setattr(generation_config, name, default if value is None else value)
@@ -195,18 +396,89 @@ class FunAudioChatGenerationMixin:
                 "return_speech=True needs the Speech Refined Head, but this model was built with "
                 "audio_config.enable_audio_invert_tower=False; pass return_speech=False for text only."
             )
-        # Apply generation kwargs to our copy so the speech flags and the standard fields travel together.
-        kwargs = generation_config.update(**kwargs)
+        SpeechSamplingSettings.from_generation_config(generation_config).validate()
+        mode = generation_config.get_generation_mode()
+        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+            raise ValueError(
+                f"Fun-Audio-Chat generation supports greedy decoding and sampling only, but these settings select "
+                f"{mode.value!r}; unset num_beams/penalty_alpha/prompt_lookup_num_tokens/assistant settings."
+            )
         if generation_config.use_cache is False:
             # The official config.json says use_cache=false (a training setting); decoding one 5 Hz step at a
             # time needs the LLM's KV cache, so generation always keeps one.
             generation_config.use_cache = True
-        if generation_config.num_beams not in (None, 1):
-            raise ValueError("Fun-Audio-Chat generation supports greedy decoding and sampling only (num_beams=1).")
-        if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens") is not None:
-            raise ValueError("Assisted generation is not supported by Fun-Audio-Chat generation.")
-        output = super().generate(inputs, generation_config=generation_config, **kwargs)
-        if generation_config.return_speech and not generation_config.return_dict_in_generate:
+        return generation_config, model_kwargs
+
+    def _check_generate_inputs(self, inputs, kwargs: dict) -> None:
+        """Bad prompts fail here with a message naming the fix, before anything indexes with them."""
+        for name in ("assistant_model", "assistant_tokenizer", "assistant_early_exit", "prompt_lookup_num_tokens"):
+            if kwargs.get(name) is not None:
+                raise ValueError(
+                    f"{name} selects assisted generation, which Fun-Audio-Chat does not support (the speech head "
+                    "decodes alongside every accepted token); drop it."
+                )
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+        features = kwargs.get("input_features")
+        if features is not None and features.is_floating_point() and not bool(torch.isfinite(features).all()):
+            raise ValueError(
+                "input_features contain NaN or infinite values; check the audio (decoding or resampling failed) "
+                "before generating."
+            )
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse ids that are not a (batch, length) tensor of ids inside the LLM vocabulary."""
+        if not torch.is_tensor(input_ids) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids must be a (batch, length) tensor, got {shape}; add the batch dimension "
+                "(input_ids[None]) or use the processor's return_tensors='pt' output."
+            )
+        vocab = self.config.text_config.vocab_size
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab):
+            raise ValueError(
+                f"input_ids hold ids outside the LLM vocabulary [0, {vocab}) (min {int(input_ids.min())}, max "
+                f"{int(input_ids.max())}); tokenize with this model's tokenizer."
+            )
+
+    def generate(self, inputs=None, generation_config: GenerationConfig | None = None, **kwargs):
+        """Generate text and (unless ``return_speech=False``) 25 Hz speech codes.
+
+        Speech controls (also read from ``generation_config``): ``return_speech`` (default: whether the model has
+        the Speech Refined Head), ``force_audio_bos``, ``speech_do_sample``, ``speech_temperature``,
+        ``speech_top_p``, ``speech_top_k``, ``speech_repetition_penalty``. Text sampling uses the standard fields.
+
+        Compiled decoding: ``cache_implementation="static"`` with a ``compile_config`` compiles the LLM decode step
+        and the speech head's sub-step (set ``compile_config._compile_all_devices = True`` on CPU).
+
+        Continuing a conversation: pass the full ids so far with the cache a previous call returned
+        (``return_dict_in_generate=True``); only the new positions run. The text continues exactly as one
+        uninterrupted run would; the speech head's context is per reply (it starts afresh over the new positions).
+
+        Returns:
+            with speech and ``return_dict_in_generate=False``: the tuple ``(sequences, speech_ids)`` (the
+            official return value); with ``return_dict_in_generate=True``: a :class:`FunAudioChatGenerateOutput`;
+            without speech: what transformers' generate returns.
+
+        A streamer given here always ends: if generation fails, :class:`FunAudioChatIteratorStreamer` re-raises
+        the error in its consumer; other streamers get ``end()``.
+        """
+        streamer = kwargs.get("streamer")
+        try:
+            self._check_generate_inputs(inputs, kwargs)
+            output = super().generate(inputs, generation_config=generation_config, **kwargs)
+        except BaseException as error:
+            if streamer is not None:
+                if hasattr(streamer, "fail"):
+                    streamer.fail(error)
+                else:
+                    streamer.end()
+            raise
+        return_dict = kwargs.get("return_dict_in_generate")
+        if return_dict is None:
+            return_dict = (generation_config or self.generation_config).return_dict_in_generate
+        if isinstance(output, FunAudioChatGenerateOutput) and not return_dict:
             return output.sequences, output.speech_ids
         return output
 
@@ -227,169 +499,6 @@ class FunAudioChatGenerationMixin:
                     "max_new_tokens, or generate text only (return_speech=False)."
                 )
 
-    # ------------------------------------------------------------------------------- speech head
-    def _start_speech_state(self, input_ids, attention_mask, max_new_tokens: int, track_codes: bool):
-        batch = input_ids.shape[0]
-        k = self.group_size
-        device = input_ids.device
-        total = k * (input_ids.shape[1] + max_new_tokens + 1)
-        sub_mask = sub_bias = None
-        positions = torch.arange(total, device=device)[None, :].expand(batch, -1)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            sub_mask = torch.ones(batch, total, dtype=attention_mask.dtype, device=device)
-            sub_mask[:, : k * input_ids.shape[1]] = attention_mask.repeat_interleave(k, dim=1)
-            # Left-padded rows count positions from their first real sub-position, as they would alone.
-            padding = (k * (attention_mask.shape[1] - attention_mask.sum(-1))).long()[:, None]
-            positions = (positions - padding).clamp(min=0)
-            dtype = self.audio_invert_tower.input_matching.weight.dtype
-            sub_bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device)
-            sub_bias = sub_bias.masked_fill(sub_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
-        codebook = self.config.audio_config.codebook_size
-        return SpeechDecodingState(
-            cache=Cache(
-                layers=[
-                    PreallocatedKVLayer(total)
-                    for _ in range(self.audio_invert_tower.crq_transformer.config.num_hidden_layers)
-                ]
-            ),
-            sub_attention_mask=sub_mask,
-            sub_attention_bias=sub_bias,
-            sub_positions=positions.contiguous(),
-            sub_length=0,
-            previous_code=torch.full(
-                (batch,), self.config.audio_config.bos_token_id, dtype=torch.long, device=device
-            ),
-            speaking=input_ids[:, -1] == self.config.text_config.audio_bos_index,
-            has_group=torch.zeros(batch, dtype=torch.bool, device=device),
-            last_group=torch.zeros(batch, k, dtype=torch.long, device=device),
-            seen_codes=torch.zeros(batch, codebook, dtype=torch.bool, device=device) if track_codes else None,
-            fused_weights=fused_decode_weights(self.audio_invert_tower.crq_transformer),
-            **self._speech_head_rotary_tables(positions),
-        )
-
-    def _speech_head_rotary_tables(self, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Rotary (cos, sin) of every SRH position of the reply, computed once instead of at every sub-step."""
-        backbone = self.audio_invert_tower.crq_transformer
-        probe = torch.empty(0, dtype=self.audio_invert_tower.input_matching.weight.dtype, device=positions.device)
-        cos, sin = backbone.rotary_emb(probe, positions)
-        return {"rotary_cos": cos, "rotary_sin": sin}
-
-    def _speech_head_call(self, state: SpeechDecodingState, sub_inputs: torch.Tensor) -> torch.Tensor:
-        """Run the SRH backbone on new sub-positions (B, n, H); returns the last position's logits (B, V)."""
-        start, end = state.sub_length, state.sub_length + sub_inputs.shape[1]
-        positions = state.sub_positions[:, start:end]
-        head = self.audio_invert_tower
-        if sub_inputs.shape[1] == 1:
-            bias = None if state.sub_attention_bias is None else state.sub_attention_bias[..., :end]
-            rotary = (state.rotary_cos[:, start:end], state.rotary_sin[:, start:end])
-            logits = head.decode_position(sub_inputs, state.cache, positions, bias, state.fused_weights, rotary)
-        else:
-            mask = None if state.sub_attention_mask is None else state.sub_attention_mask[:, :end]
-            _, logits = head.run_backbone(
-                sub_inputs, attention_mask=mask, position_ids=positions, past_key_values=state.cache, use_cache=True
-            )
-            logits = logits[:, -1]
-        state.sub_length = end
-        return logits.float()
-
-    def _select_speech_code(self, logits, state, seen, settings, warpers) -> torch.Tensor:
-        if seen is not None:
-            # Same rule as transformers' RepetitionPenaltyLogitsProcessor, over a per-row set of codes, so
-            # rows with different histories (or none) in one batch never see each other's codes.
-            penalised = torch.where(
-                logits > 0, logits / settings.repetition_penalty, logits * settings.repetition_penalty
-            )
-            logits = torch.where(seen, penalised, logits)
-        if settings.do_sample:
-            scores = warpers(None, logits)
-            return torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-        return torch.argmax(logits, dim=-1)
-
-    def _decode_speech_group(
-        self, state, states: torch.Tensor, text_embeds: torch.Tensor, settings, warpers, speech_logits_out
-    ) -> torch.Tensor:
-        """k autoregressive SRH sub-steps conditioned on the latest LLM states (B, n, H); returns (B, k) codes.
-
-        At prefill (n > 1) every earlier sub-position enters the cache in one call with the speech-BOS
-        embedding, as the official model does; the last k sub-positions are then decoded one by one.
-        """
-        head = self.audio_invert_tower
-        k = self.group_size
-        sub_states = head.ungroup(states + text_embeds)  # (B, n·k, H)
-        leading = sub_states.shape[1] - (k - 1)
-        seen = state.seen_codes.clone() if state.seen_codes is not None else None
-        batch_rows = torch.arange(sub_states.shape[0], device=sub_states.device)
-        codes = []
-        for sub_step in range(k):
-            previous = head.code_embeddings(state.previous_code)[:, None, :]
-            if sub_step == 0:
-                step_inputs = sub_states[:, :leading] + previous
-            else:
-                index = leading + sub_step - 1
-                step_inputs = sub_states[:, index : index + 1] + previous
-            logits = self._speech_head_call(state, step_inputs)
-            if speech_logits_out is not None:
-                speech_logits_out.append(logits)
-            code = self._select_speech_code(logits, state, seen, settings, warpers)
-            if seen is not None:
-                seen[batch_rows, code] = True
-            state.previous_code = code
-            codes.append(code)
-        return torch.stack(codes, dim=1), seen
-
-    def _commit_speech_group(self, state, group, seen, commit_rows) -> torch.Tensor:
-        """Keep the group for speaking rows; returns rows whose group carried speech-EOS."""
-        speech_eos = self.config.audio_config.eos_token_id
-        ends = (group == speech_eos).any(dim=1) & commit_rows
-        group = torch.where(ends[:, None], torch.full_like(group, speech_eos), group)
-        state.groups.append(group)
-        state.committed.append(commit_rows)
-        state.last_group = torch.where(commit_rows[:, None], group, state.last_group)
-        state.has_group = state.has_group | commit_rows
-        if seen is not None:
-            state.seen_codes = torch.where(commit_rows[:, None], seen, state.seen_codes)
-        state.speaking = state.speaking & ~ends
-        return ends
-
-    def _collect_speech(self, state: SpeechDecodingState, batch: int, device):
-        k = self.group_size
-        pad = self.config.audio_config.pad_token_id
-        if not state.groups:
-            empty = torch.zeros(batch, 0, dtype=torch.long, device=device)
-            return empty, empty.clone()
-        groups = torch.stack(state.groups, dim=1)  # (B, T, k)
-        committed = torch.stack(state.committed, dim=1)  # (B, T)
-        counts = committed.sum(1)
-        width = int(counts.max()) * k
-        # Stable sort moves each row's committed groups to the front, in order.
-        order = torch.sort((~committed).to(torch.int8), dim=1, stable=True).indices
-        packed = torch.gather(groups, 1, order[..., None].expand(-1, -1, k)).reshape(batch, -1)[:, :width]
-        mask = (torch.arange(width, device=device)[None, :] < (counts * k)[:, None]).long()
-        return packed.masked_fill(mask == 0, pad), mask
-
-    def _next_inputs_embeds(self, state, text_embeds: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """LLM input of the next step: (embed(text) + audio_tower(last group)) / 2 for speaking rows."""
-        state.speaking = state.speaking | (tokens == self.config.text_config.audio_bos_index)
-        fused_rows = state.speaking & state.has_group
-        fused = (text_embeds + self.audio_tower(state.last_group).to(text_embeds.dtype)) / 2
-        return torch.where(fused_rows[:, None, None], fused, text_embeds)
-
-    def _decode_llm_position(self, inputs_embeds: torch.Tensor, model_kwargs: dict, padded: bool):
-        """One LLM decode step through :func:`decode_one_position` (same numbers as the full forward)."""
-        backbone = self.language_model.model
-        cache = cache_of(model_kwargs)
-        position_ids = model_kwargs["position_ids"][:, -1:]
-        bias = None
-        if padded:
-            mask = model_kwargs["attention_mask"]
-            bias = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=inputs_embeds.device)
-            bias = bias.masked_fill(mask == 0, torch.finfo(inputs_embeds.dtype).min)[:, None, None, :]
-        cos, sin = backbone.rotary_emb(inputs_embeds, position_ids)
-        hidden = decode_one_position(backbone, inputs_embeds, cache, cos, sin, bias)
-        return FunAudioChatSingleStepOutput(
-            logits=self.language_model.lm_head(hidden), last_hidden_state=hidden, **{CACHE_NAME: cache}
-        )
-
     # -------------------------------------------------------------------------------- decode loop
     def _sample(
         self,
@@ -401,22 +510,32 @@ class FunAudioChatGenerationMixin:
         streamer=None,
         **model_kwargs,
     ):
+        """transformers' ``_sample`` with the speech head; additions are fenced ``<fun_audio_chat>`` blocks."""
         pad_token_id = generation_config._pad_token_tensor
+        output_attentions = generation_config.output_attentions
+        output_hidden_states = generation_config.output_hidden_states
         output_scores = generation_config.output_scores
         output_logits = generation_config.output_logits
         return_dict_in_generate = generation_config.return_dict_in_generate
         has_eos_stopping_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
         do_sample = generation_config.do_sample
+
         scores = () if (return_dict_in_generate and output_scores) else None
         raw_logits = () if (return_dict_in_generate and output_logits) else None
+        decoder_attentions = () if (return_dict_in_generate and output_attentions) else None
+        decoder_hidden_states = () if (return_dict_in_generate and output_hidden_states) else None
+
         batch_size = input_ids.shape[0]
+        this_peer_finished = False
         unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
         if pad_token_id is not None:
             pad_token_id = pad_token_id.to(input_ids.device)
 
-        # <fun_audio_chat: speech state and settings>
+        compiled = self._valid_auto_compile_criteria(model_kwargs, generation_config)
+        model_forward = self.get_compiled_call(generation_config.compile_config) if compiled else self.__call__
+
+        # <fun_audio_chat: speech settings; the LLM step also returns its last hidden state (SRH input)>
         return_speech = bool(generation_config.return_speech)
-        audio_bos = self.config.text_config.audio_bos_index
         audio_eos = self.config.text_config.audio_eos_index
         force_audio_bos = bool(generation_config.force_audio_bos)
         if return_speech and stopping_criteria.max_length is None:
@@ -424,68 +543,52 @@ class FunAudioChatGenerationMixin:
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = stopping_criteria.max_length - input_ids.shape[1] if stopping_criteria.max_length else 0
         self._check_context_length(input_ids.shape[1], max_new_tokens, return_speech)
-        speech_settings = SpeechSamplingSettings(
-            do_sample=bool(generation_config.speech_do_sample),
-            temperature=generation_config.speech_temperature,
-            top_p=generation_config.speech_top_p,
-            top_k=generation_config.speech_top_k,
-            repetition_penalty=generation_config.speech_repetition_penalty,
-        )
-        speech_warpers = speech_settings.warpers()
-        speech_logits_out = [] if (return_dict_in_generate and output_logits and return_speech) else None
-        state = (
-            self._start_speech_state(
-                input_ids,
-                model_kwargs.get("attention_mask"),
-                max(max_new_tokens, 1),
-                track_codes=speech_settings.repetition_penalty not in (None, 1.0),
-            )
-            if return_speech
-            else None
-        )
-        step_text_embeds = None  # embeddings of the text tokens this step's LLM input carries (SRH conditioning)
+        model_kwargs["return_last_hidden_state"] = return_speech
+        model_kwargs["compute_speech_logits"] = False
+        speech = None
+        if return_speech:
+            compile_config = (generation_config.compile_config or self._default_compile_config()) if compiled else None
+            speech = SpeechDecoder(self, generation_config, compile_config)
+        prompt_embeds = model_kwargs.get("inputs_embeds")
         # </fun_audio_chat>
 
-        model_inputs = self.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-        outputs = self(**model_inputs, return_dict=True, return_last_hidden_state=True, compute_speech_logits=False)
-        # <fun_audio_chat: the prompt's audio inputs are consumed by the prefill>
-        for key in (
-            "input_features", "feature_attention_mask", "feature_exist_mask", "speech_ids",
-            "speech_attention_mask", "text_ids", "text_attention_mask",
-        ):
+        outputs = self._prefill(input_ids, generation_config, model_kwargs)
+
+        # <fun_audio_chat: the prompt's audio is consumed by the prefill; size the speech state from it>
+        for key in _PROMPT_AUDIO_INPUTS:
             model_kwargs.pop(key, None)
-        # <fun_audio_chat: decode steps skip the full forward's per-call bookkeeping when the cache allows it>
-        single_position = supports_single_position_decoding(
-            self.language_model.model, cache_of(outputs)
-        ) and not (generation_config.output_attentions or generation_config.output_hidden_states)
-        prompt_mask = model_kwargs.get("attention_mask")
-        padded = prompt_mask is not None and not bool(prompt_mask.all())
+        if return_speech:
+            new_positions = outputs.last_hidden_state.shape[1]
+            if prompt_embeds is not None:
+                step_text_embeds = prompt_embeds[:, -new_positions:]
+            else:
+                step_text_embeds = self.get_input_embeddings()(input_ids[:, -new_positions:])
+            speech.start(
+                input_ids, step_text_embeds, model_kwargs.get("attention_mask"), new_positions, max_new_tokens
+            )
+        next_embeds = None
         # </fun_audio_chat>
+
+        prefill_consumed = False
         step = 0
-        this_peer_finished = False
-        while not this_peer_finished:
-            if step > 0 and single_position:
-                outputs = self._decode_llm_position(next_embeds, model_kwargs, padded)
-            elif step > 0:
+        while self._has_unfinished_sequences(this_peer_finished, synced_gpus, device=input_ids.device):
+            if prefill_consumed:
                 model_inputs = self.prepare_inputs_for_generation(input_ids, next_sequence_length=1, **model_kwargs)
-                model_inputs.pop("input_ids", None)
+                # <fun_audio_chat: the LLM input is an embedding (fused with speech for speaking rows)>
+                model_inputs["input_ids"] = None
                 model_inputs["inputs_embeds"] = next_embeds
-                outputs = self(
-                    **model_inputs, return_dict=True, return_last_hidden_state=True, compute_speech_logits=False
-                )
+                # </fun_audio_chat>
+                outputs = model_forward(**model_inputs, return_dict=True)
+            prefill_consumed = True
             model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
+            if synced_gpus and this_peer_finished:
+                continue
 
             next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
 
             # <fun_audio_chat: the SRH decodes this step's group before the text token is drawn (official RNG order)>
             if return_speech:
-                hidden = outputs.last_hidden_state
-                if step_text_embeds is None:
-                    step_text_embeds = self.get_input_embeddings()(input_ids)
-                text_embeds = step_text_embeds.detach()
-                group, seen = self._decode_speech_group(
-                    state, hidden, text_embeds, speech_settings, speech_warpers, speech_logits_out
-                )
+                group = speech.decode_group(outputs.last_hidden_state, step_text_embeds)
             # </fun_audio_chat>
 
             next_token_scores = logits_processor(input_ids, next_token_logits)
@@ -494,6 +597,10 @@ class FunAudioChatGenerationMixin:
                     scores += (next_token_scores,)
                 if output_logits:
                     raw_logits += (next_token_logits,)
+                if output_attentions:
+                    decoder_attentions += (outputs.attentions,)
+                if output_hidden_states:
+                    decoder_hidden_states += (outputs.hidden_states,)
 
             if do_sample:
                 probs = nn.functional.softmax(next_token_scores, dim=-1)
@@ -502,7 +609,7 @@ class FunAudioChatGenerationMixin:
                 next_tokens = torch.argmax(next_token_scores, dim=-1)
             # <fun_audio_chat: force the reply to open with <|audio_bos|>>
             if step == 0 and force_audio_bos:
-                next_tokens = torch.full_like(next_tokens, audio_bos)
+                next_tokens = torch.full_like(next_tokens, self.config.text_config.audio_bos_index)
             # </fun_audio_chat>
 
             was_unfinished = unfinished_sequences.bool()
@@ -514,7 +621,7 @@ class FunAudioChatGenerationMixin:
 
             # <fun_audio_chat: commit the group for speaking rows; speech-EOS ends the row's speech>
             if return_speech:
-                ends = self._commit_speech_group(state, group, seen, state.speaking & was_unfinished)
+                ends = speech.commit(group, speech.speaking & was_unfinished)
                 next_tokens = torch.where(ends, torch.full_like(next_tokens, audio_eos), next_tokens)
                 input_ids[:, -1] = next_tokens
             # </fun_audio_chat>
@@ -522,20 +629,16 @@ class FunAudioChatGenerationMixin:
             if streamer is not None:
                 streamer.put(next_tokens.cpu())
                 # <fun_audio_chat: speech groups reach the streamer on the step they are decoded>
-                if return_speech and hasattr(streamer, "put_speech"):
-                    rows = state.committed[-1].nonzero(as_tuple=True)[0]
-                    if rows.numel():
-                        streamer.put_speech(state.groups[-1][rows].cpu(), rows.cpu())
+                if return_speech:
+                    speech.stream(streamer)
                 # </fun_audio_chat>
             this_peer_finished = bool(unfinished_sequences.max() == 0)
 
             # <fun_audio_chat: next LLM input (fused for speaking rows) and SRH conditioning>
             step_text_embeds = self.get_input_embeddings()(next_tokens[:, None])
-            next_embeds = (
-                self._next_inputs_embeds(state, step_text_embeds, next_tokens) if return_speech else step_text_embeds
-            )
-            # </fun_audio_chat>
+            next_embeds = speech.next_inputs_embeds(step_text_embeds, next_tokens) if return_speech else step_text_embeds
             step += 1
+            # </fun_audio_chat>
             del outputs
 
         if streamer is not None:
@@ -547,20 +650,26 @@ class FunAudioChatGenerationMixin:
                     sequences=input_ids,
                     scores=scores,
                     logits=raw_logits,
+                    attentions=decoder_attentions,
+                    hidden_states=decoder_hidden_states,
                     **{CACHE_NAME: cache_of(model_kwargs)},
                 )
             return input_ids
 
-        speech_ids, speech_attention_mask = self._collect_speech(state, batch_size, input_ids.device)
+        # <fun_audio_chat: each row's committed speech codes>
+        speech_ids, speech_attention_mask = speech.collect(batch_size, input_ids.device)
         return FunAudioChatGenerateOutput(
             sequences=input_ids,
             scores=scores,
             logits=raw_logits,
+            attentions=decoder_attentions,
+            hidden_states=decoder_hidden_states,
             **{CACHE_NAME: cache_of(model_kwargs) if return_dict_in_generate else None},
             speech_ids=speech_ids,
             speech_attention_mask=speech_attention_mask,
-            speech_logits=tuple(speech_logits_out) if speech_logits_out is not None else None,
+            speech_logits=tuple(speech.logits) if speech.logits is not None else None,
         )
+        # </fun_audio_chat>
 
 
 __all__ = ["FunAudioChatGenerateOutput", "FunAudioChatGenerationMixin", "SPEECH_GENERATION_DEFAULTS"]

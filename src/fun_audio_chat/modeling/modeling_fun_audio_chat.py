@@ -6,19 +6,19 @@ The forward here is the training / scoring path (teacher-forced SRH); generation
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..configuration_fun_audio_chat import FunAudioChatConfig, refuse_missing_local_path
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
-from .audio_encoder import FunAudioChatAudioEncoder, SinusoidPositions, sinusoid_table
+from .audio_encoder import FunAudioChatAudioEncoder
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
 from .speech_head import FunAudioChatSpeechHead
@@ -72,7 +72,7 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
     main_input_name = "input_ids"
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["AudioEncoderLayer", "Qwen3DecoderLayer"]
+    _no_split_modules = ["Qwen2_5OmniAudioEncoderLayer", "Qwen3DecoderLayer"]
     _skip_keys_device_placement = [CACHE_NAME, LEGACY_CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -81,10 +81,10 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
     # Stored by the official code although it deletes the module; dropped quietly on load.
     _keys_to_ignore_on_load_unexpected = [r"audio_invert_tower\.crq_transformer\.embed_tokens\.weight"]
 
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        if isinstance(module, SinusoidPositions):
-            init.copy_(module.positional_embedding, sinusoid_table(*module.positional_embedding.shape))
+    #: Kept in full precision when the LLM is loaded quantized (``quantization_config``): the audio encoders, the
+    #: Speech Refined Head, the speech embeddings (tied to the SRH output) and the LLM output head. Used as the
+    #: quantizer's ``modules_to_not_convert`` unless the caller sets one.
+    _modules_not_quantized = ["continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model.lm_head"]
 
 
 class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin):
@@ -113,6 +113,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             raise ValueError("Fun-Audio-Chat loads safetensors checkpoints only; pickle (.bin) files are refused.")
         refuse_missing_local_path(pretrained_model_name_or_path)
         kwargs["use_safetensors"] = True
+        kwargs["quantization_config"] = cls._keep_audio_parts_unquantized(kwargs.get("quantization_config"))
         try:
             loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as error:
@@ -125,7 +126,27 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             raise
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model._init_speech_generation_config()
+        model.continuous_audio_tower.freeze_unused_parameters()
         return loaded
+
+    @classmethod
+    def _keep_audio_parts_unquantized(cls, quantization_config):
+        """A copy of ``quantization_config`` that leaves :attr:`_modules_not_quantized` unquantized, unless the
+        caller chose the modules to skip (``modules_to_not_convert``, or bitsandbytes' ``llm_int8_skip_modules``)."""
+        if quantization_config is None:
+            return None
+        if isinstance(quantization_config, dict):
+            quantization_config = dict(quantization_config)
+            if quantization_config.get("modules_to_not_convert") is None:
+                quantization_config["modules_to_not_convert"] = list(cls._modules_not_quantized)
+            return quantization_config
+        quantization_config = copy.copy(quantization_config)
+        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+            if hasattr(quantization_config, field):
+                if getattr(quantization_config, field) is None:
+                    setattr(quantization_config, field, list(cls._modules_not_quantized))
+                break
+        return quantization_config
 
     # ----------------------------------------------------------------------------------------- plumbing
     def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
@@ -573,6 +594,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
         merged = None
         text_embeds = None
         if inputs_embeds is None:
@@ -602,8 +625,11 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
+            # Our config decides when the caller does not: the inner Qwen3 would otherwise read its own.
+            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
+            output_hidden_states=(
+                self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+            ),
             return_dict=True,
             **{CACHE_NAME: past_key_values},
             **kwargs,

@@ -15,7 +15,6 @@ from transformers import AutoModel
 
 from ..configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig
 from ..transformers_compat import CACHE_NAME
-from .single_position import decode_one_position
 
 
 class FunAudioChatSpeechHead(nn.Module):
@@ -66,29 +65,42 @@ class FunAudioChatSpeechHead(nn.Module):
         logits = self.lm_head(self.output_matching(output.last_hidden_state))
         return output, logits
 
-    def decode_position(
+    def compiled_backbone(self, compile_config):
+        """``torch.compile``'d ``crq_transformer`` call for static-cache sub-steps, built once per compile config
+        (what ``PreTrainedModel.get_compiled_call`` does for generating models; the backbone is not one)."""
+        if getattr(self, "_compiled_backbone_config", None) != compile_config:
+            self._compiled_backbone = torch.compile(self.crq_transformer.__call__, **compile_config.to_dict())
+            self._compiled_backbone_config = compile_config
+        return self._compiled_backbone
+
+    def decode_step(
         self,
         sub_state: torch.Tensor,
-        past_key_values,
+        cache,
         position_ids: torch.Tensor,
-        attention_bias: torch.Tensor | None = None,
-        fused_weights: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """One new sub-position (B, 1, H) through the backbone with its KV cache; returns logits (B, codebook).
+        """One new sub-position (B, 1, H) through the backbone's decoder layers with its KV cache; returns logits
+        (B, 1, codebook).
 
-        ``fused_weights`` (from :func:`fused_decode_weights`, built once per generate call) replaces the
-        separate q/k/v and gate/up products by one each; ``rotary`` passes this position's precomputed
-        (cos, sin), each (B, 1, head_dim).
-
-        Generation runs this k times per LLM step (see :mod:`.single_position` for why it bypasses
-        ``crq_transformer.forward``).
+        Generation runs this k times per LLM step. It calls transformers' own Qwen3 decoder layers and final norm
+        (so attention implementations, adapters and offload hooks apply) but skips ``crq_transformer.forward``'s
+        per-call mask and rotary construction: ``position_embeddings`` are this position's precomputed (cos, sin)
+        and ``attention_mask`` an additive (B, 1, 1, T) key mask, or None when nothing is padded.
         """
         backbone = self.crq_transformer
         hidden = self.input_matching(sub_state)
-        cos, sin = rotary if rotary is not None else backbone.rotary_emb(hidden, position_ids)
-        hidden = decode_one_position(backbone, hidden, past_key_values, cos, sin, attention_bias, fused_weights)
-        return self.lm_head(self.output_matching(hidden))[:, -1]
+        for layer in backbone.layers[: backbone.config.num_hidden_layers]:
+            hidden = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                use_cache=True,
+                **{CACHE_NAME: cache},
+            )
+        return self.lm_head(self.output_matching(backbone.norm(hidden)))
 
     def forward(
         self,

@@ -30,11 +30,20 @@ class SpeechEvent:
 
 @dataclass(frozen=True)
 class EndEvent:
-    pass
+    """The last event; ``error`` is set when ``generate()`` failed (iterating re-raises it)."""
+
+    error: BaseException | None = None
+
+
+class GenerationFailedError(RuntimeError):
+    """Raised in a streamer's consumer when the ``generate()`` call feeding it failed; ``__cause__`` is why."""
 
 
 class FunAudioChatIteratorStreamer(BaseStreamer):
     """Iterator of :class:`TextEvent`/:class:`SpeechEvent` then one :class:`EndEvent`.
+
+    If ``generate()`` raises, the streamer ends with that error and the consumer's loop raises
+    :class:`GenerationFailedError` (from the original error) instead of waiting forever.
 
     Example::
 
@@ -90,12 +99,22 @@ class FunAudioChatIteratorStreamer(BaseStreamer):
     def end(self) -> None:
         self.queue.put(EndEvent())
 
+    def fail(self, error: BaseException) -> None:
+        """End the stream with ``error`` (called by ``generate()`` when it raises)."""
+        self.queue.put(EndEvent(error=error))
+
+    @staticmethod
+    def _raise_if_failed(event: EndEvent) -> None:
+        if event.error is not None:
+            raise GenerationFailedError(f"generate() failed: {event.error}") from event.error
+
     def __iter__(self):
         return self
 
     def __next__(self):
         event = self.queue.get(timeout=self.timeout)
         if isinstance(event, EndEvent):
+            self._raise_if_failed(event)
             raise StopIteration
         return event
 
@@ -103,9 +122,11 @@ class FunAudioChatIteratorStreamer(BaseStreamer):
         """All events including the final :class:`EndEvent` (for consumers that want to see it)."""
         while True:
             event = self.queue.get(timeout=self.timeout)
-            yield event
             if isinstance(event, EndEvent):
+                self._raise_if_failed(event)
+                yield event
                 return
+            yield event
 
 
-__all__ = ["EndEvent", "FunAudioChatIteratorStreamer", "SpeechEvent", "TextEvent"]
+__all__ = ["EndEvent", "FunAudioChatIteratorStreamer", "GenerationFailedError", "SpeechEvent", "TextEvent"]

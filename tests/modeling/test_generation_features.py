@@ -1,0 +1,343 @@
+"""generate() on transformers' extension points: cache continuation, output states, inputs_embeds, offload, quantized
+LLM, compiled decoding, synced GPUs, and clear refusals of what is unsupported or malformed."""
+
+import threading
+
+import pytest
+import torch
+
+from fun_audio_chat import FunAudioChatForConditionalGeneration, FunAudioChatIteratorStreamer
+
+from .model_tester import AUDIO_BOS, FunAudioChatModelTester
+
+GREEDY = {
+    "do_sample": False,
+    "speech_do_sample": False,
+    "speech_repetition_penalty": 1.0,
+    "eos_token_id": 502,
+    "pad_token_id": 500,
+}
+
+
+@pytest.fixture(scope="module")
+def tester():
+    return FunAudioChatModelTester()
+
+
+@pytest.fixture(scope="module")
+def model_and_inputs(tester):
+    config, inputs = tester.prepare_config_and_inputs()
+    return tester.create_model(config), inputs
+
+
+def _text_prompt():
+    return torch.tensor([[501, 10, 101, 102, 502, 501, 11, 120, 121, 122, 502, 501, 12]])
+
+
+# ------------------------------------------------------------------------------------------ continuation
+def test_continuing_from_a_returned_cache_equals_the_one_shot_run(model_and_inputs):
+    model, inputs = model_and_inputs
+    controls = {**GREEDY, "return_speech": False}
+    with torch.no_grad():
+        whole = model.generate(
+            **inputs, **controls, max_new_tokens=10, min_new_tokens=10, return_dict_in_generate=True, output_logits=True
+        )
+        first = model.generate(**inputs, **controls, max_new_tokens=4, min_new_tokens=4, return_dict_in_generate=True)
+        prompt_length = first.sequences.shape[1]
+        cache = first.past_key_values
+        assert cache.get_seq_length() == prompt_length - 1
+        rest = model.generate(
+            input_ids=first.sequences,
+            attention_mask=torch.cat(
+                [inputs["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1
+            ),
+            past_key_values=cache,
+            max_new_tokens=6,
+            return_dict_in_generate=True,
+            output_logits=True,
+            min_new_tokens=6,
+            **controls,
+        )
+    # Only the one new position ran on top of the cache.
+    assert cache.get_seq_length() == whole.sequences.shape[1] - 1
+    assert torch.equal(rest.sequences, whole.sequences)
+    torch.testing.assert_close(torch.stack(rest.logits), torch.stack(whole.logits)[4:], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- output states
+def test_generate_returns_hidden_states_and_attentions_when_asked(tester):
+    config, inputs = tester.prepare_config_and_inputs()
+    model = tester.create_model(config, attn_implementation="eager")
+    with torch.no_grad():
+        out = model.generate(
+            **inputs, **GREEDY, max_new_tokens=3, min_new_tokens=3, force_audio_bos=True,
+            output_hidden_states=True, output_attentions=True, return_dict_in_generate=True,
+        )
+    layers = config.text_config.num_hidden_layers
+    prompt = inputs["input_ids"].shape[1]
+    assert len(out.hidden_states) == 3 and len(out.attentions) == 3
+    assert len(out.hidden_states[0]) == layers + 1 and out.hidden_states[0][-1].shape == (2, prompt, 64)
+    assert out.hidden_states[1][-1].shape == (2, 1, 64)
+    assert len(out.attentions[1]) == layers and out.attentions[1][0].shape == (2, 4, 1, prompt + 1)
+    assert out.speech_ids is not None
+
+
+def test_forward_follows_the_config_output_flags(model_and_inputs):
+    model, inputs = model_and_inputs
+    with torch.no_grad():
+        assert model(**inputs).hidden_states is None
+        model.config.output_hidden_states = True
+        try:
+            states = model(**inputs).hidden_states
+        finally:
+            model.config.output_hidden_states = False
+        assert states is not None and len(states) == model.config.text_config.num_hidden_layers + 1
+        assert model(**inputs, output_hidden_states=True).hidden_states is not None
+
+
+# ---------------------------------------------------------------------------------------- inputs_embeds
+def test_speech_generation_from_inputs_embeds_alone_equals_input_ids(model_and_inputs):
+    model, _ = model_and_inputs
+    ids = torch.cat([_text_prompt(), torch.tensor([[AUDIO_BOS]])], dim=1)  # the prompt opens the spoken reply
+    controls = {**GREEDY, "max_new_tokens": 6, "min_new_tokens": 6, "return_dict_in_generate": True}
+    with torch.no_grad():
+        from_ids = model.generate(input_ids=ids, **controls)
+        from_embeds = model.generate(inputs_embeds=model.get_input_embeddings()(ids), **controls)
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1] :])
+    assert from_ids.speech_attention_mask.sum() > 0
+    assert torch.equal(from_embeds.speech_ids, from_ids.speech_ids)
+
+
+# --------------------------------------------------------------------------------------------- no head
+def test_model_without_speech_head_generates_text_with_its_defaults(tester):
+    model = tester.create_model(tester.get_config(audio_config={"enable_audio_invert_tower": False}))
+    _, inputs = tester.prepare_config_and_inputs()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=3, pad_token_id=500)
+    assert torch.is_tensor(out) and out.shape[1] == inputs["input_ids"].shape[1] + 3
+
+
+def test_unused_audio_boundary_table_is_frozen(tester, model_and_inputs, tmp_path):
+    model, _ = model_and_inputs
+    assert not model.continuous_audio_tower.audio_bos_eos_token.weight.requires_grad
+    model.save_pretrained(tmp_path)
+    loaded = FunAudioChatForConditionalGeneration.from_pretrained(tmp_path)
+    table = loaded.continuous_audio_tower.audio_bos_eos_token.weight
+    assert not table.requires_grad
+    assert torch.equal(table, model.continuous_audio_tower.audio_bos_eos_token.weight)
+
+
+def test_no_split_modules_name_classes_of_the_model(model_and_inputs):
+    model, _ = model_and_inputs
+    present = {type(module).__name__ for module in model.modules()}
+    assert set(model._no_split_modules) <= present
+
+
+# ---------------------------------------------------------------------------- offload and quantization
+def test_generate_with_cpu_and_disk_offload_equals_in_memory(model_and_inputs, tmp_path):
+    model, inputs = model_and_inputs
+    model.save_pretrained(tmp_path / "model")
+    device_map = {
+        "continuous_audio_tower": "cpu",
+        "audio_tower": "cpu",
+        "audio_invert_tower.pre_matching": "cpu",
+        "audio_invert_tower.input_matching": "cpu",
+        "audio_invert_tower.output_matching": "disk",
+        "audio_invert_tower.lm_head": "cpu",
+        "audio_invert_tower.crq_transformer.layers.0": "cpu",
+        "audio_invert_tower.crq_transformer.layers.1": "disk",
+        "audio_invert_tower.crq_transformer.norm": "cpu",
+        "audio_invert_tower.crq_transformer.rotary_emb": "cpu",
+        "language_model.model.embed_tokens": "cpu",
+        "language_model.model.layers.0": "disk",
+        "language_model.model.layers.1": "cpu",
+        "language_model.model.norm": "cpu",
+        "language_model.model.rotary_emb": "cpu",
+        "language_model.lm_head": "disk",
+    }
+    offloaded = FunAudioChatForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in set(offloaded.hf_device_map.values())
+    controls = {**GREEDY, "max_new_tokens": 5, "force_audio_bos": True}
+    with torch.no_grad():
+        expected = model.generate(**inputs, **controls)
+        found = offloaded.generate(**inputs, **controls)
+    assert torch.equal(found[0], expected[0])
+    assert torch.equal(found[1], expected[1])
+
+
+def test_quantized_llm_keeps_audio_parts_in_full_precision(model_and_inputs, tmp_path):
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantoConfig
+
+    model, inputs = model_and_inputs
+    model.save_pretrained(tmp_path)
+    quantized = FunAudioChatForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=QuantoConfig(weights="int8")
+    )
+    converted = {name for name, module in quantized.named_modules() if type(module).__name__ == "QLinear"}
+    assert converted and all(name.startswith("language_model.model.layers.") for name in converted)
+    for name, parameter in quantized.named_parameters():
+        if not name.startswith("language_model.model.layers."):
+            assert type(parameter) is torch.nn.Parameter and parameter.dtype == torch.float32, name
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        logits = quantized(**inputs).logits
+        # int8 weights: close to the full-precision model, not equal to it.
+        assert 0 < (logits - reference).abs().max() < 0.1 * reference.abs().max()
+        sequences, speech_ids = quantized.generate(**inputs, **GREEDY, max_new_tokens=4, force_audio_bos=True)
+    assert sequences.shape[1] == inputs["input_ids"].shape[1] + 4 and speech_ids.shape[1] > 0
+
+
+# ---------------------------------------------------------------------------------------- compiled path
+@pytest.mark.slow
+def test_compiled_static_cache_decoding_equals_eager(model_and_inputs):
+    """transformers' compiled-decoding convention (static cache + compile_config; opted in on CPU) compiles the
+    LLM step and the speech head's sub-step; tokens and codes equal the eager path (fp32, padded batch)."""
+    from transformers import CompileConfig
+
+    model, inputs = model_and_inputs
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    controls = {**GREEDY, "max_new_tokens": 6, "min_new_tokens": 6, "force_audio_bos": True}
+    with torch.no_grad():
+        eager = model.generate(**inputs, **controls, return_dict_in_generate=True)
+        compiled = model.generate(
+            **inputs, **controls, cache_implementation="static", compile_config=compile_config,
+            return_dict_in_generate=True,
+        )
+    assert hasattr(model, "_compiled_call") and hasattr(model.audio_invert_tower, "_compiled_backbone")
+    assert torch.equal(compiled.sequences, eager.sequences)
+    assert torch.equal(compiled.speech_ids, eager.speech_ids)
+    assert compiled.speech_attention_mask.sum() > 0
+
+
+# ------------------------------------------------------------------------------------------ synced gpus
+def test_synced_gpus_keeps_a_finished_peer_stepping(model_and_inputs, monkeypatch):
+    """Under ZeRO-3/FSDP a finished rank must keep running forward passes until every rank is done."""
+    model, inputs = model_and_inputs
+    controls = {**GREEDY, "max_new_tokens": 8, "force_audio_bos": True}
+    with torch.no_grad():
+        expected = model.generate(**inputs, **controls, return_dict_in_generate=True)
+    calls = []
+    extra_steps = 3
+    finished_calls = []
+
+    def other_peers_still_running(self, this_peer_finished, synced_gpus, device):
+        calls.append(synced_gpus)
+        if not this_peer_finished:
+            return True
+        finished_calls.append(1)
+        return len(finished_calls) <= extra_steps  # the other ranks need this many more forward passes
+
+    forward_calls = []
+    hook = model.language_model.model.register_forward_hook(lambda *_: forward_calls.append(1))
+    monkeypatch.setattr(type(model), "_has_unfinished_sequences", other_peers_still_running)
+    try:
+        with torch.no_grad():
+            found = model.generate(**inputs, **controls, synced_gpus=True, return_dict_in_generate=True)
+    finally:
+        hook.remove()
+    assert all(calls)
+    assert torch.equal(found.sequences, expected.sequences)
+    assert torch.equal(found.speech_ids, expected.speech_ids)
+    generated = expected.sequences.shape[1] - inputs["input_ids"].shape[1]
+    assert len(forward_calls) == generated + extra_steps
+
+
+# ------------------------------------------------------------------------------------- refused clearly
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_beams": 2}, "greedy decoding and sampling only"),
+        ({"prompt_lookup_num_tokens": 3}, "assisted generation"),
+        ({"penalty_alpha": 0.6, "top_k": 4}, "greedy decoding and sampling only"),
+        ({"speech_repetition_penalty": 0.0}, "speech_repetition_penalty has to be a strictly positive"),
+        ({"speech_repetition_penalty": -1.0}, "speech_repetition_penalty has to be a strictly positive"),
+        ({"speech_temperature": 0.0}, "speech_do_sample=False"),
+        ({"speech_top_p": 0.0}, "speech_top_p"),
+    ],
+)
+def test_unsupported_or_unusable_settings_are_refused(model_and_inputs, kwargs, message):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match=message):
+        model.generate(**inputs, max_new_tokens=2, **kwargs)
+
+
+def test_assistant_model_is_refused(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="assisted generation"):
+        model.generate(**inputs, max_new_tokens=2, assistant_model=model)
+
+
+def test_greedy_speech_with_zero_temperature_is_accepted(model_and_inputs):
+    model, inputs = model_and_inputs
+    model.generate(**inputs, max_new_tokens=2, speech_do_sample=False, speech_temperature=0.0)
+
+
+def test_malformed_inputs_are_refused_before_indexing(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match=r"\(batch, length\)"):
+        model.generate(input_ids=torch.tensor([1, 2, 3]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the LLM vocabulary"):
+        model.generate(input_ids=torch.tensor([[1, 2, 512]]), max_new_tokens=2)
+    with pytest.raises(ValueError, match="outside the LLM vocabulary"):
+        model(input_ids=torch.tensor([[1, -3]]))
+    bad = dict(inputs)
+    bad["input_features"] = inputs["input_features"].clone()
+    bad["input_features"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        model.generate(**bad, max_new_tokens=2)
+
+
+def test_streamer_consumer_gets_the_error_when_generate_fails(model_and_inputs):
+    from fun_audio_chat.modeling.streamers import GenerationFailedError
+
+    model, inputs = model_and_inputs
+    streamer = FunAudioChatIteratorStreamer(timeout=60)
+    failing = {**inputs, "input_ids": inputs["input_ids"].clone()}
+    failing["input_ids"][0, 0] = 10_000
+
+    def run():
+        try:
+            model.generate(**failing, max_new_tokens=2, streamer=streamer)
+        except ValueError:
+            pass
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    with pytest.raises(GenerationFailedError, match="outside the LLM vocabulary") as caught:
+        list(streamer)
+    thread.join(timeout=60)
+    assert isinstance(caught.value.__cause__, ValueError)
+
+
+def test_streamer_consumer_gets_an_error_raised_mid_generation(model_and_inputs, monkeypatch):
+    model, inputs = model_and_inputs
+    from fun_audio_chat.modeling.generation import SpeechDecoder
+    from fun_audio_chat.modeling.streamers import GenerationFailedError
+
+    original = SpeechDecoder.commit
+    steps = []
+
+    def failing_commit(self, group, rows):
+        steps.append(1)
+        if len(steps) == 3:
+            raise RuntimeError("simulated failure")
+        return original(self, group, rows)
+
+    monkeypatch.setattr(SpeechDecoder, "commit", failing_commit)
+    streamer = FunAudioChatIteratorStreamer(timeout=60)
+    thread = threading.Thread(
+        target=lambda: pytest.raises(
+            RuntimeError, model.generate, **inputs, max_new_tokens=6, force_audio_bos=True, streamer=streamer
+        )
+    )
+    thread.start()
+    events = []
+    with pytest.raises(GenerationFailedError, match="simulated failure"):
+        for event in streamer:
+            events.append(event)
+    thread.join(timeout=60)
+    assert events, "the steps before the failure were streamed"
