@@ -459,6 +459,20 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         decoding = (starts > 0) & (starts < labels.shape[1])
         if not bool(decoding.any()):
             return codes
+        # Decode as generation does: in eval mode (no dropout, and a KV cache even with activation checkpointing).
+        modes = [(module, module.training) for module in self.audio_invert_tower.modules()]
+        self.audio_invert_tower.eval()
+        try:
+            return self._decode_prompt_codes(codes, states, starts, prefilled, decoding, sub_mask, sub_positions)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+
+    def _decode_prompt_codes(self, codes, states, starts, prefilled, decoding, sub_mask, sub_positions):
+        """The k greedy SRH sub-steps of each row's last prompt position, written into ``codes`` (see above)."""
+        k = self.group_size
+        batch, total = codes.shape
+        index = torch.arange(total, device=codes.device)
         rows = torch.arange(batch, device=codes.device)
         head = self.audio_invert_tower
         width = int(prefilled[decoding].max())
