@@ -181,3 +181,28 @@ def test_a_row_that_ends_early_is_answered_before_its_batch_ends(tiny_pair, spee
     assert [(r.text, r.codes) for r in together] == [(r.text, r.codes) for r in solo]
     # the short row was answered while the long one was still decoding
     assert together[0].metrics.total_seconds < together[1].metrics.total_seconds / 2
+
+
+def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pair):
+    from transformers import LogitsProcessorList
+
+    model, processor = tiny_pair
+    calls = []
+
+    def fail_on_eighth_step(input_ids, scores):
+        calls.append(1)
+        if len(calls) == 8:
+            raise ValueError("boom at step 8")
+        return scores
+
+    engine = ServingEngine(model, processor,
+                           generate_kwargs={"logits_processor": LogitsProcessorList([fail_on_eighth_step])}).start()
+    try:
+        events = list(engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=12, temperature=0)))
+        assert any(isinstance(event, TextDelta) for event in events)  # it failed after streaming had begun
+        assert isinstance(events[-1], TurnFailed) and isinstance(events[-1].error, ValueError)
+        assert "boom at step 8" in str(events[-1].error)
+        calls.append(1)  # later calls pass: the engine keeps serving
+        assert engine.submit(TurnRequest(_typed("Hi"), speech=False, max_new_tokens=4, temperature=0)).result()
+    finally:
+        engine.close()

@@ -471,31 +471,36 @@ class ServingEngine:
         eos_ids = self._stop_token_ids()
         ending: set[int] = set()  # rows whose end-of-reply token came in this step
         done: set[int] = set()  # rows already answered
-        for event in streamer:
-            row = event.row
-            handle = batch[row]
-            if row in done or handle.cancelled.is_set():
-                continue
-            if isinstance(event, TextEvent):
-                if row in ending:
-                    # the next step began: the row's last speech group has been delivered, its turn can end now
-                    # instead of when the longest row of the batch ends
-                    codes = list(handle.codes) if request.speech else None
-                    self._complete(handle, self.processor.decode_text(handle.token_ids), codes, "stop",
-                                   len(handle.token_ids), int(inputs["attention_mask"][row].sum()), speaking)
-                    done.add(row)
+        try:
+            for event in streamer:
+                row = event.row
+                handle = batch[row]
+                if row in done or handle.cancelled.is_set():
                     continue
-                handle.token_ids.append(event.token_id)
-                if event.text:
-                    handle.text_parts.append(event.text)
-                    handle._emit(TextDelta(event.text))
-                if event.token_id in eos_ids:
-                    ending.add(row)
-            elif isinstance(event, SpeechEvent):
-                codes = self._speech_codes(handle, event.codes)
-                handle.codes.extend(codes)
-                if speaking and codes:
-                    self._speech_jobs.put((handle, "codes", codes))
+                if isinstance(event, TextEvent):
+                    if row in ending:
+                        # the next step began: the row's last speech group has been delivered, its turn can end now
+                        # instead of when the longest row of the batch ends
+                        codes = list(handle.codes) if request.speech else None
+                        self._complete(handle, self.processor.decode_text(handle.token_ids), codes, "stop",
+                                       len(handle.token_ids), int(inputs["attention_mask"][row].sum()), speaking)
+                        done.add(row)
+                        continue
+                    handle.token_ids.append(event.token_id)
+                    if event.text:
+                        handle.text_parts.append(event.text)
+                        handle._emit(TextDelta(event.text))
+                    if event.token_id in eos_ids:
+                        ending.add(row)
+                elif isinstance(event, SpeechEvent):
+                    codes = self._speech_codes(handle, event.codes)
+                    handle.codes.extend(codes)
+                    if speaking and codes:
+                        self._speech_jobs.put((handle, "codes", codes))
+        except Exception:  # noqa: BLE001 - the streamer re-raises a failed generate(); report the original error
+            worker.join()
+            if "error" not in outcome:
+                raise
         worker.join()
         self.batches_run += 1
         if "error" in outcome:
