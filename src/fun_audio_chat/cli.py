@@ -663,7 +663,7 @@ def cmd_merge(args) -> int:
         result, manifest = merge_weights(
             str(tuned), args.base if args.base_from_hub else str(base_path), args.alpha, output_dir=str(out),
             on_shape_mismatch=args.on_shape_mismatch, overwrite=args.overwrite, show_progress=True,
-            return_manifest=True, base_from_hub=args.base_from_hub,
+            base_from_hub=args.base_from_hub,
         )
     except PickleCheckpointError as err:
         raise CLIError(str(err)) from err

@@ -19,6 +19,8 @@ from fun_audio_chat.tiny import tiny_config
 from fun_audio_chat.trainers import PickleCheckpointError, merge_weights, read_manifest
 from fun_audio_chat.trainers import merging as merging_module
 from fun_audio_chat.trainers.merging import SafetensorsCheckpoint, default_base_key_map
+from fun_audio_chat.trainers.merging import merge as merge_module
+from fun_audio_chat.trainers.merging import output as merge_output
 
 LLM = "language_model."
 SRH_TIED = "audio_invert_tower.lm_head.weight"
@@ -59,7 +61,7 @@ def test_state_dict_merge_is_exact(alpha, dtype):
     tuned = tuned_model.state_dict()
     base = base_model.state_dict()
     before = {k: v.clone() for k, v in tuned.items()}
-    merged, manifest = merge_weights(tuned, base, alpha, return_manifest=True, chunk_elements=777)
+    merged, manifest = merge_weights(tuned, base, alpha, chunk_elements=777)
     check_merged(merged, before, base, alpha)
     # inputs untouched, non-LLM tensors are the very same tensors, ties kept
     assert all(torch.equal(tuned[k], before[k]) for k in tuned)
@@ -79,7 +81,7 @@ def test_merge_alpha_0_3_and_mixed_dtypes():
     tuned_model, base_model = make_pair(torch.float32)
     base = {k: v.to(torch.bfloat16) for k, v in base_model.state_dict().items()}
     tuned = tuned_model.state_dict()
-    merged = merge_weights(tuned, base, 0.3)
+    merged = merge_weights(tuned, base, 0.3).merged
     check_merged(merged, tuned, base, 0.3)
 
 
@@ -88,7 +90,8 @@ def test_in_place_model_merge(alpha):
     tuned_model, base_model = make_pair()
     before = {k: v.clone() for k, v in tuned_model.state_dict().items()}
     result = merge_weights(tuned_model, base_model, alpha)
-    assert result is tuned_model
+    assert result.merged is tuned_model
+    assert result.manifest["alpha"] == alpha
     after = tuned_model.state_dict()
     check_merged(after, before, base_model.state_dict(), alpha)
     assert tuned_model.audio_invert_tower.lm_head.weight is tuned_model.audio_tower.embed_tokens.weight
@@ -120,7 +123,7 @@ def test_shape_mismatch():
     with pytest.raises(ValueError, match="shape mismatch"):
         merge_weights(tuned_model.state_dict(), base, 0.5)
     merged, manifest = merge_weights(
-        tuned_model.state_dict(), base, 0.5, on_shape_mismatch="keep_tuned", return_manifest=True
+        tuned_model.state_dict(), base, 0.5, on_shape_mismatch="keep_tuned"
     )
     assert torch.equal(merged[LLM + "lm_head.weight"], tuned_model.state_dict()[LLM + "lm_head.weight"])
     assert manifest["shape_mismatch_kept"] == [LLM + "lm_head.weight"]
@@ -147,7 +150,7 @@ def test_on_disk_sharded_merge_is_exact(tmp_path, alpha, dtype):
     tuned_model, base_model, tuned_dir, base_dir = save_pair(tmp_path, dtype)
     shards = sorted(p.name for p in tuned_dir.glob("*.safetensors"))
     assert len(shards) > 3 and len(list(base_dir.glob("*.safetensors"))) > 3  # really sharded
-    out = merge_weights(tuned_dir, base_dir, alpha, output_dir=tmp_path / "merged", chunk_elements=1000)
+    out = merge_weights(tuned_dir, base_dir, alpha, output_dir=tmp_path / "merged", chunk_elements=1000).merged
     assert out == tmp_path / "merged"
     # same layout and key set as the tuned checkpoint (tied SRH head omitted, as on input)
     assert sorted(p.name for p in out.glob("*.safetensors")) == shards
@@ -165,7 +168,7 @@ def test_on_disk_sharded_merge_is_exact(tmp_path, alpha, dtype):
     assert merged_sd.keys() == tuned_sd.keys()
     check_merged(merged_sd, tuned_sd, base_model.state_dict(), alpha)
     # equals the in-memory merge
-    in_memory = merge_weights(tuned_sd, base_model.state_dict(), alpha)
+    in_memory = merge_weights(tuned_sd, base_model.state_dict(), alpha).merged
     assert all(torch.equal(in_memory[k], merged_sd[k]) for k in merged_sd)
     # manifest, config and processor files; training state is not copied
     manifest = read_manifest(out)
@@ -189,7 +192,7 @@ def test_on_disk_single_files_and_tied_base(tmp_path):
     base = Qwen3ForCausalLM(config)
     base.save_pretrained(tmp_path / "base")
     assert "lm_head.weight" not in SafetensorsCheckpoint(tmp_path / "base").keys()
-    out = merge_weights(tmp_path / "tuned", tmp_path / "base", 0.5, output_dir=tmp_path / "out")
+    out = merge_weights(tmp_path / "tuned", tmp_path / "base", 0.5, output_dir=tmp_path / "out").merged
     merged = load_file(str(out / "model.safetensors"))
     emb = base.model.embed_tokens.weight.detach()
     assert torch.equal(merged[LLM + "lm_head.weight"], expected(tuned_model.language_model.lm_head.weight, emb, 0.5))
@@ -198,7 +201,7 @@ def test_on_disk_single_files_and_tied_base(tmp_path):
 def test_on_disk_tuned_with_in_memory_base(tmp_path):
     tuned_model, base_model = make_pair(torch.bfloat16)
     tuned_model.save_pretrained(tmp_path / "tuned", max_shard_size="40KB")
-    out = merge_weights(tmp_path / "tuned", base_model, 0.5, output_dir=tmp_path / "out", chunk_elements=333)
+    out = merge_weights(tmp_path / "tuned", base_model, 0.5, output_dir=tmp_path / "out", chunk_elements=333).merged
     merged = SafetensorsCheckpoint(out)
     tuned_sd = {k: v for k, v in tuned_model.state_dict().items() if k != SRH_TIED}
     check_merged({k: merged.get(k) for k in merged.keys()}, tuned_sd, base_model.state_dict(), 0.5)
@@ -233,7 +236,7 @@ def _leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(".merged")]
 
 
-def test_interrupted_merge_leaves_no_partial_output(tmp_path):
+def test_interrupted_merge_leaves_no_partial_output(tmp_path, monkeypatch):
     _, _, tuned_dir, base_dir = save_pair(tmp_path, torch.float32)
     calls = []
 
@@ -242,18 +245,22 @@ def test_interrupted_merge_leaves_no_partial_output(tmp_path):
         if len(calls) == 20:  # some shards are complete, one is half written
             raise KeyboardInterrupt
 
+    monkeypatch.setattr(merge_module, "_tensor_merged", boom)
     with pytest.raises(KeyboardInterrupt):
-        merge_weights(tuned_dir, base_dir, 0.5, output_dir=tmp_path / "merged", _after_tensor=boom)
+        merge_weights(tuned_dir, base_dir, 0.5, output_dir=tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
     assert _leftovers(tmp_path) == []
 
 
-# The subprocesses load merging.py on its own (it needs only torch): importing the whole package would triple
+# The subprocesses load the merging package on its own (it needs only torch): importing the whole package would triple
 # their start-up time on a busy machine without changing what is measured.
 LOAD_MERGING = textwrap.dedent(
     f"""
     import importlib.util, sys
-    _spec = importlib.util.spec_from_file_location("merging", {str(Path(merging_module.__file__))!r})
+    _spec = importlib.util.spec_from_file_location(
+        "merging", {str(Path(merging_module.__file__))!r},
+        submodule_search_locations=[{str(Path(merging_module.__file__).parent)!r}],
+    )
     merging = sys.modules["merging"] = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(merging)
     merge_weights = merging.merge_weights
@@ -272,8 +279,9 @@ def test_killed_merge_leaves_no_output(tmp_path):
             seen.append(name)
             if len(seen) == 20:
                 os.kill(os.getpid(), signal.SIGKILL)
+        merging.merge._tensor_merged = hook
         merge_weights({str(tuned_dir)!r}, {str(base_dir)!r}, 0.5, output_dir={str(tmp_path / "merged")!r},
-                      _after_tensor=hook, show_progress=False)
+                      show_progress=False)
         """
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
@@ -285,12 +293,12 @@ def test_killed_merge_leaves_no_output(tmp_path):
     foreign.mkdir()
     running = tmp_path / ".merged.partial-running"
     running.mkdir()
-    merging_module._write_partial_marker(running)
+    merge_output._write_partial_marker(running)
     # a rerun succeeds and removes the stale temporary sibling of the killed merge
     merge_weights(tuned_dir, base_dir, 0.5, output_dir=tmp_path / "merged", show_progress=False)
     assert read_manifest(tmp_path / "merged") is not None
     assert sorted(_leftovers(tmp_path)) == sorted([foreign.name, running.name]) and stale not in _leftovers(tmp_path)
-    assert not (tmp_path / "merged" / merging_module._PARTIAL_MARKER).exists()
+    assert not (tmp_path / "merged" / merge_output._PARTIAL_MARKER).exists()
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -427,7 +435,7 @@ def test_saving_a_merged_model_over_its_base_is_refused(tmp_path):
     _, _, tuned_dir, base_dir = save_pair(tmp_path, torch.float32)
     tuned_model, _ = make_pair()
     before = _snapshot(base_dir)
-    _, manifest = merge_weights(tuned_model, base_dir, 0.5, show_progress=False, return_manifest=True)
+    _, manifest = merge_weights(tuned_model, base_dir, 0.5, show_progress=False)
     for target in (base_dir, tmp_path, base_dir / "inside"):
         with pytest.raises(ValueError, match="the base checkpoint"):
             save_merged_model(tuned_model, target, manifest, overwrite=True)

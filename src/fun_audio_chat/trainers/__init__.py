@@ -11,6 +11,7 @@ import importlib
 
 _EXPORTS = {
     "merging": (
+        "MergeResult",
         "PickleCheckpointError",
         "SafetensorsCheckpoint",
         "default_base_key_map",

@@ -141,7 +141,7 @@ class CoreCocktailCallback(TrainerCallback):
             )
         show = not (getattr(args, "disable_tqdm", False)) and _is_main_process()
         _, manifest = merge_weights(
-            model, self.base, self.alpha, show_progress=show, return_manifest=True, **self.merge_kwargs
+            model, self.base, self.alpha, show_progress=show, **self.merge_kwargs
         )
         manifest["global_step"] = getattr(state, "global_step", None)
         self.manifest = manifest
