@@ -27,9 +27,10 @@ from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, t
 def skip_shared_memory_kernel() -> None:
     """DeepSpeed JIT-compiles a shared-memory CPU all-reduce kernel on first use (minutes on a busy machine);
     the tests use gloo's collectives instead."""
-    import deepspeed.comm.torch
+    import importlib
 
-    deepspeed.comm.torch.build_shm_op = lambda: None
+    # (``deepspeed.comm.torch`` as an attribute is the torch package re-exported by deepspeed.comm: use the module)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def engine_arguments(engine: str, model) -> dict:
