@@ -16,7 +16,7 @@ AUDIO = TINY_TEXT_SPECIAL_IDS["<|AUDIO|>"]
 AUDIO_EOS = TINY_TEXT_SPECIAL_IDS["<|audio_eos|>"]
 SIL = TINY_TEXT_SPECIAL_IDS["<|sil|>"]
 TEXT_PAD = TINY_TEXT_SPECIAL_IDS["<|endoftext|>"]
-SPEECH_EOS, GROUP = 297, 5
+SPEECH_EOS, SPEECH_PAD, GROUP = 297, 299, 5
 
 GOOD_LETTERS, BAD_LETTERS = "abcdefg", "tuvwxyz"  # chosen / rejected words of the synthetic preference
 GOOD_CODES, BAD_CODES = (0, 100), (150, 250)  # chosen / rejected speech-code ranges
@@ -179,10 +179,11 @@ def independent_stream_log_probs(model, batch) -> dict[str, torch.Tensor]:
     Targets, rebuilt here from the layout (SPEC §5): the text stream predicts, from each position, the next token of
     the reply where every ``<|AUDIO|>`` slot j of the reply stands for transcript token j (``<|sil|>`` past the
     transcript's end); the speech stream predicts, from sub-position (p, k), the k-th code of the group placed at
-    position p+1 (the reply's 25 Hz row cut in groups of 5; invalid tail codes unscored) or speech-EOS when position
-    p+1 is ``<|audio_eos|>``.
+    position p+1 (the reply's 25 Hz row cut in groups of 5; the last group's pad tail is the speech pad id, or unscored
+    under the official training recipe) or speech-EOS when position p+1 is ``<|audio_eos|>``.
     """
     out = model(**batch)
+    score_pad_tail = not model.config.uses_official_training_recipe
     text_lp = torch.log_softmax(out.logits.double(), -1)
     speech_lp = torch.log_softmax(out.speech_logits.double(), -1)
     input_ids, labels = batch["input_ids"], batch["labels"]
@@ -210,6 +211,8 @@ def independent_stream_log_probs(model, batch) -> dict[str, torch.Tensor]:
                 for k in range(GROUP):
                     if j * GROUP + k < len(codes):
                         speech_targets[start + j, k] = codes[j * GROUP + k]
+                    elif score_pad_tail:  # the last group's pad tail (the default "consistent" recipe scores it)
+                        speech_targets[start + j, k] = SPEECH_PAD
             assert input_ids[r, end] == AUDIO_EOS
             speech_targets[end, :] = SPEECH_EOS
         for p in range(length - 1):
