@@ -203,6 +203,11 @@ class SpeechDecoder:
         batch, device = prompt_embeds.shape[0], prompt_embeds.device
         backbone = self.head.crq_transformer
         self.total = k * (new_positions + max(max_new_tokens, 1) + 1)
+        if self.compile_config is not None:
+            # As transformers does for the LLM's static cache: keep the longest size seen so far, so a shorter
+            # call reuses the compiled sub-step instead of recompiling for a new cache shape.
+            self.total = max(self.total, getattr(self.head, "_previous_max_cache_length", 0))
+            self.head._previous_max_cache_length = self.total
         positions = torch.arange(self.total, device=device)[None, :].expand(batch, -1)
         self.sub_attention_mask = self.sub_attention_bias = None
         segment_mask = None if attention_mask is None else attention_mask[:, -new_positions:]
@@ -378,6 +383,10 @@ class FunAudioChatGenerationMixin:
                 setattr(config, name, value)
         if self.audio_invert_tower is None:
             config.return_speech = False
+        # The official config.json says use_cache=false (a training setting) and generation configs derive from
+        # it; generation always keeps the LLM cache (see _prepare_generation_config), so say so up front, or
+        # transformers warns that cache_implementation has no effect.
+        config.use_cache = True
         # A config marked as derived from the model config drops unknown fields when it is read back.
         config._from_model_config = False
 
