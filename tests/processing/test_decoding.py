@@ -6,12 +6,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from fun_audio_chat.processing import (
-    CosyVoice3Detokenizer,
-    SpeechDetokenizer,
-    save_audio,
-)
-from fun_audio_chat.processing.detokenizer import split_for_token2wav
+from fun_audio_chat.processing import SpeechDetokenizer, save_audio
+from fun_audio_chat.token2wav.detokenizer import split_segments
 
 BOS, EOS, AUDIO_BOS, AUDIO_EOS, SIL, IM_END, PAD = 296, 297, 503, 504, 506, 502, 500
 
@@ -59,21 +55,19 @@ def test_speech_detokenizer_protocol():
     assert not isinstance(object(), SpeechDetokenizer)
 
 
-def test_processing_reexports_the_native_detokenizer():
+def test_the_native_detokenizer_follows_the_protocol():
     from fun_audio_chat.tiny import tiny_detokenizer
-    from fun_audio_chat.token2wav import CosyVoice3Detokenizer as Native
 
-    assert CosyVoice3Detokenizer is Native
     assert isinstance(tiny_detokenizer(), SpeechDetokenizer)  # usable wherever the protocol is expected
 
 
 def test_token2wav_segmentation_rule():
-    assert split_for_token2wav(0) == []
-    assert split_for_token2wav(100) == [(0, 100)]
-    assert split_for_token2wav(1500) == [(0, 750), (750, 1500)]
-    assert split_for_token2wav(1600) == [(0, 750), (750, 1500), (1500, 1600)]
+    assert split_segments(0) == []
+    assert split_segments(100) == [(0, 100)]
+    assert split_segments(1500) == [(0, 750), (750, 1500)]
+    assert split_segments(1600) == [(0, 750), (750, 1500), (1500, 1600)]
     # last piece of 20 tokens (< 50): merged with the previous 750 and split in half
-    assert split_for_token2wav(1520) == [(0, 750), (750, 1135), (1135, 1520)]
+    assert split_segments(1520) == [(0, 750), (750, 1135), (1135, 1520)]
 
 
 def test_save_audio_round_trip(tmp_path):

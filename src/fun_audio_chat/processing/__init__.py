@@ -26,7 +26,6 @@ from .builders import (
 from .chat_template import CHAT_TEMPLATE
 from .collator import FunAudioChatDataCollator, build_training_example
 from .detokenizer import (
-    CosyVoice3Detokenizer,
     SpeechDetokenizer,
     clean_text_ids,
     save_audio,
@@ -69,7 +68,6 @@ __all__ = [
     "TARGET_SAMPLING_RATE",
     "AudioInputError",
     "AudioLoadingPolicy",
-    "CosyVoice3Detokenizer",
     "FunAudioChatDataCollator",
     "FunAudioChatProcessor",
     "S3SpeechTokenizer",

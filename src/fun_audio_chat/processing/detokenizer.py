@@ -4,8 +4,9 @@
   ``<|audio_bos|>``/``<|sil|>`` run and a trailing ``<|audio_eos|>``/``<|sil|>``/``<|im_end|>`` run).
 * :func:`speech_ids_to_codes` — generated speech ids to per-row lists of real codes (stop at speech EOS, drop
   BOS/pad and anything outside ``[0, num_codes)``).
-* :class:`SpeechDetokenizer` — the protocol of a codes → waveform vocoder; :class:`CosyVoice3Detokenizer` (from
-  :mod:`fun_audio_chat.token2wav`) is the native CosyVoice 3 flow-matching + HiFT model (24 kHz).
+* :class:`SpeechDetokenizer` — the protocol of a codes → waveform vocoder; ``fun_audio_chat.CosyVoice3Detokenizer``
+  (:mod:`fun_audio_chat.token2wav`) is the native CosyVoice 3 flow-matching + HiFT model (24 kHz). Processing does
+  not import it: the vocoder is a model, and processing never depends on models.
 * :func:`save_audio` — write a waveform with soundfile.
 """
 
@@ -17,14 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from ..token2wav.detokenizer import CosyVoice3Detokenizer
+from ._values import to_list
 
 COSYVOICE3_SAMPLING_RATE = 24000
-# Offline token2wav of the official code: 30 s segments (750 tokens at 25 Hz); a last segment under 2 s (50 tokens)
-# is merged with the previous one and the pair is split in half; 3 tokens of look-ahead.
-COSYVOICE3_SEGMENT_TOKENS = 750
-COSYVOICE3_MIN_LAST_SEGMENT = 50
-COSYVOICE3_PRE_LOOKAHEAD = 3
 
 
 def clean_text_ids(
@@ -44,16 +40,6 @@ def clean_text_ids(
     return out[start:end]
 
 
-def _to_list(x: Any) -> list:
-    if x is None:
-        return None
-    if hasattr(x, "detach"):
-        return x.detach().cpu().tolist()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    return list(x)
-
-
 def speech_ids_to_codes(
     speech_ids: Any,
     num_codes: int,
@@ -66,17 +52,15 @@ def speech_ids_to_codes(
     Positions past ``lengths[b]`` or where ``attention_mask`` is 0 are ignored; each row stops at its first
     ``eos_token_id``; ids outside ``[0, num_codes)`` (speech BOS delay codes, pad) are dropped.
     """
-    rows = _to_list(speech_ids)
-    if rows is None:
-        return []
+    rows = to_list(speech_ids)
     if len(rows) == 0:
         return []
     if not isinstance(rows[0], (list, tuple)):
         rows = [rows]
-        attention_mask = None if attention_mask is None else [_to_list(attention_mask)]
-    else:
-        attention_mask = _to_list(attention_mask)
-    lengths = _to_list(lengths)
+        attention_mask = None if attention_mask is None else [to_list(attention_mask)]
+    elif attention_mask is not None:
+        attention_mask = to_list(attention_mask)
+    lengths = None if lengths is None else to_list(lengths)
     result = []
     for b, row in enumerate(rows):
         row = [int(x) for x in row]
@@ -103,16 +87,6 @@ class SpeechDetokenizer(Protocol):
     def __call__(self, codes: Sequence[int]) -> np.ndarray: ...
 
 
-def split_for_token2wav(
-    num_tokens: int, segment: int = COSYVOICE3_SEGMENT_TOKENS, min_last: int = COSYVOICE3_MIN_LAST_SEGMENT
-) -> list[tuple[int, int]]:
-    """``(start, end)`` token segments of the official offline token2wav: ``segment``-token pieces; a last piece
-    shorter than ``min_last`` is merged with the previous one and the pair is split into two halves."""
-    from ..token2wav.detokenizer import split_segments
-
-    return split_segments(num_tokens, segment, min_last)
-
-
 def save_audio(path: str | os.PathLike, waveform: Any, sampling_rate: int = COSYVOICE3_SAMPLING_RATE, format: str | None = None) -> str:
     """Write a mono (or (channels, time)) waveform to ``path`` with soundfile (wav/flac/ogg by extension)."""
     import soundfile as sf
@@ -132,10 +106,8 @@ def save_audio(path: str | os.PathLike, waveform: Any, sampling_rate: int = COSY
 
 __all__ = [
     "COSYVOICE3_SAMPLING_RATE",
-    "CosyVoice3Detokenizer",
     "SpeechDetokenizer",
     "clean_text_ids",
     "save_audio",
     "speech_ids_to_codes",
-    "split_for_token2wav",
 ]
