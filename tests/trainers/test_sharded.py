@@ -155,7 +155,11 @@ def test_engines_that_cannot_run_fail_at_start(tmp_path):
         with pytest.raises(ValueError, match=message):
             run_core_cocktail(model, tmp_path, [], tmp_path / "cc", stage1_args={**stage_args, "use_cpu": True})
     assert not (tmp_path / "cc").exists()
-    # DeepSpeed that accelerate would skip (use_cpu=True) is refused instead of silently running without it
+    # deepspeed= with use_cpu=True: either DeepSpeed really starts, or the trainer refuses (never silently without it)
     args = training_args(tmp_path / "ds", deepspeed=deepspeed_config(2))
-    with pytest.raises(ValueError, match="did not start DeepSpeed"):
-        FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+    try:
+        trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+    except ValueError as error:
+        assert "did not start DeepSpeed" in str(error)
+    else:
+        assert trainer.is_deepspeed_enabled
