@@ -60,7 +60,7 @@ def work(tmp_path_factory):
     """Inputs on disk: a tiny checkpoint, a base LLM, audio folders, a dataset, bad directories."""
     from transformers import Qwen3ForCausalLM
 
-    from fun_audio_chat.cli import tiny_model_and_processor
+    from fun_audio_chat.tiny import tiny_model_and_processor
 
     tmp = tmp_path_factory.mktemp("cli")
     model, processor = tiny_model_and_processor(seed=3)

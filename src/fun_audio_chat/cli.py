@@ -109,72 +109,13 @@ def _resolve_dtype(dtype: str, device: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
-def tiny_model_and_processor(seed: int = 0):
-    """The tiny built-in model (random weights, seeded) and its processor."""
-    import torch
-
-    from . import FunAudioChatForConditionalGeneration, tiny_processor
-    from .tiny import tiny_config
-
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    return model, tiny_processor()
-
-
-def load_model_and_processor(spec: str, device: str = "cpu", dtype=None):
-    """Model + processor from ``tiny``, a checkpoint directory, or a Hub repo id, with clear errors."""
-    if spec == "tiny":
-        model, processor = tiny_model_and_processor()
-        return model.to(device=device, dtype=dtype) if dtype is not None else model.to(device), processor
-
-    path = Path(spec).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CLIError(f"--model {spec}: expected a model directory (or a Hub repo id), got a file.")
-        if not (path / "config.json").is_file():
-            raise CLIError(f"--model {spec}: not a model directory (no config.json in {path}).")
-        try:
-            model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        except ValueError as err:
-            raise CLIError(f"--model {spec}: config.json is not valid JSON ({err}).") from err
-        if model_type != "funaudiochat":
-            raise CLIError(
-                f"--model {spec}: config.json describes a {model_type!r} model, not a Fun-Audio-Chat checkpoint "
-                "(model_type 'funaudiochat')."
-            )
-        if not any(path.glob("*.safetensors")) and not (path / "model.safetensors.index.json").is_file():
-            raise CLIError(f"--model {spec}: no weights (*.safetensors) in {path}.")
-        if not (path / "processor_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise CLIError(
-                f"--model {spec}: no processor files in {path} (processor_config.json, tokenizer files); save the "
-                "processor next to the model with processor.save_pretrained(DIR)."
-            )
-        source, where = str(path), "directory"
-    elif spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise CLIError(f"--model {spec}: model directory not found (and it is not a Hub repo id like 'org/name').")
-    else:
-        source, where = spec, "Hub repo"
-
-    from . import FunAudioChatForConditionalGeneration, FunAudioChatProcessor
+def _load_model_or_fail(spec: str, device: str, dtype):
+    from .loading import ModelLoadError, load_model_and_processor
 
     try:
-        kwargs = {"dtype": dtype} if dtype is not None else {}
-        model = FunAudioChatForConditionalGeneration.from_pretrained(source, **kwargs).to(device).eval()
-        processor = FunAudioChatProcessor.from_pretrained(source)
-    except OSError as err:
-        first = _first_line(err)
-        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
-        hint = " (HF_HUB_OFFLINE is set: only the local cache is used)" if offline and where == "Hub repo" else ""
-        raise CLIError(f"--model {spec}: could not load the {where}{hint}: {first}") from err
-    except Exception as err:  # corrupt or inconsistent files: safetensors and torch raise their own
-        raise CLIError(
-            f"--model {spec}: the {where} is corrupt or inconsistent ({type(err).__name__}: {_first_line(err)})"
-        ) from err
-    return model, processor
+        return load_model_and_processor(spec, device=device, dtype=dtype)
+    except ModelLoadError as err:
+        raise CLIError(f"--model {err.source}: {err.reason}") from err
 
 
 def _first_line(err: BaseException, limit: int = 300) -> str:
@@ -239,6 +180,8 @@ def cmd_demo(args) -> int:
 
     _set_threads(args.threads)
     t_import = time.perf_counter()
+    from .tiny import tiny_model_and_processor
+
     model, processor = tiny_model_and_processor(args.seed)
     tokenizer = processor.tokenizer
     special_ids = set(tokenizer.all_special_ids)
@@ -440,7 +383,7 @@ def cmd_chat(args) -> int:
     device = _resolve_device(args.device)
     detokenizer = None if args.text_only else _find_detokenizer(args)
     t0 = time.perf_counter()
-    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     t_load = time.perf_counter() - t0
     waveform = _load_audio_or_fail(processor, str(audio))
     speech = not args.text_only
@@ -502,49 +445,16 @@ def _audio_files(root: Path, extensions: tuple[str, ...]) -> list[Path]:
 
 
 def _dataset_rows(source: str, split: str, audio_column: str, id_column: str | None):
-    """(id, audio) pairs of a ``datasets`` dataset: a ``save_to_disk`` directory, a data file, or a Hub id."""
+    from .processing.datasets import DatasetReadError, audio_dataset_rows
+
     try:
-        import datasets
+        return audio_dataset_rows(source, split, audio_column, id_column)
     except ImportError as err:
         raise CLIError("--dataset needs the `datasets` package (pip install 'fun-audio-chat[train]').") from err
-    path = Path(source)
-    try:
-        if path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
-                              or (path / "state.json").is_file()):
-            data = datasets.load_from_disk(str(path))
-            if isinstance(data, datasets.DatasetDict):
-                if split not in data:
-                    raise CLIError(f"--split {split}: the dataset has splits {sorted(data)}.")
-                data = data[split]
-        elif path.is_file():
-            kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(path.suffix.lower())
-            if kind is None:
-                raise CLIError(f"{source}: unsupported data file type (use csv, json, jsonl or parquet).")
-            data = datasets.load_dataset(kind, data_files=str(path), split=split)
-        elif path.is_dir():
-            data = datasets.load_dataset(str(path), split=split)
-        else:
-            data = datasets.load_dataset(source, split=split)
-    except (FileNotFoundError, ValueError, OSError) as err:
-        if isinstance(err, CLIError):
-            raise
-        raise CLIError(f"could not load the dataset {source!r}: {err}") from err
-    if audio_column not in data.column_names:
-        raise CLIError(f"--audio-column {audio_column}: not a column of the dataset (columns: {data.column_names}).")
-    if id_column is not None and id_column not in data.column_names:
-        raise CLIError(f"--id-column {id_column}: not a column of the dataset (columns: {data.column_names}).")
-    feature = data.features[audio_column]
-    if isinstance(feature, datasets.Audio):
-        # raw bytes/paths: decoded by our loader (no torchcodec needed)
-        data = data.cast_column(audio_column, datasets.Audio(decode=False))
-    base_dir = path.parent if path.is_file() else path if path.is_dir() else None
-    rows = []
-    for index, row in enumerate(data):
-        audio = row[audio_column]
-        if isinstance(audio, str) and base_dir is not None and not os.path.isabs(audio) and not audio.startswith(("http://", "https://")):
-            audio = str(base_dir / audio)
-        rows.append((row[id_column] if id_column else index, audio))
-    return rows
+    except DatasetReadError as err:
+        if err.argument is None:
+            raise CLIError(err.reason) from err
+        raise CLIError(f"--{err.argument.replace('_', '-')} {err.value}: {err.reason}") from err
 
 
 def _speech_tokenizer(args):
@@ -552,17 +462,13 @@ def _speech_tokenizer(args):
 
     try:
         if args.random_weights:
-            config = None
-            if args.random_weights == "tiny":
-                from .processing.speech_tokenizer import import_s3tokenizer
-
-                import_s3tokenizer()
-                from s3tokenizer.model_v3 import ModelConfigV3
-
-                config = ModelConfigV3(n_audio_state=256, n_audio_head=4, n_audio_layer=2)
             _say("warning: --random-weights: the speech tokenizer has random weights; the codes are meaningless "
                  "(for testing the pipeline only).", file=sys.stderr)
-            return S3SpeechTokenizer.random(config=config, batch_size=args.batch_size, device=args.device)
+            if args.random_weights == "tiny":
+                from .tiny import tiny_s3_speech_tokenizer
+
+                return tiny_s3_speech_tokenizer(batch_size=args.batch_size, device=args.device)
+            return S3SpeechTokenizer.random(batch_size=args.batch_size, device=args.device)
         return S3SpeechTokenizer.from_pretrained(args.tokenizer, batch_size=args.batch_size, device=args.device)
     except ImportError as err:
         raise CLIError(str(err)) from err
@@ -747,7 +653,7 @@ def cmd_serve(args) -> int:
         probe.close()
     _set_threads(args.threads)
     device = _resolve_device(args.device)
-    model, processor = load_model_and_processor(args.model, device=device, dtype=_resolve_dtype(args.dtype, device))
+    model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     detokenizer = _serve_detokenizer(args.detokenizer, args.model)
     engine = ServingEngine(model, processor, detokenizer, max_batch_size=args.max_batch_size,
                            batch_window=args.batch_window_ms / 1000)

@@ -19,6 +19,8 @@ DEFAULT_AUDIO_BOS_INDEX = 151670
 DEFAULT_AUDIO_EOS_INDEX = 151671
 DEFAULT_SIL_INDEX = 151673
 DEFAULT_AUDIO_TOKEN_INDEX = 151669
+# Label value that losses skip (PyTorch's cross-entropy default); the one definition the package uses.
+IGNORE_INDEX = -100
 TRAINING_RECIPES = ("consistent", "official")
 
 _SRH_BACKBONE_DEFAULTS = {
@@ -173,7 +175,7 @@ class FunAudioChatConfig(PreTrainedConfig):
     audio_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
     audio_token_index: int = DEFAULT_AUDIO_TOKEN_INDEX
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX  # in the official config.json; the model always skips IGNORE_INDEX
     hidden_size: int | None = None
     training_recipe: str = "consistent"
     halve_unpaired_audio_features: bool = False
@@ -192,10 +194,6 @@ class FunAudioChatConfig(PreTrainedConfig):
         if self.hidden_size is None:
             self.hidden_size = self.text_config.hidden_size
         self.validate_consistency()
-
-    @property
-    def speech_group_size(self) -> int:
-        return self.audio_config.group_size
 
     @property
     def uses_official_training_recipe(self) -> bool:
@@ -254,4 +252,4 @@ class FunAudioChatConfig(PreTrainedConfig):
         return output
 
 
-__all__ = ["FunAudioChatAudioEncoderConfig", "FunAudioChatConfig", "refuse_missing_local_path"]
+__all__ = ["IGNORE_INDEX", "FunAudioChatAudioEncoderConfig", "FunAudioChatConfig", "refuse_missing_local_path"]

@@ -117,6 +117,34 @@ def tiny_detokenizer(seed: int = 0):
     return random_detokenizer(tiny_token2wav_config(), seed)
 
 
+def tiny_model_and_processor(seed: int = 0):
+    """The tiny built-in model (random weights drawn from ``seed``, the global RNG left as it was), in eval mode,
+    and its processor."""
+    import torch
+
+    from .modeling import FunAudioChatForConditionalGeneration
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    return model, tiny_processor()
+
+
+def tiny_s3_speech_tokenizer(**kwargs):
+    """An S3 speech tokenizer with the real architecture at toy sizes and random weights (no downloads; its codes
+    are meaningless): for testing a tokenization pipeline. ``kwargs`` go to ``S3SpeechTokenizer`` (batch size,
+    device)."""
+    from .processing.speech_tokenizer import S3SpeechTokenizer, import_s3tokenizer
+
+    import_s3tokenizer()
+    from s3tokenizer.model_v3 import ModelConfigV3
+
+    return S3SpeechTokenizer.random(config=ModelConfigV3(n_audio_state=256, n_audio_head=4, n_audio_layer=2), **kwargs)
+
+
 def _tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 

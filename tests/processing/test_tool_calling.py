@@ -1,4 +1,4 @@
-"""Spoken function calling: tools in the chat template, tool-call parsing, tool results in multi-turn (issue 8)."""
+"""Spoken function calling: tools in the chat template, tool-call parsing, tool results in multi-turn."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class LocalServer:
 
 @pytest.fixture(scope="session")
 def tiny_pair():
-    from fun_audio_chat.cli import tiny_model_and_processor
+    from fun_audio_chat.tiny import tiny_model_and_processor
 
     return tiny_model_and_processor(0)
 

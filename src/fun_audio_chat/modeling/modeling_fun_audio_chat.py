@@ -16,14 +16,12 @@ from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ..configuration_fun_audio_chat import FunAudioChatConfig, refuse_missing_local_path
+from ..configuration_fun_audio_chat import IGNORE_INDEX, FunAudioChatConfig, refuse_missing_local_path
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
 from .speech_head import FunAudioChatSpeechHead
-
-IGNORE_INDEX = -100
 
 
 @dataclass

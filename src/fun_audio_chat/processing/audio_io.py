@@ -373,18 +373,9 @@ def example_audio_path() -> str:
     return str(resources.files("fun_audio_chat").joinpath("assets", "hello.wav"))
 
 
-def duration_seconds(waveform: np.ndarray, sampling_rate: int = TARGET_SAMPLING_RATE) -> float:
-    return len(waveform) / float(sampling_rate)
-
-
 def speech_frames(num_samples: int, sampling_rate: int = TARGET_SAMPLING_RATE, frame_rate: int = 25) -> int:
     """Number of 25 Hz speech frames of a clip, as the official processor counts them: ``int(duration * 25)``."""
     return int(num_samples / sampling_rate * frame_rate)
-
-
-def audio_placeholder_count(num_samples: int, group_size: int = 5, sampling_rate: int = TARGET_SAMPLING_RATE) -> int:
-    """Number of ``<|AUDIO|>`` positions of a clip: ``ceil(int(duration * 25) / group_size)``."""
-    return math.ceil(speech_frames(num_samples, sampling_rate) / group_size)
 
 
 def is_single_audio(audio: Any) -> bool:
@@ -416,9 +407,7 @@ __all__ = [
     "TARGET_SAMPLING_RATE",
     "AudioInputError",
     "AudioLoadingPolicy",
-    "audio_placeholder_count",
     "decode_audio_bytes",
-    "duration_seconds",
     "example_audio_path",
     "is_raw_array",
     "is_single_audio",

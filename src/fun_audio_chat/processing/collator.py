@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from ..configuration_fun_audio_chat import IGNORE_INDEX
+from ._values import to_list
 from .prompts import SPEECH_DELAY_TOKENS
-
-IGNORE_INDEX = -100
 
 _CODE_KEYS = ("speech_codes", "codes")
 _AUDIO_KEYS = ("audio", "path", "url")
@@ -179,16 +179,6 @@ def build_training_example(
     return example
 
 
-def _as_list(value) -> list:
-    if value is None:
-        return []
-    if hasattr(value, "detach"):
-        return value.detach().cpu().tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return list(value)
-
-
 def _round_up(length: int, multiple: int | None) -> int:
     if not multiple:
         return length
@@ -264,8 +254,8 @@ class FunAudioChatDataCollator:
         examples = [self._example(f) for f in features]
         batch: dict[str, Any] = {}
 
-        ids = [_as_list(e["input_ids"]) for e in examples]
-        labels = [_as_list(e.get("labels", e["input_ids"])) for e in examples]
+        ids = [to_list(e["input_ids"]) for e in examples]
+        labels = [to_list(e.get("labels", e["input_ids"])) for e in examples]
         width = _round_up(max(len(r) for r in ids), self.pad_to_multiple_of)
         batch["input_ids"] = self._pad_1d(ids, width, self.text_pad_token_id, self.padding_side)
         batch["attention_mask"] = self._pad_1d([[1] * len(r) for r in ids], width, 0, self.padding_side)
@@ -273,13 +263,13 @@ class FunAudioChatDataCollator:
 
         speech, text, text_mask, feature_exist, feats = [], [], [], [], []
         for e in examples:
-            rows = [_as_list(r) for r in _as_list(e.get("speech_ids"))]
+            rows = [to_list(r) for r in to_list(e.get("speech_ids"))]
             n = len(rows)
             speech.extend(rows)
-            text_rows = [_as_list(r) for r in _as_list(e.get("text_ids"))] or [[] for _ in range(n)]
+            text_rows = [to_list(r) for r in to_list(e.get("text_ids"))] or [[] for _ in range(n)]
             text.extend(text_rows)
-            text_mask.extend(bool(x) for x in (_as_list(e.get("text_attention_mask")) or [bool(r) for r in text_rows]))
-            exist = [bool(x) for x in (_as_list(e.get("feature_exist_mask")) or [False] * n)]
+            text_mask.extend(bool(x) for x in (to_list(e.get("text_attention_mask")) or [bool(r) for r in text_rows]))
+            exist = [bool(x) for x in (to_list(e.get("feature_exist_mask")) or [False] * n)]
             feature_exist.extend(exist)
             example_feats = e.get("input_features")
             example_feats = [] if example_feats is None else list(example_feats)

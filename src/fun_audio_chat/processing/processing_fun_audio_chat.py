@@ -44,6 +44,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
+from ._values import to_list
 from .audio_io import (
     DEFAULT_AUDIO_LOADING_POLICY,
     TARGET_SAMPLING_RATE,
@@ -617,10 +618,7 @@ def _is_speech_tokenizer(tokenizer) -> bool:
 
 
 def _as_rows(token_ids) -> tuple[list[list[int]], bool]:
-    if hasattr(token_ids, "detach"):
-        token_ids = token_ids.detach().cpu().tolist()
-    elif isinstance(token_ids, np.ndarray):
-        token_ids = token_ids.tolist()
+    token_ids = to_list(token_ids)
     if len(token_ids) > 0 and isinstance(token_ids[0], (list, tuple)):
         return [list(map(int, row)) for row in token_ids], True
     return [list(map(int, token_ids))], False

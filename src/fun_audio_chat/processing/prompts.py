@@ -23,9 +23,6 @@ SPOKEN_PERSONA = (
 )
 SPOKEN_S2M_PROMPT = DEFAULT_S2M_PROMPT + " " + SPOKEN_PERSONA
 
-# System prompt of the training template when a sample has none (LLaMA-Factory "funaudiochat" template).
-TRAINING_DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
-
 # One user audio in the prompt before placeholder expansion.
 AUDIO_TEMPLATE = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
@@ -47,10 +44,6 @@ TOOLS_SECTION_FOOTER = (
     '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
-# Maximum number of conversation turns the official web demo keeps (SPEC §3.3); exposed for UIs.
-MAX_HISTORY_TURNS = 8
-
-
 def render_tools_section(tool_schemas: list[dict]) -> str:
     """The tool section of the system prompt, as the chat template renders it (one compact JSON per tool)."""
     import json
@@ -63,12 +56,10 @@ __all__ = [
     "AUDIO_TEMPLATE",
     "DEFAULT_S2M_PROMPT",
     "DEFAULT_S2T_PROMPT",
-    "MAX_HISTORY_TURNS",
     "SPEECH_DELAY_TOKENS",
     "SPOKEN_PERSONA",
     "SPOKEN_S2M_PROMPT",
     "TOOLS_SECTION_FOOTER",
     "TOOLS_SECTION_HEADER",
-    "TRAINING_DEFAULT_SYSTEM_PROMPT",
     "render_tools_section",
 ]

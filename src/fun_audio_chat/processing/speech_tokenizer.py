@@ -252,9 +252,4 @@ class S3SpeechTokenizer:
     tokenize = __call__
 
 
-def expected_num_codes(num_samples: int, sampling_rate: int = TARGET_SAMPLING_RATE) -> int:
-    """Approximate number of 25 Hz codes of a clip (one per 640 samples at 16 kHz)."""
-    return int(num_samples * S3_FRAME_RATE // sampling_rate)
-
-
-__all__ = ["S3_MODEL_NAME", "S3SpeechTokenizer", "expected_num_codes", "import_s3tokenizer"]
+__all__ = ["S3_MODEL_NAME", "S3SpeechTokenizer", "import_s3tokenizer"]

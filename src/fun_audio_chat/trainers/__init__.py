@@ -32,7 +32,6 @@ _EXPORTS = {
     "dpo": ("FunAudioChatDPOConfig", "FunAudioChatDPOTrainer", "LOG_PROB_LOSS_TYPES", "preference_loss"),
     "preference_data": (
         "FunAudioChatPreferenceCollator",
-        "PREFERENCE_TASKS",
         "build_preference_example",
         "prepare_preference_dataset",
     ),

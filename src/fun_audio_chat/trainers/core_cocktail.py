@@ -51,7 +51,8 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "core_cocktail_state.json"
 
 
-def _unwrap_model(model: nn.Module) -> nn.Module:
+def _unwrap_distributed(model: nn.Module) -> nn.Module:
+    """The module inside DDP/DataParallel-style ``.module`` wrappers (a PEFT model stays a PEFT model)."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
@@ -134,7 +135,7 @@ class CoreCocktailCallback(TrainerCallback):
         """Merge ``model`` in place now (all processes), then save / push (main process)."""
         if model is None:
             raise ValueError("CoreCocktailCallback needs the model (Trainer passes it to callbacks)")
-        model = _unwrap_model(model)
+        model = _unwrap_distributed(model)
         if hasattr(model, "peft_config"):
             raise TypeError(
                 "Core-Cocktail merges full weights; call merge_and_unload() on the PEFT model first, or merge on disk."
@@ -267,7 +268,7 @@ def load_weights_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
     Keys missing from the checkpoint must be tied weights; unknown keys are an error.
     """
-    model = _unwrap_model(model)
+    model = _unwrap_distributed(model)
     reader = SafetensorsCheckpoint(checkpoint)
     named = model.state_dict(keep_vars=True)
     unexpected = [k for k in reader.keys() if k not in named]
@@ -466,7 +467,7 @@ def run_core_cocktail(
         load_weights_into(model, finished2)
         result.log_history["stage2"] = _completed_stage_history(finished2)
         if _is_main_process():  # no engine was started: save the plain module
-            _unwrap_model(model).save_pretrained(str(final_dir))
+            _unwrap_distributed(model).save_pretrained(str(final_dir))
             if processing_class is not None:
                 processing_class.save_pretrained(str(final_dir))
     else:

@@ -41,9 +41,6 @@ import torch
 from ..processing import FunAudioChatDataCollator, build_training_example
 from ..processing.prompts import SPEECH_DELAY_TOKENS
 
-#: The task families of the Fun-Audio-Chat multi-task DPO stage (SPEC §0). Any other task name may be used too.
-PREFERENCE_TASKS = ("robustness", "instruction_following", "audio_understanding", "empathy")
-
 #: Keys of one side's example (as :func:`build_training_example` returns them; the prompt features are shared).
 EXAMPLE_KEYS = ("input_ids", "labels", "speech_ids", "text_ids", "text_attention_mask", "feature_exist_mask")
 #: Columns of a raw preference row the collator reads.
@@ -296,7 +293,6 @@ class FunAudioChatPreferenceCollator:
 __all__ = [
     "BUILT_COLUMNS",
     "EXAMPLE_KEYS",
-    "PREFERENCE_TASKS",
     "RAW_COLUMNS",
     "REF_COLUMNS",
     "FunAudioChatPreferenceCollator",

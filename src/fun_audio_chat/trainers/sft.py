@@ -27,8 +27,6 @@ from transformers import Trainer, TrainingArguments
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
-
 # ----------------------------------------------------------------------------------------------------------------
 # freezing
 
@@ -124,14 +122,15 @@ def count_loss_items(batch: Mapping[str, Any], model) -> tuple[int, int]:
     inputs = {key: torch.as_tensor(value) for key, value in batch.items() if isinstance(value, (torch.Tensor, list))}
     if "input_ids" not in inputs:
         return 0, 0
-    return _unwrap(model).count_loss_targets(**inputs)
+    return _unwrap_to_base_model(model).count_loss_targets(**inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def _unwrap_to_base_model(model: nn.Module) -> nn.Module:
+    """The Fun-Audio-Chat model itself: inside ``.module`` wrappers and PEFT's ``get_base_model()``."""
     while True:
         if hasattr(model, "module") and isinstance(model.module, nn.Module):
             model = model.module
@@ -166,7 +165,7 @@ class FunAudioChatTrainer(Trainer):
 
     # --- counting -----------------------------------------------------------------------------------
     def _fun_audio_chat_config(self):
-        return getattr(_unwrap(self.model), "config", None)
+        return getattr(_unwrap_to_base_model(self.model), "config", None)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
         config = self._fun_audio_chat_config()
