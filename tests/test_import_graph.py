@@ -15,10 +15,6 @@ from pathlib import Path
 
 PACKAGE = "fun_audio_chat"
 SOURCE = Path(__file__).resolve().parents[1] / "src" / PACKAGE
-# Edges taken only on attribute access, after both modules are initialised: ``fun_audio_chat.processing`` keeps
-# ``tiny_processor`` / ``build_tiny_text_tokenizer`` importable from there through a module ``__getattr__``, while
-# their home ``fun_audio_chat.tiny`` builds on ``fun_audio_chat.processing.builders``.
-LAZY_COMPATIBILITY_EDGES = {("fun_audio_chat.processing", "fun_audio_chat.tiny")}
 
 
 def _module_name(path: Path) -> str:
@@ -121,26 +117,20 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return cycles
 
 
-def without_lazy_compatibility_edges(graph: dict[str, set[str]]) -> dict[str, set[str]]:
-    return {module: {t for t in targets if (module, t) not in LAZY_COMPATIBILITY_EDGES} for module, targets in graph.items()}
-
-
 def test_no_import_cycles():
-    graph = import_graph()
-    assert all(target in graph[module] for module, target in LAZY_COMPATIBILITY_EDGES)  # the list is not stale
-    assert find_cycles(without_lazy_compatibility_edges(graph)) == []
+    assert find_cycles(import_graph()) == []
 
 
 def test_model_and_processor_do_not_import_the_hub_or_tiny_helpers():
-    graph = without_lazy_compatibility_edges(import_graph())
+    graph = import_graph()
     for module, targets in graph.items():
         if module.startswith((f"{PACKAGE}.modeling", f"{PACKAGE}.processing")):
             assert not targets & {f"{PACKAGE}.hub", f"{PACKAGE}.tiny"}, module
 
 
 def test_processing_does_not_import_the_model_trainers_or_front_ends():
-    graph = without_lazy_compatibility_edges(import_graph())
-    upward = tuple(f"{PACKAGE}.{name}" for name in ("modeling", "trainers", "serving", "cli", "hub", "tiny"))
+    graph = import_graph()
+    upward = tuple(f"{PACKAGE}.{name}" for name in ("modeling", "token2wav", "trainers", "serving", "cli", "hub", "tiny"))
     for module, targets in graph.items():
         if module.startswith(f"{PACKAGE}.processing"):
             assert not [t for t in targets if t.startswith(upward)], module
@@ -150,6 +140,4 @@ if __name__ == "__main__":
     graph = import_graph()
     for module in sorted(graph):
         print(f"{module} -> {', '.join(sorted(graph[module])) or '-'}")
-    print("lazy compatibility edges:", sorted(LAZY_COMPATIBILITY_EDGES))
-    print("cycles with them:", find_cycles(graph) or "none")
-    print("cycles without them:", find_cycles(without_lazy_compatibility_edges(graph)) or "none")
+    print("cycles:", find_cycles(graph) or "none")

@@ -31,7 +31,7 @@ def load_oracle(case: str, name: str = "inputs.safetensors") -> dict:
 
 @pytest.fixture
 def processor():
-    from fun_audio_chat.processing import tiny_processor
+    from fun_audio_chat.tiny import tiny_processor
 
     return tiny_processor()
 

@@ -38,7 +38,7 @@ def _record(trainer) -> dict:
 
 
 def main(output_dir: str) -> None:
-    from fun_audio_chat.processing import tiny_processor
+    from fun_audio_chat.tiny import tiny_processor
     from fun_audio_chat.trainers.lora import fun_audio_chat_lora_config
 
     torch.set_num_threads(1)

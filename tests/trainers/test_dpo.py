@@ -33,7 +33,7 @@ LORA_REGEX = r"language_model\.model\.layers\.\d+\.self_attn\.(q_proj|v_proj)"
 
 @pytest.fixture(scope="module")
 def processor():
-    from fun_audio_chat.processing import tiny_processor
+    from fun_audio_chat.tiny import tiny_processor
 
     return tiny_processor()
 

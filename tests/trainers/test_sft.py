@@ -190,7 +190,9 @@ def test_out_of_the_box_with_the_processor_collator(tmp_path):
 
     from .helpers import tiny_model
 
-    collator = processing.FunAudioChatDataCollator(processing.tiny_processor())
+    from fun_audio_chat.tiny import tiny_processor
+
+    collator = processing.FunAudioChatDataCollator(tiny_processor())
     rows = _conversations()
     model = tiny_model()
     batch = collator(rows)  # a text reply and two spoken replies in one batch

@@ -35,7 +35,7 @@ WORDS = ("one", "two", "three", "four", "five")
 
 @pytest.fixture(scope="module")
 def processor():
-    from fun_audio_chat.processing import tiny_processor
+    from fun_audio_chat.tiny import tiny_processor
 
     return tiny_processor()
 

@@ -44,18 +44,6 @@ from .tool_calling import StreamingToolCallParser, ToolCallParseError, parse_too
 
 AutoProcessor.register(FunAudioChatConfig, FunAudioChatProcessor, exist_ok=True)
 
-# The tiny processor lives in fun_audio_chat.tiny (with the tiny config), which builds on this package; these names
-# stay importable from here for convenience, resolved on first use so that processing never imports it up front.
-_FROM_TINY = ("build_tiny_text_tokenizer", "tiny_processor")
-
-
-def __getattr__(name: str):
-    if name in _FROM_TINY:
-        import importlib
-
-        return getattr(importlib.import_module("fun_audio_chat.tiny"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 __all__ = [
     "AUDIO_TEMPLATE",
     "CHAT_TEMPLATE",
@@ -78,7 +66,6 @@ __all__ = [
     "build_feature_extractor",
     "build_processor",
     "build_speech_tokenizer",
-    "build_tiny_text_tokenizer",
     "build_training_example",
     "clean_text_ids",
     "example_audio_path",
@@ -88,5 +75,4 @@ __all__ = [
     "resample",
     "save_audio",
     "speech_ids_to_codes",
-    "tiny_processor",
 ]
