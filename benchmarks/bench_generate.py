@@ -8,18 +8,28 @@ greedy. Prints, from one run:
 (a) speech-to-speech decode step time / the time of that step's weight matmuls alone (the floor);
 (b) batch-8 speech tokens/s / batch-1 speech tokens/s;
 (c) decode steps after the prefill before the first speech group reaches the streamer;
-(d) speech-to-text decode step time / its floor.
+(d) speech-to-text decode step time / its floor;
 
-Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2]
+each for the default path and for transformers' compiled-decoding path (``cache_implementation="static"`` plus a
+``compile_config`` opted in on CPU with ``_compile_all_devices = True``), with (e) the compiled path's first-call
+time (compilation included); and (f) the peak memory of loading the bench model from disk, in full precision and
+with the LLM quantized to int8 weights (optimum-quanto; audio encoders, speech head and speech embeddings stay
+full precision).
+
+Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2] [--skip-compiled]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
+from transformers import CompileConfig
 
 from fun_audio_chat import FunAudioChatConfig, FunAudioChatForConditionalGeneration
 
@@ -117,17 +127,64 @@ class StepClock:
         return statistics.median(gaps[2:]) if len(gaps) > 4 else statistics.median(gaps)
 
 
-def run(model, batch, new_tokens, return_speech, streamer=None):
+def compiled_decoding() -> dict:
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers compiles decode steps off GPU only when asked
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+def run(model, batch, new_tokens, return_speech, streamer=None, decoding=None):
     inputs = prompt_inputs(batch)
     with torch.no_grad():
         start = time.perf_counter()
         out = model.generate(
             **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             return_speech=return_speech, force_audio_bos=True, speech_do_sample=False,
-            return_dict_in_generate=True, streamer=streamer,
+            return_dict_in_generate=True, streamer=streamer, **(decoding or {}),
         )
         elapsed = time.perf_counter() - start
     return out, elapsed
+
+
+def measure(model, new_tokens, repeats, decoding=None) -> dict:
+    s2s_steps, s2t_steps, first_speech, b1_rates, b8_rates = [], [], [], [], []
+    for _ in range(repeats):
+        clock = StepClock()
+        out, elapsed = run(model, 1, new_tokens, True, clock, decoding)
+        s2s_steps.append(clock.decode_step_seconds())
+        first_speech.append(clock.first_speech_step)
+        b1_rates.append(int(out.speech_attention_mask.sum()) / elapsed)
+        out8, elapsed8 = run(model, 8, new_tokens, True, None, decoding)
+        b8_rates.append(int(out8.speech_attention_mask.sum()) / elapsed8)
+        clock = StepClock()
+        run(model, 1, new_tokens, False, clock, decoding)
+        s2t_steps.append(clock.decode_step_seconds())
+    return {
+        "s2s": statistics.median(s2s_steps),
+        "s2t": statistics.median(s2t_steps),
+        "b1": statistics.median(b1_rates),
+        "b8": statistics.median(b8_rates),
+        "first_speech": min(first_speech),
+    }
+
+
+LOAD_PEAK = """
+import resource, sys, torch
+from transformers import QuantoConfig
+from fun_audio_chat import FunAudioChatForConditionalGeneration
+kwargs = {"quantization_config": QuantoConfig(weights="int8")} if sys.argv[2] == "int8" else {}
+model = FunAudioChatForConditionalGeneration.from_pretrained(sys.argv[1], **kwargs)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, model.get_memory_footprint())
+"""
+
+
+def load_peak_megabytes(folder: str, mode: str) -> tuple[float, float] | None:
+    """(peak resident memory, model footprint) in MB of a fresh process that loads the saved bench model."""
+    done = subprocess.run([sys.executable, "-c", LOAD_PEAK, folder, mode], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    peak_kb, footprint_bytes = done.stdout.split()[-2:]
+    return int(peak_kb) / 1024, int(footprint_bytes) / 2**20
 
 
 def main():
@@ -135,34 +192,50 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-compiled", action="store_true", help="measure the default path only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = FunAudioChatForConditionalGeneration(bench_config()).eval()
 
     run(model, 1, 5, True)  # warm-up
-    s2s_steps, s2t_steps, first_speech, b1_rates, b8_rates = [], [], [], [], []
-    for _ in range(args.repeats):
-        clock = StepClock()
-        out, elapsed = run(model, 1, args.new_tokens, True, clock)
-        s2s_steps.append(clock.decode_step_seconds())
-        first_speech.append(clock.first_speech_step)
-        b1_rates.append(int(out.speech_attention_mask.sum()) / elapsed)
-        out8, elapsed8 = run(model, 8, args.new_tokens, True)
-        b8_rates.append(int(out8.speech_attention_mask.sum()) / elapsed8)
-        clock = StepClock()
-        run(model, 1, args.new_tokens, False, clock)
-        s2t_steps.append(clock.decode_step_seconds())
-
     s2s_floor = matmul_floor_seconds(model, 1, with_speech=True)
     s2t_floor = matmul_floor_seconds(model, 1, with_speech=False)
-    s2s, s2t = statistics.median(s2s_steps), statistics.median(s2t_steps)
+    paths = {"default": measure(model, args.new_tokens, args.repeats)}
+    compile_seconds = None
+    if not args.skip_compiled:
+        start = time.perf_counter()
+        run(model, 1, 5, True, None, compiled_decoding())  # first call: compiles the LLM step and the SRH sub-step
+        run(model, 1, 5, False, None, compiled_decoding())
+        run(model, 8, 5, True, None, compiled_decoding())
+        compile_seconds = time.perf_counter() - start
+        paths["compiled"] = measure(model, args.new_tokens, args.repeats, compiled_decoding())
+
     print(f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats}")
-    print(f"(a) S2S decode step {s2s * 1e3:.2f} ms / matmul floor {s2s_floor * 1e3:.2f} ms = {s2s / s2s_floor:.2f}x")
-    print(f"(b) speech tokens/s batch 8 {statistics.median(b8_rates):.0f} / batch 1 {statistics.median(b1_rates):.0f}"
-          f" = {statistics.median(b8_rates) / statistics.median(b1_rates):.2f}x")
-    print(f"(c) first speech group reaches the streamer {min(first_speech)} decode step(s) after the prefill")
-    print(f"(d) S2T decode step {s2t * 1e3:.2f} ms / matmul floor {s2t_floor * 1e3:.2f} ms = {s2t / s2t_floor:.2f}x")
+    for name, found in paths.items():
+        print(f"[{name}]")
+        print(f"(a) S2S decode step {found['s2s'] * 1e3:.2f} ms / matmul floor {s2s_floor * 1e3:.2f} ms = "
+              f"{found['s2s'] / s2s_floor:.2f}x")
+        print(f"(b) speech tokens/s batch 8 {found['b8']:.0f} / batch 1 {found['b1']:.0f} = "
+              f"{found['b8'] / found['b1']:.2f}x")
+        print(f"(c) first speech group reaches the streamer {found['first_speech']} decode step(s) after the prefill")
+        print(f"(d) S2T decode step {found['s2t'] * 1e3:.2f} ms / matmul floor {s2t_floor * 1e3:.2f} ms = "
+              f"{found['s2t'] / s2t_floor:.2f}x")
+    if "compiled" in paths:
+        default, compiled = paths["default"], paths["compiled"]
+        print(f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
+              f"{compile_seconds:.1f} s")
+        print(f"    default / compiled decode step: S2S {default['s2s'] / compiled['s2s']:.2f}x, "
+              f"S2T {default['s2t'] / compiled['s2t']:.2f}x")
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        full, int8 = load_peak_megabytes(folder, "full"), load_peak_megabytes(folder, "int8")
+    if full is not None and int8 is not None:
+        print(f"(f) peak memory loading the bench model (process, torch included): full precision {full[0]:.0f} MB, "
+              f"int8 LLM {int8[0]:.0f} MB = {int8[0] / full[0]:.2f}x; model footprint {full[1]:.0f} MB vs "
+              f"{int8[1]:.0f} MB = {int8[1] / full[1]:.2f}x")
+    else:
+        print("(f) peak memory: skipped (loading failed; is optimum-quanto installed?)")
 
 
 if __name__ == "__main__":
