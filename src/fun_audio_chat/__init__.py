@@ -28,6 +28,7 @@ _EXPORTS = {
         "FunAudioChatIteratorStreamer",
         "FunAudioChatOutputWithPast",
         "FunAudioChatPreTrainedModel",
+        "GenerationFailedError",
         "SpeechEvent",
         "TextEvent",
     ),

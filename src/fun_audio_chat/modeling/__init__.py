@@ -4,7 +4,7 @@ from .modeling_fun_audio_chat import (
     FunAudioChatOutputWithPast,
     FunAudioChatPreTrainedModel,
 )
-from .streamers import EndEvent, FunAudioChatIteratorStreamer, SpeechEvent, TextEvent
+from .streamers import EndEvent, FunAudioChatIteratorStreamer, GenerationFailedError, SpeechEvent, TextEvent
 
 __all__ = [
     "SPEECH_GENERATION_DEFAULTS",
@@ -14,6 +14,7 @@ __all__ = [
     "FunAudioChatIteratorStreamer",
     "FunAudioChatOutputWithPast",
     "FunAudioChatPreTrainedModel",
+    "GenerationFailedError",
     "SpeechEvent",
     "TextEvent",
 ]
