@@ -1,10 +1,10 @@
 """DRSR grouping: training-step time with group size 5 vs an ungrouped (group size 1) model of the same width.
 
-The method's claim (SPEC §0): running the LLM at 5 Hz instead of 25 Hz for speech roughly halves training
+The method's claim (docs/official-format.md#method): running the LLM at 5 Hz instead of 25 Hz for speech roughly halves training
 compute. Both models here have the same widths and depths (random weights, fp32, CPU); only
 ``audio_config.group_size`` differs. Each training example is a text prompt and a spoken reply of the same
 length in 25 Hz speech codes (10 speech-BOS delay codes + ``--seconds`` x 25 codes, transcript in ``text_ids``),
-laid out as in training (SPEC §5). With k = 5 the reply takes ceil(codes / 5) LLM positions, with k = 1 one
+laid out as in training (docs/official-format.md#training-forward). With k = 5 the reply takes ceil(codes / 5) LLM positions, with k = 1 one
 position per code; the Speech Refined Head decodes all 25 Hz codes in both cases.
 
 One step = forward (text + speech losses) + backward. The two models' steps alternate (after two warm-up steps
@@ -40,7 +40,7 @@ PAD, IM_START, IM_END, NEWLINE = 4094, 4080, 4095, 198
 AUDIO, ABOS, AEOS, SIL = 4089, 4090, 4091, 4093
 SYSTEM, USER, ASSISTANT = 10, 11, 12
 SPEECH_BOS, SPEECH_EOS, SPEECH_PAD = 6561, 6562, 6563
-SPEECH_DELAY = 10  # speech-BOS codes before the reply's first real code (SPEC §3.5)
+SPEECH_DELAY = 10  # speech-BOS codes before the reply's first real code (docs/official-format.md#delay-tokens)
 LLM_POSITIONS_NOTE = "same LLM positions and text targets for both, median of alternating repeats"
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Special text ids of the released tokenizer (SPEC §3.1); used when a text_config does not carry them.
+# Special text ids of the released tokenizer (docs/official-format.md#special-ids); used when a text_config does not carry them.
 DEFAULT_AUDIO_BOS_INDEX = 151670
 DEFAULT_AUDIO_EOS_INDEX = 151671
 DEFAULT_SIL_INDEX = 151673

@@ -17,7 +17,7 @@ OFFICIAL_8B = Path(__file__).resolve().parents[1] / "fixtures" / "official_8b"
 
 
 def _expected_8b_shapes() -> dict[str, tuple[int, ...]]:
-    """SPEC §2 parameter table, written out independently of the model code."""
+    """docs/official-format.md#state-dict parameter table, written out independently of the model code."""
     shapes = {}
     enc = "continuous_audio_tower."
     shapes.update({

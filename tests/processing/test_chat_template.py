@@ -1,4 +1,4 @@
-"""Chat template and prompt layout (SPEC §3.3), model inputs from apply_chat_template, batching."""
+"""Chat template and prompt layout (docs/official-format.md#prompt), model inputs from apply_chat_template, batching."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_rendered_prompt_layout(processor):
 
 
 def test_prompt_tokens_equal_official_layout_token_for_token(processor):
-    """input_ids of the expanded prompt = tokenizing the SPEC §3.3 string with n = ceil(int(dur*25)/5) placeholders."""
+    """input_ids of the expanded prompt = tokenizing the docs/official-format.md#prompt string with n = ceil(int(dur*25)/5) placeholders."""
     messages = _conversation(UA, system=DEFAULT_S2M_PROMPT, instruction="Please answer.")
     out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     n = math.ceil(int(UA / 16000 * 25) / 5)

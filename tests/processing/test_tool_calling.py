@@ -82,7 +82,7 @@ def test_tool_prompt_layout_token_for_token(processor, tools):
     expected = _expected_prompt(DEFAULT_S2T_PROMPT, schemas, processor.num_audio_tokens(24000))
     assert out["input_ids"][0] == processor.tokenizer(expected)["input_ids"]
     text = processor.apply_chat_template(_spoken_request(), tools=tools, add_generation_prompt=True)
-    # SPEC §3.3 structure: S2T prompt, a "# Tools" section, one JSON signature per line inside <tools></tools>,
+    # docs/official-format.md#prompt structure: S2T prompt, a "# Tools" section, one JSON signature per line inside <tools></tools>,
     # and the <tool_call>{"name": ..., "arguments": ...}</tool_call> reply format
     assert text.startswith(f"<|im_start|>system\n{DEFAULT_S2T_PROMPT}\n\n# Tools\n\n")
     block = text[text.index("<tools>\n") + len("<tools>\n") : text.index("\n</tools>")]

@@ -176,7 +176,7 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int]]:
 def independent_stream_log_probs(model, batch) -> dict[str, torch.Tensor]:
     """Per-row summed text and speech log-probs of the labelled reply, from ``model(**batch).logits/.speech_logits``.
 
-    Targets, rebuilt here from the layout (SPEC §5): the text stream predicts, from each position, the next token of
+    Targets, rebuilt here from the layout (docs/official-format.md#training-forward): the text stream predicts, from each position, the next token of
     the reply where every ``<|AUDIO|>`` slot j of the reply stands for transcript token j (``<|sil|>`` past the
     transcript's end); the speech stream predicts, from sub-position (p, k), the k-th code of the group placed at
     position p+1 (the reply's 25 Hz row cut in groups of 5; the last group's pad tail is the speech pad id, or unscored

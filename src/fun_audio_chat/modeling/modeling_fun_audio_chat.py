@@ -1,6 +1,6 @@
 """FunAudioChatForConditionalGeneration: audio merged into a Qwen3 LLM, plus the Speech Refined Head.
 
-Parameter names equal the official state dict (SPEC §2), so official ``model.safetensors`` files load as they are.
+Parameter names equal the official state dict (docs/official-format.md#state-dict), so official ``model.safetensors`` files load as they are.
 The forward here is the training / scoring path (teacher-forced SRH); generation lives in ``generation.py``.
 """
 

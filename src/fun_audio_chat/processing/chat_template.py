@@ -1,6 +1,6 @@
 """The Fun-Audio-Chat chat template (Jinja), saved as ``chat_template.jinja`` by ``save_pretrained``.
 
-Rendered layout (SPEC §3.3), for a system prompt, one spoken user turn with an instruction and a generation prompt::
+Rendered layout (docs/official-format.md#prompt), for a system prompt, one spoken user turn with an instruction and a generation prompt::
 
     <|im_start|>system\n{SYSTEM}<|im_end|>\n
     <|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|>\n{instruction}<|im_end|>\n

@@ -1,7 +1,7 @@
 """Training examples in the official SFT layout and the batch collator.
 
 :func:`build_training_example` turns one conversation whose **last** message is the assistant reply into model
-inputs, as the official training data pipeline builds them (SPEC §3.5 and §5):
+inputs, as the official training data pipeline builds them (docs/official-format.md#delay-tokens and #training-forward):
 
 * prompt = the chat template of the earlier messages + ``<|im_start|>assistant\\n`` (labels -100);
 * a spoken reply (assistant content with an audio item: precomputed ``"speech_codes"`` or an audio clip tokenized by

@@ -1,4 +1,4 @@
-"""System prompts and fixed strings of the Fun-Audio-Chat prompt format (SPEC §3.3).
+"""System prompts and fixed strings of the Fun-Audio-Chat prompt format (docs/official-format.md#prompt).
 
 The model picks its output modality from the system prompt it was trained with:
 
@@ -17,7 +17,7 @@ DEFAULT_S2M_PROMPT = "You are asked to generate both text and speech tokens at t
 
 # The official spoken demo appends a short Chinese persona to the speech-out prompt. Translated: "Your name is
 # Xiaoyun, a voice assistant. You chat with users in a natural, friendly spoken style, keep answers short, and
-# can also speak Sichuanese and Cantonese." (our wording; same persona name and dialects as SPEC §3.3).
+# can also speak Sichuanese and Cantonese." (our wording; same persona name and dialects as docs/official-format.md#prompt).
 SPOKEN_PERSONA = (
     "你的名字是小云，是一个语音助手。请用自然、亲切的口语和用户聊天，回答尽量简短。你会说普通话，也会说四川话和粤语。"
 )
@@ -29,7 +29,7 @@ AUDIO_TEMPLATE = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 # Number of 25 Hz speech-BOS codes in front of every assistant speech reply in the training data (2 full groups).
 SPEECH_DELAY_TOKENS = 10
 
-# Tool-use section appended to the system prompt when ``tools`` are given (SPEC §3.3 layout: a "# Tools" header,
+# Tool-use section appended to the system prompt when ``tools`` are given (docs/official-format.md#prompt layout: a "# Tools" header,
 # one JSON signature per line inside <tools></tools>, and calls requested as <tool_call>{...}</tool_call> blocks).
 # The wording is ours; the chat template renders exactly this text (see ``render_tools_section``).
 TOOLS_SECTION_HEADER = (

@@ -13,7 +13,7 @@ torchaudio has no build for torch >= 2.12 and a broken torchaudio also breaks ``
 installed). The stand-in raises a clear error if s3tokenizer's file loader is ever called; we load audio with
 soundfile instead (:mod:`.audio_io`).
 
-Long audio follows the official Fun-Audio-Chat data pipeline (SPEC §6.1): hard 30 s segments, a last segment under
+Long audio follows the official Fun-Audio-Chat data pipeline (docs/official-format.md#speech-tokenizer): hard 30 s segments, a last segment under
 1 s is merged with the previous one and the pair split in half, codes concatenated. (s3tokenizer's own long-audio mode,
 overlapping windows, is available with ``long_audio="s3tokenizer"``.)
 """

@@ -1,4 +1,4 @@
-"""Core-Cocktail training (SPEC §0): stage 1, merge with the base LLM, stage 2.
+"""Core-Cocktail training (docs/official-format.md#method): stage 1, merge with the base LLM, stage 2.
 
 * :class:`CoreCocktailCallback` -- a ``TrainerCallback`` that merges the model being trained with the base LLM
   in place (``M = alpha * M1 + (1 - alpha) * M0``) at the end of training or at a chosen step, and can save
@@ -366,7 +366,7 @@ def run_core_cocktail(
     resume: bool = True,
     merge_kwargs: Mapping[str, Any] | None = None,
 ) -> CoreCocktailResult:
-    """Core-Cocktail: stage 1 fine-tune, merge with the base LLM, stage 2 fine-tune (SPEC §0).
+    """Core-Cocktail: stage 1 fine-tune, merge with the base LLM, stage 2 fine-tune (docs/official-format.md#method).
 
     Args:
         model: the model to train (trained and merged in place).

@@ -5,9 +5,9 @@ log-probability of an answer ``y`` to a prompt ``x`` is
 
     log pi(y | x) = text log-prob + speech_logp_weight * speech log-prob
 
-* text log-prob: the text stream at 5 Hz, scored exactly where the training loss is (SPEC §5.2: the transcript
+* text log-prob: the text stream at 5 Hz, scored exactly where the training loss is (docs/official-format.md#training-forward: the transcript
   written into the ``<|AUDIO|>`` slots, then ``<|audio_eos|>``, ``<|im_end|>``, ``\\n``);
-* speech log-prob: the Speech Refined Head's teacher-forced log-probability of the answer's 25 Hz codes (SPEC §5.3-5.4:
+* speech log-prob: the Speech Refined Head's teacher-forced log-probability of the answer's 25 Hz codes (docs/official-format.md#training-forward:
   the 10 speech-BOS delay codes, the codes, the speech-EOS group).
 
 Both come from :meth:`FunAudioChatForConditionalGeneration.sequence_log_probs`, run once over the chosen and the

@@ -36,9 +36,9 @@ logger = logging.getLogger(__name__)
 #: ``audio_invert_tower``: the Speech Refined Head (its output head is tied to ``audio_tower.embed_tokens``);
 #: ``language_model``: the Qwen3 LLM.
 STAGE_TRAINABLE_PARTS: dict[str, tuple[str, ...]] = {
-    # SPEC §0 (1): encoder, adapter and SRH learn to talk to a frozen LLM.
+    # docs/official-format.md#method (1): encoder, adapter and SRH learn to talk to a frozen LLM.
     "pre_alignment": ("continuous_audio_tower", "audio_tower", "audio_invert_tower"),
-    # SPEC §0 (2): full fine-tune (LLM + encoder + adapter, and the SRH whose loss is part of the objective).
+    # docs/official-format.md#method (2): full fine-tune (LLM + encoder + adapter, and the SRH whose loss is part of the objective).
     "core_cocktail": ("continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model"),
     "full": ("continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model"),
     "llm": ("language_model",),
@@ -117,7 +117,7 @@ def count_loss_items(batch: Mapping[str, Any], model) -> tuple[int, int]:
     """``(n_text, n_speech)``: how many text and speech targets a batch contributes to the two losses.
 
     Delegates to the model's :meth:`count_loss_targets`, which builds the labels exactly as the training forward
-    does (SPEC §5) without running any network.
+    does (docs/official-format.md#training-forward) without running any network.
     """
     inputs = {key: torch.as_tensor(value) for key, value in batch.items() if isinstance(value, (torch.Tensor, list))}
     if "input_ids" not in inputs:
