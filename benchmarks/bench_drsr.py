@@ -174,7 +174,9 @@ def speech_stack_cost(width: int, args) -> None:
     model = FunAudioChatForConditionalGeneration(bench_config(5, width)).train()
     llm = Qwen3ForCausalLM(model.config.text_config).train()
     batch = make_batch(5, args.seconds, args.batch)
-    layout = model.audio_layout(batch["input_ids"], batch["speech_ids"], batch["speech_attention_mask"], batch["text_ids"])
+    layout = model.audio_layout(
+        batch["input_ids"], batch["speech_ids"], batch["speech_attention_mask"], batch["text_ids"]
+    )
     plain = {**batch, "text_labels": model.build_text_labels(batch["labels"], layout, batch["text_attention_mask"])}
 
     def full(recipe):

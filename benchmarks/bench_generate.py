@@ -1,6 +1,6 @@
 """Decode-loop efficiency of FunAudioChatForConditionalGeneration.generate (random weights, fp32, CPU).
 
-Config (issue 3): text Qwen3 hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 1536, vocab 4096;
+Config: text Qwen3 hidden 512, 8 layers, 8 heads, 4 kv heads, head_dim 64, intermediate 1536, vocab 4096;
 audio encoder d_model 256, 4 layers, ffn 1024; SRH hidden 256, 4 layers, 4 heads, 2 kv heads, head_dim 64,
 intermediate 768; codebook 6565, group 5; a 4 s user clip (41-token prompt); 100 new tokens, force_audio_bos,
 greedy. Prints, from one run:
@@ -39,17 +39,39 @@ ABOS, AEOS, AUDIO, SIL = 4090, 4091, 4089, 4093
 def bench_config() -> FunAudioChatConfig:
     return FunAudioChatConfig(
         text_config={
-            "model_type": "qwen3", "vocab_size": 4096, "hidden_size": 512, "num_hidden_layers": 8,
-            "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 64, "intermediate_size": 1536,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False, "eos_token_id": 4095,
-            "pad_token_id": 4094, "audio_bos_index": ABOS, "audio_eos_index": AEOS, "sil_index": SIL,
+            "model_type": "qwen3",
+            "vocab_size": 4096,
+            "hidden_size": 512,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 64,
+            "intermediate_size": 1536,
+            "max_position_embeddings": 4096,
+            "tie_word_embeddings": False,
+            "eos_token_id": 4095,
+            "pad_token_id": 4094,
+            "audio_bos_index": ABOS,
+            "audio_eos_index": AEOS,
+            "sil_index": SIL,
         },
         audio_config={
-            "d_model": 256, "encoder_layers": 4, "encoder_attention_heads": 4, "encoder_ffn_dim": 1024,
-            "output_dim": 512, "codebook_size": 6565, "group_size": 5,
+            "d_model": 256,
+            "encoder_layers": 4,
+            "encoder_attention_heads": 4,
+            "encoder_ffn_dim": 1024,
+            "output_dim": 512,
+            "codebook_size": 6565,
+            "group_size": 5,
             "crq_transformer_config": {
-                "model_type": "qwen3", "hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 768, "vocab_size": 16,
+                "model_type": "qwen3",
+                "hidden_size": 256,
+                "num_hidden_layers": 4,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 64,
+                "intermediate_size": 768,
+                "vocab_size": 16,
                 "max_position_embeddings": 8192,
             },
         },
@@ -83,8 +105,12 @@ def matmul_floor_seconds(model, batch: int, with_speech: bool, repeats: int = 50
     if with_speech:
         head = model.audio_invert_tower
         plan.append((torch.randn(batch, head.pre_matching.weight.shape[1]), head.pre_matching.weight))
-        plan.append((torch.randn(batch, model.audio_tower.output_matching.weight.shape[1]),
-                     model.audio_tower.output_matching.weight))
+        plan.append(
+            (
+                torch.randn(batch, model.audio_tower.output_matching.weight.shape[1]),
+                model.audio_tower.output_matching.weight,
+            )
+        )
         sub_weights = [m.weight for m in head.crq_transformer.modules() if isinstance(m, torch.nn.Linear)]
         sub_weights += [head.input_matching.weight, head.output_matching.weight, head.lm_head.weight]
         for _ in range(model.group_size):
@@ -138,9 +164,16 @@ def run(model, batch, new_tokens, return_speech, streamer=None, decoding=None):
     with torch.no_grad():
         start = time.perf_counter()
         out = model.generate(
-            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-            return_speech=return_speech, force_audio_bos=True, speech_do_sample=False,
-            return_dict_in_generate=True, streamer=streamer, **(decoding or {}),
+            **inputs,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_speech=return_speech,
+            force_audio_bos=True,
+            speech_do_sample=False,
+            return_dict_in_generate=True,
+            streamer=streamer,
+            **(decoding or {}),
         )
         elapsed = time.perf_counter() - start
     return out, elapsed
@@ -214,26 +247,38 @@ def main():
     print(f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats}")
     for name, found in paths.items():
         print(f"[{name}]")
-        print(f"(a) S2S decode step {found['s2s'] * 1e3:.2f} ms / matmul floor {s2s_floor * 1e3:.2f} ms = "
-              f"{found['s2s'] / s2s_floor:.2f}x")
-        print(f"(b) speech tokens/s batch 8 {found['b8']:.0f} / batch 1 {found['b1']:.0f} = "
-              f"{found['b8'] / found['b1']:.2f}x")
+        print(
+            f"(a) S2S decode step {found['s2s'] * 1e3:.2f} ms / matmul floor {s2s_floor * 1e3:.2f} ms = "
+            f"{found['s2s'] / s2s_floor:.2f}x"
+        )
+        print(
+            f"(b) speech tokens/s batch 8 {found['b8']:.0f} / batch 1 {found['b1']:.0f} = "
+            f"{found['b8'] / found['b1']:.2f}x"
+        )
         print(f"(c) first speech group reaches the streamer {found['first_speech']} decode step(s) after the prefill")
-        print(f"(d) S2T decode step {found['s2t'] * 1e3:.2f} ms / matmul floor {s2t_floor * 1e3:.2f} ms = "
-              f"{found['s2t'] / s2t_floor:.2f}x")
+        print(
+            f"(d) S2T decode step {found['s2t'] * 1e3:.2f} ms / matmul floor {s2t_floor * 1e3:.2f} ms = "
+            f"{found['s2t'] / s2t_floor:.2f}x"
+        )
     if "compiled" in paths:
         default, compiled = paths["default"], paths["compiled"]
-        print(f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
-              f"{compile_seconds:.1f} s")
-        print(f"    default / compiled decode step: S2S {default['s2s'] / compiled['s2s']:.2f}x, "
-              f"S2T {default['s2t'] / compiled['s2t']:.2f}x")
+        print(
+            f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
+            f"{compile_seconds:.1f} s"
+        )
+        print(
+            f"    default / compiled decode step: S2S {default['s2s'] / compiled['s2s']:.2f}x, "
+            f"S2T {default['s2t'] / compiled['s2t']:.2f}x"
+        )
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         full, int8 = load_peak_megabytes(folder, "full"), load_peak_megabytes(folder, "int8")
     if full is not None and int8 is not None:
-        print(f"(f) peak memory loading the bench model (process, torch included): full precision {full[0]:.0f} MB, "
-              f"int8 LLM {int8[0]:.0f} MB = {int8[0] / full[0]:.2f}x; model footprint {full[1]:.0f} MB vs "
-              f"{int8[1]:.0f} MB = {int8[1] / full[1]:.2f}x")
+        print(
+            f"(f) peak memory loading the bench model (process, torch included): full precision {full[0]:.0f} MB, "
+            f"int8 LLM {int8[0]:.0f} MB = {int8[0] / full[0]:.2f}x; model footprint {full[1]:.0f} MB vs "
+            f"{int8[1]:.0f} MB = {int8[1] / full[1]:.2f}x"
+        )
     else:
         print("(f) peak memory: skipped (loading failed; is optimum-quanto installed?)")
 

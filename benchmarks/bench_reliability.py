@@ -48,8 +48,12 @@ def main() -> None:
     heavy = _median_seconds([sys.executable, "-c", "import torch, transformers"], args.repeats)
     rows = [
         ("fun-audio-chat --help", _median_seconds([*cli, "--help"], args.repeats)),
-        ("fun-audio-chat chat ... --max-new-tokens 0", _median_seconds(
-            [*cli, "chat", "--model", "tiny", "--audio", "x.wav", "--max-new-tokens", "0"], args.repeats)),
+        (
+            "fun-audio-chat chat ... --max-new-tokens 0",
+            _median_seconds(
+                [*cli, "chat", "--model", "tiny", "--audio", "x.wav", "--max-new-tokens", "0"], args.repeats
+            ),
+        ),
     ]
     print(f"start-up (median of {args.repeats} processes)")
     print(f"  {'import torch, transformers':45s} {heavy:6.2f} s")
@@ -73,7 +77,9 @@ def main() -> None:
     for name, make, run, n in cases:
         small, large = make(n), make(8 * n)
         t_small, t_large = _best(lambda s=small, f=run: f(s)), _best(lambda s=large, f=run: f(s))
-        print(f"  {name:45s} n={n:6d}: {t_small * 1e3:8.2f} ms  8n: {t_large * 1e3:8.2f} ms  ratio {t_large / t_small:5.1f}")
+        print(
+            f"  {name:45s} n={n:6d}: {t_small * 1e3:8.2f} ms  8n: {t_large * 1e3:8.2f} ms  ratio {t_large / t_small:5.1f}"
+        )
 
 
 if __name__ == "__main__":

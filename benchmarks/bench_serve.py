@@ -46,8 +46,9 @@ def _percentile(values: list[float], q: float) -> float:
 
 def _one_request(url: str, body: bytes) -> dict:
     """One streamed reply: seconds to the first text piece, to the first audio piece, to the end; audio duration."""
-    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+    )
     start = time.perf_counter()
     first_audio = first_text = None
     audio_bytes = 0
@@ -67,8 +68,12 @@ def _one_request(url: str, body: bytes) -> dict:
                 if data:
                     first_audio = first_audio or time.perf_counter() - start
                     audio_bytes += len(base64.b64decode(data))
-    return {"first_audio": first_audio, "first_text": first_text, "total": time.perf_counter() - start,
-            "audio_seconds": audio_bytes / 2 / SAMPLE_RATE}
+    return {
+        "first_audio": first_audio,
+        "first_text": first_text,
+        "total": time.perf_counter() - start,
+        "audio_seconds": audio_bytes / 2 / SAMPLE_RATE,
+    }
 
 
 def run_level(url: str, body: bytes, clients: int, rounds: int) -> dict:
@@ -119,9 +124,24 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     server = subprocess.Popen(
-        [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--threads", str(args.threads),
-         "--max-batch-size", str(max(args.clients)), "--log-level", "warning"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True,
+        [
+            sys.executable,
+            "-m",
+            "fun_audio_chat.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--threads",
+            str(args.threads),
+            "--max-batch-size",
+            str(max(args.clients)),
+            "--log-level",
+            "warning",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 180
@@ -138,10 +158,15 @@ def main() -> int:
                 time.sleep(0.3)
         audio = base64.b64encode(Path(example_audio_path()).read_bytes()).decode("ascii")
         request = {
-            "model": health["model"], "stream": True, "modalities": ["text", "audio"],
-            "audio": {"voice": "default", "format": "pcm16"}, "temperature": 0, "max_tokens": args.max_tokens,
-            "messages": [{"role": "user", "content": [{"type": "input_audio",
-                                                       "input_audio": {"data": audio, "format": "wav"}}]}],
+            "model": health["model"],
+            "stream": True,
+            "modalities": ["text", "audio"],
+            "audio": {"voice": "default", "format": "pcm16"},
+            "temperature": 0,
+            "max_tokens": args.max_tokens,
+            "messages": [
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}
+            ],
         }
         spoken = json.dumps(request).encode()
         text_only = json.dumps({**request, "modalities": ["text"], "audio": None}).encode()
@@ -155,27 +180,37 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
-    print(f"fun-audio-chat serve, tiny model + tiny detokenizer, CPU, {args.threads} torch thread(s); {args.rounds} "
-          f"rounds of simultaneous streamed replies to the bundled question, {args.max_tokens} LLM steps each")
+    print(
+        f"fun-audio-chat serve, tiny model + tiny detokenizer, CPU, {args.threads} torch thread(s); {args.rounds} "
+        f"rounds of simultaneous streamed replies to the bundled question, {args.max_tokens} LLM steps each"
+    )
     print("\nspoken replies (text + 24 kHz audio)")
     base = levels[0]
-    print(f"{'clients':>7} {'requests':>8} {'1st audio median':>17} {'p95':>8} {'audio s / s':>11} "
-          f"{'replies / s':>11} {'throughput x':>12} {'1st audio x':>11}")
+    print(
+        f"{'clients':>7} {'requests':>8} {'1st audio median':>17} {'p95':>8} {'audio s / s':>11} "
+        f"{'replies / s':>11} {'throughput x':>12} {'1st audio x':>11}"
+    )
     for level in levels:
-        print(f"{level['clients']:>7} {level['requests']:>8} {level['first_audio_median']:>15.3f} s "
-              f"{level['first_audio_p95']:>6.3f} s {level['audio_per_second']:>11.2f} "
-              f"{level['replies_per_second']:>11.2f} {level['audio_per_second'] / base['audio_per_second']:>12.2f} "
-              f"{level['first_audio_median'] / base['first_audio_median']:>11.2f}")
+        print(
+            f"{level['clients']:>7} {level['requests']:>8} {level['first_audio_median']:>15.3f} s "
+            f"{level['first_audio_p95']:>6.3f} s {level['audio_per_second']:>11.2f} "
+            f"{level['replies_per_second']:>11.2f} {level['audio_per_second'] / base['audio_per_second']:>12.2f} "
+            f"{level['first_audio_median'] / base['first_audio_median']:>11.2f}"
+        )
     print("\ntext-only replies")
     base = text_levels[0]
-    print(f"{'clients':>7} {'requests':>8} {'1st text median':>16} {'p95':>8} {'tokens / s':>10} "
-          f"{'replies / s':>11} {'throughput x':>12} {'1st text x':>10}")
+    print(
+        f"{'clients':>7} {'requests':>8} {'1st text median':>16} {'p95':>8} {'tokens / s':>10} "
+        f"{'replies / s':>11} {'throughput x':>12} {'1st text x':>10}"
+    )
     for level in text_levels:
         tokens = level["replies_per_second"] * args.max_tokens
-        print(f"{level['clients']:>7} {level['requests']:>8} {level['first_text_median']:>14.3f} s "
-              f"{level['first_text_p95']:>6.3f} s {tokens:>10.1f} {level['replies_per_second']:>11.2f} "
-              f"{level['replies_per_second'] / base['replies_per_second']:>12.2f} "
-              f"{level['first_text_median'] / base['first_text_median']:>10.2f}")
+        print(
+            f"{level['clients']:>7} {level['requests']:>8} {level['first_text_median']:>14.3f} s "
+            f"{level['first_text_p95']:>6.3f} s {tokens:>10.1f} {level['replies_per_second']:>11.2f} "
+            f"{level['replies_per_second'] / base['replies_per_second']:>12.2f} "
+            f"{level['first_text_median'] / base['first_text_median']:>10.2f}"
+        )
     print("throughput x / 1st ... x: ratios to the first row of each table (batching gain / latency cost)")
     return 0
 

@@ -58,16 +58,21 @@ def main():
     parser.add_argument("--codes", type=int, default=50, help="speech codes to render (25 per second of audio)")
     parser.add_argument("--batch", type=int, default=4, help="rows for the batched offline run (0 to skip)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--patterns", default="official,cached",
-                        help="streaming patterns to time, from official, windowed, cached, cached15")
+    parser.add_argument(
+        "--patterns",
+        default="official,cached",
+        help="streaming patterns to time, from official, windowed, cached, cached15",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     build, model = timed(lambda: random_detokenizer(CosyVoice3Config(), seed=0))
     flow_params = sum(p.numel() for p in model.flow.parameters())
     hift_params = sum(p.numel() for p in model.hift.parameters())
-    print(f"real-size detokenizer: flow {flow_params:,} + HiFT {hift_params:,} parameters, built in {build:.1f} s, "
-          f"{args.threads} thread(s), fp32")
+    print(
+        f"real-size detokenizer: flow {flow_params:,} + HiFT {hift_params:,} parameters, built in {build:.1f} s, "
+        f"{args.threads} thread(s), fp32"
+    )
     model.ensure_noise()
     codes = torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(0)).tolist()
     audio_seconds = args.codes / 25
@@ -77,10 +82,12 @@ def main():
     print(f"\n{args.codes} codes = {audio_seconds:.2f} s of audio")
     print(f"{'pattern':<34}{'seconds':>9}{'x offline':>11}{'RTF':>8}{'first chunk s':>15}{'after codes':>13}")
     print(f"{'offline (one call)':<34}{offline:>9.2f}{1.0:>11.2f}{offline / audio_seconds:>8.2f}{'':>15}{'':>13}")
-    known = {"official": ("official web-demo (recompute all)", {"use_cache": False}),
-             "windowed": ("web-demo, windowed vocoder", {"use_cache": True}),
-             "cached": ("cached chunked (hop 25)", {"chunked": True}),
-             "cached15": ("cached chunked, hop 15", {"chunked": True, "hop_tokens": 15})}
+    known = {
+        "official": ("official web-demo (recompute all)", {"use_cache": False}),
+        "windowed": ("web-demo, windowed vocoder", {"use_cache": True}),
+        "cached": ("cached chunked (hop 25)", {"chunked": True}),
+        "cached15": ("cached chunked, hop 15", {"chunked": True, "hop_tokens": 15}),
+    }
     chosen = [p.strip() for p in args.patterns.split(",") if p.strip()]
     unknown = [p for p in chosen if p not in known]
     if unknown:
@@ -88,15 +95,21 @@ def main():
     for name, kwargs in (known[p] for p in chosen):
         total, first = stream(model, codes, **kwargs)
         first_s, first_at = first if first else (float("nan"), 0)
-        print(f"{name:<34}{total:>9.2f}{total / offline:>11.2f}{total / audio_seconds:>8.2f}{first_s:>15.2f}"
-              f"{first_at:>13d}")
+        print(
+            f"{name:<34}{total:>9.2f}{total / offline:>11.2f}{total / audio_seconds:>8.2f}{first_s:>15.2f}"
+            f"{first_at:>13d}"
+        )
     if args.batch:
-        rows = [torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(s)).tolist()
-                for s in range(args.batch)]
+        rows = [
+            torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(s)).tolist()
+            for s in range(args.batch)
+        ]
         batched, _ = timed(lambda: model(rows))
         per_row = batched / args.batch
-        print(f"{f'offline batch of {args.batch}, per row':<34}{per_row:>9.2f}{per_row / offline:>11.2f}"
-              f"{per_row / audio_seconds:>8.2f}{'':>15}{'':>13}")
+        print(
+            f"{f'offline batch of {args.batch}, per row':<34}{per_row:>9.2f}{per_row / offline:>11.2f}"
+            f"{per_row / audio_seconds:>8.2f}{'':>15}{'':>13}"
+        )
     print("\nx offline = cost relative to one offline call on the same codes; RTF = seconds per second of audio.")
 
 

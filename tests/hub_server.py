@@ -240,8 +240,16 @@ class _Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ API
     def whoami(self, query, **_):
         self._require_token()
-        self._json(200, {"type": "user", "name": DEFAULT_USER, "fullname": "Local User", "orgs": [],
-                         "auth": {"type": "access_token", "accessToken": {"role": "write"}}})
+        self._json(
+            200,
+            {
+                "type": "user",
+                "name": DEFAULT_USER,
+                "fullname": "Local User",
+                "orgs": [],
+                "auth": {"type": "access_token", "accessToken": {"role": "write"}},
+            },
+        )
 
     def create_repo(self, query, **_):
         self._require_token()
@@ -277,11 +285,22 @@ class _Handler(BaseHTTPRequestHandler):
     def repo_info(self, query, kind, repo_id, revision=None, **_):
         repo = self._repo(kind, repo_id)
         commit = self._commit(repo, revision or "main")
-        siblings = [{"rfilename": p, "size": len(d), "blobId": git_blob_sha1(d)} for p, d in sorted(commit.files.items())]
+        siblings = [
+            {"rfilename": p, "size": len(d), "blobId": git_blob_sha1(d)} for p, d in sorted(commit.files.items())
+        ]
         info = {
-            "_id": repo.repo_id, "id": repo.repo_id, "modelId": repo.repo_id, "author": repo.repo_id.split("/")[0],
-            "sha": commit.oid, "private": repo.private, "disabled": False, "gated": False, "downloads": 0,
-            "likes": 0, "tags": [], "siblings": siblings,
+            "_id": repo.repo_id,
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "author": repo.repo_id.split("/")[0],
+            "sha": commit.oid,
+            "private": repo.private,
+            "disabled": False,
+            "gated": False,
+            "downloads": 0,
+            "likes": 0,
+            "tags": [],
+            "siblings": siblings,
             "lastModified": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(commit.created)),
             "createdAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo.commits[repo.log[0]].created)),
             "usedStorage": sum(len(d) for d in commit.files.values()),
@@ -310,8 +329,10 @@ class _Handler(BaseHTTPRequestHandler):
                 for depth in range(1, len(parents) + 1):
                     folders.add((prefix + "/" if prefix else "") + "/".join(parents[:depth]))
             entries.append({"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path})
-        dirs = [{"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
-                for f in sorted(folders)]
+        dirs = [
+            {"type": "directory", "oid": hashlib.sha1(f.encode()).hexdigest(), "size": 0, "path": f}
+            for f in sorted(folders)
+        ]
         return dirs + entries
 
     def tree(self, query, kind, repo_id, revision, path="", **_):
@@ -340,8 +361,9 @@ class _Handler(BaseHTTPRequestHandler):
                 data = commit.files[path]
                 out.append({"type": "file", "oid": git_blob_sha1(data), "size": len(data), "path": path})
             elif any(p.startswith(path + "/") for p in commit.files):
-                out.append({"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0,
-                            "path": path})
+                out.append(
+                    {"type": "directory", "oid": hashlib.sha1(path.encode()).hexdigest(), "size": 0, "path": path}
+                )
         self._json(200, out)
 
     def preupload(self, query, kind, repo_id, revision, **_):
@@ -352,8 +374,14 @@ class _Handler(BaseHTTPRequestHandler):
         files = []
         for item in payload.get("files", []):
             existing = commit.files.get(item["path"])
-            files.append({"path": item["path"], "uploadMode": "regular", "shouldIgnore": False,
-                          "oid": git_blob_sha1(existing) if existing is not None else None})
+            files.append(
+                {
+                    "path": item["path"],
+                    "uploadMode": "regular",
+                    "shouldIgnore": False,
+                    "oid": git_blob_sha1(existing) if existing is not None else None,
+                }
+            )
         self._json(200, {"files": files, "commitOid": commit.oid})
 
     def commit(self, query, kind, repo_id, revision, **_):
@@ -395,8 +423,16 @@ class _Handler(BaseHTTPRequestHandler):
             repo.branches[revision] = new.oid
             repo.log.append(new.oid)
         url = self._repo_url(repo)
-        self._json(200, {"success": True, "commitOid": new.oid, "commitUrl": f"{url}/commit/{new.oid}",
-                         "pullRequestUrl": None, "commitMessage": title})
+        self._json(
+            200,
+            {
+                "success": True,
+                "commitOid": new.oid,
+                "commitUrl": f"{url}/commit/{new.oid}",
+                "pullRequestUrl": None,
+                "commitMessage": title,
+            },
+        )
 
     def create_branch(self, query, kind, repo_id, branch, **_):
         self._require_token()
@@ -420,9 +456,19 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self._repo(kind, repo_id)
         head = self._commit(repo, revision)
         oids = repo.log[: repo.log.index(head.oid) + 1][::-1]
-        self._json(200, [{"id": oid, "title": repo.commits[oid].title, "message": "", "authors": [],
-                          "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo.commits[oid].created))}
-                         for oid in oids])
+        self._json(
+            200,
+            [
+                {
+                    "id": oid,
+                    "title": repo.commits[oid].title,
+                    "message": "",
+                    "authors": [],
+                    "date": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(repo.commits[oid].created)),
+                }
+                for oid in oids
+            ],
+        )
 
     def resolve(self, query, prefix, repo_id, revision, path, **_):
         repo = self.state.get(REPO_TYPES.get((prefix or "").strip("/"), "model"), repo_id)
@@ -459,8 +505,11 @@ _ROUTES = [
     (re.compile(rf"/api/{_KIND}/{_REPO}/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?"), {"GET"}, _Handler.tree),
     (re.compile(rf"/api/{_KIND}/{_REPO}/paths-info/(?P<revision>[^/]+)"), {"POST"}, _Handler.paths_info),
     (re.compile(rf"/api/{_KIND}/{_REPO}(?:/revision/(?P<revision>[^/]+))?"), {"GET"}, _Handler.repo_info),
-    (re.compile(rf"/(?P<prefix>datasets/|spaces/)?{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)"),
-     {"GET", "HEAD"}, _Handler.resolve),
+    (
+        re.compile(rf"/(?P<prefix>datasets/|spaces/)?{_REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)"),
+        {"GET", "HEAD"},
+        _Handler.resolve,
+    ),
 ]
 
 
@@ -470,8 +519,13 @@ class LocalHubServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, port: int = 0, lifetime: float = DEFAULT_LIFETIME, max_body_bytes: int = DEFAULT_MAX_BODY,
-                 verbose: bool = False):
+    def __init__(
+        self,
+        port: int = 0,
+        lifetime: float = DEFAULT_LIFETIME,
+        max_body_bytes: int = DEFAULT_MAX_BODY,
+        verbose: bool = False,
+    ):
         super().__init__(("127.0.0.1", port), _Handler)
         self.state = HubState()
         self.lifetime = float(lifetime)
@@ -493,15 +547,23 @@ class LocalHubServer(ThreadingHTTPServer):
 
     def client_env(self, hf_home: str | os.PathLike | None = None, token: str = "hf_local_dummy_token") -> dict:
         """Environment variables that point ``huggingface_hub`` (in a new process) at this server."""
-        env = {"HF_ENDPOINT": self.url, "HF_TOKEN": token, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "HF_HUB_DISABLE_XET": "1", "HF_HUB_ETAG_TIMEOUT": "30", "HF_HUB_DOWNLOAD_TIMEOUT": "60"}
+        env = {
+            "HF_ENDPOINT": self.url,
+            "HF_TOKEN": token,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_ETAG_TIMEOUT": "30",
+            "HF_HUB_DOWNLOAD_TIMEOUT": "60",
+        }
         if hf_home is not None:
             env["HF_HOME"] = os.fspath(hf_home)
         return env
 
     def start(self) -> LocalHubServer:
-        self._thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
-                                        name="local-hub-server")
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True, name="local-hub-server"
+        )
         self._thread.start()
         self._watchdog = threading.Thread(target=self._watch, daemon=True, name="local-hub-watchdog")
         self._watchdog.start()

@@ -34,8 +34,14 @@ def _console_script() -> list[str]:
 
 def _env(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FUN_AUDIO_CHAT_")}
-    env.update(TQDM_DISABLE="1", HF_HUB_OFFLINE="1", HF_HOME=str(tmp / "hf_home"), TRANSFORMERS_VERBOSITY="error",
-               HF_DATASETS_CACHE=str(tmp / "datasets"), HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    env.update(
+        TQDM_DISABLE="1",
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(tmp / "hf_home"),
+        TRANSFORMERS_VERBOSITY="error",
+        HF_DATASETS_CACHE=str(tmp / "datasets"),
+        HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+    )
     return env
 
 
@@ -79,9 +85,9 @@ def work(tmp_path_factory):
 
     import datasets
 
-    datasets.Dataset.from_dict({"audio": [str(ASSET), str(tmp / "wavs" / "sub" / "half.flac")],
-                                "utt": ["utt-1", "utt-2"]}).cast_column("audio", datasets.Audio()).save_to_disk(
-        str(tmp / "dataset"))
+    datasets.Dataset.from_dict(
+        {"audio": [str(ASSET), str(tmp / "wavs" / "sub" / "half.flac")], "utt": ["utt-1", "utt-2"]}
+    ).cast_column("audio", datasets.Audio()).save_to_disk(str(tmp / "dataset"))
 
     (tmp / "empty").mkdir()
     (tmp / "not_fac").mkdir()
@@ -120,19 +126,90 @@ def runs(work):
     w = work
     commands = {
         "demo": ["demo", "--max-new-tokens", "12", "--out", str(w / "demo_out")],
-        "chat_dir": ["chat", "--model", str(w / "tiny"), "--audio", str(ASSET), "--out", str(w / "chat_out"),
-                     "--max-new-tokens", "10", "--seed", "0", "--threads", "1"],
-        "chat_wav": ["chat", "--model", "tiny", "--audio", str(ASSET), "--out", str(w / "chat_wav_out"),
-                     "--max-new-tokens", "6", "--seed", "0", "--threads", "1", "--detokenizer", "fake_vocoder:build"],
-        "chat_text": ["chat", "--model", "tiny", "--audio", str(w / "wavs" / "sub" / "half.flac"), "--text-only",
-                      "--no-stream", "--greedy", "--out", str(w / "chat_text_out"), "--max-new-tokens", "8",
-                      "--threads", "1"],
-        "tokenize_folder": ["tokenize-speech", str(w / "wavs"), "--out", str(w / "codes.jsonl"),
-                            "--random-weights", "tiny", "--batch-size", "1", "--threads", "1"],
-        "tokenize_dataset": ["tokenize-speech", str(w / "dataset"), "--dataset", "--id-column", "utt",
-                             "--out", str(w / "dataset_codes.jsonl"), "--random-weights", "tiny", "--threads", "1"],
-        "merge": ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--alpha", "0.25",
-                  "--out", str(w / "merged")],
+        "chat_dir": [
+            "chat",
+            "--model",
+            str(w / "tiny"),
+            "--audio",
+            str(ASSET),
+            "--out",
+            str(w / "chat_out"),
+            "--max-new-tokens",
+            "10",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+        ],
+        "chat_wav": [
+            "chat",
+            "--model",
+            "tiny",
+            "--audio",
+            str(ASSET),
+            "--out",
+            str(w / "chat_wav_out"),
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--detokenizer",
+            "fake_vocoder:build",
+        ],
+        "chat_text": [
+            "chat",
+            "--model",
+            "tiny",
+            "--audio",
+            str(w / "wavs" / "sub" / "half.flac"),
+            "--text-only",
+            "--no-stream",
+            "--greedy",
+            "--out",
+            str(w / "chat_text_out"),
+            "--max-new-tokens",
+            "8",
+            "--threads",
+            "1",
+        ],
+        "tokenize_folder": [
+            "tokenize-speech",
+            str(w / "wavs"),
+            "--out",
+            str(w / "codes.jsonl"),
+            "--random-weights",
+            "tiny",
+            "--batch-size",
+            "1",
+            "--threads",
+            "1",
+        ],
+        "tokenize_dataset": [
+            "tokenize-speech",
+            str(w / "dataset"),
+            "--dataset",
+            "--id-column",
+            "utt",
+            "--out",
+            str(w / "dataset_codes.jsonl"),
+            "--random-weights",
+            "tiny",
+            "--threads",
+            "1",
+        ],
+        "merge": [
+            "merge",
+            "--tuned",
+            str(w / "tiny"),
+            "--base",
+            str(w / "base"),
+            "--alpha",
+            "0.25",
+            "--out",
+            str(w / "merged"),
+        ],
     }
     errors = [
         [],
@@ -151,8 +228,17 @@ def runs(work):
         ["tokenize-speech", str(w / "missing"), "--out", str(w / "x.jsonl"), "--random-weights", "tiny"],
         ["tokenize-speech", str(w / "empty"), "--out", str(w / "x.jsonl"), "--random-weights", "tiny"],
         ["tokenize-speech", str(w / "wavs"), "--out", str(w / "exists.jsonl"), "--random-weights", "tiny"],
-        ["tokenize-speech", str(w / "dataset"), "--dataset", "--audio-column", "nope", "--out",
-         str(w / "y.jsonl"), "--random-weights", "tiny"],
+        [
+            "tokenize-speech",
+            str(w / "dataset"),
+            "--dataset",
+            "--audio-column",
+            "nope",
+            "--out",
+            str(w / "y.jsonl"),
+            "--random-weights",
+            "tiny",
+        ],
         ["merge", "--tuned", str(w / "missing"), "--base", str(w / "base"), "--out", str(w / "m1")],
         ["merge", "--tuned", str(w / "pickled"), "--base", str(w / "base"), "--out", str(w / "m2")],
         ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w / "empty")],
@@ -168,8 +254,16 @@ def runs(work):
         ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w / "base"), "--overwrite"],
         ["merge", "--tuned", str(w / "tiny"), "--base", str(w / "base"), "--out", str(w), "--overwrite"],
         ["merge", "--tuned", str(w / "tiny"), "--base", "nowhere/base", "--out", str(w / "m5")],
-        ["tokenize-speech", str(w / "bad_wavs"), "--out", str(w / "bad_codes.jsonl"), "--random-weights", "tiny",
-         "--batch-size", "1"],
+        [
+            "tokenize-speech",
+            str(w / "bad_wavs"),
+            "--out",
+            str(w / "bad_codes.jsonl"),
+            "--random-weights",
+            "tiny",
+            "--batch-size",
+            "1",
+        ],
     ]
     env = _env(w)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(w), env.get("PYTHONPATH")]))  # fake_vocoder
@@ -182,7 +276,8 @@ def runs(work):
     jobs["errors"] = None
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
-            name: pool.submit(run, argv) if argv is not None
+            name: pool.submit(run, argv)
+            if argv is not None
             else pool.submit(run, ["-c", _ERROR_DRIVER, json.dumps(errors)], [sys.executable])
             for name, argv in jobs.items()
         }
@@ -191,7 +286,9 @@ def runs(work):
 
 
 def _ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -205,7 +302,9 @@ def test_demo_streams_text_and_speech_with_timings(runs, work):
     assert speech_lines and all(len(line.split()) == 6 for line in speech_lines)  # "speech" + 5 codes
     assert text_lines[0].split()[-1] == "<|audio_bos|>"  # the reply opens speaking
     # streamed: speech groups arrive between the text steps, not all at the end
-    positions = {kind: [i for i, line in enumerate(lines) if line.startswith(f"  {kind} ")] for kind in ("text", "speech")}
+    positions = {
+        kind: [i for i, line in enumerate(lines) if line.startswith(f"  {kind} ")] for kind in ("text", "speech")
+    }
     assert positions["speech"][0] < positions["text"][2]
     for label in ("Timings", "first text token", "first speech group", "generation", "steps/s"):
         assert label in out, label
@@ -280,8 +379,14 @@ def test_merge_checkpoints_on_disk(runs, work):
 
     proc = _ok(runs["merge"])
     merged_dir = work / "merged"
-    for name in ("model.safetensors", "config.json", "merge_manifest.json", "README.md", "processor_config.json",
-                 "speech_tokenizer/tokenizer.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "merge_manifest.json",
+        "README.md",
+        "processor_config.json",
+        "speech_tokenizer/tokenizer.json",
+    ):
         assert (merged_dir / name).is_file(), name
     manifest = json.loads((merged_dir / "merge_manifest.json").read_text())
     assert manifest["alpha"] == 0.25
@@ -368,7 +473,9 @@ def test_errors_are_one_clear_line_with_exit_status_2(driver, parts, message):
 
 
 def test_merge_into_a_folder_holding_its_inputs_is_refused_and_deletes_nothing(driver, work):
-    (result,) = [r for r in driver.values() if r["argv"][:1] == ["merge"] and r["argv"][-2:] == [str(work), "--overwrite"]]
+    (result,) = [
+        r for r in driver.values() if r["argv"][:1] == ["merge"] and r["argv"][-2:] == [str(work), "--overwrite"]
+    ]
     assert result["code"] == 2 and "contains the tuned checkpoint" in result["stderr"], result
     assert (work / "tiny" / "config.json").is_file() and (work / "base" / "config.json").is_file()
 

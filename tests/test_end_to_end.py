@@ -28,12 +28,23 @@ def test_streamed_text_pieces_and_speech_reassemble_the_decoded_reply():
     model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
     inputs = processor.apply_chat_template(
         [_conversation(), _conversation("Answer briefly.")],
-        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", speech_output=True,
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        speech_output=True,
     )
     streamer = FunAudioChatIteratorStreamer(processor.tokenizer, timeout=120)
     holder = {}
-    kwargs = dict(**inputs, max_new_tokens=12, do_sample=False, force_audio_bos=True, speech_do_sample=False,
-                  return_dict_in_generate=True, streamer=streamer)
+    kwargs = dict(
+        **inputs,
+        max_new_tokens=12,
+        do_sample=False,
+        force_audio_bos=True,
+        speech_do_sample=False,
+        return_dict_in_generate=True,
+        streamer=streamer,
+    )
 
     def run():
         try:

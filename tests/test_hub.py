@@ -109,7 +109,8 @@ def _worker(workdir: Path) -> dict:
     exec(compile(snippet, "README.md", "exec"), card_namespace)
     report["card_example_codes"] = card_namespace["codes"]
     report["card_example_reply"] = card_namespace["processor"].decode_text(
-        card_namespace["out"].sequences[0, card_namespace["inputs"]["input_ids"].shape[1]:])
+        card_namespace["out"].sequences[0, card_namespace["inputs"]["input_ids"].shape[1] :]
+    )
 
     # pull everything back by repo id
     loaded = FunAudioChatForConditionalGeneration.from_pretrained(repo_id).eval()
@@ -121,14 +122,22 @@ def _worker(workdir: Path) -> dict:
     messages = [{"role": "user", "content": [{"type": "audio", "path": example_audio_path()}]}]
 
     def inputs_of(proc):
-        return proc.apply_chat_template(messages, add_generation_prompt=True, speech_output=True, tokenize=True,
-                                        return_dict=True, return_tensors="pt")
+        return proc.apply_chat_template(
+            messages,
+            add_generation_prompt=True,
+            speech_output=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
 
     inputs, loaded_inputs = inputs_of(processor), inputs_of(loaded_processor)
     record_pair("processor_inputs", dict(inputs), dict(loaded_inputs))
     text = "hello, what is the weather today?"
     report["tokenized"] = [processor.tokenizer(text)["input_ids"], loaded_processor.tokenizer(text)["input_ids"]]
-    report["speech_vocab_equal"] = processor.speech_tokenizer.get_vocab() == loaded_processor.speech_tokenizer.get_vocab()
+    report["speech_vocab_equal"] = (
+        processor.speech_tokenizer.get_vocab() == loaded_processor.speech_tokenizer.get_vocab()
+    )
     report["chat_templates"] = [processor.chat_template, loaded_processor.chat_template]
     report["processor_configs"] = [processor.to_dict(), loaded_processor.to_dict()]
 
@@ -139,11 +148,22 @@ def _worker(workdir: Path) -> dict:
 
     record_pair("generate", run(model, inputs), run(loaded, loaded_inputs))
 
-    fields = ("speech_temperature", "speech_top_k", "speech_top_p", "speech_do_sample", "max_new_tokens",
-              "return_speech", "eos_token_id", "pad_token_id")
+    fields = (
+        "speech_temperature",
+        "speech_top_k",
+        "speech_top_p",
+        "speech_do_sample",
+        "max_new_tokens",
+        "return_speech",
+        "eos_token_id",
+        "pad_token_id",
+    )
     report["generation_config"] = {
-        name: [getattr(model.generation_config, name, None), getattr(loaded_generation, name, None),
-               getattr(loaded.generation_config, name, None)]
+        name: [
+            getattr(model.generation_config, name, None),
+            getattr(loaded_generation, name, None),
+            getattr(loaded.generation_config, name, None),
+        ]
         for name in fields
     }
 
@@ -165,8 +185,12 @@ def _worker(workdir: Path) -> dict:
     report["processor_push"] = {
         "saved": saved,
         "hub": sorted(api.list_repo_files(f"{user}/fac-tiny-processor")),
-        "differing": [name for name in saved if Path(api.hf_hub_download(f"{user}/fac-tiny-processor", name))
-                      .read_bytes() != (saved_dir / name).read_bytes()],
+        "differing": [
+            name
+            for name in saved
+            if Path(api.hf_hub_download(f"{user}/fac-tiny-processor", name)).read_bytes()
+            != (saved_dir / name).read_bytes()
+        ],
     }
 
     # ---- Core-Cocktail: merge on disk, upload the merged folder, load it back
@@ -178,8 +202,9 @@ def _worker(workdir: Path) -> dict:
     merge_weights(str(tuned_dir), str(base_dir), 0.5, output_dir=str(merged_dir), show_progress=False)
     write_model_card(merged_dir, f"{user}/fac-tiny-merged")
     api.create_repo("fac-tiny-merged", exist_ok=True)
-    api.upload_folder(repo_id=f"{user}/fac-tiny-merged", folder_path=str(merged_dir),
-                      commit_message="Upload Core-Cocktail merge")
+    api.upload_folder(
+        repo_id=f"{user}/fac-tiny-merged", folder_path=str(merged_dir), commit_message="Upload Core-Cocktail merge"
+    )
     push_folder_to_hub(tuned_dir, "fac-tiny-tuned")  # a folder without a card gets one; the folder is untouched
     report["tuned_dir_files_after_push"] = sorted(f.name for f in tuned_dir.iterdir())
     (tuned_dir / "README.md").write_text("# My own card\n")  # a card written by the user is uploaded as it is
@@ -191,8 +216,11 @@ def _worker(workdir: Path) -> dict:
     hub_merged = FunAudioChatForConditionalGeneration.from_pretrained(f"{user}/fac-tiny-merged").eval()
     merged_processor = AutoProcessor.from_pretrained(f"{user}/fac-tiny-merged")
     record_pair("merged_state", local_merged.state_dict(), hub_merged.state_dict())
-    record_pair("merged_vs_tuned", {"q": local_merged.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]},
-                {"q": model.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]})
+    record_pair(
+        "merged_vs_tuned",
+        {"q": local_merged.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]},
+        {"q": model.state_dict()["language_model.model.layers.0.self_attn.q_proj.weight"]},
+    )
     record_pair("merged_generate", run(local_merged, inputs), run(hub_merged, inputs_of(merged_processor)))
 
     # ---- a missing repository: a clear OSError from transformers
@@ -216,7 +244,10 @@ def report(tmp_path_factory):
         out = workdir / "report.json"
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--worker", str(workdir), str(out)],
-            env=env, capture_output=True, text=True, timeout=220,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=220,
         )
     assert proc.returncode == 0, f"hub worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return {**json.loads(out.read_text()), "tensors_path": str(workdir / "tensors.safetensors")}

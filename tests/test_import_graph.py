@@ -54,8 +54,13 @@ def import_graph() -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = _resolve(module, is_package, node)
                 names = [f"{base}.{alias.name}" for alias in node.names]
-            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "import_module"
-                  and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", None) == "import_module"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
                 name = node.args[0].value
                 if name.startswith("."):  # importlib.import_module(".x", __name__) inside a package __init__
                     name = (module if is_package else module.rpartition(".")[0]) + name
@@ -130,7 +135,9 @@ def test_model_and_processor_do_not_import_the_hub_or_tiny_helpers():
 
 def test_processing_does_not_import_the_model_trainers_or_front_ends():
     graph = import_graph()
-    upward = tuple(f"{PACKAGE}.{name}" for name in ("modeling", "token2wav", "trainers", "serving", "cli", "hub", "tiny"))
+    upward = tuple(
+        f"{PACKAGE}.{name}" for name in ("modeling", "token2wav", "trainers", "serving", "cli", "hub", "tiny")
+    )
     for module, targets in graph.items():
         if module.startswith(f"{PACKAGE}.processing"):
             assert not [t for t in targets if t.startswith(upward)], module

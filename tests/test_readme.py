@@ -45,7 +45,11 @@ def test_readme_python_blocks_run(tmp_path):
         env.update(server.client_env(tmp_path / "hf_home"))
         proc = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--run", str(README)],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=220,
         )
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert proc.stdout.count("[readme block ok]") == len(blocks)

@@ -34,8 +34,9 @@ def test_a_missing_local_directory_is_not_called_a_bad_repo_id(tmp_path, monkeyp
 def test_own_checkpoints_still_load(tmp_path):
     FunAudioChatForConditionalGeneration(tiny_config()).save_pretrained(tmp_path / "tiny")
     assert isinstance(AutoConfig.from_pretrained(tmp_path / "tiny"), FunAudioChatConfig)
-    assert isinstance(FunAudioChatForConditionalGeneration.from_pretrained(tmp_path / "tiny"),
-                      FunAudioChatForConditionalGeneration)
+    assert isinstance(
+        FunAudioChatForConditionalGeneration.from_pretrained(tmp_path / "tiny"), FunAudioChatForConditionalGeneration
+    )
 
 
 def test_every_torch_load_is_weights_only():

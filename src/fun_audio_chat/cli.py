@@ -67,9 +67,7 @@ def _say(*parts, file=None) -> None:
 
 def _printable(text: str) -> str:
     """Text safe to write to a terminal: control characters (except newline and tab) become U+FFFD."""
-    return "".join(
-        ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else "\ufffd" for ch in text
-    )
+    return "".join(ch if ch in "\n\t" or unicodedata.category(ch)[0] != "C" else "\ufffd" for ch in text)
 
 
 def _process_age() -> float | None:
@@ -194,17 +192,23 @@ def cmd_demo(args) -> int:
     audio_path = args.audio or example_audio_path()
     waveform = _load_audio_or_fail(processor, audio_path)
     inputs = processor.apply_chat_template(
-        _conversation(waveform, None, None), add_generation_prompt=True, speech_output=True, tokenize=True,
-        return_dict=True, return_tensors="pt",
+        _conversation(waveform, None, None),
+        add_generation_prompt=True,
+        speech_output=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     t_inputs = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
     text_cfg = model.config.text_config
     _say("Fun-Audio-Chat demo: speech in -> text + 25 Hz speech codes out, streamed")
-    _say(f"  model   tiny built-in (random weights, {n_params / 1e6:.2f} M parameters: LLM {text_cfg.num_hidden_layers} "
-         f"layers x {text_cfg.hidden_size}, Speech Refined Head "
-         f"{model.config.audio_config.crq_transformer_config.num_hidden_layers} layers). Its words are noise; "
-         "the pipeline is the real one.")
+    _say(
+        f"  model   tiny built-in (random weights, {n_params / 1e6:.2f} M parameters: LLM {text_cfg.num_hidden_layers} "
+        f"layers x {text_cfg.hidden_size}, Speech Refined Head "
+        f"{model.config.audio_config.crq_transformer_config.num_hidden_layers} layers). Its words are noise; "
+        "the pipeline is the real one."
+    )
     heard = f' ("{EXAMPLE_AUDIO_TEXT}")' if args.audio is None else ""
     _say(f"  audio   {Path(audio_path).name}, {len(waveform) / 16000:.2f} s{heard}")
     n_audio = int((inputs["input_ids"] == processor.audio_token_id).sum())
@@ -214,7 +218,12 @@ def cmd_demo(args) -> int:
 
     torch.manual_seed(args.seed)
     generation = _Generation(
-        model, processor, inputs, max_new_tokens=args.max_new_tokens, force_audio_bos=True, do_sample=False,
+        model,
+        processor,
+        inputs,
+        max_new_tokens=args.max_new_tokens,
+        force_audio_bos=True,
+        do_sample=False,
         return_dict_in_generate=True,
     )
     t_gen = time.perf_counter()
@@ -247,15 +256,17 @@ def cmd_demo(args) -> int:
     audio_seconds_spent += time.perf_counter() - t_audio
     t_end = time.perf_counter()
     out = generation.output
-    reply = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1]:])
+    reply = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1] :])
     codes = processor.decode_speech(out.speech_ids, out.speech_attention_mask)[0]
     speech_seconds = len(codes) / SPEECH_FRAME_RATE
     gen_seconds = t_end - t_gen - audio_seconds_spent  # the audio rendering is reported on its own
 
     _say("")
     _say(f"Reply text: {_printable(reply)!r}")
-    _say(f"Speech: {len(codes)} codes = {speech_seconds:.2f} s of speech at 25 Hz "
-         f"(streamed {len(groups)} groups; first codes {codes[:10]})")
+    _say(
+        f"Speech: {len(codes)} codes = {speech_seconds:.2f} s of speech at 25 Hz "
+        f"(streamed {len(groups)} groups; first codes {codes[:10]})"
+    )
     if args.out:
         out_dir = Path(args.out)
         _write_reply(out_dir, reply, codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
@@ -282,8 +293,10 @@ def cmd_demo(args) -> int:
         _say(f"  first audio chunk   {first_audio - t_gen:6.2f} s after generate() started")
     audio_out = sum(chunk.numel() for chunk in audio_chunks) / detokenizer.sample_rate
     if audio_out > 0:
-        _say(f"  audio rendering     {audio_seconds_spent:6.2f} s for {audio_out:.2f} s of 24 kHz audio "
-             f"(real-time factor {audio_seconds_spent / audio_out:.2f}, streamed as the codes arrived)")
+        _say(
+            f"  audio rendering     {audio_seconds_spent:6.2f} s for {audio_out:.2f} s of 24 kHz audio "
+            f"(real-time factor {audio_seconds_spent / audio_out:.2f}, streamed as the codes arrived)"
+        )
     return 0
 
 
@@ -323,16 +336,18 @@ def _find_detokenizer(args):
         except (ImportError, AttributeError) as err:
             raise CLIError(f"--detokenizer {args.detokenizer}: {err}") from err
         except Exception as err:  # the user's module failed while importing
-            raise CLIError(f"--detokenizer {args.detokenizer}: importing {module_name} failed: "
-                           f"{type(err).__name__}: {err}") from err
+            raise CLIError(
+                f"--detokenizer {args.detokenizer}: importing {module_name} failed: {type(err).__name__}: {err}"
+            ) from err
         if isinstance(factory, SpeechDetokenizer):
             detokenizer = factory
         elif callable(factory):
             try:
                 detokenizer = factory()
             except Exception as err:  # the user's factory: reported, not traced
-                raise CLIError(f"--detokenizer {args.detokenizer}: {attribute}() failed: "
-                               f"{type(err).__name__}: {err}") from err
+                raise CLIError(
+                    f"--detokenizer {args.detokenizer}: {attribute}() failed: {type(err).__name__}: {err}"
+                ) from err
         else:
             detokenizer = None
         if not isinstance(detokenizer, SpeechDetokenizer):
@@ -390,8 +405,12 @@ def cmd_chat(args) -> int:
     if speech and model.audio_invert_tower is None:
         raise CLIError(f"--model {args.model} has no Speech Refined Head (speech-to-text only); pass --text-only.")
     inputs = processor.apply_chat_template(
-        _conversation(waveform, args.prompt, args.system), add_generation_prompt=True, speech_output=speech,
-        tokenize=True, return_dict=True, return_tensors="pt",
+        _conversation(waveform, args.prompt, args.system),
+        add_generation_prompt=True,
+        speech_output=speech,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     ).to(device)
     kwargs = {"max_new_tokens": args.max_new_tokens, "return_dict_in_generate": True}
     if speech:
@@ -403,8 +422,11 @@ def cmd_chat(args) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
-    _say(f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / 16000:.1f} s of audio; "
-         f"{'text + speech' if speech else 'text only'}]", file=sys.stderr)
+    _say(
+        f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / 16000:.1f} s of audio; "
+        f"{'text + speech' if speech else 'text only'}]",
+        file=sys.stderr,
+    )
     t_gen = time.perf_counter()
     if args.no_stream:
         output = model.generate(**inputs, **kwargs)
@@ -428,12 +450,16 @@ def cmd_chat(args) -> int:
         summary += f"; {len(codes)} speech codes = {len(codes) / SPEECH_FRAME_RATE:.1f} s of speech"
     _say(summary + "]", file=sys.stderr)
     if args.out:
-        written = _write_reply(Path(args.out), text, codes, model_name=args.model, audio=str(audio),
-                               detokenizer=detokenizer)
+        written = _write_reply(
+            Path(args.out), text, codes, model_name=args.model, audio=str(audio), detokenizer=detokenizer
+        )
         _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
         if speech and detokenizer is None:
-            _say("no detokenizer: reply.wav not written (pass --detokenizer with a CosyVoice 3 folder, a converted "
-                 "detokenizer or a Hub id to get audio from the speech codes)", file=sys.stderr)
+            _say(
+                "no detokenizer: reply.wav not written (pass --detokenizer with a CosyVoice 3 folder, a converted "
+                "detokenizer or a Hub id to get audio from the speech codes)",
+                file=sys.stderr,
+            )
     return 0
 
 
@@ -462,8 +488,11 @@ def _speech_tokenizer(args):
 
     try:
         if args.random_weights:
-            _say("warning: --random-weights: the speech tokenizer has random weights; the codes are meaningless "
-                 "(for testing the pipeline only).", file=sys.stderr)
+            _say(
+                "warning: --random-weights: the speech tokenizer has random weights; the codes are meaningless "
+                "(for testing the pipeline only).",
+                file=sys.stderr,
+            )
             if args.random_weights == "tiny":
                 from .tiny import tiny_s3_speech_tokenizer
 
@@ -503,8 +532,10 @@ def cmd_tokenize_speech(args) -> int:
         os.replace(tmp_path, out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
-    _say(f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
-         f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else ""))
+    _say(
+        f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
+        f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else "")
+    )
     return 0
 
 
@@ -533,8 +564,12 @@ def _tokenize_into(args, items, tokenizer, tmp_path: Path):
                 codes = tokenizer(waveforms, sampling_rate=16000)
                 for item_id, waveform, clip_codes in zip(kept, waveforms, codes):
                     seconds = len(waveform) / 16000
-                    record = {"id": item_id, "num_codes": len(clip_codes), "duration_s": round(seconds, 4),
-                              "codes": clip_codes}
+                    record = {
+                        "id": item_id,
+                        "num_codes": len(clip_codes),
+                        "duration_s": round(seconds, 4),
+                        "codes": clip_codes,
+                    }
                     handle.write(json.dumps(record) + "\n")
                     done += 1
                     total_codes += len(clip_codes)
@@ -567,8 +602,13 @@ def cmd_merge(args) -> int:
     t0 = time.perf_counter()
     try:
         result, manifest = merge_weights(
-            str(tuned), args.base if args.base_from_hub else str(base_path), args.alpha, output_dir=str(out),
-            on_shape_mismatch=args.on_shape_mismatch, overwrite=args.overwrite, show_progress=True,
+            str(tuned),
+            args.base if args.base_from_hub else str(base_path),
+            args.alpha,
+            output_dir=str(out),
+            on_shape_mismatch=args.on_shape_mismatch,
+            overwrite=args.overwrite,
+            show_progress=True,
             base_from_hub=args.base_from_hub,
         )
     except PickleCheckpointError as err:
@@ -578,12 +618,16 @@ def cmd_merge(args) -> int:
     if not args.no_model_card:
         write_model_card(out)
     size = sum(f.stat().st_size for f in Path(result).rglob("*.safetensors"))
-    _say(f"merged {len(manifest['merged'])} tensors as {args.alpha:g} * tuned + {1 - args.alpha:g} * base; kept "
-         f"{len(manifest['kept_from_tuned'])} from the tuned model; wrote {result} ({size / 2**20:.1f} MiB) in "
-         f"{time.perf_counter() - t0:.1f} s")
+    _say(
+        f"merged {len(manifest['merged'])} tensors as {args.alpha:g} * tuned + {1 - args.alpha:g} * base; kept "
+        f"{len(manifest['kept_from_tuned'])} from the tuned model; wrote {result} ({size / 2**20:.1f} MiB) in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     if manifest.get("shape_mismatch_kept"):
-        _say(f"kept {len(manifest['shape_mismatch_kept'])} tensor(s) whose shapes differ from the base: "
-             f"{manifest['shape_mismatch_kept'][:5]}")
+        _say(
+            f"kept {len(manifest['shape_mismatch_kept'])} tensor(s) whose shapes differ from the base: "
+            f"{manifest['shape_mismatch_kept'][:5]}"
+        )
     return 0
 
 
@@ -607,8 +651,10 @@ def cmd_convert_detokenizer(args) -> int:
     detokenizer.save_pretrained(out)
     flow = sum(p.numel() for p in detokenizer.flow.parameters())
     hift = sum(p.numel() for p in detokenizer.hift.parameters())
-    _say(f"wrote {out}/config.json and model.safetensors (flow {flow:,} + HiFT {hift:,} parameters) in "
-         f"{time.perf_counter() - t0:.1f} s; load it with CosyVoice3Detokenizer.from_pretrained({str(out)!r})")
+    _say(
+        f"wrote {out}/config.json and model.safetensors (flow {flow:,} + HiFT {hift:,} parameters) in "
+        f"{time.perf_counter() - t0:.1f} s; load it with CosyVoice3Detokenizer.from_pretrained({str(out)!r})"
+    )
     return 0
 
 
@@ -647,22 +693,27 @@ def cmd_serve(args) -> int:
     try:
         probe.bind((args.host, args.port))
     except OSError as err:
-        raise CLIError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({err.strerror}); "
-                       "pick another --port or --host.") from err
+        raise CLIError(
+            f"--port {args.port}: cannot listen on {args.host}:{args.port} ({err.strerror}); "
+            "pick another --port or --host."
+        ) from err
     finally:
         probe.close()
     _set_threads(args.threads)
     device = _resolve_device(args.device)
     model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     detokenizer = _serve_detokenizer(args.detokenizer, args.model)
-    engine = ServingEngine(model, processor, detokenizer, max_batch_size=args.max_batch_size,
-                           batch_window=args.batch_window_ms / 1000)
+    engine = ServingEngine(
+        model, processor, detokenizer, max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000
+    )
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
-    app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens,
-                     max_audio_seconds=args.max_audio_seconds)
+    app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
     mode = "text + speech" if engine.can_speak else "text only (no detokenizer: pass --detokenizer DIR)"
-    _say(f"fun-audio-chat serve: model {model_id!r}, {mode}; voice page http://{args.host}:{args.port}/ , "
-         f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics", file=sys.stderr)
+    _say(
+        f"fun-audio-chat serve: model {model_id!r}, {mode}; voice page http://{args.host}:{args.port}/ , "
+        f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics",
+        file=sys.stderr,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -688,22 +739,26 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     demo = commands.add_parser(
-        "demo", formatter_class=fmt, help="streaming speech-to-speech on a tiny built-in model (no downloads)",
+        "demo",
+        formatter_class=fmt,
+        help="streaming speech-to-speech on a tiny built-in model (no downloads)",
         description="Speech-to-speech on a tiny built-in model with the bundled speech clip: the text pieces and the "
         "25 Hz speech-code groups are printed as they are generated, then timings. The tiny model has random "
         "weights (its words are noise); everything else is the real pipeline.",
     )
     demo.add_argument("--audio", help="use this audio file instead of the bundled clip")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=24,
-                      help="LLM steps (each brings 5 speech codes)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="LLM steps (each brings 5 speech codes)")
     demo.add_argument("--seed", type=int, default=3, help="weights and sampling seed")
     demo.add_argument("--out", help="also save reply.txt, speech_codes.json and reply.wav to this folder")
-    demo.add_argument("--threads", type=_positive_int, default=1,
-                      help="torch CPU threads (tiny models are fastest on one)")
+    demo.add_argument(
+        "--threads", type=_positive_int, default=1, help="torch CPU threads (tiny models are fastest on one)"
+    )
     demo.set_defaults(func=cmd_demo)
 
     chat = commands.add_parser(
-        "chat", formatter_class=fmt, help="answer one audio file (text, speech codes, wav)",
+        "chat",
+        formatter_class=fmt,
+        help="answer one audio file (text, speech codes, wav)",
         description="Answer a spoken question. Streams the reply text to stdout and, with --out, writes reply.txt, "
         "speech_codes.json (25 Hz S3 codes) and reply.wav (only when a detokenizer is given: --detokenizer).",
         epilog="examples:\n  fun-audio-chat chat --model FunAudioLLM/Fun-Audio-Chat-8B --audio question.wav --out reply/\n"
@@ -721,32 +776,47 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming")
     chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    chat.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                      help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
-    chat.add_argument("--cosyvoice-dir", help="official CosyVoice 3 folder for reply.wav (same as --detokenizer DIR; "
-                      "default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)")
-    chat.add_argument("--detokenizer", metavar="PATH",
-                      help="speech codes -> reply.wav: a CosyVoice 3 folder (official, or converted with "
-                      "convert-detokenizer), a Hub id of one, 'tiny' (random weights), or MODULE:FACTORY for "
-                      "another codes-to-wave object with sampling_rate")
+    chat.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+    chat.add_argument(
+        "--cosyvoice-dir",
+        help="official CosyVoice 3 folder for reply.wav (same as --detokenizer DIR; "
+        "default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)",
+    )
+    chat.add_argument(
+        "--detokenizer",
+        metavar="PATH",
+        help="speech codes -> reply.wav: a CosyVoice 3 folder (official, or converted with "
+        "convert-detokenizer), a Hub id of one, 'tiny' (random weights), or MODULE:FACTORY for "
+        "another codes-to-wave object with sampling_rate",
+    )
     chat.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     chat.set_defaults(func=cmd_chat)
 
     convert = commands.add_parser(
-        "convert-detokenizer", help="official CosyVoice 3 folder -> safetensors detokenizer folder",
+        "convert-detokenizer",
+        help="official CosyVoice 3 folder -> safetensors detokenizer folder",
         description="Read an official CosyVoice 3 folder (cosyvoice3.yaml read as data, flow.pt and hift.pt read as "
         "weights only) or a Hub id of one, and write config.json + model.safetensors for "
         "CosyVoice3Detokenizer.from_pretrained. Only the flow and vocoder are kept.",
     )
     convert.add_argument("source", metavar="SRC", help="official CosyVoice 3 folder or Hub id")
     convert.add_argument("out", metavar="OUT", help="output folder")
-    convert.add_argument("--speaker-embedding", metavar="FILE",
-                         help="safetensors file with one 192-value speaker embedding to make the default voice")
+    convert.add_argument(
+        "--speaker-embedding",
+        metavar="FILE",
+        help="safetensors file with one 192-value speaker embedding to make the default voice",
+    )
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     convert.set_defaults(func=cmd_convert_detokenizer)
 
     tok = commands.add_parser(
-        "tokenize-speech", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "tokenize-speech",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="batch S3Tokenizer: audio folder or dataset -> JSON lines of 25 Hz codes",
         description="Turn audio into 25 Hz CosyVoice 3 speech codes (S3Tokenizer v3, 6561 codes) in batches, e.g. to "
         "build training data for spoken replies. Writes one JSON object per clip: "
@@ -757,20 +827,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tok.add_argument("input", help="audio folder (searched recursively), one audio file, or with --dataset a dataset")
     tok.add_argument("--out", required=True, help="output .jsonl file")
-    tok.add_argument("--tokenizer", default="speech_tokenizer_v3_25hz",
-                     help="S3Tokenizer weights: a local .onnx/.pt/.safetensors file or an s3tokenizer model name "
-                     "(downloaded from modelscope) (default: %(default)s)")
-    tok.add_argument("--random-weights", nargs="?", const="full", choices=["full", "tiny"],
-                     help="random weights instead of --tokenizer (tests only: the codes are meaningless)")
-    tok.add_argument("--dataset", action="store_true",
-                     help="INPUT is a dataset: a save_to_disk folder, a csv/json/jsonl/parquet file, or a Hub id")
+    tok.add_argument(
+        "--tokenizer",
+        default="speech_tokenizer_v3_25hz",
+        help="S3Tokenizer weights: a local .onnx/.pt/.safetensors file or an s3tokenizer model name "
+        "(downloaded from modelscope) (default: %(default)s)",
+    )
+    tok.add_argument(
+        "--random-weights",
+        nargs="?",
+        const="full",
+        choices=["full", "tiny"],
+        help="random weights instead of --tokenizer (tests only: the codes are meaningless)",
+    )
+    tok.add_argument(
+        "--dataset",
+        action="store_true",
+        help="INPUT is a dataset: a save_to_disk folder, a csv/json/jsonl/parquet file, or a Hub id",
+    )
     tok.add_argument("--split", default="train", help="dataset split (default: %(default)s)")
     tok.add_argument("--audio-column", default="audio", help="dataset column with the audio (default: %(default)s)")
     tok.add_argument("--id-column", help="dataset column used as the record id (default: the row index)")
-    tok.add_argument("--extensions", default=",".join(e[1:] for e in AUDIO_EXTENSIONS),
-                     help="audio file extensions searched in a folder (default: %(default)s)")
-    tok.add_argument("--batch-size", type=_positive_int, default=8,
-                     help="clips per tokenizer batch (default: %(default)s)")
+    tok.add_argument(
+        "--extensions",
+        default=",".join(e[1:] for e in AUDIO_EXTENSIONS),
+        help="audio file extensions searched in a folder (default: %(default)s)",
+    )
+    tok.add_argument(
+        "--batch-size", type=_positive_int, default=8, help="clips per tokenizer batch (default: %(default)s)"
+    )
     tok.add_argument("--device", default=None, help="torch device of the tokenizer (default: cpu)")
     tok.add_argument("--skip-errors", action="store_true", help="skip unreadable audio instead of stopping")
     tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -778,7 +863,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(func=cmd_tokenize_speech)
 
     merge = commands.add_parser(
-        "merge", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "merge",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="Core-Cocktail merge of checkpoints on disk",
         description="Core-Cocktail merge M = alpha * tuned + (1 - alpha) * base of a fine-tuned Fun-Audio-Chat "
         "checkpoint with its base text LLM (a Qwen3 causal-LM checkpoint, or a Hub id). Merges shard by shard with "
@@ -791,17 +877,24 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True, help="base LLM checkpoint directory or Hub repo id (M0)")
     merge.add_argument("--out", required=True, help="output directory (written atomically)")
     merge.add_argument("--alpha", type=float, default=0.5, help="weight of the tuned model (default: %(default)s)")
-    merge.add_argument("--on-shape-mismatch", default="error", choices=["error", "keep_tuned"],
-                       help="what to do with tensors whose shapes differ, e.g. a resized vocabulary "
-                       "(default: %(default)s)")
-    merge.add_argument("--base-from-hub", action="store_true",
-                       help="--base is a Hub repo id to download (otherwise it must be a local checkpoint)")
+    merge.add_argument(
+        "--on-shape-mismatch",
+        default="error",
+        choices=["error", "keep_tuned"],
+        help="what to do with tensors whose shapes differ, e.g. a resized vocabulary (default: %(default)s)",
+    )
+    merge.add_argument(
+        "--base-from-hub",
+        action="store_true",
+        help="--base is a Hub repo id to download (otherwise it must be a local checkpoint)",
+    )
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
     merge.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     merge.set_defaults(func=cmd_merge)
 
     serve = commands.add_parser(
-        "serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serve",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="voice chat page + OpenAI-compatible audio API",
         description="Serve a model over HTTP: a voice chat page at / (microphone, voice detection or push-to-talk, "
         "streamed text and audio, barge-in), an OpenAI-compatible POST /v1/chat/completions (input_audio parts, "
@@ -812,25 +905,48 @@ def build_parser() -> argparse.ArgumentParser:
         "  fun-audio-chat serve --model FunAudioLLM/Fun-Audio-Chat-8B --detokenizer cosyvoice3/ --port 8000",
     )
     serve.add_argument("--model", default="tiny", help="checkpoint directory, Hub repo id, or 'tiny' (default)")
-    serve.add_argument("--detokenizer", metavar="DIR",
-                       help="CosyVoice 3 token-to-wave directory for spoken replies; 'none' for text only "
-                       "(default: a tiny random one with --model tiny, none otherwise)")
+    serve.add_argument(
+        "--detokenizer",
+        metavar="DIR",
+        help="CosyVoice 3 token-to-wave directory for spoken replies; 'none' for text only "
+        "(default: a tiny random one with --model tiny, none otherwise)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--model-id", help="model name in the API (default: the --model value)")
-    serve.add_argument("--max-new-tokens", type=int, default=256,
-                       help="reply length when a request gives no max_tokens (default: %(default)s)")
+    serve.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="reply length when a request gives no max_tokens (default: %(default)s)",
+    )
     serve.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
-    serve.add_argument("--batch-window-ms", type=float, default=25.0,
-                       help="how long a request waits for others to join its batch (default: %(default)s)")
-    serve.add_argument("--max-audio-seconds", type=float, default=120.0,
-                       help="longest accepted audio clip in a request (default: %(default)s)")
+    serve.add_argument(
+        "--batch-window-ms",
+        type=float,
+        default=25.0,
+        help="how long a request waits for others to join its batch (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=120.0,
+        help="longest accepted audio clip in a request (default: %(default)s)",
+    )
     serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    serve.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                       help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    serve.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                       help="server log level (default: %(default)s)")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level (default: %(default)s)",
+    )
     serve.set_defaults(func=cmd_serve)
     return parser
 

@@ -205,8 +205,8 @@ class FunAudioChatConfig(PreTrainedConfig):
         text, audio = self.text_config, self.audio_config
         if self.training_recipe not in TRAINING_RECIPES:
             raise ValueError(
-                f"training_recipe={self.training_recipe!r} is not one of {TRAINING_RECIPES}: \"consistent\" trains "
-                "what generate() does, \"official\" reproduces the official training forward."
+                f'training_recipe={self.training_recipe!r} is not one of {TRAINING_RECIPES}: "consistent" trains '
+                'what generate() does, "official" reproduces the official training forward.'
             )
         if audio.output_dim != text.hidden_size:
             raise ValueError(

@@ -238,8 +238,19 @@ def _prepare_repo(api, repo_id: str, private, token, revision: str | None, creat
     return repo_id
 
 
-def _upload(api, folder: Path, repo_id: str, *, commit_message, commit_description, token, revision, create_pr,
-            model_card_kwargs: Mapping[str, Any] | None, write_card: bool):
+def _upload(
+    api,
+    folder: Path,
+    repo_id: str,
+    *,
+    commit_message,
+    commit_description,
+    token,
+    revision,
+    create_pr,
+    model_card_kwargs: Mapping[str, Any] | None,
+    write_card: bool,
+):
     """``upload_folder`` of a staged folder, deciding about its README first:
 
     * the folder has its own README (not a placeholder, not ours): uploaded as it is;
@@ -307,9 +318,18 @@ def push_folder_to_hub(
         # Upload from a view of the folder so the card never touches the user's directory.
         staged = Path(tmp) / "checkpoint"
         _link_tree(folder, staged)
-        return _upload(api, staged, repo_id, commit_message=message, commit_description=commit_description,
-                       token=token, revision=revision, create_pr=create_pr, model_card_kwargs=model_card_kwargs,
-                       write_card=model_card)
+        return _upload(
+            api,
+            staged,
+            repo_id,
+            commit_message=message,
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            model_card_kwargs=model_card_kwargs,
+            write_card=model_card,
+        )
 
 
 def _link_tree(source: Path, target: Path) -> None:
@@ -361,8 +381,15 @@ def push_with_model_card(
         if processor is not None:
             processor.save_pretrained(tmp)
         return push_folder_to_hub(
-            tmp, repo_id, commit_message=commit_message or "Upload model", commit_description=commit_description,
-            private=private, token=token, revision=revision, create_pr=create_pr, **model_card_kwargs,
+            tmp,
+            repo_id,
+            commit_message=commit_message or "Upload model",
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            **model_card_kwargs,
         )
 
 

@@ -106,8 +106,11 @@ def test_training_default_does_not_halve_user_audio():
             inputs["text_attention_mask"],
         )
         grouped, _, _ = model.encode_audio(
-            inputs["speech_ids"], inputs["speech_attention_mask"], inputs["input_features"],
-            inputs["feature_attention_mask"], inputs["feature_exist_mask"],
+            inputs["speech_ids"],
+            inputs["speech_attention_mask"],
+            inputs["input_features"],
+            inputs["feature_attention_mask"],
+            inputs["feature_exist_mask"],
         )
     user_row = int(inputs["feature_exist_mask"].nonzero()[0])
     n_user = int(merged.groups_per_audio[user_row])

@@ -113,7 +113,13 @@ def _batch(rows, pad_id=500):
         ids[r, longest - n :] = row["input_ids"]
         mask[r, longest - n :] = 1
     batch = {"input_ids": ids, "attention_mask": mask}
-    for key in ("speech_ids", "speech_attention_mask", "input_features", "feature_attention_mask", "feature_exist_mask"):
+    for key in (
+        "speech_ids",
+        "speech_attention_mask",
+        "input_features",
+        "feature_attention_mask",
+        "feature_exist_mask",
+    ):
         batch[key] = torch.cat([row[key] for row in rows])
     return batch
 
@@ -160,8 +166,14 @@ def test_rows_stop_speaking_and_finish_at_different_steps():
     """Model B: speech-EOS then text EOS; the two prompts reach them at different steps."""
     model = oracle.load_model("gen_speech_eos_b1")
     rows, _ = _rows_of("gen_force_abos_b2_leftpad")
-    controls = {"max_new_tokens": 30, "do_sample": False, "eos_token_id": 502, "pad_token_id": 500,
-                "force_audio_bos": True, **GREEDY_SPEECH}
+    controls = {
+        "max_new_tokens": 30,
+        "do_sample": False,
+        "eos_token_id": 502,
+        "pad_token_id": 500,
+        "force_audio_bos": True,
+        **GREEDY_SPEECH,
+    }
     batched, results = _assert_rows_equal_solo(model, rows, controls)
     lengths = [len(text) for text, _ in results]
     speech_lengths = [len(speech) for _, speech in results]
@@ -174,8 +186,14 @@ def test_rows_start_speaking_at_different_steps():
     model = oracle.load_model("gen_speech_eos_b1")
     rows, _ = _rows_of("gen_force_abos_b2_leftpad")
     rows[0]["input_ids"] = torch.cat([rows[0]["input_ids"], torch.tensor([503])])
-    controls = {"max_new_tokens": 24, "do_sample": False, "eos_token_id": 502, "pad_token_id": 500,
-                "force_audio_bos": False, **GREEDY_SPEECH}
+    controls = {
+        "max_new_tokens": 24,
+        "do_sample": False,
+        "eos_token_id": 502,
+        "pad_token_id": 500,
+        "force_audio_bos": False,
+        **GREEDY_SPEECH,
+    }
     _, results = _assert_rows_equal_solo(model, rows, controls)
     assert len(results[0][1]) > 0
     assert len(results[0][1]) != len(results[1][1])
@@ -184,8 +202,13 @@ def test_rows_start_speaking_at_different_steps():
 def test_sampled_speech_settings_are_used_and_seeded():
     model = oracle.load_model("gen_force_abos_b1")
     inputs, controls, _ = _case_kwargs("gen_force_abos_b1")
-    controls = {**controls, "max_new_tokens": 12, "speech_do_sample": True, "speech_temperature": 1.5,
-                "speech_repetition_penalty": 1.2}
+    controls = {
+        **controls,
+        "max_new_tokens": 12,
+        "speech_do_sample": True,
+        "speech_temperature": 1.5,
+        "speech_repetition_penalty": 1.2,
+    }
     torch.manual_seed(3)
     first = model.generate(**inputs, **controls)
     torch.manual_seed(3)
@@ -224,8 +247,14 @@ def test_forward_after_generate_is_unchanged_and_inputs_are_not_mutated():
 def test_two_generations_interleaved_in_threads_give_solo_results():
     model = oracle.load_model("gen_force_abos_b1")
     rows, _ = _rows_of("gen_force_abos_b2_leftpad")
-    controls = {"max_new_tokens": 12, "do_sample": False, "eos_token_id": 502, "pad_token_id": 500,
-                "force_audio_bos": True, **GREEDY_SPEECH}
+    controls = {
+        "max_new_tokens": 12,
+        "do_sample": False,
+        "eos_token_id": 502,
+        "pad_token_id": 500,
+        "force_audio_bos": True,
+        **GREEDY_SPEECH,
+    }
     solo = [model.generate(**_solo(row), **controls) for row in rows]
     barrier = threading.Barrier(2)
 
@@ -258,8 +287,14 @@ def test_streamer_events_reassemble_the_returned_outputs():
     model = oracle.load_model("gen_speech_eos_b1")
     rows, _ = _rows_of("gen_force_abos_b2_leftpad")
     batch = _batch(rows)
-    controls = {"max_new_tokens": 20, "do_sample": False, "eos_token_id": 502, "pad_token_id": 500,
-                "force_audio_bos": True, **GREEDY_SPEECH}
+    controls = {
+        "max_new_tokens": 20,
+        "do_sample": False,
+        "eos_token_id": 502,
+        "pad_token_id": 500,
+        "force_audio_bos": True,
+        **GREEDY_SPEECH,
+    }
     streamer = FunAudioChatIteratorStreamer(timeout=120)
     events_seen = []
     holder = {}

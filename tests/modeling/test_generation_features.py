@@ -48,9 +48,7 @@ def test_continuing_from_a_returned_cache_equals_the_one_shot_run(model_and_inpu
         assert cache.get_seq_length() == prompt_length - 1
         rest = model.generate(
             input_ids=first.sequences,
-            attention_mask=torch.cat(
-                [inputs["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1
-            ),
+            attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1),
             past_key_values=cache,
             max_new_tokens=6,
             return_dict_in_generate=True,
@@ -70,8 +68,14 @@ def test_generate_returns_hidden_states_and_attentions_when_asked(tester):
     model = tester.create_model(config, attn_implementation="eager")
     with torch.no_grad():
         out = model.generate(
-            **inputs, **GREEDY, max_new_tokens=3, min_new_tokens=3, force_audio_bos=True,
-            output_hidden_states=True, output_attentions=True, return_dict_in_generate=True,
+            **inputs,
+            **GREEDY,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            force_audio_bos=True,
+            output_hidden_states=True,
+            output_attentions=True,
+            return_dict_in_generate=True,
         )
     layers = config.text_config.num_hidden_layers
     prompt = inputs["input_ids"].shape[1]
@@ -204,7 +208,10 @@ def test_compiled_static_cache_decoding_equals_eager(model_and_inputs):
     with torch.no_grad():
         eager = model.generate(**inputs, **controls, return_dict_in_generate=True)
         compiled = model.generate(
-            **inputs, **controls, cache_implementation="static", compile_config=compile_config,
+            **inputs,
+            **controls,
+            cache_implementation="static",
+            compile_config=compile_config,
             return_dict_in_generate=True,
         )
     assert hasattr(model, "_compiled_call") and hasattr(model.audio_invert_tower, "_compiled_backbone")

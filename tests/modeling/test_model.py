@@ -20,13 +20,19 @@ def _expected_8b_shapes() -> dict[str, tuple[int, ...]]:
     """docs/official-format.md#state-dict parameter table, written out independently of the model code."""
     shapes = {}
     enc = "continuous_audio_tower."
-    shapes.update({
-        enc + "conv1.weight": (1280, 128, 3), enc + "conv1.bias": (1280,),
-        enc + "conv2.weight": (1280, 1280, 3), enc + "conv2.bias": (1280,),
-        enc + "ln_post.weight": (1280,), enc + "ln_post.bias": (1280,),
-        enc + "proj.weight": (4096, 1280), enc + "proj.bias": (4096,),
-        enc + "audio_bos_eos_token.weight": (2, 4096),
-    })
+    shapes.update(
+        {
+            enc + "conv1.weight": (1280, 128, 3),
+            enc + "conv1.bias": (1280,),
+            enc + "conv2.weight": (1280, 1280, 3),
+            enc + "conv2.bias": (1280,),
+            enc + "ln_post.weight": (1280,),
+            enc + "ln_post.bias": (1280,),
+            enc + "proj.weight": (4096, 1280),
+            enc + "proj.bias": (4096,),
+            enc + "audio_bos_eos_token.weight": (2, 4096),
+        }
+    )
     for i in range(32):
         p = f"{enc}layers.{i}."
         for name in ("q_proj", "v_proj", "out_proj"):
@@ -42,11 +48,16 @@ def _expected_8b_shapes() -> dict[str, tuple[int, ...]]:
     shapes["audio_tower.output_matching.weight"] = (4096, 4096)
     shapes["audio_tower.continual_output_matching.weight"] = (4096, 4096)
     srh = "audio_invert_tower."
-    shapes.update({
-        srh + "pre_matching.weight": (20480, 4096), srh + "pre_matching.bias": (20480,),
-        srh + "input_matching.weight": (1024, 4096), srh + "output_matching.weight": (4096, 1024),
-        srh + "crq_transformer.norm.weight": (1024,), srh + "lm_head.weight": (6565, 4096),
-    })
+    shapes.update(
+        {
+            srh + "pre_matching.weight": (20480, 4096),
+            srh + "pre_matching.bias": (20480,),
+            srh + "input_matching.weight": (1024, 4096),
+            srh + "output_matching.weight": (4096, 1024),
+            srh + "crq_transformer.norm.weight": (1024,),
+            srh + "lm_head.weight": (6565, 4096),
+        }
+    )
     for i in range(28):
         p = f"{srh}crq_transformer.layers.{i}."
         shapes[p + "self_attn.q_proj.weight"] = (2048, 1024)

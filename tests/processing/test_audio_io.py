@@ -82,7 +82,11 @@ def test_chat_content_keys_path_url_audio(processor, tmp_path):
         {"type": "audio", "audio": {"array": clip, "sampling_rate": 16000}},
     ):
         conversation = [{"role": "user", "content": [item]}]
-        outs.append(processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"))
+        outs.append(
+            processor.apply_chat_template(
+                conversation, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+            )
+        )
     for out in outs[1:]:
         np.testing.assert_array_equal(out["input_ids"], outs[0]["input_ids"])
         np.testing.assert_allclose(out["input_features"], outs[0]["input_features"], atol=1e-6)
@@ -116,7 +120,9 @@ def test_resample_is_soxr():
     import soxr
 
     x = tone(0.5, 44100)
-    np.testing.assert_array_equal(resample(x, 44100, 16000), soxr.resample(x, 44100, 16000, quality="HQ").astype(np.float32))
+    np.testing.assert_array_equal(
+        resample(x, 44100, 16000), soxr.resample(x, 44100, 16000, quality="HQ").astype(np.float32)
+    )
 
 
 def test_int16_scaling_and_downmix():
@@ -189,7 +195,10 @@ def test_error_audio_longer_than_context(processor):
     seconds = processor.max_audio_seconds + 1
     long_clip = np.zeros(int(seconds * 16000), dtype=np.float32)
     long_clip[::100] = 0.1
-    with pytest.raises(AudioInputError, match=r"audio 0: audio lasts 410\.6 s and needs 2053 LLM positions, longer than the model context"):
+    with pytest.raises(
+        AudioInputError,
+        match=r"audio 0: audio lasts 410\.6 s and needs 2053 LLM positions, longer than the model context",
+    ):
         processor(text=PROMPT, audio=long_clip, sampling_rate=16000)
     processor.max_audio_seconds = 2.0
     with pytest.raises(AudioInputError, match=r"max_audio_seconds=2 s"):
@@ -217,7 +226,9 @@ def test_features_equal_official_30s_window_on_valid_frames(processor):
     for num_samples in (27700, 41000, 16000 * 12 + 7):
         clip = noise(num_samples, seed=num_samples)
         ours = processor(text=PROMPT, audio=clip, sampling_rate=16000, return_tensors="np")
-        official = processor.feature_extractor(clip, sampling_rate=16000, return_attention_mask=True, return_tensors="np")
+        official = processor.feature_extractor(
+            clip, sampling_rate=16000, return_attention_mask=True, return_tensors="np"
+        )
         valid = int(official["attention_mask"].sum())
         assert valid == int(ours["feature_attention_mask"].sum()) == math.ceil(num_samples / 160)
         np.testing.assert_allclose(ours["input_features"][0], official["input_features"][0][:, :valid], atol=2e-5)
@@ -250,6 +261,9 @@ def test_bundled_example_clip(processor):
     assert 1.0 < info.duration < 6.0 and EXAMPLE_AUDIO_TEXT
     assert __import__("os").path.getsize(path) < 200_000
     out = processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "audio", "path": path}]}], add_generation_prompt=True, tokenize=True, return_dict=True
+        [{"role": "user", "content": [{"type": "audio", "path": path}]}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
     )
     assert out["feature_attention_mask"].sum() == math.ceil(info.frames / 160)

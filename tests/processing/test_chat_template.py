@@ -78,7 +78,9 @@ def test_inputs_equal_oracle_infer_b1(processor):
 def test_batch_is_left_padded_and_equals_oracle_infer_b2(processor):
     oracle = load_oracle("infer_b2_leftpad")
     batch = [_conversation(UA, seed=1), _conversation(UB, seed=2)]
-    out = processor.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        batch, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     for key in ("input_ids", "attention_mask", "speech_ids", "speech_attention_mask", "feature_exist_mask"):
         assert torch.equal(out[key], oracle[key]), key
     assert out["input_ids"][0, :4].tolist() == [500] * 4  # left padding with <|endoftext|>
@@ -91,7 +93,9 @@ def test_processor_inputs_drive_the_model_like_the_oracle(processor, oracle_mode
     """Processor output (with the oracle's random features swapped in) gives the oracle's forward logits."""
     oracle_in = load_oracle("infer_b1")
     oracle_out = load_oracle("infer_b1", "outputs_forward.safetensors")
-    out = processor.apply_chat_template(_conversation(UA), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        _conversation(UA), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     inputs = dict(out)
     inputs["input_features"] = oracle_in["input_features"][..., :174]
     with torch.no_grad():
@@ -101,16 +105,26 @@ def test_processor_inputs_drive_the_model_like_the_oracle(processor, oracle_mode
 
 def test_all_model_inputs_shapes_and_types(processor):
     messages = [
-        {"role": "user", "content": [
-            {"type": "audio", "audio": noise(16000, seed=1), "sampling_rate": 16000},
-            {"type": "audio", "audio": noise(48000, seed=2), "sampling_rate": 48000},
-            {"type": "text", "text": "compare them"},
-        ]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": noise(16000, seed=1), "sampling_rate": 16000},
+                {"type": "audio", "audio": noise(48000, seed=2), "sampling_rate": 48000},
+                {"type": "text", "text": "compare them"},
+            ],
+        },
     ]
-    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     assert set(out.keys()) == {
-        "input_ids", "attention_mask", "input_features", "feature_attention_mask", "feature_exist_mask",
-        "speech_ids", "speech_attention_mask",
+        "input_ids",
+        "attention_mask",
+        "input_features",
+        "feature_attention_mask",
+        "feature_exist_mask",
+        "speech_ids",
+        "speech_attention_mask",
     }
     assert out["input_features"].dtype == torch.float32 and out["input_features"].shape[:2] == (2, 128)
     assert out["feature_attention_mask"].sum(-1).tolist() == [100, 100]
@@ -124,10 +138,13 @@ def test_all_model_inputs_shapes_and_types(processor):
 
 
 def test_speech_output_switch_and_explicit_system(processor):
-    text = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, speech_output=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, speech_output=True
+    )
     assert text.startswith(f"<|im_start|>system\n{DEFAULT_S2M_PROMPT}<|im_end|>\n")
     text = processor.apply_chat_template(
-        [{"role": "system", "content": SPOKEN_S2M_PROMPT}, {"role": "user", "content": "hi"}], add_generation_prompt=True
+        [{"role": "system", "content": SPOKEN_S2M_PROMPT}, {"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
     )
     assert text.startswith(f"<|im_start|>system\n{SPOKEN_S2M_PROMPT}<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n")
 
@@ -136,7 +153,10 @@ def test_multi_turn_with_earlier_assistant_text(processor):
     messages = [
         {"role": "system", "content": DEFAULT_S2M_PROMPT},
         {"role": "user", "content": [{"type": "audio", "audio": noise(16000, seed=1), "sampling_rate": 16000}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "It is sunny."}, {"type": "audio", "speech_codes": [1, 2, 3]}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "It is sunny."}, {"type": "audio", "speech_codes": [1, 2, 3]}],
+        },
         {"role": "user", "content": [{"type": "audio", "audio": noise(32000, seed=2), "sampling_rate": 16000}]},
     ]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -147,7 +167,9 @@ def test_multi_turn_with_earlier_assistant_text(processor):
         f"<|im_start|>user\n{AUDIO_TEMPLATE}<|im_end|>\n"
         "<|im_start|>assistant\n"
     )
-    out = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     # only the two user audios are inputs; the assistant's reply is history text
     assert out["input_features"].shape[0] == 2
     assert (out["input_ids"][0] == processor.audio_token_id).sum().item() == 5 + 10
@@ -156,7 +178,9 @@ def test_multi_turn_with_earlier_assistant_text(processor):
 def test_direct_call_adds_missing_audio_bos_eos(processor):
     clip = noise(16000)
     bare = processor(text="<|im_start|>user\n<|AUDIO|><|im_end|>\n", audio=clip, sampling_rate=16000)
-    full = processor(text="<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|><|im_end|>\n", audio=clip, sampling_rate=16000)
+    full = processor(
+        text="<|im_start|>user\n<|audio_bos|><|AUDIO|><|audio_eos|><|im_end|>\n", audio=clip, sampling_rate=16000
+    )
     assert bare["input_ids"] == full["input_ids"]
     ids = full["input_ids"][0]
     start = ids.index(processor.audio_bos_token_id)
@@ -164,7 +188,10 @@ def test_direct_call_adds_missing_audio_bos_eos(processor):
 
 
 def test_right_padding_on_request_and_text_only_prompts(processor):
-    out = processor(text=["<|im_start|>user\nhi<|im_end|>\n", "<|im_start|>user\nhello there friend<|im_end|>\n"], padding_side="right")
+    out = processor(
+        text=["<|im_start|>user\nhi<|im_end|>\n", "<|im_start|>user\nhello there friend<|im_end|>\n"],
+        padding_side="right",
+    )
     assert out["attention_mask"][0][-1] == 0 and out["input_ids"][0][-1] == processor.text_pad_token_id
     assert "input_features" not in out
 

@@ -47,8 +47,14 @@ def _spoken_conversation(b: int, oracle, transcript="hello there", seed=0):
     codes = oracle["speech_ids"][codes_row, 10:n].tolist()
     return [
         {"role": "system", "content": "efghij"},  # = the oracle's system ids 101..106 in the tiny vocabulary
-        {"role": "user", "content": [{"type": "audio", "audio": noise(USER_SAMPLES[b], seed=seed + b), "sampling_rate": 16000}]},
-        {"role": "assistant", "content": [{"type": "text", "text": transcript}, {"type": "audio", "speech_codes": codes}]},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": noise(USER_SAMPLES[b], seed=seed + b), "sampling_rate": 16000}],
+        },
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": transcript}, {"type": "audio", "speech_codes": codes}],
+        },
     ]
 
 
@@ -56,8 +62,16 @@ def test_collator_reproduces_oracle_train_b2_tensors(processor):
     oracle = load_oracle("train_b2")
     batch = FunAudioChatDataCollator(processor)(_oracle_rows(oracle))
     keys = {
-        "input_ids", "attention_mask", "labels", "speech_ids", "speech_attention_mask", "text_ids",
-        "text_attention_mask", "feature_exist_mask", "input_features", "feature_attention_mask",
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "speech_ids",
+        "speech_attention_mask",
+        "text_ids",
+        "text_attention_mask",
+        "feature_exist_mask",
+        "input_features",
+        "feature_attention_mask",
     }
     assert set(batch) == keys
     for key in keys - {"input_features", "feature_attention_mask"}:
@@ -94,7 +108,15 @@ def test_training_example_layout_matches_oracle(processor):
     assert ex["text_ids"] == [[], processor.tokenizer("hello there")["input_ids"]]
     assert [f.shape for f in ex["input_features"]] == [(128, 174)]
     batch = FunAudioChatDataCollator(processor)(examples)
-    for key in ("input_ids", "attention_mask", "labels", "speech_ids", "speech_attention_mask", "feature_exist_mask", "text_attention_mask"):
+    for key in (
+        "input_ids",
+        "attention_mask",
+        "labels",
+        "speech_ids",
+        "speech_attention_mask",
+        "feature_exist_mask",
+        "text_attention_mask",
+    ):
         assert torch.equal(batch[key], oracle[key]), key
     assert batch["feature_attention_mask"].sum(-1).tolist() == [174, 257]
     # the reply span: <|audio_bos|> <|AUDIO|>*8 <|audio_eos|> <|im_end|> \n, labelled; the prompt is not
@@ -105,9 +127,14 @@ def test_training_example_layout_matches_oracle(processor):
 
 def test_default_system_prompt_follows_reply_modality(processor):
     spoken = processor.build_training_example(
-        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "audio", "speech_codes": [1, 2, 3]}]}]
+        [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": [{"type": "audio", "speech_codes": [1, 2, 3]}]},
+        ]
     )
-    texty = processor.build_training_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    texty = processor.build_training_example(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    )
     assert processor.decode(spoken["input_ids"]).startswith(f"<|im_start|>system\n{DEFAULT_S2M_PROMPT}<|im_end|>")
     assert processor.decode(texty["input_ids"]).startswith(f"<|im_start|>system\n{DEFAULT_S2T_PROMPT}<|im_end|>")
     # text reply: labels on "hello<|im_end|>\n" only, no audio rows
@@ -123,7 +150,9 @@ def test_default_system_prompt_follows_reply_modality(processor):
 
 def test_text_only_batch_and_mixed_batch(processor):
     collator = FunAudioChatDataCollator(processor)
-    texty = processor.build_training_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
+    texty = processor.build_training_example(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    )
     only_text = collator([texty, texty])
     assert set(only_text) == {"input_ids", "attention_mask", "labels"}
     oracle = load_oracle("train_b2")
@@ -135,11 +164,13 @@ def test_text_only_batch_and_mixed_batch(processor):
 
 
 def test_left_padding_option(processor):
-    texty = processor.build_training_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}])
-    longer = processor.build_training_example([{"role": "user", "content": "hi there you"}, {"role": "assistant", "content": "hello"}])
-    batch = FunAudioChatDataCollator(processor, padding_side="left", pad_to_multiple_of=8)(
-        [texty, longer]
+    texty = processor.build_training_example(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     )
+    longer = processor.build_training_example(
+        [{"role": "user", "content": "hi there you"}, {"role": "assistant", "content": "hello"}]
+    )
+    batch = FunAudioChatDataCollator(processor, padding_side="left", pad_to_multiple_of=8)([texty, longer])
     assert batch["input_ids"].shape[1] % 8 == 0
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
 
@@ -149,14 +180,22 @@ def test_example_errors(processor):
         processor.build_training_example([{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="pass speech_tokenizer="):
         processor.build_training_example(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "audio", "audio": noise(16000), "sampling_rate": 16000}]}]
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "audio", "audio": noise(16000), "sampling_rate": 16000}]},
+            ]
         )
     with pytest.raises(ValueError, match=r"speech codes must be in \[0, 296\)"):
         processor.build_training_example(
-            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [{"type": "audio", "speech_codes": [5, 296]}]}]
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": [{"type": "audio", "speech_codes": [5, 296]}]},
+            ]
         )
     with pytest.raises(ValueError, match="more than max_length=5"):
-        processor.build_training_example([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], max_length=5)
+        processor.build_training_example(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}], max_length=5
+        )
     with pytest.raises(ValueError, match="needs 'input_ids' .* or 'messages'"):
         FunAudioChatDataCollator(processor)([{"foo": 1}])
 
@@ -166,7 +205,13 @@ def test_long_transcript_warns(processor):
         processor.build_training_example(
             [
                 {"role": "user", "content": "hi"},
-                {"role": "assistant", "content": [{"type": "text", "text": "a much longer transcript than fits"}, {"type": "audio", "speech_codes": [1, 2, 3]}]},
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "text", "text": "a much longer transcript than fits"},
+                        {"type": "audio", "speech_codes": [1, 2, 3]},
+                    ],
+                },
             ]
         )
 
@@ -206,7 +251,13 @@ def test_datasets_pipeline_map_collate_and_one_trainer_step(processor, tmp_path)
     def to_example(row):
         messages = [
             {"role": "user", "content": [{"type": "audio", "audio": row["audio"]}]},
-            {"role": "assistant", "content": [{"type": "text", "text": row["transcript"]}, {"type": "audio", "speech_codes": row["codes"]}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": row["transcript"]},
+                    {"type": "audio", "speech_codes": row["codes"]},
+                ],
+            },
         ]
         return processor.build_training_example(messages)
 

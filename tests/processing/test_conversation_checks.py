@@ -22,7 +22,10 @@ CALL = {"type": "function", "function": {"name": "get_weather", "arguments": {"c
         ([{"role": "user", "content": [{"type": "text"}]}], "text item without a string 'text'"),
         ([{"role": "user", "content": ["hello"]}], "must be a dict"),
         ([{"role": "user", "content": [AUDIO]}, {"role": "tool", "content": "21 C"}], "without a preceding assistant"),
-        ([{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": {}}}]}], "needs a function name"),
+        (
+            [{"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": {}}}]}],
+            "needs a function name",
+        ),
         (["hello"], "must be a dict with 'role'"),
     ],
 )

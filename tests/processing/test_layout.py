@@ -68,12 +68,20 @@ def test_auto_processor_loads_official_layout():
     assert processor.audio_token_id == 505 and processor.audio_group_size == 5
     # speech tokenizer from the speech_tokenizer/ subfolder
     assert processor.num_speech_codes == TINY_SPEECH_CODES
-    assert (processor.speech_bos_token_id, processor.speech_eos_token_id, processor.speech_pad_token_id) == (296, 297, 299)
+    assert (processor.speech_bos_token_id, processor.speech_eos_token_id, processor.speech_pad_token_id) == (
+        296,
+        297,
+        299,
+    )
     assert processor.speech_tokenizer.convert_tokens_to_ids("[AU0123]") == 123
     assert processor.speech_tokenizer.decode([5, 17]) == "[AU0005][AU0017]"
     fe = processor.feature_extractor
     assert (type(fe).__name__, fe.feature_size, fe.sampling_rate, fe.hop_length, fe.n_fft) == (
-        "WhisperFeatureExtractor", 128, 16000, 160, 400,
+        "WhisperFeatureExtractor",
+        128,
+        16000,
+        160,
+        400,
     )
     # no chat template file in the release layout -> the built-in template
     from fun_audio_chat.processing import CHAT_TEMPLATE
@@ -85,8 +93,12 @@ def test_fixture_and_tiny_processor_agree(processor):
     loaded = _load_fixture()
     text = "<|im_start|>user\nhello the world, <tool_call>{}</tool_call> 你好 éà<|im_end|>\n"
     assert loaded.tokenizer(text)["input_ids"] == processor.tokenizer(text)["input_ids"]
-    a = loaded.apply_chat_template(_sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
-    b = processor.apply_chat_template(_sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    a = loaded.apply_chat_template(
+        _sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
+    b = processor.apply_chat_template(
+        _sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
@@ -132,8 +144,12 @@ def test_save_pretrained_writes_official_layout_and_round_trips(tmp_path):
     for rel in files:
         if not rel.endswith("tokenizer_config.json"):
             assert (out / rel).read_bytes() == (again / rel).read_bytes(), rel
-    a = processor.apply_chat_template(_sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
-    b = reloaded.apply_chat_template(_sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np")
+    a = processor.apply_chat_template(
+        _sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
+    b = reloaded.apply_chat_template(
+        _sample_conversation(), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="np"
+    )
     for key in a:
         np.testing.assert_array_equal(a[key], b[key])
 
@@ -194,11 +210,32 @@ def _qwen_tiktoken_path():
 
 
 QWEN3_ADDED_TOKENS = [
-    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
-    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
-    "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>",
-    "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>",
-    "<think>", "</think>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<tool_call>",
+    "</tool_call>",
+    "<|fim_prefix|>",
+    "<|fim_middle|>",
+    "<|fim_suffix|>",
+    "<|fim_pad|>",
+    "<|repo_name|>",
+    "<|file_sep|>",
+    "<tool_response>",
+    "</tool_response>",
+    "<think>",
+    "</think>",
 ]
 
 
@@ -240,18 +277,37 @@ def test_real_qwen_vocabulary_gives_release_ids(tmp_path):
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[(a, b) for _, a, b in merges], unk_token=None)
     tokenizer.backend_tokenizer.model.ignore_merges = True
     for token in QWEN3_ADDED_TOKENS:
-        special = token not in ("<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>")
+        special = token not in (
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+        )
         tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)], special_tokens=special)
     assert len(tokenizer) == 151669
     processor = build_processor(tokenizer)  # adds the audio tokens + the 6561-code speech tokenizer
     expected = {
-        "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<think>": 151667, "</think>": 151668,
-        "<|AUDIO|>": 151669, "<|audio_bos|>": 151670, "<|audio_eos|>": 151671, "<|audio_pad|>": 151672, "<|sil|>": 151673,
+        "<|endoftext|>": 151643,
+        "<|im_start|>": 151644,
+        "<|im_end|>": 151645,
+        "<think>": 151667,
+        "</think>": 151668,
+        "<|AUDIO|>": 151669,
+        "<|audio_bos|>": 151670,
+        "<|audio_eos|>": 151671,
+        "<|audio_pad|>": 151672,
+        "<|sil|>": 151673,
     }
     for token, token_id in expected.items():
         assert processor.tokenizer.convert_tokens_to_ids(token) == token_id, token
     assert processor.tokenizer("\n")["input_ids"] == [198]
-    assert (processor.speech_bos_token_id, processor.speech_eos_token_id, processor.speech_pad_token_id) == (6561, 6562, 6563)
+    assert (processor.speech_bos_token_id, processor.speech_eos_token_id, processor.speech_pad_token_id) == (
+        6561,
+        6562,
+        6563,
+    )
 
     processor.save_pretrained(str(tmp_path))
     reloaded = AutoProcessor.from_pretrained(str(tmp_path))

@@ -65,9 +65,14 @@ def test_audios_in_conversation_follows_the_placeholders(processor):
     first, second, reply = tone(0.5), tone(1.0, freq=220.0), tone(0.3)
     conversation = [
         {"role": "system", "content": [{"type": "audio", "audio": reply, "sampling_rate": 16000}]},
-        {"role": "user", "content": [{"type": "audio", "audio": first, "sampling_rate": 16000},
-                                     {"type": "text", "text": "and"},
-                                     {"type": "audio", "audio": second[::2], "sampling_rate": 8000}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": first, "sampling_rate": 16000},
+                {"type": "text", "text": "and"},
+                {"type": "audio", "audio": second[::2], "sampling_rate": 8000},
+            ],
+        },
         {"role": "assistant", "content": [{"type": "audio", "audio": reply, "sampling_rate": 16000}]},
         {"role": "user", "content": "plain text"},
     ]
@@ -76,8 +81,10 @@ def test_audios_in_conversation_follows_the_placeholders(processor):
     np.testing.assert_array_equal(waveforms[0], first)
     # a batch gives one flat list, numbered across the batch in error messages
     assert len(processor.audios_in_conversation([conversation, conversation])) == 4
-    broken = [conversation, [{"role": "user", "content": [{"type": "audio", "audio": np.zeros(0, np.float32),
-                                                            "sampling_rate": 16000}]}]]
+    broken = [
+        conversation,
+        [{"role": "user", "content": [{"type": "audio", "audio": np.zeros(0, np.float32), "sampling_rate": 16000}]}],
+    ]
     from fun_audio_chat.processing import AudioInputError
 
     with pytest.raises(AudioInputError, match="audio 2: audio is empty"):

@@ -80,7 +80,9 @@ def _conversations(folders):
                 {
                     "role": "assistant",
                     "content": "",
-                    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+                    "tool_calls": [
+                        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}
+                    ],
                 },
                 {"role": "tool", "content": {"temperature": 21}},
             ],
@@ -118,7 +120,9 @@ def test_a_foreign_checkpoint_template_is_kept_aside_and_ours_renders(folders):
     assert _load(folders["ours"]).chat_template == CHAT_TEMPLATE
 
 
-@pytest.mark.parametrize("case", ["path_and_text", "array_bytes_speech_output", "tools_and_results", "multi_turn_with_system"])
+@pytest.mark.parametrize(
+    "case", ["path_and_text", "array_bytes_speech_output", "tools_and_results", "multi_turn_with_system"]
+)
 def test_every_released_template_gives_the_same_model_inputs(folders, processor, case):
     messages, kwargs = _conversations(folders)[case]
     reference = _inputs(processor, messages, **kwargs)  # the tiny processor: our template, built in code
@@ -132,7 +136,9 @@ def test_tools_and_speech_output_reach_the_prompt_from_an_official_template_fold
     messages, kwargs = _conversations(folders)["tools_and_results"]
     text = processor.apply_chat_template(messages, add_generation_prompt=True, **kwargs)
     assert '"name": "get_weather"' in text and "<tools>" in text and "<tool_response>" in text
-    spoken = processor.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, speech_output=True)
+    spoken = processor.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, speech_output=True
+    )
     assert spoken.startswith(f"<|im_start|>system\n{DEFAULT_S2M_PROMPT}<|im_end|>\n")
 
 
@@ -143,7 +149,10 @@ def test_typed_items_equal_the_string_content_layout_of_the_official_scripts(fol
     clip = folders["clip_a"]
     typed = [
         {"role": "system", "content": DEFAULT_S2M_PROMPT},
-        {"role": "user", "content": [{"type": "audio", "audio": clip, "sampling_rate": 16000}, {"type": "text", "text": "Hi?"}]},
+        {
+            "role": "user",
+            "content": [{"type": "audio", "audio": clip, "sampling_rate": 16000}, {"type": "text", "text": "Hi?"}],
+        },
     ]
     strings = [
         {"role": "system", "content": DEFAULT_S2M_PROMPT},
@@ -194,7 +203,9 @@ def test_official_call_on_bare_16k_arrays(processor, caplog):
     warnings = [r for r in caplog.records if "sampling_rate=" in r.getMessage()]
     assert len(warnings) == 1 and "16000 Hz" in warnings[0].getMessage()
     _assert_same(bare, processor(text=prompt, audio=[clip_a, clip_b], sampling_rate=16000, return_tensors="np"))
-    typed = [{"role": "user", "content": [{"type": "audio", "audio": c, "sampling_rate": 16000} for c in (clip_a, clip_b)]}]
+    typed = [
+        {"role": "user", "content": [{"type": "audio", "audio": c, "sampling_rate": 16000} for c in (clip_a, clip_b)]}
+    ]
     _assert_same(bare, _inputs(processor, typed))
     # an explicit rate is still resampled: the 8 kHz version of the same duration has the same layout
     eight_k = processor(text=prompt, audio=[clip_a[::2], clip_b[::2]], sampling_rate=8000, return_tensors="np")

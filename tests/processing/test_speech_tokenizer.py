@@ -46,7 +46,9 @@ def test_missing_package_gives_install_hint(monkeypatch):
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.delitem(sys.modules, "s3tokenizer", raising=False)
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "s3tokenizer" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "s3tokenizer" else real_find_spec(name, *a)
+    )
     with pytest.raises(ImportError, match=r"pip install --no-deps s3tokenizer==0\.3\.0"):
         st.import_s3tokenizer()
 
@@ -117,7 +119,13 @@ def test_reply_audio_tokenized_for_training(processor, s3_small):
     example = processor.build_training_example(
         [
             {"role": "user", "content": "hi"},
-            {"role": "assistant", "content": [{"type": "text", "text": "hello"}, {"type": "audio", "audio": reply, "sampling_rate": 16000}]},
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "text", "text": "hello"},
+                    {"type": "audio", "audio": reply, "sampling_rate": 16000},
+                ],
+            },
         ],
         speech_tokenizer=lambda audios: [[c % 296 for c in codes] for codes in s3_small(audios)],
     )

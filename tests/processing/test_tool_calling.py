@@ -78,7 +78,9 @@ def test_tool_prompt_layout_token_for_token(processor, tools):
     from transformers.utils import get_json_schema
 
     schemas = [t if isinstance(t, dict) else get_json_schema(t) for t in tools]
-    out = processor.apply_chat_template(_spoken_request(), tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)
+    out = processor.apply_chat_template(
+        _spoken_request(), tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
     expected = _expected_prompt(DEFAULT_S2T_PROMPT, schemas, processor.num_audio_tokens(24000))
     assert out["input_ids"][0] == processor.tokenizer(expected)["input_ids"]
     text = processor.apply_chat_template(_spoken_request(), tools=tools, add_generation_prompt=True)
@@ -97,10 +99,14 @@ def test_functions_and_schemas_render_the_same(processor):
 
 
 def test_tools_with_speech_output_or_own_system_prompt(processor):
-    spoken = processor.apply_chat_template(_spoken_request(), tools=[WEATHER_SCHEMA], add_generation_prompt=True, speech_output=True)
+    spoken = processor.apply_chat_template(
+        _spoken_request(), tools=[WEATHER_SCHEMA], add_generation_prompt=True, speech_output=True
+    )
     assert spoken.startswith("<|im_start|>system\n" + DEFAULT_S2M_PROMPT + TOOLS_SECTION_HEADER)
     own = processor.apply_chat_template(
-        [{"role": "system", "content": "Be brief."}, *_spoken_request()], tools=[WEATHER_SCHEMA], add_generation_prompt=True
+        [{"role": "system", "content": "Be brief."}, *_spoken_request()],
+        tools=[WEATHER_SCHEMA],
+        add_generation_prompt=True,
     )
     assert own.startswith("<|im_start|>system\nBe brief." + TOOLS_SECTION_HEADER)
     assert TOOLS_SECTION_FOOTER + "<|im_end|>\n" in own
@@ -115,7 +121,9 @@ def test_round_trip_with_tool_results_renders_qwen3_layout(processor):
         {"role": "tool", "name": "get_weather", "content": json.dumps(get_weather(**calls[0]["arguments"]))},
         {"role": "tool", "name": "get_weather", "content": {"note": "second result"}},
     ]
-    text = processor.apply_chat_template(messages, tools=[WEATHER_SCHEMA], add_generation_prompt=True, speech_output=True)
+    text = processor.apply_chat_template(
+        messages, tools=[WEATHER_SCHEMA], add_generation_prompt=True, speech_output=True
+    )
     tail = text[text.index("<|im_start|>assistant\n") :]
     assert tail == (
         "<|im_start|>assistant\nLet me check.\n"
@@ -125,7 +133,14 @@ def test_round_trip_with_tool_results_renders_qwen3_layout(processor):
         '<tool_response>\n{"note": "second result"}\n</tool_response><|im_end|>\n'
         "<|im_start|>assistant\n"
     )
-    out = processor.apply_chat_template(messages, tools=[WEATHER_SCHEMA], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    out = processor.apply_chat_template(
+        messages,
+        tools=[WEATHER_SCHEMA],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
     assert out["input_features"].shape[0] == 1  # only the spoken request is an audio input
     # the tool tags are single tokens of the vocabulary
     ids = out["input_ids"][0].tolist()
@@ -135,10 +150,13 @@ def test_round_trip_with_tool_results_renders_qwen3_layout(processor):
 def test_parallel_calls_render_one_block_each(processor):
     messages = [
         {"role": "user", "content": "weather in two cities"},
-        {"role": "assistant", "tool_calls": [
-            {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
-            {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
-        ]},
+        {
+            "role": "assistant",
+            "tool_calls": [
+                {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+                {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}},
+            ],
+        },
     ]
     text = processor.apply_chat_template(messages)
     assert text.endswith(
@@ -248,7 +266,9 @@ def test_tool_conversation_runs_end_to_end_on_tiny_model(processor):
     torch.manual_seed(0)
     model = FunAudioChatForConditionalGeneration(tiny_config()).eval()
     messages = _spoken_request()
-    inputs = processor.apply_chat_template(messages, tools=[get_weather], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        messages, tools=[get_weather], add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=6, do_sample=False, return_speech=False)
     new = out[0, inputs["input_ids"].shape[1] :]
@@ -261,10 +281,18 @@ def test_tool_conversation_runs_end_to_end_on_tiny_model(processor):
         {"role": "tool", "name": "get_weather", "content": json.dumps(get_weather("Paris"))},
     ]
     inputs = processor.apply_chat_template(
-        messages, tools=[get_weather], add_generation_prompt=True, speech_output=True, tokenize=True, return_dict=True, return_tensors="pt"
+        messages,
+        tools=[get_weather],
+        add_generation_prompt=True,
+        speech_output=True,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
     )
     with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=6, do_sample=False, force_audio_bos=True, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=6, do_sample=False, force_audio_bos=True, return_dict_in_generate=True
+        )
     assert out.sequences.shape[1] > inputs["input_ids"].shape[1]
     text = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1] :])
     assert isinstance(text, str)

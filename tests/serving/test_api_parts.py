@@ -15,8 +15,10 @@ from fun_audio_chat.processing import example_audio_path
 from fun_audio_chat.serving.audio import AudioRequestError, decode_input_audio, encode_audio, to_pcm16
 from fun_audio_chat.serving.openai_api import ToolCallSplitter
 
-REPLY = 'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call> and <tool_call>{"name": "b"}</tool_call>' \
-        "<tool_call>not json</tool_call> bye <tool"
+REPLY = (
+    'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call> and <tool_call>{"name": "b"}</tool_call>'
+    "<tool_call>not json</tool_call> bye <tool"
+)
 
 
 def _split(pieces):
@@ -27,8 +29,10 @@ def _split(pieces):
 
 def test_tool_call_splitter_is_the_same_whole_or_streamed_at_any_cut():
     whole = _split([REPLY])
-    assert whole == ("Sure. and <tool_call>not json</tool_call> bye <tool",
-                     [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}])
+    assert whole == (
+        "Sure. and <tool_call>not json</tool_call> bye <tool",
+        [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}],
+    )
     for cut in range(len(REPLY)):
         assert _split([REPLY[:cut], REPLY[cut:]]) == whole
     assert _split(list(REPLY)) == whole
@@ -38,7 +42,7 @@ def test_tool_call_splitter_holds_back_only_a_possible_tag():
     splitter = ToolCallSplitter()
     assert splitter.feed("Hello <to") == "Hello "
     assert splitter.feed("day") == "<today"
-    assert splitter.feed(" <tool_call>{\"name\"") == " "
+    assert splitter.feed(' <tool_call>{"name"') == " "
     assert splitter.finish() == '<tool_call>{"name"'  # a cut-off call stays visible
 
 
@@ -61,8 +65,9 @@ def test_decode_input_audio(processor):
     # a data URL prefix is accepted; another container at another rate is resampled
     buffer = io.BytesIO()
     sf.write(buffer, np.repeat(reference[:, None], 2, axis=1), 16000, format="FLAC")
-    flac = decode_input_audio("data:audio/flac;base64," + _b64(buffer.getvalue()), "flac", where="m",
-                              processor=processor, max_seconds=10)
+    flac = decode_input_audio(
+        "data:audio/flac;base64," + _b64(buffer.getvalue()), "flac", where="m", processor=processor, max_seconds=10
+    )
     assert flac.shape == waveform.shape
 
 

@@ -49,9 +49,21 @@ def served():
     log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fun-audio-chat-serve-{port}.log", "w+")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--max-new-tokens", "16",
-         "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env=env,
+        [
+            sys.executable,
+            "-m",
+            "fun_audio_chat.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--max-new-tokens",
+            "16",
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -98,10 +110,16 @@ def browser(microphone_wav):
 
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which(CHROMIUM)
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,820",
-                 "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-                 f"--use-file-for-fake-audio-capture={microphone_wav}",
-                 "--autoplay-policy=no-user-gesture-required"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,820",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        f"--use-file-for-fake-audio-capture={microphone_wav}",
+        "--autoplay-policy=no-user-gesture-required",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=Service(shutil.which(CHROMEDRIVER)))

@@ -67,8 +67,9 @@ def test_seed_makes_sampling_repeatable_and_runs_alone(engine):
     first, second = _submit_together(engine, [request, request])
     assert first.metrics.batch_size == second.metrics.batch_size == 1  # a seeded request is decoded alone
     assert (first.text, first.codes) == (second.text, second.codes)
-    other = engine.submit(TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95,
-                                      seed=99)).result()
+    other = engine.submit(
+        TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=99)
+    ).result()
     assert (other.text, other.codes) != (first.text, first.codes)
 
 
@@ -140,8 +141,11 @@ class _EndAtStep:
     def __call__(self, input_ids, scores):
         import torch
 
-        if self.prompt is None or input_ids.shape[1] <= self.prompt.shape[1] or not torch.equal(
-                input_ids[:, : self.prompt.shape[1]], self.prompt):
+        if (
+            self.prompt is None
+            or input_ids.shape[1] <= self.prompt.shape[1]
+            or not torch.equal(input_ids[:, : self.prompt.shape[1]], self.prompt)
+        ):
             self.prompt = input_ids.clone()  # a new generate call
             self.ends = [self.steps[int(n)] for n in (input_ids != self.pad_token).sum(-1)]
         step = input_ids.shape[1] - self.prompt.shape[1]
@@ -162,13 +166,22 @@ def test_a_row_that_ends_early_is_answered_before_its_batch_ends(tiny_pair, spee
     model, processor = tiny_pair
     short, long = _typed("Hi"), _typed("Tell me a long story about the weather")
     lengths = [
-        int(processor.apply_chat_template(c, add_generation_prompt=True, speech_output=speech, tokenize=True,
-                                          return_dict=True, return_tensors="pt")["attention_mask"].sum()) for c in (short, long)
+        int(
+            processor.apply_chat_template(
+                c,
+                add_generation_prompt=True,
+                speech_output=speech,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+            )["attention_mask"].sum()
+        )
+        for c in (short, long)
     ]
-    end_at = _EndAtStep(processor.im_end_token_id, processor.tokenizer.pad_token_id,
-                        {lengths[0]: 3, lengths[1]: 200})
-    engine = ServingEngine(model, processor, batch_window=0.3,
-                           generate_kwargs={"logits_processor": LogitsProcessorList([end_at])}).start()
+    end_at = _EndAtStep(processor.im_end_token_id, processor.tokenizer.pad_token_id, {lengths[0]: 3, lengths[1]: 200})
+    engine = ServingEngine(
+        model, processor, batch_window=0.3, generate_kwargs={"logits_processor": LogitsProcessorList([end_at])}
+    ).start()
     try:
         requests = [TurnRequest(c, speech=speech, max_new_tokens=220, temperature=0) for c in (short, long)]
         solo = [engine.submit(request).result() for request in requests]
@@ -197,8 +210,9 @@ def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pai
             raise ValueError("boom at step 8")
         return scores
 
-    engine = ServingEngine(model, processor,
-                           generate_kwargs={"logits_processor": LogitsProcessorList([fail_on_eighth_step])}).start()
+    engine = ServingEngine(
+        model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([fail_on_eighth_step])}
+    ).start()
     try:
         events = list(engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=12, temperature=0)))
         assert any(isinstance(event, TextDelta) for event in events)  # it failed after streaming had begun

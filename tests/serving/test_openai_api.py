@@ -66,8 +66,14 @@ def test_text_reply_streamed_equals_non_streamed(client, hello_b64):
     assert choice.finish_reason == "length" and reply.usage.completion_tokens == 10
     assert reply.usage.prompt_tokens > 20
 
-    stream = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=10,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        temperature=0,
+        max_tokens=10,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == choice.message.content
@@ -78,10 +84,14 @@ def test_text_reply_streamed_equals_non_streamed(client, hello_b64):
 
 def test_multi_turn_history_and_system_prompt(client, hello_b64):
     first = client.chat.completions.create(model="tiny", messages=_spoken(hello_b64), temperature=0, max_tokens=6)
-    messages = [{"role": "system", "content": "You are terse."}] + _spoken(hello_b64) + [
-        {"role": "assistant", "content": first.choices[0].message.content},
-        {"role": "user", "content": "And tomorrow?"},
-    ]
+    messages = (
+        [{"role": "system", "content": "You are terse."}]
+        + _spoken(hello_b64)
+        + [
+            {"role": "assistant", "content": first.choices[0].message.content},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+    )
     second = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=6)
     assert second.usage.prompt_tokens > first.usage.prompt_tokens + 5
     assert second.choices[0].message.content
@@ -93,8 +103,14 @@ def _audio_of(message) -> tuple[np.ndarray, int]:
 
 def test_spoken_reply_wav_and_stream_agree(client, hello_b64):
     messages = _spoken(hello_b64)
-    reply = client.chat.completions.create(model="tiny", messages=messages, modalities=["text", "audio"],
-                                           audio={"voice": "alloy", "format": "wav"}, temperature=0, max_tokens=12)
+    reply = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+        temperature=0,
+        max_tokens=12,
+    )
     message = reply.choices[0].message
     assert message.content is None and message.audio.transcript and message.audio.id.startswith("audio_")
     samples, rate = _audio_of(message)
@@ -102,9 +118,15 @@ def test_spoken_reply_wav_and_stream_agree(client, hello_b64):
     assert 1.5 <= len(samples) / rate <= 3.0  # 12 steps, 5 codes (0.2 s) each after the speech delay
     assert np.abs(samples).max() > 0
 
-    stream = client.chat.completions.create(model="tiny", messages=messages, modalities=["text", "audio"],
-                                            audio={"voice": "alloy", "format": "pcm16"}, temperature=0,
-                                            max_tokens=12, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "pcm16"},
+        temperature=0,
+        max_tokens=12,
+        stream=True,
+    )
     pieces, transcript = [], []
     for chunk in stream:
         audio = getattr(chunk.choices[0].delta, "audio", None) if chunk.choices else None
@@ -117,15 +139,29 @@ def test_spoken_reply_wav_and_stream_agree(client, hello_b64):
     assert np.array_equal(np.frombuffer(b"".join(pieces), dtype="<i2"), samples)
     assert "".join(transcript) == message.audio.transcript
 
-    raw = client.chat.completions.create(model="tiny", messages=messages, modalities=["text", "audio"],
-                                         audio={"voice": "alloy", "format": "pcm16"}, temperature=0, max_tokens=12)
+    raw = client.chat.completions.create(
+        model="tiny",
+        messages=messages,
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "pcm16"},
+        temperature=0,
+        max_tokens=12,
+    )
     assert np.array_equal(np.frombuffer(base64.b64decode(raw.choices[0].message.audio.data), dtype="<i2"), samples)
 
     # the next turn refers to the spoken reply by its audio id, as OpenAI clients do
-    follow_up = messages + [{"role": "assistant", "audio": {"id": message.audio.id}},
-                            {"role": "user", "content": "And tomorrow?"}]
-    again = client.chat.completions.create(model="tiny", messages=follow_up, modalities=["text", "audio"],
-                                           audio={"voice": "alloy", "format": "wav"}, temperature=0, max_tokens=4)
+    follow_up = messages + [
+        {"role": "assistant", "audio": {"id": message.audio.id}},
+        {"role": "user", "content": "And tomorrow?"},
+    ]
+    again = client.chat.completions.create(
+        model="tiny",
+        messages=follow_up,
+        modalities=["text", "audio"],
+        audio={"voice": "alloy", "format": "wav"},
+        temperature=0,
+        max_tokens=4,
+    )
     assert again.usage.prompt_tokens > reply.usage.prompt_tokens + len(message.audio.transcript) // 8
 
 
@@ -139,7 +175,11 @@ def test_four_concurrent_requests_equal_their_solo_answers(server, client, hello
 
     def ask(messages, modalities):
         reply = client.chat.completions.create(
-            model="tiny", messages=messages, temperature=0, max_tokens=10, modalities=modalities,
+            model="tiny",
+            messages=messages,
+            temperature=0,
+            max_tokens=10,
+            modalities=modalities,
             audio={"voice": "alloy", "format": "wav"} if "audio" in modalities else None,
         )
         message = reply.choices[0].message
@@ -162,8 +202,13 @@ def test_seed_repeats_a_sampled_reply(client):
     messages = [{"role": "user", "content": "Tell me something."}]
 
     def ask(seed):
-        return client.chat.completions.create(model="tiny", messages=messages, temperature=1.0, top_p=0.9,
-                                              seed=seed, max_tokens=10).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model="tiny", messages=messages, temperature=1.0, top_p=0.9, seed=seed, max_tokens=10
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert ask(7) == ask(7)
     assert ask(7) != ask(8)
@@ -190,13 +235,15 @@ def test_tools_reach_the_prompt_and_come_back_as_tool_calls(tiny_pair):
             forced[:, script[step]] = 0.0
             return forced
 
-    engine = ServingEngine(model, processor, generate_kwargs={"logits_processor": LogitsProcessorList(
-        [ScriptedReply()])})
+    engine = ServingEngine(
+        model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply()])}
+    )
     with LocalServer(engine, "tiny") as server:
         client = server.client()
         messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-        reply = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
-                                               temperature=0, max_tokens=len(script) + 4)
+        reply = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER_TOOL], temperature=0, max_tokens=len(script) + 4
+        )
         choice = reply.choices[0]
         assert choice.finish_reason == "tool_calls"
         assert choice.message.content == "Let me check."
@@ -205,13 +252,20 @@ def test_tools_reach_the_prompt_and_come_back_as_tool_calls(tiny_pair):
         assert json.loads(call.function.arguments) == {"city": "Paris"}
         assert reply.usage.prompt_tokens > 60  # the tool schema is in the prompt
 
-        stream = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
-                                                temperature=0, max_tokens=len(script) + 4, stream=True)
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            tools=[WEATHER_TOOL],
+            temperature=0,
+            max_tokens=len(script) + 4,
+            stream=True,
+        )
         chunks = [c for c in stream if c.choices]
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me check."
         streamed_calls = [call for c in chunks for call in (c.choices[0].delta.tool_calls or [])]
         assert [(c.function.name, json.loads(c.function.arguments)) for c in streamed_calls] == [
-            ("get_weather", {"city": "Paris"})]
+            ("get_weather", {"city": "Paris"})
+        ]
         assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
         # the tool result goes back in, as OpenAI clients send it
@@ -219,12 +273,14 @@ def test_tools_reach_the_prompt_and_come_back_as_tool_calls(tiny_pair):
             {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
             {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"sky": "sunny"})},
         ]
-        again = client.chat.completions.create(model="tiny", messages=follow_up, tools=[WEATHER_TOOL],
-                                               temperature=0, max_tokens=4)
+        again = client.chat.completions.create(
+            model="tiny", messages=follow_up, tools=[WEATHER_TOOL], temperature=0, max_tokens=4
+        )
         assert again.usage.prompt_tokens > reply.usage.prompt_tokens + 10
         # tool_choice "none" leaves the tools out of the prompt
-        plain = client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER_TOOL],
-                                               tool_choice="none", temperature=0, max_tokens=4)
+        plain = client.chat.completions.create(
+            model="tiny", messages=messages, tools=[WEATHER_TOOL], tool_choice="none", temperature=0, max_tokens=4
+        )
         assert plain.usage.prompt_tokens < reply.usage.prompt_tokens
 
 
@@ -232,8 +288,12 @@ def _post(server, body, raw: bytes | None = None, headers=None):
     import httpx2 as httpx
 
     content = raw if raw is not None else json.dumps(body).encode()
-    return httpx.post(f"{server.url}/v1/chat/completions", content=content,
-                      headers={"content-type": "application/json", **(headers or {})}, timeout=60)
+    return httpx.post(
+        f"{server.url}/v1/chat/completions",
+        content=content,
+        headers={"content-type": "application/json", **(headers or {})},
+        timeout=60,
+    )
 
 
 def _bad(server, body=None, raw=None, status=400) -> str:
@@ -249,8 +309,15 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, c
     import soundfile as sf
 
     ok = {"model": "tiny", "messages": _spoken(hello_b64), "max_tokens": 4}
-    audio_part = lambda data, fmt="wav": {"model": "tiny", "max_tokens": 4, "messages": [  # noqa: E731
-        {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": fmt}}]}]}
+
+    def audio_part(data, fmt="wav"):
+        return {
+            "model": "tiny",
+            "max_tokens": 4,
+            "messages": [
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": fmt}}]}
+            ],
+        }
 
     assert "not valid JSON" in _bad(server, raw=b'{"model": "tiny", "messages": [')
     assert "'temperatur'" in _bad(server, {**ok, "temperatur": 0})
@@ -264,25 +331,37 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, c
     long_clip = tmp_path / "long.wav"
     sf.write(long_clip, np.zeros(16000 * 31, dtype=np.float32), 16000)
     assert "longer than this server's limit of 30 s" in _bad(
-        server, audio_part(base64.b64encode(long_clip.read_bytes()).decode()))
-    path_part = {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "audio", "path": "/etc/passwd"}]}]}
+        server, audio_part(base64.b64encode(long_clip.read_bytes()).decode())
+    )
+    path_part = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "audio", "path": "/etc/passwd"}]}]}
     assert "content type 'audio' is not supported" in _bad(server, path_part)
-    url_part = {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "input_audio", "input_audio": {"url": "file:///etc/passwd"}}]}]}
+    url_part = {
+        "model": "tiny",
+        "messages": [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"url": "file:///etc/passwd"}}]}
+        ],
+    }
     assert "paths and URLs are refused" in _bad(server, url_part)
     assert "not served here" in _bad(server, {**ok, "model": "gpt-4o-audio-preview"}, status=404)
     assert "exceeds the model's context" in _bad(server, {**ok, "max_tokens": 5000})
     assert "n is not supported" in _bad(server, {**ok, "n": 2})
     assert "format 'wav' is not available for streamed" in _bad(
-        server, {**ok, "stream": True, "modalities": ["text", "audio"], "audio": {"voice": "x", "format": "wav"}})
+        server, {**ok, "stream": True, "modalities": ["text", "audio"], "audio": {"voice": "x", "format": "wav"}}
+    )
     assert "format 'mp3' is not available" in _bad(
-        server, {**ok, "modalities": ["text", "audio"], "audio": {"voice": "x", "format": "mp3"}})
+        server, {**ok, "modalities": ["text", "audio"], "audio": {"voice": "x", "format": "mp3"}}
+    )
     assert "modalities does not include 'audio'" in _bad(server, {**ok, "audio": {"voice": "x", "format": "wav"}})
     assert "role 'robot'" in _bad(server, {**ok, "messages": [{"role": "robot", "content": "hi"}]})
     assert "at least one user message" in _bad(server, {**ok, "messages": [{"role": "system", "content": "x"}]})
-    assert "audio.id" in _bad(server, {**ok, "messages": _spoken(hello_b64) + [
-        {"role": "assistant", "audio": {"id": "audio_unknown"}}, {"role": "user", "content": "and?"}]})
+    assert "audio.id" in _bad(
+        server,
+        {
+            **ok,
+            "messages": _spoken(hello_b64)
+            + [{"role": "assistant", "audio": {"id": "audio_unknown"}}, {"role": "user", "content": "and?"}],
+        },
+    )
 
     with pytest.raises(openai.BadRequestError, match="unknown field 'frequency'"):
         client.chat.completions.create(model="tiny", messages=ok["messages"], extra_body={"frequency": 1})
@@ -309,8 +388,13 @@ def test_disconnected_client_frees_its_row(server, client):
 
     metrics = server.app.state.metrics
     before = metrics.summary()["counters"]["turns_cancelled"]
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "A long story, please."}],
-            "temperature": 0, "max_tokens": 900, "stream": True}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "A long story, please."}],
+        "temperature": 0,
+        "max_tokens": 900,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         for line in response.iter_lines():

@@ -46,10 +46,29 @@ def test_chat_with_a_detokenizer_folder_writes_reply_wav(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "detok")
     out_dir = tmp_path / "reply"
     proc = subprocess.run(
-        [sys.executable, "-m", "fun_audio_chat.cli", "chat", "--model", "tiny", "--audio", str(example_audio_path()),
-         "--out", str(out_dir), "--max-new-tokens", "6", "--seed", "0", "--threads", "1",
-         "--detokenizer", str(tmp_path / "detok")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "fun_audio_chat.cli",
+            "chat",
+            "--model",
+            "tiny",
+            "--audio",
+            str(example_audio_path()),
+            "--out",
+            str(out_dir),
+            "--max-new-tokens",
+            "6",
+            "--seed",
+            "0",
+            "--threads",
+            "1",
+            "--detokenizer",
+            str(tmp_path / "detok"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     import json
@@ -61,6 +80,7 @@ def test_chat_with_a_detokenizer_folder_writes_reply_wav(tiny, tmp_path):
 
 
 def test_chat_detokenizer_errors_are_one_line(tmp_path):
-    code, _, err = run(["chat", "--model", "tiny", "--audio", str(example_audio_path()),
-                        "--detokenizer", str(tmp_path / "missing")])
+    code, _, err = run(
+        ["chat", "--model", "tiny", "--audio", str(example_audio_path()), "--detokenizer", str(tmp_path / "missing")]
+    )
     assert code == 2 and "--detokenizer" in err and len(err.strip().splitlines()) == 1

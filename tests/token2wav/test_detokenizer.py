@@ -60,12 +60,15 @@ def test_speaker_embedding_changes_the_voice(tiny):
         tiny(codes(20), speaker_embedding=torch.ones(10))
 
 
-@pytest.mark.parametrize("bad, message", [
-    ([1, 2, 6561], r"speech codes must be in \[0, 6561\)"),
-    ([1, -1], r"speech codes must be in"),
-    (torch.ones(2, 2, 2, dtype=torch.long), "codes must be 1-D"),
-    (torch.ones(4), "must be integers"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([1, 2, 6561], r"speech codes must be in \[0, 6561\)"),
+        ([1, -1], r"speech codes must be in"),
+        (torch.ones(2, 2, 2, dtype=torch.long), "codes must be 1-D"),
+        (torch.ones(4), "must be integers"),
+    ],
+)
 def test_bad_codes_give_clear_errors(tiny, bad, message):
     with pytest.raises(ValueError, match=message):
         tiny(bad)

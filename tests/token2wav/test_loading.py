@@ -44,7 +44,9 @@ def test_official_and_converted_folders_give_identical_outputs(official_model, t
 def test_official_default_speaker_is_the_fun_audio_chat_embedding(official_model):
     from safetensors.torch import load_file
 
-    real = load_file(str(FIXTURES.parents[1].parent / "src/fun_audio_chat/assets/cosyvoice3_default_speaker.safetensors"))
+    real = load_file(
+        str(FIXTURES.parents[1].parent / "src/fun_audio_chat/assets/cosyvoice3_default_speaker.safetensors")
+    )
     assert torch.equal(official_model.speaker_embedding, real["embedding"].reshape(1, 192))
     assert official_model.speaker_embedding.abs().sum() > 0
 
@@ -83,8 +85,11 @@ YAML = (OFFICIAL_DIR / "config.yaml").read_text()
     [
         ("!new:cosyvoice.flow.flow.CausalMaskedDiffWithDiT", "!new:os.system", "class os.system is not a known"),
         ("!new:cosyvoice.flow.DiT.dit.DiT", "!new:cosyvoice.flow.DiT.dit.Evil", "not a known CosyVoice 3"),
-        ("in_channels: 80\n    base_channels", "in_channels: !apply:os.getcwd []\n    base_channels",
-         "tag !apply:os.getcwd is not allowed"),
+        (
+            "in_channels: 80\n    base_channels",
+            "in_channels: !apply:os.getcwd []\n    base_channels",
+            "tag !apply:os.getcwd is not allowed",
+        ),
         ("nb_harmonics: 8", "nb_harmonics: !name:os.system", "tag !name:os.system is not allowed"),
         ("nb_harmonics: 8", "nb_harmonics: !!python/object/apply:os.system ['true']", "is not allowed"),
         ("ff_mult: 2", "ff_mult: 2\n            secret_flag: 1", "unknown argument(s) ['secret_flag']"),
@@ -104,8 +109,10 @@ def test_yaml_tags_are_interpreted_never_executed(tmp_path, old, new, message):
 def test_tags_outside_flow_and_hift_stay_inert(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr("os.getcwd", lambda: calls.append("called"))
-    text = YAML + "\nllm: !new:cosyvoice.llm.llm.Anything\n    x: !apply:os.getcwd []\n" \
-                  "boom: !!python/object/apply:os.getcwd []\n"
+    text = (
+        YAML + "\nllm: !new:cosyvoice.llm.llm.Anything\n    x: !apply:os.getcwd []\n"
+        "boom: !!python/object/apply:os.getcwd []\n"
+    )
     model = CosyVoice3Detokenizer.from_pretrained(_official_copy(tmp_path, text))
     assert calls == [] and model.config.flow.hidden_size == 64
 

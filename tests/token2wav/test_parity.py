@@ -29,8 +29,14 @@ def test_dit_estimator_with_and_without_chunk_mask(official_model, chunked):
     inputs, outputs, meta = load_case("dit_estimator")
     assert bool(inputs["mask"].all())  # the case has no padding
     with torch.inference_mode():
-        out = official_model.flow.estimator(inputs["x"], inputs["mu"], inputs["t"], inputs["spks"], inputs["cond"],
-                                            chunk_frames=meta["static_chunk_size"] if chunked else None)
+        out = official_model.flow.estimator(
+            inputs["x"],
+            inputs["mu"],
+            inputs["t"],
+            inputs["spks"],
+            inputs["cond"],
+            chunk_frames=meta["static_chunk_size"] if chunked else None,
+        )
     key = "out_streaming_true" if chunked else "out_streaming_false"
     assert max_diff(out, outputs[key]) <= 1e-4
     # the chunk mask matters on this input: the other output is far away

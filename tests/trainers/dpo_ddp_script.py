@@ -65,8 +65,13 @@ def main(output_dir: str) -> None:
     )
 
     trainer = make_trainer(
-        tiny_model(0), rows, processor, os.path.join(output_dir, "pre"), precompute_ref_log_probs=True,
-        precompute_ref_batch_size=2, **common,
+        tiny_model(0),
+        rows,
+        processor,
+        os.path.join(output_dir, "pre"),
+        precompute_ref_log_probs=True,
+        precompute_ref_batch_size=2,
+        **common,
     )
     dataset = trainer.train_dataset
     batch = trainer.data_collator([dataset[i] for i in range(len(dataset))])

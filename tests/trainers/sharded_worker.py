@@ -71,7 +71,9 @@ def main():
             gradient_accumulation_steps=2,
             **engine_arguments(engine, model),
         )
-        trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+        trainer = FunAudioChatTrainer(
+            model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate
+        )
         trainer.train()
         state = full_state(trainer, model)
         if rank == 0:
@@ -87,14 +89,28 @@ def main():
     elif mode == "cc":
         base = Path(sys.argv[4])
         stage = dict(
-            max_steps=2, save_steps=1, logging_steps=1, report_to="none", disable_tqdm=True, seed=0, data_seed=0,
-            per_device_train_batch_size=1, learning_rate=1e-3, min_lr=1e-4, **engine_arguments(engine, model),
+            max_steps=2,
+            save_steps=1,
+            logging_steps=1,
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+            data_seed=0,
+            per_device_train_batch_size=1,
+            learning_rate=1e-3,
+            min_lr=1e-4,
+            **engine_arguments(engine, model),
         )
         stage.setdefault("use_cpu", True)
         run_dir = Path(sys.argv[5])
         result = run_core_cocktail(
-            model, base, train_dataset(2), run_dir, data_collator=collate,
-            stage1_args=stage, stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
+            model,
+            base,
+            train_dataset(2),
+            run_dir,
+            data_collator=collate,
+            stage1_args=stage,
+            stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
         )
         if rank == 0:
             state = {k: v.detach().float().contiguous().clone() for k, v in result.model.state_dict().items()}

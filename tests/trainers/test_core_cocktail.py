@@ -281,8 +281,13 @@ def test_callback_pushes_the_merged_checkpoint(tmp_path):
     out = tmp_path / "report.json"
     with LocalHubServer(lifetime=200) as server:
         env = {**os.environ, **server.client_env(tmp_path / "hf_home"), "TQDM_DISABLE": "1"}
-        proc = subprocess.run([sys.executable, "-c", _PUSH_WORKER, str(root), str(out)], env=env,
-                              capture_output=True, text=True, timeout=180)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PUSH_WORKER, str(root), str(out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
     assert {"config.json", "model.safetensors", "merge_manifest.json", "README.md"} <= set(report["files"])

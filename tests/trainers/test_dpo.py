@@ -45,9 +45,16 @@ def _collate(trainer, rows):
 def _mixed_rows():
     """Pairs with user audio + text, text only, a text-only rejected answer, and answers of different lengths."""
     return [
-        pair_row(user("hi there", noise(12000, seed=1)), spoken("abc", range(17)), spoken("xyzw", range(30, 53)), "empathy"),
+        pair_row(
+            user("hi there", noise(12000, seed=1)), spoken("abc", range(17)), spoken("xyzw", range(30, 53)), "empathy"
+        ),
         pair_row(user("hello"), spoken("ab", range(5, 25)), text_answer("plain text reply"), "robustness"),
-        pair_row(user("what is it", noise(9000, seed=2)), spoken("defg", range(40, 63)), spoken("defg", range(60, 83)), "audio_understanding"),
+        pair_row(
+            user("what is it", noise(9000, seed=2)),
+            spoken("defg", range(40, 63)),
+            spoken("defg", range(60, 83)),
+            "audio_understanding",
+        ),
     ]
 
 
@@ -69,7 +76,10 @@ def test_collator_stacks_chosen_then_rejected_with_tasks_and_shared_prompt(proce
         assert prompt == int((rejected == -100).logical_and(batch["attention_mask"][3 + b] == 1).sum())
         assert torch.equal(batch["input_ids"][b, :prompt], batch["input_ids"][3 + b, :prompt])
     # prepared rows (e.g. from prepare_preference_dataset) collate to the same batch; ref columns are carried
-    built = [{**build_preference_example(processor, r), "ref_chosen_logps": [-1.0, -2.0], "ref_rejected_logps": -3.0} for r in rows]
+    built = [
+        {**build_preference_example(processor, r), "ref_chosen_logps": [-1.0, -2.0], "ref_rejected_logps": -3.0}
+        for r in rows
+    ]
     again = collator(built)
     for key, value in batch.items():
         assert torch.equal(again[key], value), key
@@ -85,11 +95,20 @@ def test_prepare_preference_dataset_and_shorthand_answers(processor):
     from fun_audio_chat.trainers.preference_data import FunAudioChatPreferenceCollator, prepare_preference_dataset
 
     rows = [
-        {"prompt": "say hi", "chosen": {"text": "hi", "speech_codes": list(range(12))}, "rejected": {"text": "no"},
-         "system": "You are asked to generate both text and speech tokens at the same time.", "task": "empathy"},
-        {"prompt": "say hi", "chosen": {"text": "hi", "speech_codes": list(range(12))},
-         "rejected": {"text": "go away " * 40}, "task": "empathy",
-         "system": "You are asked to generate both text and speech tokens at the same time."},
+        {
+            "prompt": "say hi",
+            "chosen": {"text": "hi", "speech_codes": list(range(12))},
+            "rejected": {"text": "no"},
+            "system": "You are asked to generate both text and speech tokens at the same time.",
+            "task": "empathy",
+        },
+        {
+            "prompt": "say hi",
+            "chosen": {"text": "hi", "speech_codes": list(range(12))},
+            "rejected": {"text": "go away " * 40},
+            "task": "empathy",
+            "system": "You are asked to generate both text and speech tokens at the same time.",
+        },
     ]
     prepared = prepare_preference_dataset(Dataset.from_list(rows), processor, max_length=60)
     assert len(prepared) == 1  # the second pair's rejected side is longer than max_length: dropped
@@ -98,7 +117,11 @@ def test_prepare_preference_dataset_and_shorthand_answers(processor):
     with pytest.raises(ValueError, match="max_length"):
         FunAudioChatPreferenceCollator(processor, max_length=60)(rows[1:])
     # the same answer spelled as a string, a message, a one-message list
-    spellings = ["no", {"role": "assistant", "content": "no"}, [{"role": "assistant", "content": [{"type": "text", "text": "no"}]}]]
+    spellings = [
+        "no",
+        {"role": "assistant", "content": "no"},
+        [{"role": "assistant", "content": [{"type": "text", "text": "no"}]}],
+    ]
     batches = [collator([dict(rows[0], rejected=s)]) for s in spellings]
     assert all(torch.equal(b[k], batches[0][k]) for b in batches for k in batches[0])
     assert torch.equal(batches[0]["input_ids"], collator(rows[:1])["input_ids"])
@@ -112,7 +135,9 @@ def test_prepare_preference_dataset_and_shorthand_answers(processor):
     spoken_audio = dict(rows[0], chosen={"text": "hi", "audio": noise(8000, seed=4), "sampling_rate": 16000})
     with pytest.raises(ValueError, match="speech_tokenizer"):
         collator([spoken_audio])
-    tokenized = FunAudioChatPreferenceCollator(processor, task_names=["empathy"], speech_tokenizer=fake_s3)([spoken_audio])
+    tokenized = FunAudioChatPreferenceCollator(processor, task_names=["empathy"], speech_tokenizer=fake_s3)(
+        [spoken_audio]
+    )
     assert calls == [[8000]]
     assert all(torch.equal(tokenized[k], batches[0][k]) for k in batches[0])
 
@@ -149,7 +174,8 @@ def test_answer_log_probs_equal_independent_forward_computation(processor, tmp_p
 def _srh_only_params(model):
     """SRH parameters that only the speech stream uses (its output head is tied to the input speech embedding)."""
     return {
-        n: p for n, p in model.named_parameters()
+        n: p
+        for n, p in model.named_parameters()
         if n.startswith("audio_invert_tower.") and not n.startswith("audio_invert_tower.lm_head")
     }
 
@@ -159,7 +185,9 @@ def _loss_and_grads(trainer, batch):
     trainer.model.train()
     loss = trainer.compute_loss(trainer.model, batch)
     loss.backward()
-    grads = {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainer.model.named_parameters()}
+    grads = {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in trainer.model.named_parameters()
+    }
     trainer.model.zero_grad(set_to_none=True)
     return float(loss.detach()), grads
 
@@ -169,7 +197,9 @@ def test_speech_logp_weight_zero_ignores_the_speech_stream(processor, tmp_path):
     rejected_codes = list(range(100, 120))
     rows = [pair_row(user("hello"), spoken("abcd", codes), spoken("wxyz", rejected_codes), "empathy")]
     # same rejected answer with the codes of every 5-code group reversed: identical LLM inputs, other SRH targets
-    shuffled = [pair_row(user("hello"), spoken("abcd", codes), spoken("wxyz", permute_within_groups(rejected_codes)), "empathy")]
+    shuffled = [
+        pair_row(user("hello"), spoken("abcd", codes), spoken("wxyz", permute_within_groups(rejected_codes)), "empathy")
+    ]
     model = tiny_model(0)
     ref = perturbed_copy(model, scale=0.05, seed=2)
     losses = {}
@@ -314,15 +344,33 @@ def _trl_reference_loss(loss_types, loss_weights, chosen, rejected, ref_chosen, 
     return DPOTrainer._compute_loss(fake_self, lambda **kwargs: outputs, inputs, False)
 
 
-LOSS_CASES = [([t], {}) for t in (
-    "sigmoid", "hinge", "ipo", "nca_pair", "bco_pair", "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down",
-    "discopop", "sft", "sigmoid_norm",
-)] + [
-    (["exo_pair"], {"label_smoothing": 1e-3}),
-    (["robust"], {"label_smoothing": 0.1}),
-    (["aot"], {"label_smoothing": 0.2}),
-    (["sigmoid", "sft", "bco_pair"], {"loss_weights": [0.8, 0.2, 1.0]}),
-] + [(["sigmoid", "ipo"], {"f_divergence_type": f}) for f in ("forward_kl", "js_divergence", "alpha_divergence")]
+LOSS_CASES = (
+    [
+        ([t], {})
+        for t in (
+            "sigmoid",
+            "hinge",
+            "ipo",
+            "nca_pair",
+            "bco_pair",
+            "sppo_hard",
+            "aot",
+            "aot_unpaired",
+            "apo_zero",
+            "apo_down",
+            "discopop",
+            "sft",
+            "sigmoid_norm",
+        )
+    ]
+    + [
+        (["exo_pair"], {"label_smoothing": 1e-3}),
+        (["robust"], {"label_smoothing": 0.1}),
+        (["aot"], {"label_smoothing": 0.2}),
+        (["sigmoid", "sft", "bco_pair"], {"loss_weights": [0.8, 0.2, 1.0]}),
+    ]
+    + [(["sigmoid", "ipo"], {"f_divergence_type": f}) for f in ("forward_kl", "js_divergence", "alpha_divergence")]
+)
 
 
 @pytest.mark.parametrize("loss_types,extra", LOSS_CASES, ids=lambda v: "+".join(v) if isinstance(v, list) else str(v))
@@ -332,8 +380,12 @@ def test_every_log_prob_loss_type_matches_trl(loss_types, extra):
     from fun_audio_chat.trainers.dpo import LOG_PROB_LOSS_TYPES, preference_loss
 
     assert set(LOG_PROB_LOSS_TYPES) == set(
-        t.strip("`' ") for t in DPOConfig.__dataclass_fields__["loss_type"].metadata["help"].split(":", 1)[1]
-        .split(". If")[0].split(",")
+        t.strip("`' ")
+        for t in DPOConfig.__dataclass_fields__["loss_type"]
+        .metadata["help"]
+        .split(":", 1)[1]
+        .split(". If")[0]
+        .split(",")
     )
     generator = torch.Generator().manual_seed(0)
     batch = 6
@@ -341,15 +393,27 @@ def test_every_log_prob_loss_type_matches_trl(loss_types, extra):
     dtype = torch.float32 if extra.get("f_divergence_type") == "alpha_divergence" else torch.float64
     tolerance = 1e-5 if dtype == torch.float32 else 1e-9
     chosen, rejected = -40 - 20 * torch.rand(2, batch, generator=generator, dtype=dtype)
-    ref_chosen, ref_rejected = torch.stack([chosen, rejected]) + 6 * (torch.rand(2, batch, generator=generator, dtype=dtype) - 0.5)
+    ref_chosen, ref_rejected = torch.stack([chosen, rejected]) + 6 * (
+        torch.rand(2, batch, generator=generator, dtype=dtype) - 0.5
+    )
     lengths = [torch.randint(5, 30, (batch,), generator=generator) for _ in range(2)]
     extra = dict(extra)
     loss_weights = extra.pop("loss_weights", [1.0] * len(loss_types))
     hparams = {"beta": 0.1, **extra}
-    expected = _trl_reference_loss(loss_types, loss_weights, chosen, rejected, ref_chosen, ref_rejected, lengths, **hparams)
+    expected = _trl_reference_loss(
+        loss_types, loss_weights, chosen, rejected, ref_chosen, ref_rejected, lengths, **hparams
+    )
     ours = sum(
-        w * preference_loss(
-            t, chosen, rejected, ref_chosen, ref_rejected, chosen_lengths=lengths[0], rejected_lengths=lengths[1], **hparams
+        w
+        * preference_loss(
+            t,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            chosen_lengths=lengths[0],
+            rejected_lengths=lengths[1],
+            **hparams,
         ).mean()
         for t, w in zip(loss_types, loss_weights)
     )
@@ -372,8 +436,14 @@ def test_trainer_loss_types_use_scored_token_counts(processor, tmp_path, loss_ty
     tokens = seq["text_tokens"] + seq["speech_tokens"]
     assert torch.equal(torch.cat([p["chosen_tokens"], p["rejected_tokens"]]), tokens)
     expected = preference_loss(
-        loss_type, p["chosen"], p["rejected"], r["chosen"], r["rejected"], beta=0.1,
-        chosen_lengths=tokens[:3], rejected_lengths=tokens[3:],
+        loss_type,
+        p["chosen"],
+        p["rejected"],
+        r["chosen"],
+        r["rejected"],
+        beta=0.1,
+        chosen_lengths=tokens[:3],
+        rejected_lengths=tokens[3:],
     ).mean()
     assert abs(float(loss) - float(expected)) < 1e-6
 
@@ -398,8 +468,17 @@ def test_short_dpo_run_raises_heldout_margin_and_accuracy(processor, tmp_path):
     train_rows, heldout = synthetic_rows(6, seed=0), synthetic_rows(2, seed=100)  # 18 train pairs, 6 held out
     model = tiny_model(0)
     trainer = make_trainer(
-        model, train_rows, processor, tmp_path, eval_rows=heldout, max_steps=18, per_device_train_batch_size=6,
-        learning_rate=3e-3, beta=0.5, logging_steps=6, tasks=["text", "speech", "both"],
+        model,
+        train_rows,
+        processor,
+        tmp_path,
+        eval_rows=heldout,
+        max_steps=18,
+        per_device_train_batch_size=6,
+        learning_rate=3e-3,
+        beta=0.5,
+        logging_steps=6,
+        tasks=["text", "speech", "both"],
         activation_checkpointing=True,  # TRL's default (gradient checkpointing); the scoring path runs under it
     )
     before = trainer.evaluate()
@@ -463,7 +542,13 @@ def test_reference_is_peft_base_with_adapter_disabled(processor, tmp_path):
     initial = tiny_model(0).eval()
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=LORA_REGEX)
     trainer = make_trainer(
-        model, synthetic_rows(2, seed=1), processor, tmp_path, peft_config=lora, max_steps=3, learning_rate=1e-2,
+        model,
+        synthetic_rows(2, seed=1),
+        processor,
+        tmp_path,
+        peft_config=lora,
+        max_steps=3,
+        learning_rate=1e-2,
         activation_checkpointing=True,  # switched off around each reference pass, back on for the policy
     )
     assert trainer.ref_model is None
@@ -480,8 +565,12 @@ def test_reference_is_peft_base_with_adapter_disabled(processor, tmp_path):
         ref = trainer.reference_answer_log_probs(batch)
         base = initial.sequence_log_probs(**batch)
         policy = trainer.answer_log_probs(trainer.model, batch)
-    torch.testing.assert_close(torch.cat([ref["chosen_text"], ref["rejected_text"]]), base["text"], rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(torch.cat([ref["chosen_speech"], ref["rejected_speech"]]), base["speech"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([ref["chosen_text"], ref["rejected_text"]]), base["text"], rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(
+        torch.cat([ref["chosen_speech"], ref["rejected_speech"]]), base["speech"], rtol=1e-5, atol=1e-4
+    )
     assert float((policy["chosen"] - ref["chosen"]).abs().max()) > 1e-3  # adapter on: the trained policy
 
 
@@ -504,7 +593,9 @@ def test_peft_model_keeps_its_initial_adapter_as_reference_and_feeds_compute_met
     with torch.no_grad():
         ref = trainer.reference_answer_log_probs(batch)
         base = initial.sequence_log_probs(**batch)  # the fresh adapter was a no-op: reference == base model
-    torch.testing.assert_close(torch.cat([ref["chosen_speech"], ref["rejected_speech"]]), base["speech"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([ref["chosen_speech"], ref["rejected_speech"]]), base["speech"], rtol=1e-5, atol=1e-4
+    )
 
     seen = {}
 
@@ -560,7 +651,9 @@ def test_reference_precomputed_log_probs(processor, tmp_path):
     assert history[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # policy == reference at step 0
     with torch.no_grad():  # after training the reference still comes from the stored columns
         ref = trainer.reference_answer_log_probs(batch)
-    torch.testing.assert_close(torch.cat([ref["chosen_text"], ref["rejected_text"]]), want["text"], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        torch.cat([ref["chosen_text"], ref["rejected_text"]]), want["text"], rtol=1e-5, atol=1e-4
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(processor, tmp_path):
@@ -588,7 +681,10 @@ def test_two_process_ddp_lora_full_and_precomputed(tmp_path):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", str(script), str(tmp_path)],
-        env=env, capture_output=True, text=True, timeout=240,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

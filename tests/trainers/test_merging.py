@@ -122,9 +122,7 @@ def test_shape_mismatch():
     base["lm_head.weight"] = torch.zeros(10, 64)
     with pytest.raises(ValueError, match="shape mismatch"):
         merge_weights(tuned_model.state_dict(), base, 0.5)
-    merged, manifest = merge_weights(
-        tuned_model.state_dict(), base, 0.5, on_shape_mismatch="keep_tuned"
-    )
+    merged, manifest = merge_weights(tuned_model.state_dict(), base, 0.5, on_shape_mismatch="keep_tuned")
     assert torch.equal(merged[LLM + "lm_head.weight"], tuned_model.state_dict()[LLM + "lm_head.weight"])
     assert manifest["shape_mismatch_kept"] == [LLM + "lm_head.weight"]
 
@@ -442,4 +440,3 @@ def test_saving_a_merged_model_over_its_base_is_refused(tmp_path):
     assert _snapshot(base_dir) == before
     save_merged_model(tuned_model, tmp_path / "merged", manifest)
     assert read_manifest(tmp_path / "merged")["base"] == manifest["base"]
-

@@ -186,11 +186,10 @@ def _conversations():
 def test_out_of_the_box_with_the_processor_collator(tmp_path):
     """Conversations -> FunAudioChatDataCollator -> FunAudioChatTrainer with the library's default arguments."""
     processing = pytest.importorskip("fun_audio_chat.processing")
+    from fun_audio_chat.tiny import tiny_processor
     from fun_audio_chat.trainers import sft_training_arguments
 
     from .helpers import tiny_model
-
-    from fun_audio_chat.tiny import tiny_processor
 
     collator = processing.FunAudioChatDataCollator(tiny_processor())
     rows = _conversations()

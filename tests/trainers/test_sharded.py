@@ -111,8 +111,12 @@ def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktai
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
     """Start the worker, SIGKILL the whole process group once ``marker`` exists."""
     proc = subprocess.Popen(
-        _command(*args), env=_env(), cwd=tmp_path, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _command(*args),
+        env=_env(),
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + timeout
     try:
@@ -158,7 +162,9 @@ def test_engines_that_cannot_run_fail_at_start(tmp_path):
     # deepspeed= with use_cpu=True: either DeepSpeed really starts, or the trainer refuses (never silently without it)
     args = training_args(tmp_path / "ds", deepspeed=deepspeed_config(2))
     try:
-        trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+        trainer = FunAudioChatTrainer(
+            model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate
+        )
     except ValueError as error:
         assert "did not start DeepSpeed" in str(error)
     else:

@@ -51,7 +51,10 @@ def conversations():
         if i % 2 == 0:
             audio = (rng.standard_normal(6000 + 1000 * i) * 0.1).astype(np.float32)
             content.insert(0, {"type": "audio", "audio": audio, "sampling_rate": 16000})
-        reply = {"role": "assistant", "content": [{"type": "text", "text": "ok " + word}, {"type": "audio", "speech_codes": codes}]}
+        reply = {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "ok " + word}, {"type": "audio", "speech_codes": codes}],
+        }
         rows.append(([{"role": "user", "content": content}], reply, codes))
     return rows
 
@@ -65,7 +68,11 @@ def _fit(model, processor, examples, tmp_path, steps, lr):
     from fun_audio_chat.processing import FunAudioChatDataCollator
 
     args = training_args(
-        tmp_path, max_steps=steps, per_device_train_batch_size=len(examples), learning_rate=lr, logging_steps=steps,
+        tmp_path,
+        max_steps=steps,
+        per_device_train_batch_size=len(examples),
+        learning_rate=lr,
+        logging_steps=steps,
         lr_scheduler_type="constant",
     )
     trainer = FunAudioChatTrainer(
@@ -145,9 +152,7 @@ def _training_batch_from_generation(processor, model, prompt, new_tokens=4):
         prompt, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt", speech_output=True
     )
     with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=new_tokens, force_audio_bos=True, output_logits=True, **GREEDY
-        )
+        out = model.generate(**inputs, max_new_tokens=new_tokens, force_audio_bos=True, output_logits=True, **GREEDY)
     text = out.sequences[0, inputs["input_ids"].shape[1] + 1 :].tolist()
     speech = out.speech_ids[0].tolist()
     groups = len(speech) // GROUP
@@ -165,8 +170,15 @@ def _training_batch_from_generation(processor, model, prompt, new_tokens=4):
 def test_consistent_training_feeds_the_speech_head_what_generation_does(processor):
     model = tiny_model(seed=3)
     user_audio = (np.random.default_rng(1).standard_normal(7000) * 0.1).astype(np.float32)
-    prompt = [{"role": "user", "content": [{"type": "audio", "audio": user_audio, "sampling_rate": 16000},
-                                           {"type": "text", "text": "hello"}]}]
+    prompt = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": user_audio, "sampling_rate": 16000},
+                {"type": "text", "text": "hello"},
+            ],
+        }
+    ]
     batch, generated, prompt_length = _training_batch_from_generation(processor, model, prompt)
     span = slice(GROUP * (prompt_length - 1), GROUP * (prompt_length - 1) + generated.shape[0])
     differences = {}

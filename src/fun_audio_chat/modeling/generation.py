@@ -164,7 +164,9 @@ class PreallocatedKVLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         end = self.length + key_states.shape[-2]
         if end > self.capacity:
-            raise RuntimeError(f"Speech head cache is full ({self.capacity} positions); this is a bug, please report it.")
+            raise RuntimeError(
+                f"Speech head cache is full ({self.capacity} positions); this is a bug, please report it."
+            )
         self._key_buffer[:, :, self.length : end] = key_states
         self._value_buffer[:, :, self.length : end] = value_states
         self.length = end
@@ -572,9 +574,7 @@ class FunAudioChatGenerationMixin:
                 step_text_embeds = prompt_embeds[:, -new_positions:]
             else:
                 step_text_embeds = self.get_input_embeddings()(input_ids[:, -new_positions:])
-            speech.start(
-                input_ids, step_text_embeds, model_kwargs.get("attention_mask"), new_positions, max_new_tokens
-            )
+            speech.start(input_ids, step_text_embeds, model_kwargs.get("attention_mask"), new_positions, max_new_tokens)
         next_embeds = None
         # </fun_audio_chat>
 
@@ -645,7 +645,9 @@ class FunAudioChatGenerationMixin:
 
             # <fun_audio_chat: next LLM input (fused for speaking rows) and SRH conditioning>
             step_text_embeds = self.get_input_embeddings()(next_tokens[:, None])
-            next_embeds = speech.next_inputs_embeds(step_text_embeds, next_tokens) if return_speech else step_text_embeds
+            next_embeds = (
+                speech.next_inputs_embeds(step_text_embeds, next_tokens) if return_speech else step_text_embeds
+            )
             step += 1
             # </fun_audio_chat>
             del outputs

@@ -672,7 +672,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         speech_logits = None
         if compute_speech_logits:
             if self.audio_invert_tower is None:
-                raise ValueError("This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False).")
+                raise ValueError(
+                    "This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False)."
+                )
             speech_logits = self.teacher_forced_speech_logits(
                 hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
@@ -721,8 +723,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         hidden = self.language_model.model(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state
-        text_labels = labels if merged is None else self.build_text_labels(
-            labels, merged, inputs.get("text_attention_mask")
+        text_labels = (
+            labels if merged is None else self.build_text_labels(labels, merged, inputs.get("text_attention_mask"))
         )
         text_logits = self.language_model.lm_head(hidden[:, :-1])
         text_logp, text_count = _gather_log_probs(text_logits, text_labels[:, 1:])

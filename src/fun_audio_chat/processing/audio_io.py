@@ -90,7 +90,9 @@ def _describe(name: str | None) -> str:
     return f"{name}: " if name else ""
 
 
-def resample(waveform: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int = TARGET_SAMPLING_RATE) -> np.ndarray:
+def resample(
+    waveform: np.ndarray, orig_sampling_rate: int, target_sampling_rate: int = TARGET_SAMPLING_RATE
+) -> np.ndarray:
     """Resample a mono float waveform with soxr (``HQ``). Returns float32; no-op when the rates are equal."""
     waveform = np.asarray(waveform, dtype=np.float32)
     if int(orig_sampling_rate) == int(target_sampling_rate):
@@ -213,8 +215,9 @@ def decode_audio_bytes(data: bytes | bytearray | memoryview, name: str | None = 
     data = bytes(data)
     if len(data) == 0:
         raise AudioInputError(f"{_describe(name)}audio bytes are empty.")
-    return _read_encoded(io.BytesIO(data), name, f"{len(data)} bytes of audio (not an audio file?)",
-                         data[:_WAV_HEADER_BYTES])
+    return _read_encoded(
+        io.BytesIO(data), name, f"{len(data)} bytes of audio (not an audio file?)", data[:_WAV_HEADER_BYTES]
+    )
 
 
 def _fetch_url(url: str, name: str | None, policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY) -> bytes:
@@ -310,7 +313,12 @@ def _load_samples(
         return decode_audio_bytes(audio, name)
     if isinstance(audio, dict):
         return _load_from_dict(audio, sampling_rate, name, policy)
-    if isinstance(audio, tuple) and len(audio) == 2 and isinstance(audio[1], (int, np.integer)) and not isinstance(audio[1], bool):
+    if (
+        isinstance(audio, tuple)
+        and len(audio) == 2
+        and isinstance(audio[1], (int, np.integer))
+        and not isinstance(audio[1], bool)
+    ):
         return _raw_samples(audio[0], int(audio[1]), name)
     if hasattr(audio, "get_all_samples"):  # torchcodec / datasets AudioDecoder
         decoded = audio.get_all_samples()
@@ -398,7 +406,9 @@ def is_raw_array(audio: Any) -> bool:
     """A bare sample array (numpy, torch or a list of numbers), which carries no sampling rate of its own."""
     if isinstance(audio, np.ndarray) or hasattr(audio, "detach"):
         return True
-    return isinstance(audio, list) and len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
+    return (
+        isinstance(audio, list) and len(audio) > 0 and all(isinstance(x, (int, float, np.number)) for x in audio[:16])
+    )
 
 
 __all__ = [

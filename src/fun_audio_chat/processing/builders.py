@@ -108,8 +108,9 @@ def build_feature_extractor():
     )
 
 
-def build_processor(text_tokenizer, speech_tokenizer=None, num_speech_codes: int = RELEASED_NUM_SPEECH_CODES,
-                    **processor_kwargs):
+def build_processor(
+    text_tokenizer, speech_tokenizer=None, num_speech_codes: int = RELEASED_NUM_SPEECH_CODES, **processor_kwargs
+):
     """Assemble a :class:`FunAudioChatProcessor` from a text tokenizer (the audio special tokens are added when
     missing) and a speech tokenizer (built with ``num_speech_codes`` codes when not given)."""
     from .chat_template import CHAT_TEMPLATE

@@ -34,7 +34,9 @@ def _jinja_literal(text: str) -> str:
 # First line of every template this library writes: how a loaded processor tells ours from a checkpoint's other one.
 CHAT_TEMPLATE_MARKER = "{#- Fun-Audio-Chat chat template (fun_audio_chat) -#}"
 
-_TEMPLATE = CHAT_TEMPLATE_MARKER + r"""
+_TEMPLATE = (
+    CHAT_TEMPLATE_MARKER
+    + r"""
 {%- macro render_text(content, with_audio) -%}
     {%- if content is string -%}
         {{- content -}}
@@ -117,6 +119,7 @@ _TEMPLATE = CHAT_TEMPLATE_MARKER + r"""
     {{- '<|im_start|>assistant\n' -}}
 {%- endif -%}
 """
+)
 
 CHAT_TEMPLATE = (
     _TEMPLATE.replace("@S2T@", _jinja_literal(DEFAULT_S2T_PROMPT))
@@ -124,7 +127,6 @@ CHAT_TEMPLATE = (
     .replace("@TOOLS_HEADER@", _jinja_literal(TOOLS_SECTION_HEADER))
     .replace("@TOOLS_FOOTER@", _jinja_literal(TOOLS_SECTION_FOOTER))
 )
-
 
 
 def is_fun_audio_chat_template(template) -> bool:

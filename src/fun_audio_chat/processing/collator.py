@@ -232,7 +232,9 @@ class FunAudioChatDataCollator:
                 tools=feature.get("tools", self.tools),
                 speech_tokenizer=self.speech_tokenizer,
             )
-        raise ValueError(f"A training row needs 'input_ids' (a built example) or 'messages'; got keys {sorted(feature)}.")
+        raise ValueError(
+            f"A training row needs 'input_ids' (a built example) or 'messages'; got keys {sorted(feature)}."
+        )
 
     def _pad_1d(self, rows: list[list[int]], width: int, value: int, side: str) -> np.ndarray:
         out = np.full((len(rows), width), value, dtype=np.int64)

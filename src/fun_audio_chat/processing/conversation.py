@@ -31,7 +31,9 @@ def validate_conversation(messages: Any, index: int | None = None) -> None:
     """Raise ``ValueError`` for a conversation the chat template would render wrongly."""
     where = "the conversation" if index is None else f"conversation {index}"
     if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"{where} must be a list of messages (dicts with 'role' and 'content'), got {type(messages).__name__}.")
+        raise ValueError(
+            f"{where} must be a list of messages (dicts with 'role' and 'content'), got {type(messages).__name__}."
+        )
     if not messages:
         raise ValueError(f"{where} is empty; give at least one message, e.g. {{'role': 'user', 'content': ...}}.")
     pending_tool_calls = False
@@ -41,7 +43,9 @@ def validate_conversation(messages: Any, index: int | None = None) -> None:
             raise ValueError(f"{name} must be a dict with 'role' and 'content', got {type(message).__name__}.")
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"{name} has role {role!r}; Fun-Audio-Chat conversations use the roles {', '.join(ROLES)}.")
+            raise ValueError(
+                f"{name} has role {role!r}; Fun-Audio-Chat conversations use the roles {', '.join(ROLES)}."
+            )
         content = message.get("content")
         if role == "tool":
             if not pending_tool_calls:
@@ -92,7 +96,9 @@ def _validate_tool_calls(calls: Any, name: str) -> None:
                 "{'type': 'function', 'function': {'name': ..., 'arguments': {...}}}."
             )
         if not isinstance(function.get("arguments", {}), (Mapping, str)):
-            raise ValueError(f"tool call {call_index} of {name} has arguments that are neither a dict nor a JSON string.")
+            raise ValueError(
+                f"tool call {call_index} of {name} has arguments that are neither a dict nor a JSON string."
+            )
 
 
 def validate_tools(tools: Sequence | None) -> None:

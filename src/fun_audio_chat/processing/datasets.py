@@ -58,7 +58,9 @@ def audio_dataset_rows(
     try:
         import datasets
     except ImportError as err:
-        raise ImportError("reading a dataset needs the `datasets` package (pip install 'fun-audio-chat[train]').") from err
+        raise ImportError(
+            "reading a dataset needs the `datasets` package (pip install 'fun-audio-chat[train]')."
+        ) from err
     try:
         data = _load(source, split)
     except DatasetReadError:

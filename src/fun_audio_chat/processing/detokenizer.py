@@ -87,7 +87,9 @@ class SpeechDetokenizer(Protocol):
     def __call__(self, codes: Sequence[int]) -> np.ndarray: ...
 
 
-def save_audio(path: str | os.PathLike, waveform: Any, sampling_rate: int = COSYVOICE3_SAMPLING_RATE, format: str | None = None) -> str:
+def save_audio(
+    path: str | os.PathLike, waveform: Any, sampling_rate: int = COSYVOICE3_SAMPLING_RATE, format: str | None = None
+) -> str:
     """Write a mono (or (channels, time)) waveform to ``path`` with soundfile (wav/flac/ogg by extension)."""
     import soundfile as sf
 

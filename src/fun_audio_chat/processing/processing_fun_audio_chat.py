@@ -248,13 +248,19 @@ class FunAudioChatProcessor(ProcessorMixin):
         return math.ceil(self.num_speech_frames(num_samples) / self.audio_group_size)
 
     def load_audio(
-        self, audio: Any, sampling_rate: int | None = None, name: str | None = None,
+        self,
+        audio: Any,
+        sampling_rate: int | None = None,
+        name: str | None = None,
         policy: AudioLoadingPolicy | None = None,
     ) -> np.ndarray:
         """Load one audio input (see :func:`fun_audio_chat.processing.audio_io.load_audio`) and check its length.
         ``policy`` defaults to ``self.audio_loading_policy``."""
         waveform = load_audio(
-            audio, sampling_rate=sampling_rate, target_sampling_rate=TARGET_SAMPLING_RATE, name=name,
+            audio,
+            sampling_rate=sampling_rate,
+            target_sampling_rate=TARGET_SAMPLING_RATE,
+            name=name,
             policy=policy or self.audio_loading_policy,
         )
         self._check_audio_length(waveform, name)
@@ -311,7 +317,9 @@ class FunAudioChatProcessor(ProcessorMixin):
             feature_attention_mask[row, :valid] = 1
         return {"input_features": input_features, "feature_attention_mask": feature_attention_mask}
 
-    def user_speech_ids(self, num_frames: Sequence[int], pad_to_multiple_of: int | None = None) -> dict[str, np.ndarray]:
+    def user_speech_ids(
+        self, num_frames: Sequence[int], pad_to_multiple_of: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Speech ids of user audio: the speech pad id x ``int(duration*25)`` per clip (overwritten by the
         continuous features in the model), right padded to a multiple of ``audio_group_size`` (mask 0 on padding)."""
         multiple = pad_to_multiple_of or self.audio_group_size
@@ -462,8 +470,9 @@ class FunAudioChatProcessor(ProcessorMixin):
                             'an {"type": "audio"} content item needs one of "audio", "path" or "url".'
                         )
                     waveforms.append(
-                        self.load_audio(item[keys[0]], sampling_rate=item.get("sampling_rate"),
-                                        name=f"audio {len(waveforms)}")
+                        self.load_audio(
+                            item[keys[0]], sampling_rate=item.get("sampling_rate"), name=f"audio {len(waveforms)}"
+                        )
                     )
         return waveforms
 
@@ -563,7 +572,15 @@ class FunAudioChatProcessor(ProcessorMixin):
                     handle.write("\n")
         if push_to_hub:
             repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
-            push_arguments = ("commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags")
+            push_arguments = (
+                "commit_message",
+                "commit_description",
+                "private",
+                "token",
+                "revision",
+                "create_pr",
+                "tags",
+            )
             self.push_to_hub(repo_id, **{key: kwargs[key] for key in push_arguments if key in kwargs})
         return files
 
@@ -574,7 +591,13 @@ def _write_special_tokens_map(tokenizer, path: str) -> None:
     for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
         value = getattr(tokenizer, name, None)
         if value is not None:
-            data[name] = {"content": str(value), "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+            data[name] = {
+                "content": str(value),
+                "lstrip": False,
+                "normalized": False,
+                "rstrip": False,
+                "single_word": False,
+            }
     extra = [str(t) for t in getattr(tokenizer, "extra_special_tokens", []) or []]
     model_specific = {}
     for key in ("audio_token", "audio_bos_token", "audio_eos_token", "audio_pad_token", "text_sil_token"):

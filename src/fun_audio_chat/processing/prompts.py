@@ -44,6 +44,7 @@ TOOLS_SECTION_FOOTER = (
     '<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
+
 def render_tools_section(tool_schemas: list[dict]) -> str:
     """The tool section of the system prompt, as the chat template renders it (one compact JSON per tool)."""
     import json

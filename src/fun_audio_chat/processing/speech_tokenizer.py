@@ -132,7 +132,9 @@ class S3SpeechTokenizer:
         if device is not None:
             self.model = self.model.to(device)
         first = next(iter(self.model.parameters()), None)
-        self.device = torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        self.device = (
+            torch.device(device) if device is not None else (first.device if first is not None else torch.device("cpu"))
+        )
         self.batch_size = int(batch_size)
         self.long_audio = long_audio
         self.num_codes = int(getattr(getattr(model, "config", None), "n_codebook_size", S3_NUM_CODES))
@@ -201,7 +203,9 @@ class S3SpeechTokenizer:
         import torch
 
         s3 = import_s3tokenizer()
-        return s3.log_mel_spectrogram(torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)), n_mels=self.n_mels)
+        return s3.log_mel_spectrogram(
+            torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)), n_mels=self.n_mels
+        )
 
     def _segments(self, waveform: np.ndarray) -> list[np.ndarray]:
         if self.long_audio != "official":

@@ -93,7 +93,9 @@ def parse_tool_call_block(raw: str, strict: bool = False) -> dict[str, Any]:
         try:
             arguments = _loads(arguments) if arguments.strip() else {}
         except ValueError as err:
-            message = f"tool call arguments of {data['name']!r} are a string that is not valid JSON: {arguments[:200]!r}"
+            message = (
+                f"tool call arguments of {data['name']!r} are a string that is not valid JSON: {arguments[:200]!r}"
+            )
             if strict:
                 raise ToolCallParseError(message, raw) from err
             return _unparsed(raw, message) | {"name": data["name"]}

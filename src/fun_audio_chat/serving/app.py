@@ -49,8 +49,9 @@ def create_app(
     """The app serving ``engine``; the engine's threads start with the app and stop with it."""
     metrics = ServingMetrics()
     engine.on_turn_end = metrics.record
-    api = ChatCompletionsAPI(engine, model_id, metrics, default_max_tokens=default_max_tokens,
-                             max_audio_seconds=max_audio_seconds)
+    api = ChatCompletionsAPI(
+        engine, model_id, metrics, default_max_tokens=default_max_tokens, max_audio_seconds=max_audio_seconds
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -68,8 +69,12 @@ def create_app(
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > max_body_bytes:
             metrics.count_bad_request()
-            return APIError(413, f"request body of {int(length)} bytes is larger than this server's limit of "
-                            f"{max_body_bytes} bytes; send shorter audio.", code="body_too_large").response()
+            return APIError(
+                413,
+                f"request body of {int(length)} bytes is larger than this server's limit of "
+                f"{max_body_bytes} bytes; send shorter audio.",
+                code="body_too_large",
+            ).response()
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -105,8 +110,7 @@ def create_app(
             return JSONResponse(metrics.summary())
         if format != "prometheus":
             raise APIError(400, f"format {format!r}: use 'prometheus' (default) or 'json'.", "format")
-        return PlainTextResponse(metrics.prometheus(engine.queue_depth()),
-                                 media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.prometheus(engine.queue_depth()), media_type="text/plain; version=0.0.4")
 
     @app.get("/health")
     async def health():

@@ -363,8 +363,13 @@ class ServingEngine:
         first = requests[0]
         kwargs = {"tools": first.tools} if first.tools else {}
         return self.processor.apply_chat_template(
-            [request.messages for request in requests], add_generation_prompt=True, speech_output=first.speech,
-            tokenize=True, return_dict=True, return_tensors="pt", **kwargs,
+            [request.messages for request in requests],
+            add_generation_prompt=True,
+            speech_output=first.speech,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            **kwargs,
         )
 
     # ------------------------------------------------------------------ generation thread
@@ -482,8 +487,15 @@ class ServingEngine:
                         # the next step began: the row's last speech group has been delivered, its turn can end now
                         # instead of when the longest row of the batch ends
                         codes = list(handle.codes) if request.speech else None
-                        self._complete(handle, self.processor.decode_text(handle.token_ids), codes, "stop",
-                                       len(handle.token_ids), int(inputs["attention_mask"][row].sum()), speaking)
+                        self._complete(
+                            handle,
+                            self.processor.decode_text(handle.token_ids),
+                            codes,
+                            "stop",
+                            len(handle.token_ids),
+                            int(inputs["attention_mask"][row].sum()),
+                            speaking,
+                        )
                         done.add(row)
                         continue
                     handle.token_ids.append(event.token_id)
@@ -527,9 +539,15 @@ class ServingEngine:
                 reason = "stop"
             else:
                 reason = "length"
-            self._complete(handle, texts[row], codes[row] if codes is not None else None, reason,
-                           (ended + 1) if ended is not None else len(row_ids),
-                           int(inputs["attention_mask"][row].sum()), speaking)
+            self._complete(
+                handle,
+                texts[row],
+                codes[row] if codes is not None else None,
+                reason,
+                (ended + 1) if ended is not None else len(row_ids),
+                int(inputs["attention_mask"][row].sum()),
+                speaking,
+            )
 
     def _speech_codes(self, handle: TurnHandle, group) -> list[int]:
         """The real speech codes of a streamed group: speech-BOS delay codes and padding dropped, nothing after
@@ -550,8 +568,14 @@ class ServingEngine:
     def _complete(self, handle, text, codes, reason, completion_tokens, prompt_tokens, speaking) -> None:
         handle.metrics.prompt_tokens = prompt_tokens
         handle.metrics.completion_tokens = completion_tokens
-        result = TurnResult(text=text, codes=codes, audio=None, sample_rate=self.sample_rate if speaking else None,
-                            finish_reason=reason, metrics=handle.metrics)
+        result = TurnResult(
+            text=text,
+            codes=codes,
+            audio=None,
+            sample_rate=self.sample_rate if speaking else None,
+            finish_reason=reason,
+            metrics=handle.metrics,
+        )
         if speaking:
             self._speech_jobs.put((handle, "finish", result))
         else:

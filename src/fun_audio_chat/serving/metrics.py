@@ -42,8 +42,14 @@ class ServingMetrics:
     def __init__(self, window: int = 1000):
         self.started_at = time.time()
         self.turns: deque[dict] = deque(maxlen=window)
-        self.counters = {"turns_completed": 0, "turns_failed": 0, "turns_cancelled": 0, "audio_seconds": 0.0,
-                         "completion_tokens": 0, "bad_requests": 0}
+        self.counters = {
+            "turns_completed": 0,
+            "turns_failed": 0,
+            "turns_cancelled": 0,
+            "audio_seconds": 0.0,
+            "completion_tokens": 0,
+            "bad_requests": 0,
+        }
         self._lock = threading.Lock()
 
     def record(self, handle: TurnHandle, result: TurnResult | None, error: BaseException | None) -> None:
@@ -75,8 +81,13 @@ class ServingMetrics:
             self.turns.append(turn)
         logger.info(
             "turn %d: %s, batch %d, queued %.3f s, first text %s, first audio %s, %.2f s audio, RTF %s",
-            handle.request_id, result.finish_reason, metrics.batch_size, metrics.queue_seconds or 0.0,
-            _seconds(metrics.first_text_seconds), _seconds(metrics.first_audio_seconds), metrics.audio_seconds,
+            handle.request_id,
+            result.finish_reason,
+            metrics.batch_size,
+            metrics.queue_seconds or 0.0,
+            _seconds(metrics.first_text_seconds),
+            _seconds(metrics.first_audio_seconds),
+            metrics.audio_seconds,
             f"{metrics.real_time_factor:.3f}" if metrics.real_time_factor is not None else "-",
         )
 
@@ -96,8 +107,12 @@ class ServingMetrics:
                 "median": _quantile(values, 0.5) if values else None,
                 "p95": _quantile(values, 0.95) if values else None,
             }
-        return {"uptime_seconds": time.time() - self.started_at, "counters": counters, "summaries": summaries,
-                "recent_turns": turns[-20:]}
+        return {
+            "uptime_seconds": time.time() - self.started_at,
+            "counters": counters,
+            "summaries": summaries,
+            "recent_turns": turns[-20:],
+        }
 
     def prometheus(self, queue_depth: int = 0) -> str:
         data = self.summary()
@@ -105,8 +120,11 @@ class ServingMetrics:
         for name, value in data["counters"].items():
             metric = f"fun_audio_chat_{name}_total"
             lines += [f"# TYPE {metric} counter", f"{metric} {value:g}"]
-        lines += ["# HELP fun_audio_chat_queue_depth Requests waiting for a batch",
-                  "# TYPE fun_audio_chat_queue_depth gauge", f"fun_audio_chat_queue_depth {queue_depth}"]
+        lines += [
+            "# HELP fun_audio_chat_queue_depth Requests waiting for a batch",
+            "# TYPE fun_audio_chat_queue_depth gauge",
+            f"fun_audio_chat_queue_depth {queue_depth}",
+        ]
         for name, help_text in _SUMMARIES.items():
             metric = f"fun_audio_chat_turn_{name}"
             stats = data["summaries"][name]

@@ -190,8 +190,16 @@ class ChatCompletionsAPI:
     """Turns OpenAI requests into :class:`~fun_audio_chat.serving.engine.TurnRequest` s and engine events into
     OpenAI responses."""
 
-    def __init__(self, engine, model_id: str, metrics=None, *, default_max_tokens: int = 256,
-                 max_audio_seconds: float = 120.0, remembered_replies: int = 1024):
+    def __init__(
+        self,
+        engine,
+        model_id: str,
+        metrics=None,
+        *,
+        default_max_tokens: int = 256,
+        max_audio_seconds: float = 120.0,
+        remembered_replies: int = 1024,
+    ):
         self.engine = engine
         self.model_id = model_id
         self.metrics = metrics
@@ -231,30 +239,44 @@ class ChatCompletionsAPI:
             if kind == "text":
                 extra = set(part) - {"type", "text"}
                 if extra or not isinstance(part.get("text"), str):
-                    raise APIError(400, f"{at}: a text part is {{'type': 'text', 'text': str}} (got keys "
-                                   f"{sorted(part)}).", at)
+                    raise APIError(
+                        400, f"{at}: a text part is {{'type': 'text', 'text': str}} (got keys {sorted(part)}).", at
+                    )
                 items.append({"type": "text", "text": part["text"]})
             elif kind == "input_audio":
                 audio = part.get("input_audio")
                 if set(part) - {"type", "input_audio"} or not isinstance(audio, dict):
-                    raise APIError(400, f"{at}: an audio part is {{'type': 'input_audio', 'input_audio': "
-                                   "{'data': <base64>, 'format': 'wav'}}.", at)
+                    raise APIError(
+                        400,
+                        f"{at}: an audio part is {{'type': 'input_audio', 'input_audio': "
+                        "{'data': <base64>, 'format': 'wav'}}.",
+                        at,
+                    )
                 unknown = set(audio) - {"data", "format"}
                 if unknown:
-                    raise APIError(400, f"{at}.input_audio: unknown field(s) {sorted(unknown)}; only 'data' "
-                                   "(base64) and 'format' are accepted (paths and URLs are refused).", at)
+                    raise APIError(
+                        400,
+                        f"{at}.input_audio: unknown field(s) {sorted(unknown)}; only 'data' "
+                        "(base64) and 'format' are accepted (paths and URLs are refused).",
+                        at,
+                    )
                 try:
                     waveform = decode_input_audio(
-                        audio.get("data"), audio.get("format"), where=f"{at}.input_audio",
-                        processor=self.engine.processor, max_seconds=self.max_audio_seconds,
+                        audio.get("data"),
+                        audio.get("format"),
+                        where=f"{at}.input_audio",
+                        processor=self.engine.processor,
+                        max_seconds=self.max_audio_seconds,
                     )
                 except AudioRequestError as err:
                     raise APIError(400, str(err), f"{at}.input_audio", "invalid_audio") from err
                 items.append({"type": "audio", "audio": waveform, "sampling_rate": 16000})
             else:
                 raise APIError(
-                    400, f"{at}: content type {kind!r} is not supported; use 'text' or 'input_audio' with inline "
-                    "base64 audio (audio paths and URLs are refused).", at,
+                    400,
+                    f"{at}: content type {kind!r} is not supported; use 'text' or 'input_audio' with inline "
+                    "base64 audio (audio paths and URLs are refused).",
+                    at,
                 )
         return items
 
@@ -294,8 +316,10 @@ class ChatCompletionsAPI:
                     transcript = self._transcripts.get(audio_id) if isinstance(audio_id, str) else None
                     if transcript is None:
                         raise APIError(
-                            400, f"{where}.audio.id {audio_id!r} is not a recent reply of this server (expired or "
-                            "unknown); send the reply's transcript as 'content' instead.", f"{where}.audio",
+                            400,
+                            f"{where}.audio.id {audio_id!r} is not a recent reply of this server (expired or "
+                            "unknown); send the reply's transcript as 'content' instead.",
+                            f"{where}.audio",
                         )
                     text = text or transcript
                 entry: dict[str, Any] = {"role": "assistant", "content": text}
@@ -314,8 +338,11 @@ class ChatCompletionsAPI:
         for index, call in enumerate(tool_calls):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise APIError(400, f"{where}[{index}] must be {{'type': 'function', 'function': {{'name', "
-                               "'arguments'}}}.", where)
+                raise APIError(
+                    400,
+                    f"{where}[{index}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}}}.",
+                    where,
+                )
             arguments = function.get("arguments", "{}")
             calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
         return calls
@@ -323,8 +350,12 @@ class ChatCompletionsAPI:
     def _turn(self, body: ChatCompletionRequest) -> tuple[TurnRequest, str | None]:
         """The engine request and the output audio format (None for text replies)."""
         if body.model != self.model_id:
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {self.model_id!r} "
-                           "(GET /v1/models).", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model {body.model!r} is not served here; this server serves {self.model_id!r} (GET /v1/models).",
+                "model",
+                "model_not_found",
+            )
         refused = {
             "n": body.n not in (None, 1),
             "stop": body.stop not in (None, [], ""),
@@ -342,30 +373,44 @@ class ChatCompletionsAPI:
         audio_format = None
         if speech:
             if not self.engine.can_speak:
-                raise APIError(400, "this server has no speech detokenizer, so it cannot answer with audio; ask for "
-                               "modalities ['text'] (or start the server with --detokenizer).", "modalities")
+                raise APIError(
+                    400,
+                    "this server has no speech detokenizer, so it cannot answer with audio; ask for "
+                    "modalities ['text'] (or start the server with --detokenizer).",
+                    "modalities",
+                )
             allowed = STREAM_OUTPUT_FORMATS if body.stream else OUTPUT_FORMATS
             audio_format = (body.audio.format if body.audio else None) or allowed[0]
             if body.stream and body.audio is None:
                 audio_format = "pcm16"
             if audio_format not in allowed:
                 mode = "streamed" if body.stream else "non-streamed"
-                raise APIError(400, f"audio.format {audio_format!r} is not available for {mode} replies; use one of "
-                               f"{', '.join(allowed)}.", "audio.format")
+                raise APIError(
+                    400,
+                    f"audio.format {audio_format!r} is not available for {mode} replies; use one of "
+                    f"{', '.join(allowed)}.",
+                    "audio.format",
+                )
         elif body.audio is not None:
             raise APIError(400, "audio options were given but modalities does not include 'audio'.", "audio")
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
         choice = body.tool_choice
         if choice not in (None, "auto", "none"):
-            raise APIError(400, "tool_choice must be 'auto' or 'none': this model cannot be forced to call a tool.",
-                           "tool_choice")
+            raise APIError(
+                400, "tool_choice must be 'auto' or 'none': this model cannot be forced to call a tool.", "tool_choice"
+            )
         if choice == "none":
             tools = None
         max_tokens = body.max_completion_tokens or body.max_tokens or self.default_max_tokens
         temperature = 1.0 if body.temperature is None else body.temperature
         request = TurnRequest(
-            messages=self._messages(body.messages), speech=speech, max_new_tokens=max_tokens,
-            temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, tools=tools,
+            messages=self._messages(body.messages),
+            speech=speech,
+            max_new_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            tools=tools,
         )
         return request, audio_format
 
@@ -377,8 +422,11 @@ class ChatCompletionsAPI:
 
     @staticmethod
     def _usage(metrics) -> dict:
-        return {"prompt_tokens": metrics.prompt_tokens, "completion_tokens": metrics.completion_tokens,
-                "total_tokens": metrics.prompt_tokens + metrics.completion_tokens}
+        return {
+            "prompt_tokens": metrics.prompt_tokens,
+            "completion_tokens": metrics.completion_tokens,
+            "total_tokens": metrics.prompt_tokens + metrics.completion_tokens,
+        }
 
     @staticmethod
     def _error_for(error: BaseException) -> APIError:
@@ -415,7 +463,8 @@ class ChatCompletionsAPI:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
                 self._sse(handle, first, completion_id, turn, audio_format, include_usage),
-                media_type="text/event-stream", headers=self._stream_headers(audio_format),
+                media_type="text/event-stream",
+                headers=self._stream_headers(audio_format),
             )
         try:
             event = first
@@ -441,24 +490,38 @@ class ChatCompletionsAPI:
         if audio_format:
             audio_id = "audio_" + secrets.token_hex(12)
             data = encode_audio(result.audio, result.sample_rate, audio_format)
-            message["audio"] = {"id": audio_id, "data": base64.b64encode(data).decode("ascii"),
-                                "expires_at": int(time.time()) + AUDIO_EXPIRY_SECONDS, "transcript": text}
+            message["audio"] = {
+                "id": audio_id,
+                "data": base64.b64encode(data).decode("ascii"),
+                "expires_at": int(time.time()) + AUDIO_EXPIRY_SECONDS,
+                "transcript": text,
+            }
             self._remember(audio_id, text)
         finish_reason = result.finish_reason if result.finish_reason != "cancelled" else "stop"
         if splitter.calls:
             message["tool_calls"] = _openai_tool_calls(splitter.calls)
             finish_reason = "tool_calls"
         return {
-            "id": completion_id, "object": "chat.completion", "created": int(time.time()), "model": self.model_id,
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_id,
             "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
             "usage": self._usage(result.metrics),
         }
 
     def _chunk(self, completion_id: str, delta: dict | None, finish_reason: str | None = None, **extra) -> str:
-        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                                             "logprobs": None}]
-        payload = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
-                   "model": self.model_id, "choices": choices, **extra}
+        choices = (
+            [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        )
+        payload = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": self.model_id,
+            "choices": choices,
+            **extra,
+        }
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def _sse(self, handle, first, completion_id: str, turn: TurnRequest, audio_format, include_usage: bool):
@@ -493,8 +556,11 @@ class ChatCompletionsAPI:
                     if splitter.calls:
                         yield self._chunk(completion_id, {"tool_calls": _openai_tool_calls(splitter.calls, True)})
                         finish_reason = "tool_calls"
-                    last = {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_EXPIRY_SECONDS}} \
-                        if audio_format else {}
+                    last = (
+                        {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_EXPIRY_SECONDS}}
+                        if audio_format
+                        else {}
+                    )
                     yield self._chunk(completion_id, last, finish_reason)
                     if audio_format:
                         self._remember(audio_id, "".join(transcript))
@@ -520,8 +586,12 @@ class ChatCompletionsAPI:
 
         async def model(model_id: str):
             if model_id != self.model_id:
-                raise APIError(404, f"model {model_id!r} is not served here; this server serves "
-                               f"{self.model_id!r}.", "model", "model_not_found")
+                raise APIError(
+                    404,
+                    f"model {model_id!r} is not served here; this server serves {self.model_id!r}.",
+                    "model",
+                    "model_not_found",
+                )
             return self._model_card()
 
         router.add_api_route("/v1/models/{model_id:path}", model, methods=["GET"])

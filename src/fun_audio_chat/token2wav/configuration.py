@@ -103,13 +103,21 @@ class CosyVoice3Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"config.json has unknown token2wav keys {sorted(unknown)}; expected some of {sorted(known)}.")
+            raise ValueError(
+                f"config.json has unknown token2wav keys {sorted(unknown)}; expected some of {sorted(known)}."
+            )
         return cls(flow=flow, hift=hift, **data)
 
 
 def tiny_token2wav_config() -> CosyVoice3Config:
     """The real structure at toy sizes (flow width 64, 2 DiT layers; vocoder width 16): for demos and tests."""
     flow = FlowConfig(pre_lookahead_channels=32, hidden_size=64, num_layers=2, num_heads=2, head_dim=32)
-    hift = HiFTConfig(base_channels=16, f0_channels=16, resblock_kernel_sizes=[3], resblock_dilations=[[1, 3]],
-                      source_resblock_kernel_sizes=[7, 7, 11], source_resblock_dilations=[[1], [1], [1]])
+    hift = HiFTConfig(
+        base_channels=16,
+        f0_channels=16,
+        resblock_kernel_sizes=[3],
+        resblock_dilations=[[1, 3]],
+        source_resblock_kernel_sizes=[7, 7, 11],
+        source_resblock_dilations=[[1], [1], [1]],
+    )
     return CosyVoice3Config(flow=flow, hift=hift)

@@ -106,8 +106,9 @@ class CosyVoice3Detokenizer(nn.Module):
     def _as_codes(self, codes: Any) -> list[int]:
         if isinstance(codes, torch.Tensor):
             if codes.dim() != 1:
-                raise ValueError(f"codes must be 1-D (got shape {tuple(codes.shape)}); pass a list of 1-D "
-                                 "sequences for a batch.")
+                raise ValueError(
+                    f"codes must be 1-D (got shape {tuple(codes.shape)}); pass a list of 1-D sequences for a batch."
+                )
             if codes.is_floating_point():
                 raise ValueError("codes must be integers (a LongTensor or a list of ints), not floats.")
             codes = codes.tolist()
@@ -115,8 +116,10 @@ class CosyVoice3Detokenizer(nn.Module):
         vocab = self.config.flow.vocab_size
         bad = [c for c in out if not 0 <= c < vocab]
         if bad:
-            raise ValueError(f"speech codes must be in [0, {vocab}); got {bad[:5]}. Strip BOS/EOS/pad ids first "
-                             "(processor.decode_speech or speech_ids_to_codes does).")
+            raise ValueError(
+                f"speech codes must be in [0, {vocab}); got {bad[:5]}. Strip BOS/EOS/pad ids first "
+                "(processor.decode_speech or speech_ids_to_codes does)."
+            )
         return out
 
     def _speaker(self, speaker_embedding, batch: int = 1) -> torch.Tensor:
@@ -126,9 +129,11 @@ class CosyVoice3Detokenizer(nn.Module):
         else:
             speaker = torch.as_tensor(speaker_embedding, dtype=torch.float32)
             if speaker.numel() != self.config.flow.speaker_embedding_dim:
-                raise ValueError(f"speaker_embedding must have {self.config.flow.speaker_embedding_dim} values "
-                                 f"(a (1, {self.config.flow.speaker_embedding_dim}) CAM++ embedding); got shape "
-                                 f"{tuple(speaker.shape)}.")
+                raise ValueError(
+                    f"speaker_embedding must have {self.config.flow.speaker_embedding_dim} values "
+                    f"(a (1, {self.config.flow.speaker_embedding_dim}) CAM++ embedding); got shape "
+                    f"{tuple(speaker.shape)}."
+                )
             speaker = speaker.reshape(1, -1)
         return speaker.to(device=weight.device, dtype=torch.float32).expand(batch, -1)
 
@@ -191,8 +196,9 @@ class CosyVoice3Detokenizer(nn.Module):
         return [r.cpu() for r in results]
 
     # -- streaming --------------------------------------------------------------------------------------------
-    def streaming_session(self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True,
-                          hop_tokens: int | None = None):
+    def streaming_session(
+        self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True, hop_tokens: int | None = None
+    ):
         """A stateful stream for one utterance; see :class:`StreamingSession`."""
         self.ensure_noise()
         return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens)
@@ -210,8 +216,16 @@ class CosyVoice3Detokenizer(nn.Module):
         return folder
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, *, speaker_embedding=None, dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, revision: str | None = None, **hub_kwargs):
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        *,
+        speaker_embedding=None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        **hub_kwargs,
+    ):
         """Load a converted folder, an official CosyVoice 3 folder (yaml + flow.pt + hift.pt) or a Hub id of
         either. The flow stays float32 unless ``dtype`` asks otherwise (bf16/fp16 are opt-in)."""
         kind, folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
@@ -222,8 +236,9 @@ class CosyVoice3Detokenizer(nn.Module):
             state = load_file(str(folder / CONVERTED_WEIGHTS))
         else:
             config = config_from_official_yaml(_find_official_yaml(folder).read_text())
-            state = official_state_dict(load_official_weights(folder / "flow.pt"),
-                                        load_official_weights(folder / "hift.pt"))
+            state = official_state_dict(
+                load_official_weights(folder / "flow.pt"), load_official_weights(folder / "hift.pt")
+            )
             state["speaker_embedding"] = default_speaker_embedding()
         if (folder / SPEAKER_FILE).is_file():
             from safetensors.torch import load_file
@@ -252,8 +267,10 @@ class CosyVoice3Detokenizer(nn.Module):
         own = self.state_dict()
         for key, value in state.items():
             if tuple(own[key].shape) != tuple(value.shape):
-                raise CheckpointFormatError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
-                                            f"{tuple(own[key].shape)} (config and weights disagree).")
+                raise CheckpointFormatError(
+                    f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
+                    f"{tuple(own[key].shape)} (config and weights disagree)."
+                )
         self.load_state_dict(state, strict=True, assign=True)
         self.flow.estimator.rotary_inv_freq = self.flow.estimator.rotary_inv_freq.float()
         self.hift.stft_window = torch.hann_window(self.config.hift.n_fft, periodic=True, dtype=torch.float64).float()
@@ -278,8 +295,14 @@ class StreamingSession:
     * ``use_cache=False`` recomputes everything each call exactly as the official code does (for comparisons).
     """
 
-    def __init__(self, model: CosyVoice3Detokenizer, speaker_embedding=None, chunked: bool = False,
-                 use_cache: bool = True, hop_tokens: int | None = None):
+    def __init__(
+        self,
+        model: CosyVoice3Detokenizer,
+        speaker_embedding=None,
+        chunked: bool = False,
+        use_cache: bool = True,
+        hop_tokens: int | None = None,
+    ):
         self.model = model
         self.config = model.config
         self.speaker = model._speaker(speaker_embedding, 1)
@@ -322,7 +345,7 @@ class StreamingSession:
             device = self.speaker.device
             batch = torch.tensor([tokens], dtype=torch.long, device=device)
             mel = self.model.flow(batch, self.speaker, finalize=finalize, chunked=chunked)
-            new_mel = mel[:, :, ratio * token_offset:]
+            new_mel = mel[:, :, ratio * token_offset :]
         if new_mel is not None and new_mel.shape[2]:
             new_mel = new_mel.float()
             self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], 2)
@@ -340,7 +363,7 @@ class StreamingSession:
             return empty
         if not self.use_cache:
             speech, _ = hift(self.mel_history, finalize=finalize)
-            new = speech[0, self.speech_offset:]
+            new = speech[0, self.speech_offset :]
         else:
             emitted_frames = self.speech_offset // per_frame
             start = max(0, emitted_frames - VOCODER_CONTEXT_FRAMES)
@@ -351,9 +374,14 @@ class StreamingSession:
                 phase_start = self.final_phase[:, start - 1]
             if known > start:
                 override = self.final_f0[:, start:known]
-            speech, f0 = hift(self.mel_history[:, :, start:], finalize=finalize, frame_offset=start,
-                              f0_override=override, phase_start=phase_start)
-            new = speech[0, (emitted_frames - start) * per_frame:]
+            speech, f0 = hift(
+                self.mel_history[:, :, start:],
+                finalize=finalize,
+                frame_offset=start,
+                f0_override=override,
+                phase_start=phase_start,
+            )
+            new = speech[0, (emitted_frames - start) * per_frame :]
             # F0 of frames with their look-ahead (all returned frames) and their full left context (far enough
             # from the window start) is final: keep it to continue the source phase exactly in later calls
             settled = start + f0.shape[1]
@@ -363,7 +391,7 @@ class StreamingSession:
                 increments = hift.source.frame_increments(piece).double()
                 if self.final_phase is not None:
                     increments = torch.cat([self.final_phase[:, -1:], increments], dim=1)
-                running = torch.cumsum(increments, dim=1)[:, (0 if self.final_phase is None else 1):]
+                running = torch.cumsum(increments, dim=1)[:, (0 if self.final_phase is None else 1) :]
                 self.final_f0 = piece if self.final_f0 is None else torch.cat([self.final_f0, piece], dim=1)
                 self.final_phase = running if self.final_phase is None else torch.cat([self.final_phase, running], 1)
         self.speech_offset += new.shape[0]

@@ -169,8 +169,9 @@ class DiffusionTransformer(nn.Module):
             allowed = allowed & (keys[None, None, :] < lengths[:, None, None])
         return allowed[:, None]
 
-    def forward(self, x, mu, t, speaker, cond, lengths=None, chunk_frames=None, cache: DiTCache | None = None,
-                commit: int = 0):
+    def forward(
+        self, x, mu, t, speaker, cond, lengths=None, chunk_frames=None, cache: DiTCache | None = None, commit: int = 0
+    ):
         """x, mu, cond (B, mel, T); t (B,); speaker (B, mel); lengths (B,) valid frames (absolute when cached).
 
         With ``cache``, x/mu/cond are the frames after ``cache.length``; the first ``commit`` of them are added
@@ -195,8 +196,11 @@ class DiffusionTransformer(nn.Module):
             new_layers.append(committed)
         if cache is not None and commit:
             cache.layers = new_layers
-            tail = projected[:, :commit] if cache.input_tail is None else torch.cat(
-                [cache.input_tail, projected[:, :commit]], dim=1)
+            tail = (
+                projected[:, :commit]
+                if cache.input_tail is None
+                else torch.cat([cache.input_tail, projected[:, :commit]], dim=1)
+            )
             cache.input_tail = tail[:, -self.position_context :]
             cache.length = start + commit
         scale, shift = self.final_modulation(F.silu(time)).chunk(2, dim=-1)

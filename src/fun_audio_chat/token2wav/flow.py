@@ -57,8 +57,9 @@ class CosyVoice3Flow(nn.Module):
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.mel_bins)
         self.speaker_projection = nn.Linear(config.speaker_embedding_dim, config.mel_bins)
-        self.pre_lookahead = PreLookaheadConvs(config.mel_bins, config.pre_lookahead_channels,
-                                               config.pre_lookahead_tokens)
+        self.pre_lookahead = PreLookaheadConvs(
+            config.mel_bins, config.pre_lookahead_channels, config.pre_lookahead_tokens
+        )
         self.estimator = DiffusionTransformer(config)
         self.register_buffer("initial_noise", torch.zeros(1, config.mel_bins, 0), persistent=False)
 
@@ -88,8 +89,16 @@ class CosyVoice3Flow(nn.Module):
         return self.initial_noise[:, :, start : start + length].expand(batch, -1, -1).to(dtype)
 
     # -- sampling ---------------------------------------------------------------------------------------------
-    def sample(self, mu, speaker, lengths=None, chunk_frames=None, cache: FlowCache | None = None, commit=0,
-               trace: dict | None = None):
+    def sample(
+        self,
+        mu,
+        speaker,
+        lengths=None,
+        chunk_frames=None,
+        cache: FlowCache | None = None,
+        commit=0,
+        trace: dict | None = None,
+    ):
         """Euler integration of the guided velocity from the fixed noise to a mel (B, mel, T)."""
         batch, _, length = mu.shape
         start = cache.frames if cache is not None else 0
@@ -108,8 +117,15 @@ class CosyVoice3Flow(nn.Module):
                 trace["t"].append(t.clone())
                 trace["x_in"].append(x.clone())
             velocity = self.estimator(
-                torch.cat([x, x]), guided_mu, t.expand(2 * batch), guided_speaker, guided_cond, guided_lengths,
-                chunk_frames, cache.steps[step - 1] if cache is not None else None, commit,
+                torch.cat([x, x]),
+                guided_mu,
+                t.expand(2 * batch),
+                guided_speaker,
+                guided_cond,
+                guided_lengths,
+                chunk_frames,
+                cache.steps[step - 1] if cache is not None else None,
+                commit,
             )
             v_cond, v_uncond = velocity[:batch], velocity[batch:]
             if trace is not None:
@@ -121,8 +137,7 @@ class CosyVoice3Flow(nn.Module):
                 dt = t_span[step + 1] - t
         return x
 
-    def forward(self, tokens, speaker_embedding, lengths=None, finalize=True, chunked=False,
-                trace: dict | None = None):
+    def forward(self, tokens, speaker_embedding, lengths=None, finalize=True, chunked=False, trace: dict | None = None):
         """Tokens (B, n) and speaker embeddings (B, 192) → mel (B, mel, T), T = ratio·n (finalize) or
         ratio·(n − look-ahead). ``lengths`` (B,) gives each row's token count in a padded batch (finalize only)."""
         if lengths is not None and not finalize:
@@ -151,8 +166,8 @@ class CosyVoice3Flow(nn.Module):
             return cache.mel[:, :, : n_out * ratio] if cache.mel is not None else self._empty_mel()
         # the pre-look-ahead's causal conv reads two earlier token positions: recompute from a little before
         context = min(committed_tokens, 2)
-        window = torch.tensor([tokens[committed_tokens - context:]], dtype=torch.long, device=device)
-        mu = self.encode_tokens(window, None, finalize)[:, :, context * ratio:]
+        window = torch.tensor([tokens[committed_tokens - context :]], dtype=torch.long, device=device)
+        mu = self.encode_tokens(window, None, finalize)[:, :, context * ratio :]
         speaker = self.speaker(speaker_embedding.to(mu.dtype))
         new_frames = mu.shape[2]
         total = cache.frames + new_frames

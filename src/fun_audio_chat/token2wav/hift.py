@@ -136,8 +136,7 @@ class HiFTGenerator(nn.Module):
         self.f0_predictor = F0Predictor(config)
         self.source = HarmonicSource(config)
         channels = config.base_channels
-        self.conv_pre = _normed(CausalConv1d(config.mel_bins, channels, config.conv_pre_lookahead + 1,
-                                             lookahead=True))
+        self.conv_pre = _normed(CausalConv1d(config.mel_bins, channels, config.conv_pre_lookahead + 1, lookahead=True))
         spectrum_channels = config.n_fft + 2
         self.upsample_convs = nn.ModuleList()
         self.source_downsamples = nn.ModuleList()
@@ -151,8 +150,9 @@ class HiFTGenerator(nn.Module):
             self.source_downsamples.append(
                 nn.Conv1d(spectrum_channels, out, 2 * stride if stride > 1 else 1, stride=stride)
             )
-            self.source_resblocks.append(CausalResBlock(out, config.source_resblock_kernel_sizes[index],
-                                                        config.source_resblock_dilations[index]))
+            self.source_resblocks.append(
+                CausalResBlock(out, config.source_resblock_kernel_sizes[index], config.source_resblock_dilations[index])
+            )
             for kernel_size, dilations in zip(config.resblock_kernel_sizes, config.resblock_dilations):
                 self.resblocks.append(CausalResBlock(out, kernel_size, dilations))
         self.conv_post = _normed(CausalConv1d(channels // (2 ** len(rates)), spectrum_channels, 7))
@@ -165,8 +165,10 @@ class HiFTGenerator(nn.Module):
     def noise(self, start: int, length: int) -> torch.Tensor:
         end = start + length
         if end > self.config.max_samples:
-            raise ValueError(f"{end} samples exceed the vocoder's noise table ({self.config.max_samples}): "
-                             "split the codes into shorter pieces.")
+            raise ValueError(
+                f"{end} samples exceed the vocoder's noise table ({self.config.max_samples}): "
+                "split the codes into shorter pieces."
+            )
         if end > self.source_noise.shape[1]:
             if self.source_noise_state is None:
                 raise RuntimeError("the vocoder's noise table was not initialised (call set_noise_state).")
@@ -178,16 +180,23 @@ class HiFTGenerator(nn.Module):
 
     # -- pieces -----------------------------------------------------------------------------------------------
     def _stft(self, x):
-        spec = torch.stft(x, self.config.n_fft, self.config.hop_length, self.config.n_fft, window=self.stft_window,
-                          return_complex=True)
+        spec = torch.stft(
+            x,
+            self.config.n_fft,
+            self.config.hop_length,
+            self.config.n_fft,
+            window=self.stft_window,
+            return_complex=True,
+        )
         spec = torch.view_as_real(spec)
         return torch.cat([spec[..., 0], spec[..., 1]], dim=1)
 
     def _istft(self, magnitude, phase):
         magnitude = torch.clip(magnitude, max=1e2)
         spectrum = torch.complex(magnitude * torch.cos(phase), magnitude * torch.sin(phase))
-        return torch.istft(spectrum, self.config.n_fft, self.config.hop_length, self.config.n_fft,
-                           window=self.stft_window)
+        return torch.istft(
+            spectrum, self.config.n_fft, self.config.hop_length, self.config.n_fft, window=self.stft_window
+        )
 
     def decode(self, mel, source, finalize=True):
         config = self.config
@@ -227,7 +236,7 @@ class HiFTGenerator(nn.Module):
         with parametrize.cached():  # each weight-normalised kernel is computed once per call
             f0 = self.f0_predictor(mel, finalize)
             if f0_override is not None and f0_override.shape[1]:
-                f0 = torch.cat([f0_override.to(f0.dtype), f0[:, f0_override.shape[1]:]], dim=1)
+                f0 = torch.cat([f0_override.to(f0.dtype), f0[:, f0_override.shape[1] :]], dim=1)
             samples = f0.shape[1] * config.samples_per_frame
             noise = self.noise(frame_offset * config.samples_per_frame, samples)
             source, _ = self.source(f0, noise, phase_start)

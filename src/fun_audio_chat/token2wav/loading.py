@@ -79,8 +79,9 @@ def _evaluate_reference(expression: str, top: dict, seen: tuple = ()) -> Any:
     while position < len(expression):
         match = _REF_TOKEN.match(expression, position)
         if not match or match.end() == position:
-            raise CheckpointFormatError(f"!ref {expression!r}: only <key> references, numbers and + - * / ( ) "
-                                        "are understood.")
+            raise CheckpointFormatError(
+                f"!ref {expression!r}: only <key> references, numbers and + - * / ( ) are understood."
+            )
         tokens.append(match.groups())
         position = match.end()
 
@@ -165,11 +166,12 @@ KNOWN_CLASSES = (_FLOW, _PRE_LOOKAHEAD, _CFM, _DIT, _DICTCONFIG, _HIFT, _F0)
 def _constructor(node, expected: str, where: str) -> dict:
     if not isinstance(node, Tagged) or not node.tag.startswith("!new:"):
         raise CheckpointFormatError(f"{where}: expected !new:{expected}, found {node!r:.80}.")
-    name = node.tag[len("!new:"):]
+    name = node.tag[len("!new:") :]
     if name != expected:
         known = ", ".join(KNOWN_CLASSES)
-        raise CheckpointFormatError(f"{where}: class {name} is not a known CosyVoice 3 {where} class (expected "
-                                    f"{expected}; known: {known}).")
+        raise CheckpointFormatError(
+            f"{where}: class {name} is not a known CosyVoice 3 {where} class (expected {expected}; known: {known})."
+        )
     if not isinstance(node.value, dict):
         raise CheckpointFormatError(f"{where}: arguments of {name} must be a mapping.")
     return node.value
@@ -179,8 +181,10 @@ def _take(args: dict, where: str, mapping: dict, ignored: tuple = (), fixed: dic
     fixed = fixed or {}
     unknown = set(args) - set(mapping) - set(ignored) - set(fixed)
     if unknown:
-        raise CheckpointFormatError(f"{where}: unknown argument(s) {sorted(unknown)}; this reader understands "
-                                    f"{sorted(set(mapping) | set(ignored) | set(fixed))}.")
+        raise CheckpointFormatError(
+            f"{where}: unknown argument(s) {sorted(unknown)}; this reader understands "
+            f"{sorted(set(mapping) | set(ignored) | set(fixed))}."
+        )
     for key, expected in fixed.items():
         if key in args and args[key] != expected:
             raise CheckpointFormatError(f"{where}: {key}={args[key]!r} is not supported (only {expected!r}).")
@@ -197,52 +201,92 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
     hift_args = _resolve(top["hift"], top)
 
     flow = _constructor(flow_args, _FLOW, "flow")
-    values = _take(flow, "flow", {"input_size": "mel_bins", "spk_embed_dim": "speaker_embedding_dim",
-                                  "vocab_size": "vocab_size", "token_mel_ratio": "token_mel_ratio",
-                                  "pre_lookahead_len": "pre_lookahead_tokens"},
-                   ignored=("input_frame_rate", "only_mask_loss", "pre_lookahead_layer", "decoder", "output_size"),
-                   fixed={"output_type": "mel"})
+    values = _take(
+        flow,
+        "flow",
+        {
+            "input_size": "mel_bins",
+            "spk_embed_dim": "speaker_embedding_dim",
+            "vocab_size": "vocab_size",
+            "token_mel_ratio": "token_mel_ratio",
+            "pre_lookahead_len": "pre_lookahead_tokens",
+        },
+        ignored=("input_frame_rate", "only_mask_loss", "pre_lookahead_layer", "decoder", "output_size"),
+        fixed={"output_type": "mel"},
+    )
     if "output_size" in flow and "input_size" in flow and flow["output_size"] != flow["input_size"]:
         raise CheckpointFormatError("flow: output_size must equal input_size (the mel bins).")
-    pre = _take(_constructor(flow.get("pre_lookahead_layer"), _PRE_LOOKAHEAD, "flow.pre_lookahead_layer"),
-                "flow.pre_lookahead_layer", {"channels": "pre_lookahead_channels"},
-                ignored=("in_channels", "pre_lookahead_len"))
+    pre = _take(
+        _constructor(flow.get("pre_lookahead_layer"), _PRE_LOOKAHEAD, "flow.pre_lookahead_layer"),
+        "flow.pre_lookahead_layer",
+        {"channels": "pre_lookahead_channels"},
+        ignored=("in_channels", "pre_lookahead_len"),
+    )
     decoder = _constructor(flow.get("decoder"), _CFM, "flow.decoder")
     _take(decoder, "flow.decoder", {}, ignored=("in_channels", "n_spks", "spk_emb_dim", "cfm_params", "estimator"))
     cfm_node = decoder.get("cfm_params")
     cfm = {}
     if cfm_node is not None:
         content = _constructor(cfm_node, _DICTCONFIG, "flow.decoder.cfm_params").get("content", {})
-        cfm = _take(content, "flow.decoder.cfm_params", {"inference_cfg_rate": "cfg_rate"},
-                    ignored=("sigma_min", "training_cfg_rate", "reg_loss_type"),
-                    fixed={"solver": "euler", "t_scheduler": "cosine"})
-    dit = _take(_constructor(decoder.get("estimator"), _DIT, "flow.decoder.estimator"), "flow.decoder.estimator",
-                {"dim": "hidden_size", "depth": "num_layers", "heads": "num_heads", "dim_head": "head_dim",
-                 "ff_mult": "ff_mult", "static_chunk_size": "chunk_frames"},
-                ignored=("mel_dim", "mu_dim", "spk_dim", "out_channels", "dropout"),
-                fixed={"num_decoding_left_chunks": -1})
+        cfm = _take(
+            content,
+            "flow.decoder.cfm_params",
+            {"inference_cfg_rate": "cfg_rate"},
+            ignored=("sigma_min", "training_cfg_rate", "reg_loss_type"),
+            fixed={"solver": "euler", "t_scheduler": "cosine"},
+        )
+    dit = _take(
+        _constructor(decoder.get("estimator"), _DIT, "flow.decoder.estimator"),
+        "flow.decoder.estimator",
+        {
+            "dim": "hidden_size",
+            "depth": "num_layers",
+            "heads": "num_heads",
+            "dim_head": "head_dim",
+            "ff_mult": "ff_mult",
+            "static_chunk_size": "chunk_frames",
+        },
+        ignored=("mel_dim", "mu_dim", "spk_dim", "out_channels", "dropout"),
+        fixed={"num_decoding_left_chunks": -1},
+    )
     flow_config = FlowConfig(**{**values, **pre, **dit, **cfm})
     flow_config.cfg_rate = float(flow_config.cfg_rate)
     flow_config.chunk_frames = int(flow_config.chunk_frames)
 
     hift = _constructor(hift_args, _HIFT, "hift")
     istft = hift.get("istft_params", {})
-    h = _take(hift, "hift", {"in_channels": "mel_bins", "base_channels": "base_channels",
-                             "nb_harmonics": "num_harmonics", "sampling_rate": "sample_rate",
-                             "nsf_alpha": "sine_amplitude", "nsf_sigma": "noise_std",
-                             "nsf_voiced_threshold": "voiced_threshold", "upsample_rates": "upsample_rates",
-                             "upsample_kernel_sizes": "upsample_kernel_sizes",
-                             "resblock_kernel_sizes": "resblock_kernel_sizes",
-                             "resblock_dilation_sizes": "resblock_dilations",
-                             "source_resblock_kernel_sizes": "source_resblock_kernel_sizes",
-                             "source_resblock_dilation_sizes": "source_resblock_dilations",
-                             "lrelu_slope": "lrelu_slope", "audio_limit": "audio_limit",
-                             "conv_pre_look_right": "conv_pre_lookahead"},
-              ignored=("istft_params", "f0_predictor"))
+    h = _take(
+        hift,
+        "hift",
+        {
+            "in_channels": "mel_bins",
+            "base_channels": "base_channels",
+            "nb_harmonics": "num_harmonics",
+            "sampling_rate": "sample_rate",
+            "nsf_alpha": "sine_amplitude",
+            "nsf_sigma": "noise_std",
+            "nsf_voiced_threshold": "voiced_threshold",
+            "upsample_rates": "upsample_rates",
+            "upsample_kernel_sizes": "upsample_kernel_sizes",
+            "resblock_kernel_sizes": "resblock_kernel_sizes",
+            "resblock_dilation_sizes": "resblock_dilations",
+            "source_resblock_kernel_sizes": "source_resblock_kernel_sizes",
+            "source_resblock_dilation_sizes": "source_resblock_dilations",
+            "lrelu_slope": "lrelu_slope",
+            "audio_limit": "audio_limit",
+            "conv_pre_look_right": "conv_pre_lookahead",
+        },
+        ignored=("istft_params", "f0_predictor"),
+    )
     if set(istft) - {"n_fft", "hop_len"}:
         raise CheckpointFormatError(f"hift.istft_params: unknown keys {sorted(set(istft) - {'n_fft', 'hop_len'})}.")
-    f0 = _take(_constructor(hift.get("f0_predictor"), _F0, "hift.f0_predictor"), "hift.f0_predictor",
-               {"cond_channels": "f0_channels"}, ignored=("in_channels",), fixed={"num_class": 1})
+    f0 = _take(
+        _constructor(hift.get("f0_predictor"), _F0, "hift.f0_predictor"),
+        "hift.f0_predictor",
+        {"cond_channels": "f0_channels"},
+        ignored=("in_channels",),
+        fixed={"num_class": 1},
+    )
     hift_config = HiFTConfig(**h, **f0, n_fft=int(istft.get("n_fft", 16)), hop_length=int(istft.get("hop_len", 4)))
     for name in ("sine_amplitude", "noise_std", "voiced_threshold", "lrelu_slope", "audio_limit"):
         setattr(hift_config, name, float(getattr(hift_config, name)))

@@ -141,9 +141,7 @@ class CoreCocktailCallback(TrainerCallback):
                 "Core-Cocktail merges full weights; call merge_and_unload() on the PEFT model first, or merge on disk."
             )
         show = not (getattr(args, "disable_tqdm", False)) and _is_main_process()
-        _, manifest = merge_weights(
-            model, self.base, self.alpha, show_progress=show, **self.merge_kwargs
-        )
+        _, manifest = merge_weights(model, self.base, self.alpha, show_progress=show, **self.merge_kwargs)
         manifest["global_step"] = getattr(state, "global_step", None)
         self.manifest = manifest
         self.merged = True

@@ -34,7 +34,9 @@ def fsdp_wrap_classes(model: nn.Module) -> list[str]:
     present = {type(module).__name__ for module in base.modules()}
     found = [name for name in wanted if name in present]
     if not found:
-        raise ValueError(f"{type(base).__name__} has none of its layer classes {wanted}; cannot build an FSDP wrap policy.")
+        raise ValueError(
+            f"{type(base).__name__} has none of its layer classes {wanted}; cannot build an FSDP wrap policy."
+        )
     return found
 
 

@@ -157,7 +157,9 @@ def preference_loss(
         return qw * (log_qw - torch.log1p(-epsilon)) + ql * (log_ql - torch.log(epsilon))
     if loss_type == "nca_pair":
         chosen_rewards, rejected_rewards = beta * chosen_logratios, beta * rejected_logratios
-        return -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        return (
+            -F.logsigmoid(chosen_rewards) - 0.5 * F.logsigmoid(-chosen_rewards) - 0.5 * F.logsigmoid(-rejected_rewards)
+        )
     if loss_type == "robust":
         clean = -(1 - label_smoothing) * F.logsigmoid(beta * delta)
         flipped = -label_smoothing * F.logsigmoid(-beta * delta)
@@ -174,9 +176,10 @@ def preference_loss(
             first = torch.sort(chosen_logratios, dim=0)[0]
             second = torch.sort(rejected_logratios, dim=0)[0]
         sorted_delta = first - second
-        return -F.logsigmoid(beta * sorted_delta) * (1 - label_smoothing) - F.logsigmoid(
-            -beta * sorted_delta
-        ) * label_smoothing
+        return (
+            -F.logsigmoid(beta * sorted_delta) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * sorted_delta) * label_smoothing
+        )
     if loss_type == "apo_zero":
         return (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
     if loss_type == "apo_down":
@@ -319,7 +322,11 @@ class FunAudioChatDPOConfig(DPOConfig):
 def _checkpointing_disabled(model: nn.Module, kwargs: dict | None):
     """Turn activation (gradient) checkpointing off for a no-grad reference pass, then restore it."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names
-        flag, off, on = "is_activation_checkpointing", "activation_checkpointing_disable", "activation_checkpointing_enable"
+        flag, off, on = (
+            "is_activation_checkpointing",
+            "activation_checkpointing_disable",
+            "activation_checkpointing_enable",
+        )
     else:
         flag, off, on = "is_gradient_checkpointing", "gradient_checkpointing_disable", "gradient_checkpointing_enable"
     enabled = bool(getattr(model, flag, False))
@@ -508,8 +515,9 @@ class FunAudioChatDPOTrainer(DPOTrainer):
                 return self.stream_log_probs(self.accelerator.unwrap_model(model), inputs)
             if is_peft_model(policy):
                 adapter = "ref" if "ref" in policy.peft_config else None
-                with _checkpointing_disabled(policy, self.args.gradient_checkpointing_kwargs), use_adapter(
-                    policy, adapter_name=adapter
+                with (
+                    _checkpointing_disabled(policy, self.args.gradient_checkpointing_kwargs),
+                    use_adapter(policy, adapter_name=adapter),
                 ):
                     return self.stream_log_probs(policy, inputs)
             if model is None:
@@ -643,9 +651,9 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps).detach()
         rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps).detach()
         text_margins = self.beta * ((chosen_text - ref_chosen_text) - (rejected_text - ref_rejected_text)).detach()
-        speech_margins = self.beta * w * (
-            (chosen_speech - ref_chosen_speech) - (rejected_speech - ref_rejected_speech)
-        ).detach()
+        speech_margins = (
+            self.beta * w * ((chosen_speech - ref_chosen_speech) - (rejected_speech - ref_rejected_speech)).detach()
+        )
         per_pair_values = torch.stack(
             [
                 chosen_rewards,

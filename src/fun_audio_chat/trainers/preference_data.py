@@ -177,10 +177,16 @@ def prepare_preference_dataset(
 
     def build(row):
         try:
-            return {**build_preference_example(
-                processor, row, speech_tokenizer=speech_tokenizer, speech_delay_tokens=speech_delay_tokens,
-                max_length=max_length,
-            ), "_too_long": False}
+            return {
+                **build_preference_example(
+                    processor,
+                    row,
+                    speech_tokenizer=speech_tokenizer,
+                    speech_delay_tokens=speech_delay_tokens,
+                    max_length=max_length,
+                ),
+                "_too_long": False,
+            }
         except ValueError as err:
             if max_length is None or "max_length" not in str(err):
                 raise
