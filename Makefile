@@ -38,6 +38,8 @@ demo: $(STAMP)
 	$(BIN)/fun-audio-chat demo
 
 test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(PYTEST_ENV) $(BIN)/python -m pytest -q tests
 
 test-latest: $(LATEST_STAMP)
