@@ -12,8 +12,8 @@ FIXTURES = Path(__file__).parent / "fixtures"
 ORACLE = FIXTURES / "oracle"
 
 
-def pytest_report_header(config):
-    """The stack under test, first in every log (CI runs the suite on the pinned and on the newest releases)."""
+def _stack() -> str:
+    """The releases under test (CI runs the suite on the pinned and on the newest releases)."""
     from importlib.metadata import PackageNotFoundError, version
 
     names = ("torch", "transformers", "accelerate", "peft", "trl", "datasets", "huggingface_hub", "safetensors")
@@ -24,6 +24,15 @@ def pytest_report_header(config):
         except PackageNotFoundError:
             found.append(f"{name} (not installed)")
     return "stack: " + ", ".join(found)
+
+
+def pytest_report_header(config):
+    return _stack()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # The header is hidden under -q (the README's test command); the summary always prints.
+    terminalreporter.write_line(_stack())
 
 
 @pytest.fixture(autouse=True)
