@@ -5,6 +5,8 @@ rank 0 saves the full weights (the test compares them with one single-process st
 MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step) with ``BASE`` as the Core-Cocktail base
 and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final weights there.
 ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
+``PAUSE_AFTER_SAVE=SECONDS`` in the environment makes every checkpoint save wait that long, so a test that kills the
+run right after a checkpoint lands inside the stage whatever the machine's speed.
 """
 
 import json
@@ -18,10 +20,21 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from safetensors.torch import save_file  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
 
 from fun_audio_chat.trainers import FunAudioChatTrainer, run_core_cocktail  # noqa: E402
 from fun_audio_chat.trainers.distributed import deepspeed_training_arguments, fsdp2_training_arguments  # noqa: E402
 from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, train_dataset, training_args  # noqa: E402
+
+
+class PauseAfterSave(TrainerCallback):
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def on_save(self, args, state, control, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
 
 
 def skip_shared_memory_kernel() -> None:
@@ -111,6 +124,9 @@ def main():
             data_collator=collate,
             stage1_args=stage,
             stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
+            callbacks=[PauseAfterSave(float(os.environ["PAUSE_AFTER_SAVE"]))]
+            if "PAUSE_AFTER_SAVE" in os.environ
+            else None,
         )
         if rank == 0:
             state = {k: v.detach().float().contiguous().clone() for k, v in result.model.state_dict().items()}

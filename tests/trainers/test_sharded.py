@@ -50,6 +50,19 @@ def _run(tmp_path, *args, timeout=300):
     return proc
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """``TrainingArguments(deepspeed=...)`` built in this process leaves transformers' DeepSpeed config and accelerate's
+    shared state in DeepSpeed mode, and every later Trainer of the process would then start DeepSpeed: reset both."""
+    yield
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+
+
 @pytest.fixture(scope="module")
 def single_process_step(tmp_path_factory):
     """One SGD step on the whole 4-example batch in one process (the reference of every engine)."""
@@ -109,10 +122,11 @@ def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktai
 
 
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
-    """Start the worker, SIGKILL the whole process group once ``marker`` exists."""
+    """Start the worker, SIGKILL the whole process group once ``marker`` exists (the worker pauses after each
+    checkpoint so the kill lands before the stage goes on)."""
     proc = subprocess.Popen(
         _command(*args),
-        env=_env(),
+        env={**_env(), "PAUSE_AFTER_SAVE": "30"},
         cwd=tmp_path,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
