@@ -12,9 +12,9 @@ greedy. Prints, from one run:
 
 each for the default path and for transformers' compiled-decoding path (``cache_implementation="static"`` plus a
 ``compile_config`` opted in on CPU with ``_compile_all_devices = True``), with (e) the compiled path's first-call
-time (compilation included); and (f) the peak memory of loading the bench model from disk, in full precision and
-with the LLM quantized to int8 weights (optimum-quanto; audio encoders, speech head and speech embeddings stay
-full precision).
+time (compilation included); and (f) the peak memory that loading the bench model from disk adds to a process
+(torch already imported) and the bytes its weights hold afterwards, in full precision and with the LLM quantized to
+int8 weights (optimum-quanto; audio encoders, speech head and speech embeddings stay full precision).
 
 Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2] [--skip-compiled]
 """
@@ -202,22 +202,41 @@ def measure(model, new_tokens, repeats, decoding=None) -> dict:
 
 
 LOAD_PEAK = """
-import resource, sys, torch
+import sys, torch
 from transformers import QuantoConfig
 from fun_audio_chat import FunAudioChatForConditionalGeneration
+
+def stored_bytes(tensor):
+    # quanto's weights are tensor subclasses whose dtype and element_size() claim float32 (what
+    # get_memory_footprint() counts); the bytes really held are those of their inner tensors (int8 data, scales).
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+def status_kb(field):
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+# Importing the stack peaks higher than loading a small model: reset the peak (Linux) so it measures the load only.
+with open("/proc/self/clear_refs", "w") as clear:
+    clear.write("5")
+before_load = status_kb("VmRSS")
 kwargs = {"quantization_config": QuantoConfig(weights="int8")} if sys.argv[2] == "int8" else {}
 model = FunAudioChatForConditionalGeneration.from_pretrained(sys.argv[1], **kwargs)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, model.get_memory_footprint())
+held = sum(stored_bytes(t) for t in [*model.parameters(), *model.buffers()])
+print(status_kb("VmHWM") - before_load, held)
 """
 
 
 def load_peak_megabytes(folder: str, mode: str) -> tuple[float, float] | None:
-    """(peak resident memory, model footprint) in MB of a fresh process that loads the saved bench model."""
+    """(peak resident memory added by the load, bytes the weights hold afterwards) in MB, in a fresh process that
+    loads the saved bench model after importing torch and transformers."""
     done = subprocess.run([sys.executable, "-c", LOAD_PEAK, folder, mode], capture_output=True, text=True)
     if done.returncode != 0:
         return None
-    peak_kb, footprint_bytes = done.stdout.split()[-2:]
-    return int(peak_kb) / 1024, int(footprint_bytes) / 2**20
+    peak_kb, held_bytes = done.stdout.split()[-2:]
+    return int(peak_kb) / 1024, int(held_bytes) / 2**20
 
 
 def main():
@@ -275,8 +294,8 @@ def main():
         full, int8 = load_peak_megabytes(folder, "full"), load_peak_megabytes(folder, "int8")
     if full is not None and int8 is not None:
         print(
-            f"(f) peak memory loading the bench model (process, torch included): full precision {full[0]:.0f} MB, "
-            f"int8 LLM {int8[0]:.0f} MB = {int8[0] / full[0]:.2f}x; model footprint {full[1]:.0f} MB vs "
+            f"(f) peak memory added by loading the bench model: full precision {full[0]:.0f} MB, int8 LLM "
+            f"{int8[0]:.0f} MB = {int8[0] / full[0]:.2f}x; weights held after loading {full[1]:.0f} MB vs "
             f"{int8[1]:.0f} MB = {int8[1] / full[1]:.2f}x"
         )
     else:
