@@ -25,3 +25,13 @@ def test_lazy_export_table_matches_the_modules_all(module_name):
 def test_every_exported_name_has_one_home():
     homes = [name for names in trainers._EXPORTS.values() for name in names]
     assert len(homes) == len(set(homes))
+
+
+def test_dpo_names_keep_their_old_import_path():
+    """The DPO config and loss formulas live in their own modules; ``trainers.dpo`` still re-exports them."""
+    from fun_audio_chat.trainers import dpo, dpo_config, dpo_losses
+
+    assert dpo.FunAudioChatDPOConfig is dpo_config.FunAudioChatDPOConfig
+    for name in ("F_DIVERGENCE_TYPES", "LOG_PROB_LOSS_TYPES", "f_divergence_scores", "preference_loss"):
+        assert getattr(dpo, name) is getattr(dpo_losses, name), name
+        assert name in dpo.__all__

@@ -34,7 +34,13 @@ class FunAudioChatOutputWithPast(CausalLMOutputWithPast):
         text_loss / speech_loss: the two streams' cross-entropies.
         logits: text logits (B, L, V) (or the last ``logits_to_keep`` positions).
         speech_logits: SRH logits (B, L·k, codebook) from the teacher-forced head.
+        shift_labels: when ``labels`` are given, the text targets the loss used, aligned with ``logits``
+            (``logits[:, t]`` predicts ``shift_labels[:, t]``; -100 where nothing is scored).
+        speech_shift_labels: likewise the speech targets, aligned with ``speech_logits`` (B, L·k).
         last_hidden_state: final (post-norm) LLM states, when ``return_last_hidden_state=True``.
+
+    :func:`gather_sequence_log_probs` turns a logits/targets pair into per-row summed log-probabilities
+    (preference training scores answers that way).
 
     The cache field is named as the installed transformers names it (see :mod:`fun_audio_chat.transformers_compat`);
     ``output.past_key_values`` reads it on every supported release.
@@ -43,6 +49,8 @@ class FunAudioChatOutputWithPast(CausalLMOutputWithPast):
     text_loss: torch.FloatTensor | None = None
     speech_loss: torch.FloatTensor | None = None
     speech_logits: torch.FloatTensor | None = None
+    shift_labels: torch.LongTensor | None = None
+    speech_shift_labels: torch.LongTensor | None = None
     last_hidden_state: torch.FloatTensor | None = None
 
 
@@ -566,9 +574,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         compute_speech_logits: bool | None = None,
         return_last_hidden_state: bool = False,
-        return_sequence_log_probs: bool = False,
         **kwargs,
-    ) -> FunAudioChatOutputWithPast | tuple | dict:
+    ) -> FunAudioChatOutputWithPast | tuple:
         r"""
         Args:
             input_features (`(num_feature_audios, num_mel_bins, frames)`): log-mel features of the audios that
@@ -583,25 +590,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             num_items_in_batch: token counts for loss normalisation under gradient accumulation: an int/tensor
                 for the text stream, or ``{"text": n, "speech": m}`` for both.
             compute_speech_logits: run the teacher-forced SRH (default: whenever the model has one).
-            return_last_hidden_state: also return the final LLM states (used by generation and DPO).
-            return_sequence_log_probs: return :meth:`sequence_log_probs` of the labelled reply instead (preference
-                training scores through ``forward`` so DDP and PEFT wrappers see the computation).
+            return_last_hidden_state: also return the final LLM states (used by generation).
         """
-        if return_sequence_log_probs:
-            return self.sequence_log_probs(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                input_features=input_features,
-                feature_attention_mask=feature_attention_mask,
-                feature_exist_mask=feature_exist_mask,
-                speech_ids=speech_ids,
-                speech_attention_mask=speech_attention_mask,
-                text_ids=text_ids,
-                text_attention_mask=text_attention_mask,
-                labels=labels,
-                position_ids=position_ids,
-                include_speech=compute_speech_logits is not False,
-            )
         past_key_values = pop_cache_argument(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if (input_ids is None) == (inputs_embeds is None):
@@ -655,9 +645,10 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             text_counts, speech_counts = num_items_in_batch.get("text"), num_items_in_batch.get("speech")
 
         text_loss = speech_loss = loss = None
-        speech_labels = None
+        speech_labels = shift_labels = speech_shift_labels = None
         if labels is not None:
             text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
+            shift_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)[:, 1:][:, keep]
             text_loss = self.language_model.loss_function(
                 logits=logits,
                 labels=text_labels,
@@ -666,6 +657,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             )
             if merged is not None and self.audio_invert_tower is not None:
                 speech_labels = self.build_speech_labels(labels, merged)
+                k = self.group_size
+                speech_shift_labels = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]
 
         if compute_speech_logits is None:
             compute_speech_logits = self.audio_invert_tower is not None and text_embeds is not None
@@ -678,12 +671,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             speech_logits = self.teacher_forced_speech_logits(
                 hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
-            if speech_labels is not None:
-                shifted = nn.functional.pad(speech_labels, (0, self.group_size), value=IGNORE_INDEX)[
-                    :, self.group_size :
-                ]
-                if bool((shifted != IGNORE_INDEX).any()):
-                    speech_loss = self.speech_loss(speech_logits, shifted, speech_counts)
+            if speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any()):
+                speech_loss = self.speech_loss(speech_logits, speech_shift_labels, speech_counts)
             if speech_loss is None and labels is not None:
                 # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
                 # process runs its backward (sharded engines gather and reduce its parameters on all ranks).
@@ -698,6 +687,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             speech_loss=speech_loss,
             logits=logits,
             speech_logits=speech_logits,
+            shift_labels=shift_labels,
+            speech_shift_labels=speech_shift_labels,
             hidden_states=llm_output.hidden_states,
             attentions=llm_output.attentions,
             last_hidden_state=hidden if return_last_hidden_state else None,
@@ -708,39 +699,15 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
     def sequence_log_probs(self, include_speech: bool = True, **inputs) -> dict[str, torch.Tensor]:
         """Per-row summed log-probabilities of the labelled reply, text and speech streams separately.
 
-        Takes the training inputs (with ``labels``); the text stream is scored exactly where the training loss
-        is (transcript at 5 Hz in the <|AUDIO|> slots), the speech stream on the SRH's teacher-forced targets.
-        Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens": (B,)}``; with
-        ``include_speech=False`` the SRH is not run and the speech entries are zeros.
+        Takes the training inputs (with ``labels``) and runs :meth:`forward`: the text stream is scored exactly where
+        the training loss is (transcript at 5 Hz in the <|AUDIO|> slots), the speech stream on the SRH's
+        teacher-forced targets. Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens":
+        (B,)}``; with ``include_speech=False`` the SRH is not run and the speech entries are zeros.
         """
-        labels = inputs["labels"]
-        attention_mask, position_ids = inputs.get("attention_mask"), inputs.get("position_ids")
-        merged = self._merged_for_labels(inputs)
-        if merged is None:
-            inputs_embeds = text_embeds = self.get_input_embeddings()(inputs["input_ids"])
-        else:
-            inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
-        hidden = self.language_model.model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
-        text_labels = (
-            labels if merged is None else self.build_text_labels(labels, merged, inputs.get("text_attention_mask"))
+        outputs = self(**inputs, compute_speech_logits=None if include_speech else False, use_cache=False)
+        return gather_stream_log_probs(
+            outputs.logits, outputs.shift_labels, outputs.speech_logits, outputs.speech_shift_labels
         )
-        text_logits = self.language_model.lm_head(hidden[:, :-1])
-        text_logp, text_count = _gather_log_probs(text_logits, text_labels[:, 1:])
-        result = {"text": text_logp, "text_tokens": text_count}
-        if include_speech and merged is not None and self.audio_invert_tower is not None:
-            speech_labels = self.build_speech_labels(labels, merged)
-            speech_logits = self.teacher_forced_speech_logits(
-                hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
-            )
-            k = self.group_size
-            shifted = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]
-            result["speech"], result["speech_tokens"] = _gather_log_probs(speech_logits, shifted)
-        else:
-            result["speech"] = torch.zeros_like(text_logp)
-            result["speech_tokens"] = torch.zeros_like(text_count)
-        return result
 
     def _merged_for_labels(self, inputs) -> MergedAudioInputs | None:
         if inputs.get("speech_ids") is None or inputs.get("input_ids") is None:
@@ -767,12 +734,42 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         return total / num_items
 
 
-def _gather_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over positions of log softmax(logits)[target], ignoring -100; returns (sums, counts) per row."""
-    valid = targets != IGNORE_INDEX
+def gather_sequence_log_probs(logits: torch.Tensor, shift_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sums, counts)`` per row: the sum over positions of ``log_softmax(logits)[target]`` (in float32) and the
+    number of targets, for targets aligned with the logits (``shift_labels``; -100 is not scored)."""
+    valid = shift_labels != IGNORE_INDEX
     log_probs = torch.log_softmax(logits.float(), dim=-1)
-    picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = log_probs.gather(-1, shift_labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return (picked * valid).sum(-1), valid.sum(-1)
 
 
-__all__ = ["FunAudioChatForConditionalGeneration", "FunAudioChatOutputWithPast", "FunAudioChatPreTrainedModel"]
+def gather_stream_log_probs(
+    logits: torch.Tensor,
+    shift_labels: torch.Tensor,
+    speech_logits: torch.Tensor | None = None,
+    speech_shift_labels: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per-row ``{"text", "speech", "text_tokens", "speech_tokens"}`` from the fields of a forward output with
+    ``labels`` (``logits``, ``shift_labels``, ``speech_logits``, ``speech_shift_labels``); the speech entries are
+    zeros when the forward scored no speech stream."""
+    if shift_labels is None:
+        raise ValueError("gather_stream_log_probs needs the shift_labels of a forward run with labels.")
+    text, text_tokens = gather_sequence_log_probs(logits, shift_labels)
+    if speech_logits is None or speech_shift_labels is None:
+        return {
+            "text": text,
+            "speech": torch.zeros_like(text),
+            "text_tokens": text_tokens,
+            "speech_tokens": torch.zeros_like(text_tokens),
+        }
+    speech, speech_tokens = gather_sequence_log_probs(speech_logits, speech_shift_labels)
+    return {"text": text, "speech": speech, "text_tokens": text_tokens, "speech_tokens": speech_tokens}
+
+
+__all__ = [
+    "FunAudioChatForConditionalGeneration",
+    "FunAudioChatOutputWithPast",
+    "FunAudioChatPreTrainedModel",
+    "gather_sequence_log_probs",
+    "gather_stream_log_probs",
+]

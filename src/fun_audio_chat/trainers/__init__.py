@@ -29,7 +29,9 @@ _EXPORTS = {
         "run_core_cocktail",
     ),
     "lora": ("fun_audio_chat_lora_config", "lora_target_regex"),
-    "dpo": ("FunAudioChatDPOConfig", "FunAudioChatDPOTrainer", "LOG_PROB_LOSS_TYPES", "preference_loss"),
+    "dpo": ("FunAudioChatDPOTrainer",),
+    "dpo_config": ("FunAudioChatDPOConfig",),
+    "dpo_losses": ("LOG_PROB_LOSS_TYPES", "preference_loss"),
     "preference_data": (
         "FunAudioChatPreferenceCollator",
         "build_preference_example",
