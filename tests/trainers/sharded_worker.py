@@ -2,6 +2,8 @@
 
 MODE ``sft``: one SGD step on a fixed global batch whose examples have different target counts on the two ranks;
 rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
+MODE ``lora``: the same step on a LoRA adapter (LLM + SRH, :func:`lora_model`); ``Trainer.save_model`` writes the
+adapter to ``OUT/lora-ENGINE``.
 MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step) with ``BASE`` as the Core-Cocktail base
 and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final weights there.
 ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
@@ -68,11 +70,24 @@ def full_state(trainer, model) -> dict:
     return state
 
 
+def lora_model():
+    """The oracle model with a LoRA adapter on the LLM and the SRH (random non-zero B, so both A and B get gradients;
+    no dropout, so every process computes the same function)."""
+    from peft import get_peft_model
+
+    from fun_audio_chat.trainers import fun_audio_chat_lora_config
+
+    model = oracle_model()
+    torch.manual_seed(0)
+    config = fun_audio_chat_lora_config("both", r=4, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(model, config)
+
+
 def main():
     mode, engine, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     rank = int(os.environ["RANK"])
-    model = oracle_model()
-    if mode == "sft":
+    model = lora_model() if mode == "lora" else oracle_model()
+    if mode in ("sft", "lora"):
         args = training_args(
             out / "sft",
             max_steps=1,
@@ -88,17 +103,24 @@ def main():
             model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate
         )
         trainer.train()
-        state = full_state(trainer, model)
+        if mode == "lora":  # the adapter as users save it (every process takes part in gathering it)
+            trainer.save_model(str(out / f"lora-{engine}"))
+        else:
+            state = full_state(trainer, model)
+            if rank == 0:
+                state.pop("audio_invert_tower.lm_head.weight", None)
+                save_file(state, str(out / f"sft-{engine}.safetensors"))
+        base = model.get_base_model() if mode == "lora" else model
         if rank == 0:
-            state.pop("audio_invert_tower.lm_head.weight", None)
-            save_file(state, str(out / f"{engine}.safetensors"))
             report = {
                 "wrapper": type(trainer.model_wrapped).__name__,
-                "sharded": type(next(model.language_model.parameters())).__name__ == "DTensor",
+                "sharded": type(next(base.language_model.parameters())).__name__ == "DTensor",
                 "world_size": trainer.args.world_size,
-                "tied": model.audio_invert_tower.lm_head.weight is model.audio_tower.embed_tokens.weight,
+                "tied": base.audio_invert_tower.lm_head.weight is base.audio_tower.embed_tokens.weight,
+                # FSDP2 units (modules with FSDP's reshard()) that are single layers
+                "layer_units": sum(".layers." in n and hasattr(m, "reshard") for n, m in model.named_modules()),
             }
-            (out / f"{engine}.json").write_text(json.dumps(report))
+            (out / f"{mode}-{engine}.json").write_text(json.dumps(report))
     elif mode == "cc":
         base = Path(sys.argv[4])
         stage = dict(

@@ -85,17 +85,61 @@ def test_sharded_sft_equals_one_process(engine, tmp_path, single_process_step):
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     _run(tmp_path, "sft", engine, tmp_path)
-    report = json.loads((tmp_path / f"{engine}.json").read_text())
+    report = json.loads((tmp_path / f"sft-{engine}.json").read_text())
     assert report["world_size"] == 2 and report["tied"]
     if engine == "fsdp2":
         assert report["wrapper"].startswith("FSDP") and report["sharded"]
     else:
         assert report["wrapper"] == "DeepSpeedEngine"
-    trained = load_file(str(tmp_path / f"{engine}.safetensors"))
+    trained = load_file(str(tmp_path / f"sft-{engine}.safetensors"))
     start = oracle_model().state_dict()
     assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-3  # it did train
     for name, value in trained.items():
         torch.testing.assert_close(value, single_process_step[name].float(), atol=5e-6, rtol=1e-5, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+@pytest.fixture(scope="module")
+def single_process_lora_step(tmp_path_factory):
+    """The adapter after one single-process SGD step on the whole batch, saved by ``Trainer.save_model``."""
+    from .sharded_worker import lora_model
+
+    out = tmp_path_factory.mktemp("single_lora")
+    args = training_args(
+        out,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=4,
+    )
+    model = lora_model()
+    trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
+def test_sharded_lora_equals_one_process(engine, tmp_path, single_process_lora_step):
+    """A LoRA adapter (LLM + SRH, with the SRH's modules_to_save) trains under each engine, ``save_model`` writes the
+    adapter, and it equals the single-process one; the base weights stay frozen and FSDP2 still shards layer by
+    layer."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    _run(tmp_path, "lora", engine, tmp_path)
+    report = json.loads((tmp_path / f"lora-{engine}.json").read_text())
+    assert report["world_size"] == 2 and report["tied"]
+    if engine == "fsdp2":
+        assert report["sharded"] and report["layer_units"] == 6  # 2 LLM, 2 SRH, 2 audio-encoder layers
+    else:
+        assert report["wrapper"] == "DeepSpeedEngine"
+    adapter = load_file(str(tmp_path / f"lora-{engine}" / "adapter_model.safetensors"))
+    assert set(adapter) == set(single_process_lora_step)
+    assert any("modules_to_save" in key or "pre_matching" in key for key in adapter)
+    for name, value in adapter.items():
+        torch.testing.assert_close(value, single_process_lora_step[name], atol=5e-6, rtol=1e-5, msg=name)
 
 
 # ------------------------------------------------------------------------------------ Core-Cocktail, DeepSpeed

@@ -143,9 +143,14 @@ def resolve_distributed_engine(trainer) -> None:
                 "FSDP1 does not run on CPU processes (accelerate would silently fall back to DDP); use FSDP2: "
                 "fsdp_config={'fsdp_version': 2, ...} (see fsdp2_training_arguments)."
             )
+        from accelerate import PartialState
         from accelerate.utils import FullyShardedDataParallelPlugin
 
         plugin = FullyShardedDataParallelPlugin(**plugin_args)
+        # Every later AcceleratorState() (the optimizer and scheduler wrappers create one) copies the process state's
+        # fields over its own: record FSDP in both, or accelerate forgets it after prepare (and then, e.g.,
+        # get_state_dict returns the shards instead of full tensors).
+        PartialState().distributed_type = DistributedType.FSDP
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
         trainer.is_fsdp_enabled = True
