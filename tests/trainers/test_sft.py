@@ -96,6 +96,32 @@ def test_text_and_speech_losses_are_logged(tmp_path):
     assert metrics["eval_speech_loss"] == pytest.approx(out.speech_loss.item(), rel=1e-5)
 
 
+def test_stream_losses_are_averaged_over_the_logging_window_and_the_evaluation(tmp_path):
+    """Like TRL's trainers: each batch's text and speech losses are stored, and a log emits their mean since the last
+    log (training) or over the loop (evaluation, with its metric prefix)."""
+    model = oracle_model()
+    examples = oracle_examples()
+    with torch.no_grad():
+        solo = [model(**collate([example])) for example in examples]
+    expected = {name: sum(float(out[name]) for out in solo) / len(solo) for name in ("text_loss", "speech_loss")}
+    args = training_args(
+        tmp_path, max_steps=4, per_device_train_batch_size=1, learning_rate=0.0, logging_steps=2, seed=3
+    )
+    trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=ListDataset(examples), data_collator=collate)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2  # each window covers both examples once (one epoch of 2 steps)
+    for h in logs:
+        assert h["text_loss"] == pytest.approx(expected["text_loss"], rel=1e-5)
+        assert h["speech_loss"] == pytest.approx(expected["speech_loss"], rel=1e-5)
+    trainer.args.per_device_eval_batch_size = 1
+    metrics = trainer.evaluate(ListDataset(examples), metric_key_prefix="heldout")
+    assert metrics["heldout_text_loss"] == pytest.approx(expected["text_loss"], rel=1e-5)
+    assert metrics["heldout_speech_loss"] == pytest.approx(expected["speech_loss"], rel=1e-5)
+    predicted = trainer.predict(ListDataset(examples[:1]))
+    assert predicted.metrics["test_text_loss"] == pytest.approx(float(solo[0]["text_loss"]), rel=1e-5)
+
+
 def test_freeze_for_pre_alignment_trains_audio_parts_only(tmp_path):
     model = oracle_model()
     summary = freeze_for_stage(model, "pre_alignment")

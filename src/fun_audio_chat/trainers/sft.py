@@ -1,8 +1,8 @@
 """Supervised fine-tuning with ``transformers.Trainer``.
 
 * :class:`FunAudioChatTrainer` -- a ``Trainer`` that logs the text and the speech loss separately
-  (``text_loss`` / ``speech_loss`` next to ``loss``; ``eval_text_loss`` / ``eval_speech_loss`` in evaluation)
-  and normalises **both** streams correctly under gradient accumulation and data parallelism: it counts the
+  (``text_loss`` / ``speech_loss`` next to ``loss``; ``eval_text_loss`` / ``eval_speech_loss`` in evaluation), the
+  way TRL's trainers log their metrics (stored per step, averaged over the logging window in ``log``), and normalises **both** streams correctly under gradient accumulation and data parallelism: it counts the
   text targets and the speech targets of the whole accumulated (and, with ``average_tokens_across_devices``,
   all-process) batch and passes ``num_items_in_batch={"text": n_text, "speech": n_speech}`` to the model, whose
   losses are then ``sum / count`` per stream. The result equals one big batch, whatever the micro-batching.
@@ -18,6 +18,7 @@ mean that is summed, not averaged, over gradient-accumulation steps.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -148,14 +149,16 @@ class FunAudioChatTrainer(Trainer):
     evaluation ``eval_text_loss`` and ``eval_speech_loss`` next to ``eval_loss``.
     """
 
+    #: The per-stream losses of the model's output that are logged.
+    STREAM_LOSSES = ("text_loss", "speech_loss")
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._stream_sums: torch.Tensor | None = None
-        # True when the tracked values are each process's share of the all-process mean (counts gathered)
-        self._stream_global_share = False
-        self._stream_window_start = 0  # global step at which the current logging window began
-        self._eval_stream_sums: torch.Tensor | None = None
-        self._eval_stream_batches = 0
+        # As in TRL's trainers: one value per loss computation, averaged and emitted when logging.
+        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -195,14 +198,9 @@ class FunAudioChatTrainer(Trainer):
             if self.compute_loss_func is not None or self.label_smoother is not None:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self.loss_is_scaled_for_ga = False
-            self._stream_global_share = False
             outputs = model(**inputs)
             loss = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
-            self._track_streams(
-                outputs,
-                training=model.training,
-                scale=1.0 / self.current_gradient_accumulation_steps if model.training else 1.0,
-            )
+            self._store_stream_losses(outputs, model.training, scale=1.0, global_share=False)
             return (loss, outputs) if return_outputs else loss
 
         counts = {k: v.clamp(min=1) if torch.is_tensor(v) else max(int(v), 1) for k, v in num_items_in_batch.items()}
@@ -213,60 +211,52 @@ class FunAudioChatTrainer(Trainer):
         if gathered:
             loss = loss * float(self.accelerator.num_processes)
         self.loss_is_scaled_for_ga = True
-        self._stream_global_share = gathered
-        self._track_streams(outputs, training=True, scale=1.0)
+        # Each micro-batch's losses are its share of the accumulated batch's: times the number of micro-batches,
+        # their mean over the step is the step's loss.
+        self._store_stream_losses(
+            outputs, training=True, scale=float(self.current_gradient_accumulation_steps), global_share=gathered
+        )
         return (loss, outputs) if return_outputs else loss
 
-    def _track_streams(self, outputs, training: bool, scale: float) -> None:
-        text = outputs.get("text_loss") if isinstance(outputs, Mapping) else None
-        speech = outputs.get("speech_loss") if isinstance(outputs, Mapping) else None
-        if text is None and speech is None:
+    def _store_stream_losses(self, outputs, training: bool, scale: float, global_share: bool) -> None:
+        """Store this batch's text and speech losses (all processes') under ``self._metrics[mode]``.
+
+        ``global_share``: each process's losses are its share of the all-process mean (summed over processes);
+        otherwise they are per-process means (averaged).
+        """
+        if not isinstance(outputs, Mapping) or all(outputs.get(name) is None for name in self.STREAM_LOSSES):
             return
+        zero = torch.zeros((), device=self.args.device)
         values = torch.stack(
-            [
-                (text.detach().float() if text is not None else torch.zeros((), device=self.args.device)),
-                (speech.detach().float() if speech is not None else torch.zeros((), device=self.args.device)),
-            ]
+            [(outputs[name].detach().float() if outputs.get(name) is not None else zero) for name in self.STREAM_LOSSES]
         ).to(self.args.device)
-        if training:
-            values = values * scale
-            if self._stream_sums is None:
-                self._stream_sums = values
-                self._stream_window_start = self.state.global_step
-            else:
-                self._stream_sums = self._stream_sums + values
-        else:
-            self._eval_stream_sums = values if self._eval_stream_sums is None else self._eval_stream_sums + values
-            self._eval_stream_batches += 1
+        if self.args.world_size > 1:
+            per_process = self.accelerator.gather(values[None])
+            values = per_process.sum(0) if global_share else per_process.mean(0)
+        mode = "train" if training else "eval"
+        for name, value in zip(self.STREAM_LOSSES, (values * scale).tolist()):
+            self._metrics[mode][name].append(value)
+
+    def _averaged_metrics(self, mode: str) -> dict[str, float]:
+        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        self._metrics[mode].clear()
+        return metrics
 
     # --- logging ------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._stream_sums is not None:
-            sums = self._stream_sums
-            if self.args.world_size > 1:
-                # per-process values are shares of the all-process mean (or local means): sum, or average
-                sums = self.accelerator.reduce(sums.clone(), reduction="sum")
-                if not self._stream_global_share:
-                    sums = sums / self.args.world_size
-            steps = max(1, self.state.global_step - self._stream_window_start)
-            logs["text_loss"] = round(float(sums[0]) / steps, 6)
-            logs["speech_loss"] = round(float(sums[1]) / steps, 6)
-            self._stream_sums = None
+        if "loss" in logs:  # a training log (evaluation metrics are added by evaluation_loop)
+            logs.update({name: round(value, 6) for name, value in self._averaged_metrics("train").items()})
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args, **kwargs):
-        self._eval_stream_sums, self._eval_stream_batches = None, 0
+        # Emitted here rather than in ``log`` so that they carry the loop's metric prefix (``eval``, ``eval_<name>``,
+        # ``test``) and ``predict()``, which does not log, leaves none behind.
+        self._metrics["eval"].clear()
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if self._eval_stream_sums is not None and output.metrics is not None:
-            sums = self._eval_stream_sums
-            batches = torch.tensor(float(self._eval_stream_batches), device=sums.device)
-            if self.args.world_size > 1:
-                sums = self.accelerator.reduce(sums.clone(), reduction="sum")
-                batches = self.accelerator.reduce(batches, reduction="sum")
-            output.metrics[f"{prefix}_text_loss"] = float(sums[0] / batches)
-            output.metrics[f"{prefix}_speech_loss"] = float(sums[1] / batches)
-        self._eval_stream_sums, self._eval_stream_batches = None, 0
+        metrics = self._averaged_metrics("eval")
+        if output.metrics is not None:
+            output.metrics.update({f"{prefix}_{name}": value for name, value in metrics.items()})
         return output
 
 
