@@ -4,8 +4,9 @@ MODE ``sft``: one SGD step on a fixed global batch whose examples have different
 rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
 MODE ``lora``: the same step on a LoRA adapter (LLM + SRH, :func:`lora_model`); ``Trainer.save_model`` writes the
 adapter to ``OUT/lora-ENGINE``.
-MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step) with ``BASE`` as the Core-Cocktail base
-and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final weights there.
+MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step, :func:`core_cocktail_stages`) with ``BASE``
+as the Core-Cocktail base and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final
+weights there as ``result.safetensors``.
 ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
 ``PAUSE_AFTER_SAVE=SECONDS`` in the environment makes every checkpoint save wait that long, so a test that kills the
 run right after a checkpoint lands inside the stage whatever the machine's speed.
@@ -21,7 +22,7 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from fun_audio_chat.trainers import FunAudioChatTrainer, run_core_cocktail  # noqa: E402
@@ -83,6 +84,30 @@ def lora_model():
     return get_peft_model(model, config)
 
 
+def core_cocktail_stages(**overrides) -> tuple[dict, dict]:
+    """The two stages' arguments of the Core-Cocktail runs: 2 steps each of SGD with momentum (so that equal gradients
+    give equal weights, where Adam would blow the rounding noise of near-zero gradients up to full steps, and with an
+    optimizer state that a resumed stage must restore), a checkpoint every step, sequential batches (the same examples
+    per optimizer step in one process and in two)."""
+    stage1 = dict(
+        max_steps=2,
+        save_steps=1,
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        train_sampling_strategy="sequential",
+        learning_rate=0.1,
+        min_lr=0.01,
+        **overrides,
+    )
+    stage1.setdefault("use_cpu", True)
+    return stage1, {**stage1, "learning_rate": 0.01, "min_lr": 0.001}
+
+
 def main():
     mode, engine, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     rank = int(os.environ["RANK"])
@@ -123,35 +148,25 @@ def main():
             (out / f"{mode}-{engine}.json").write_text(json.dumps(report))
     elif mode == "cc":
         base = Path(sys.argv[4])
-        stage = dict(
-            max_steps=2,
-            save_steps=1,
-            logging_steps=1,
-            report_to="none",
-            disable_tqdm=True,
-            seed=0,
-            data_seed=0,
-            per_device_train_batch_size=1,
-            learning_rate=1e-3,
-            min_lr=1e-4,
-            **engine_arguments(engine, model),
-        )
-        stage.setdefault("use_cpu", True)
         run_dir = Path(sys.argv[5])
+        stage1, stage2 = core_cocktail_stages(per_device_train_batch_size=1, **engine_arguments(engine, model))
         result = run_core_cocktail(
             model,
             base,
             train_dataset(2),
             run_dir,
             data_collator=collate,
-            stage1_args=stage,
-            stage2_args={**stage, "learning_rate": 1e-4, "min_lr": 1e-5},
+            stage1_args=stage1,
+            stage2_args=stage2,
             callbacks=[PauseAfterSave(float(os.environ["PAUSE_AFTER_SAVE"]))]
             if "PAUSE_AFTER_SAVE" in os.environ
             else None,
         )
-        if rank == 0:
+        if engine == "zero2":
             state = {k: v.detach().float().contiguous().clone() for k, v in result.model.state_dict().items()}
+        else:  # the parameters are sharded: the whole final weights are on disk
+            state = {k: v.float() for k, v in load_file(str(run_dir / "final" / "model.safetensors")).items()}
+        if rank == 0:
             state.pop("audio_invert_tower.lm_head.weight", None)
             save_file(state, str(run_dir / "result.safetensors"))
     if torch.distributed.is_initialized():

@@ -1,5 +1,6 @@
-"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (torchrun, gloo): SFT equals one process; Core-Cocktail under
-DeepSpeed completes in one command and resumes after SIGKILL in each stage; engines that cannot run fail at start.
+"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (torchrun, gloo): SFT and LoRA equal one process; Core-Cocktail
+completes in one command under ZeRO-2 and resumes after SIGKILL in each stage, and under ZeRO-3 and FSDP2 resumes
+after SIGKILL in stage 1, all with the single-process result; settings that cannot work fail at start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 
 from fun_audio_chat.trainers import FunAudioChatTrainer
 
-from .helpers import base_llm_checkpoint, collate, equivalence_dataset, oracle_model, training_args
+from .helpers import base_llm_checkpoint, collate, equivalence_dataset, oracle_model, train_dataset, training_args
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 REPO = Path(__file__).resolve().parents[2]
@@ -142,10 +143,39 @@ def test_sharded_lora_equals_one_process(engine, tmp_path, single_process_lora_s
         torch.testing.assert_close(value, single_process_lora_step[name], atol=5e-6, rtol=1e-5, msg=name)
 
 
-# ------------------------------------------------------------------------------------ Core-Cocktail, DeepSpeed
+# ------------------------------------------------------------------------------------------------ Core-Cocktail
 @pytest.fixture(scope="module")
 def core_cocktail_base(tmp_path_factory):
     return base_llm_checkpoint(oracle_model(), tmp_path_factory.mktemp("cc_base") / "base")
+
+
+@pytest.fixture(scope="module")
+def single_process_core_cocktail(tmp_path_factory, core_cocktail_base):
+    """The final weights of the same two stages in one process (batch 2 = the 2 processes' batch 1 each)."""
+    from fun_audio_chat.trainers import run_core_cocktail
+
+    from .sharded_worker import core_cocktail_stages
+
+    stage1, stage2 = core_cocktail_stages(per_device_train_batch_size=2)
+    out = tmp_path_factory.mktemp("cc_single") / "run"
+    result = run_core_cocktail(
+        oracle_model(),
+        core_cocktail_base,
+        train_dataset(2),
+        out,
+        data_collator=collate,
+        stage1_args=stage1,
+        stage2_args=stage2,
+    )
+    return {k: v.detach().float().clone() for k, v in result.model.state_dict().items()}
+
+
+def _assert_equals_one_process(run: Path, single_process_core_cocktail, atol=1e-6):
+    final = load_file(str(run / "result.safetensors"))
+    start = oracle_model().state_dict()
+    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-3  # it did train
+    for name, value in final.items():
+        torch.testing.assert_close(value, single_process_core_cocktail[name], atol=atol, rtol=1e-5, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +186,11 @@ def uninterrupted_core_cocktail(tmp_path_factory, core_cocktail_base):
     return out / "run"
 
 
-def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktail):
+def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktail, single_process_core_cocktail):
     run = uninterrupted_core_cocktail
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
     assert (run / "merged" / "merge_manifest.json").is_file() and (run / "final" / "config.json").is_file()
-    final = load_file(str(run / "result.safetensors"))
-    start = oracle_model().state_dict()
-    assert max((final[k] - start[k]).abs().max().item() for k in final) > 1e-4
+    _assert_equals_one_process(run, single_process_core_cocktail)
 
 
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
@@ -204,15 +232,39 @@ def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
         torch.testing.assert_close(value, reference[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_core_cocktail_with_sharded_parameters(engine, tmp_path, core_cocktail_base, single_process_core_cocktail):
+    """ZeRO-3 / FSDP2: stage 1 ends with save_model (full weights), process 0 merges on disk, stage 2 trains a model
+    reloaded from the merge. Killed during stage 1, the same command then finishes with the single-process result."""
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    run = tmp_path / "run"
+    args = ("cc", engine, tmp_path, core_cocktail_base, run)
+    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
+    assert not (run / "merged").exists()
+    _run(tmp_path, *args)
+    assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
+    assert (run / "stage1" / "final" / "model.safetensors").is_file()
+    assert json.loads((run / "merged" / "merge_manifest.json").read_text())["tuned"] == str(run / "stage1" / "final")
+    _assert_equals_one_process(run, single_process_core_cocktail)
+
+
 def test_engines_that_cannot_run_fail_at_start(tmp_path):
-    """In one process: ZeRO-3 / FSDP Core-Cocktail and DeepSpeed with use_cpu are refused before any training."""
+    """In one process: Core-Cocktail settings under which save_model would not write the full weights the merge needs,
+    and DeepSpeed with use_cpu, are refused before any training."""
     from fun_audio_chat.trainers import run_core_cocktail
     from fun_audio_chat.trainers.distributed import deepspeed_config
 
     model = oracle_model()
     for stage_args, message in (
-        ({"deepspeed": deepspeed_config(3)}, "ZeRO-3"),
-        ({"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2}}, "FSDP"),
+        (
+            {"deepspeed": deepspeed_config(3, zero_optimization={"stage3_gather_16bit_weights_on_model_save": False})},
+            "stage3_gather_16bit_weights_on_model_save=true",
+        ),
+        (
+            {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "SHARDED_STATE_DICT"}},
+            "FULL_STATE_DICT",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             run_core_cocktail(model, tmp_path, [], tmp_path / "cc", stage1_args={**stage_args, "use_cpu": True})

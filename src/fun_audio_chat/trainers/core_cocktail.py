@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -56,17 +57,6 @@ def _unwrap_distributed(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
     return model
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _is_main_process() -> bool:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 class CoreCocktailCallback(TrainerCallback):
@@ -140,13 +130,13 @@ class CoreCocktailCallback(TrainerCallback):
             raise TypeError(
                 "Core-Cocktail merges full weights; call merge_and_unload() on the PEFT model first, or merge on disk."
             )
-        show = not (getattr(args, "disable_tqdm", False)) and _is_main_process()
+        show = not (getattr(args, "disable_tqdm", False)) and PartialState().is_main_process
         _, manifest = merge_weights(model, self.base, self.alpha, show_progress=show, **self.merge_kwargs)
         manifest["global_step"] = getattr(state, "global_step", None)
         self.manifest = manifest
         self.merged = True
         logger.info("Core-Cocktail: merged %d tensors with the base (alpha=%s)", len(manifest["merged"]), self.alpha)
-        is_main = state.is_world_process_zero if state is not None else _is_main_process()
+        is_main = state.is_world_process_zero if state is not None else PartialState().is_main_process
         if self.save_dir is not None or self.push_to_hub:
             if is_main:
                 target = self.save_dir
@@ -160,7 +150,7 @@ class CoreCocktailCallback(TrainerCallback):
                     self._push(target)
                 if tmp is not None:
                     tmp.cleanup()
-            _barrier()
+            PartialState().wait_for_everyone()
         return manifest
 
     def _push(self, folder: Path) -> None:
@@ -252,7 +242,7 @@ def _read_state(output_dir: Path) -> dict:
 
 
 def _write_state(output_dir: Path, state: dict) -> None:
-    if not _is_main_process():
+    if not PartialState().is_main_process:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
     tmp = output_dir / (STATE_FILE + ".tmp")
@@ -290,7 +280,9 @@ def load_weights_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
 
 def _release_trainer(trainer) -> None:
-    """Drop a finished Trainer's DDP/DeepSpeed wrapper and optimizer so the next stage wraps the model afresh."""
+    """Drop a finished Trainer's DDP/DeepSpeed/FSDP wrapper and optimizer so the next stage wraps the model afresh."""
+    from .distributed import release_distributed_engine
+
     try:
         trainer.accelerator.free_memory()
     except Exception:  # pragma: no cover - best effort
@@ -298,12 +290,7 @@ def _release_trainer(trainer) -> None:
     trainer.model_wrapped = None
     trainer.optimizer = None
     trainer.lr_scheduler = None
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        # accelerate refuses a second Accelerator with a DeepSpeed plugin in one process unless its shared state is
-        # reset (the process group itself stays up).
-        from accelerate.state import AcceleratorState
-
-        AcceleratorState._reset_state()
+    release_distributed_engine(trainer)
     gc.collect()
 
 
@@ -321,24 +308,50 @@ def _finished_checkpoint(stage_dir: Path) -> Path | None:
     return Path(last) if max_steps > 0 and step >= max_steps else None
 
 
-def _check_in_place_merge_possible(args: TrainingArguments) -> None:
-    """The runner merges the module's parameters in place, which needs every parameter whole on every process."""
+def _parameter_sharding(args: TrainingArguments) -> str | None:
+    """``"FSDP"`` or ``"ZeRO-3"`` when the stage's engine shards the parameters (no process holds a whole tensor),
+    else ``None``. Such a stage can only hand its weights to the merge through ``save_model``, so its settings must
+    make ``save_model`` write full weights; otherwise this raises before anything trains."""
     if args.fsdp:
-        raise ValueError(
-            "run_core_cocktail merges the weights in place, which FSDP's sharded parameters do not allow; run the two "
-            "stages as separate launches and merge on disk with merge_weights (docs/distributed.md), or use DDP / "
-            "DeepSpeed ZeRO-1/2."
-        )
+        state_dict_type = str((args.fsdp_config or {}).get("state_dict_type", "FULL_STATE_DICT"))
+        if "FULL_STATE_DICT" not in state_dict_type:
+            raise ValueError(
+                f"run_core_cocktail under FSDP merges the weights that save_model writes, and with state_dict_type "
+                f"{state_dict_type!r} it writes none; use fsdp_config={{'state_dict_type': 'FULL_STATE_DICT'}} "
+                "(fsdp2_training_arguments sets it)."
+            )
+        return "FSDP"
     config = args.deepspeed
     if isinstance(config, (str, os.PathLike)):
         config = json.loads(Path(config).read_text())
-    stage = ((config or {}).get("zero_optimization") or {}).get("stage", 0) if isinstance(config, Mapping) else 0
-    if int(stage or 0) >= 3:
+    zero = ((config or {}).get("zero_optimization") or {}) if isinstance(config, Mapping) else {}
+    if int(zero.get("stage", 0) or 0) < 3:
+        return None
+    if not zero.get("stage3_gather_16bit_weights_on_model_save", False):
         raise ValueError(
-            "run_core_cocktail merges the weights in place, which DeepSpeed ZeRO-3's partitioned parameters do not "
-            "allow; use ZeRO-2 (the official recipe), or run the two stages as separate launches and merge on disk "
-            "with merge_weights (docs/distributed.md)."
+            "run_core_cocktail under DeepSpeed ZeRO-3 merges the weights that save_model writes, which needs "
+            "zero_optimization.stage3_gather_16bit_weights_on_model_save=true in the DeepSpeed config "
+            "(deepspeed_config(3) sets it)."
         )
+    return "ZeRO-3"
+
+
+def _reload_for_stage2(
+    model: nn.Module, merged_dir: Path, settings: Mapping[str, tuple[bool, torch.dtype]]
+) -> nn.Module:
+    """A new model with the merged weights, for stage 2 after a stage 1 whose engine sharded ``model`` in place.
+
+    Loaded with ``from_pretrained`` (under ZeRO-3 transformers partitions it while loading). ``settings`` maps each
+    parameter name to ``(requires_grad, dtype)`` as ``model`` had them before stage 1; the new model gets the same."""
+    base = _unwrap_distributed(model)
+    # FSDP2 swaps the module's class for a generated subclass named FSDP<Class>: load with the original class
+    model_cls = next(cls for cls in type(base).__mro__ if not cls.__name__.startswith("FSDP"))
+    dtype = next(iter(settings.values()))[1]
+    fresh = model_cls.from_pretrained(str(merged_dir), dtype=dtype)
+    for name, parameter in fresh.named_parameters():
+        if name in settings:
+            parameter.requires_grad_(settings[name][0])
+    return fresh
 
 
 def _completed_stage_history(checkpoint: Path) -> list:
@@ -381,15 +394,19 @@ def run_core_cocktail(
         merge_kwargs: extra :func:`merge_weights` arguments.
 
     Returns:
-        a :class:`CoreCocktailResult`; ``model`` holds the final weights.
+        a :class:`CoreCocktailResult`; ``model`` holds the final weights. When stage 1 runs under an engine that
+        shards the parameters (FSDP, DeepSpeed ZeRO-3), stage 1 ends with ``save_model`` (full weights, in
+        ``stage1/final``), process 0 merges that checkpoint on disk into ``merged/`` while the others wait, and
+        stage 2 trains a new model loaded from ``merged/``: ``result.model`` is then that model as the engine leaves
+        it (sharded over the processes) and ``final/`` holds the whole final weights.
     """
     output_dir = Path(output_dir)
     stage1_dir, stage2_dir = output_dir / "stage1", output_dir / "stage2"
     merged_dir, final_dir = output_dir / "merged", output_dir / "final"
     args1 = core_cocktail_training_arguments(1, stage1_dir, stage1_args)
     args2 = core_cocktail_training_arguments(2, stage2_dir, stage2_args)
-    for args in (args1, args2):
-        _check_in_place_merge_possible(args)
+    stage1_sharding = _parameter_sharding(args1)
+    _parameter_sharding(args2)
     trainer_kwargs = dict(trainer_kwargs or {})
     state = _read_state(output_dir) if resume else {}
     if not resume and output_dir.exists() and any(output_dir.iterdir()):
@@ -402,7 +419,7 @@ def run_core_cocktail(
         manifest=read_manifest(merged_dir),
     )
 
-    def make_trainer(args, dataset, extra_callbacks):
+    def make_trainer(model, args, dataset, extra_callbacks):
         return trainer_cls(
             model=model,
             args=args,
@@ -421,30 +438,54 @@ def run_core_cocktail(
 
     # ---- stage 1 + merge -------------------------------------------------------------------------------------
     if result.manifest is None:
+        # (whether each parameter trains and its dtype, for a stage-2 model reloaded after a sharded stage 1)
+        settings = {n: (p.requires_grad, p.dtype) for n, p in _unwrap_distributed(model).named_parameters()}
         merger = CoreCocktailCallback(base, alpha=alpha, save_dir=merged_dir, merge_kwargs=merge_kwargs)
-        trainer = make_trainer(args1, train_dataset, [merger])
+        trainer = make_trainer(model, args1, train_dataset, [] if stage1_sharding else [merger])
         last = get_last_checkpoint(str(stage1_dir)) if resume and stage1_dir.is_dir() else None
         finished = _finished_checkpoint(stage1_dir) if resume else None
         _write_state(output_dir, {"status": "stage1", "alpha": alpha})
         if finished is not None:
-            logger.info("Core-Cocktail: stage 1 finished at %s; loading it and merging", finished)
-            load_weights_into(model, finished)
-            merger.merge(model, args=args1, state=None, processing_class=processing_class)
+            logger.info("Core-Cocktail: stage 1 finished at %s; merging it", finished)
             result.log_history["stage1"] = _completed_stage_history(finished)
+            stage1_weights = finished
+            if not stage1_sharding:
+                load_weights_into(model, finished)
+                merger.merge(model, args=args1, state=None, processing_class=processing_class)
         else:
             if last:
                 logger.info("Core-Cocktail: resuming stage 1 from %s", last)
             out = trainer.train(resume_from_checkpoint=last)
             result.stage1_metrics = dict(out.metrics)
             result.log_history["stage1"] = list(trainer.state.log_history)
-        if not merger.merged:  # pragma: no cover - on_train_end always fires
+            stage1_weights = stage1_dir / "final"
+            if stage1_sharding:
+                trainer.save_model(str(stage1_weights))  # every process takes part in gathering the full weights
+        if stage1_sharding:
+            # No process holds whole tensors: process 0 merges the saved checkpoint on disk; the others wait.
+            if PartialState().is_main_process:
+                _, manifest = merge_weights(
+                    stage1_weights,
+                    base,
+                    alpha,
+                    output_dir=merged_dir,
+                    overwrite=True,
+                    show_progress=not args1.disable_tqdm,
+                    **(merge_kwargs or {}),
+                )
+                logger.info("Core-Cocktail: merged %d tensors with the base on disk", len(manifest["merged"]))
+        elif not merger.merged:  # pragma: no cover - on_train_end always fires
             raise RuntimeError("stage 1 ended without the Core-Cocktail merge")
-        _barrier()
+        PartialState().wait_for_everyone()
         result.manifest = read_manifest(merged_dir) or merger.manifest
         _write_state(output_dir, {"status": "merged", "alpha": alpha, "merged_dir": str(merged_dir)})
         _release_trainer(trainer)
         del trainer
         gc.collect()
+        if stage1_sharding and finished is None:
+            model = _reload_for_stage2(model, merged_dir, settings)
+        elif stage1_sharding:
+            load_weights_into(model, merged_dir)
     else:
         if float(result.manifest.get("alpha", alpha)) != float(alpha):
             logger.warning(
@@ -456,7 +497,10 @@ def run_core_cocktail(
             load_weights_into(model, merged_dir)
 
     # ---- stage 2 ---------------------------------------------------------------------------------------------
-    trainer = make_trainer(args2, stage2_train_dataset if stage2_train_dataset is not None else train_dataset, [])
+    result.model = model
+    trainer = make_trainer(
+        model, args2, stage2_train_dataset if stage2_train_dataset is not None else train_dataset, []
+    )
     last2 = get_last_checkpoint(str(stage2_dir)) if resume and stage2_dir.is_dir() else None
     finished2 = _finished_checkpoint(stage2_dir) if resume else None
     _write_state(output_dir, {"status": "stage2", "alpha": alpha, "merged_dir": str(merged_dir)})
@@ -464,7 +508,7 @@ def run_core_cocktail(
         logger.info("Core-Cocktail: stage 2 finished at %s; loading it", finished2)
         load_weights_into(model, finished2)
         result.log_history["stage2"] = _completed_stage_history(finished2)
-        if _is_main_process():  # no engine was started: save the plain module
+        if PartialState().is_main_process:  # no engine was started: save the plain module
             _unwrap_distributed(model).save_pretrained(str(final_dir))
             if processing_class is not None:
                 processing_class.save_pretrained(str(final_dir))
@@ -475,7 +519,7 @@ def run_core_cocktail(
         result.stage2_metrics = dict(out.metrics)
         result.log_history["stage2"] = list(trainer.state.log_history)
         trainer.save_model(str(final_dir))
-    _barrier()
+    PartialState().wait_for_everyone()
     _write_state(
         output_dir, {"status": "done", "alpha": alpha, "merged_dir": str(merged_dir), "final_dir": str(final_dir)}
     )

@@ -116,6 +116,25 @@ def deepspeed_training_arguments(stage: int, **overrides: Any) -> dict[str, Any]
     return arguments
 
 
+#: set while FSDP2 runs on CPU processes with accelerate's process state marked FSDP (undone by the release below)
+_cpu_fsdp_enabled = [False]
+
+
+def release_distributed_engine(trainer) -> None:
+    """After ``trainer`` has finished: reset accelerate's shared state so that the next Trainer of this process sets up
+    its own engine (accelerate refuses a second DeepSpeed plugin otherwise, and would keep the first FSDP plugin)."""
+    if not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
+        return
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    AcceleratorState._reset_state()  # the process group itself stays up
+    if _cpu_fsdp_enabled[0]:
+        PartialState().distributed_type = DistributedType.MULTI_CPU
+        _cpu_fsdp_enabled[0] = False
+
+
 def resolve_distributed_engine(trainer) -> None:
     """Make the engine requested in ``trainer.args`` the one that runs, or raise saying why it cannot.
 
@@ -133,7 +152,7 @@ def resolve_distributed_engine(trainer) -> None:
             raise ValueError("Both fsdp= and deepspeed= are set; choose one distributed engine.")
         plugin_args = dict(args.fsdp_plugin_args)
         version = int(plugin_args.get("fsdp_version", 1) or 1)
-        if state.distributed_type != DistributedType.MULTI_CPU:
+        if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.FSDP):
             raise ValueError(
                 f"fsdp= was requested but accelerate set up {state.distributed_type} instead of FSDP; launch with "
                 "torchrun or `accelerate launch` on more than one process."
@@ -149,8 +168,9 @@ def resolve_distributed_engine(trainer) -> None:
         plugin = FullyShardedDataParallelPlugin(**plugin_args)
         # Every later AcceleratorState() (the optimizer and scheduler wrappers create one) copies the process state's
         # fields over its own: record FSDP in both, or accelerate forgets it after prepare (and then, e.g.,
-        # get_state_dict returns the shards instead of full tensors).
+        # get_state_dict returns the shards instead of full tensors). release_distributed_engine undoes it.
         PartialState().distributed_type = DistributedType.FSDP
+        _cpu_fsdp_enabled[0] = True
         state.distributed_type = DistributedType.FSDP
         state.fsdp_plugin = plugin
         trainer.is_fsdp_enabled = True
@@ -188,5 +208,6 @@ __all__ = [
     "deepspeed_training_arguments",
     "fsdp2_training_arguments",
     "fsdp_wrap_classes",
+    "release_distributed_engine",
     "resolve_distributed_engine",
 ]
