@@ -21,8 +21,10 @@
   Resumption needs ``save_strategy="steps"`` (the default here); with ``"no"`` an interrupted stage restarts.
 
 Works unchanged under ``torchrun`` / ``accelerate launch`` data parallelism and DeepSpeed ZeRO-1/2 (parameters
-are replicated, so every process merges the same numbers; process 0 writes). For ZeRO-3 / FSDP full sharding
-run the stages separately and merge on disk with :func:`merge_weights` (see ``docs/distributed.md``).
+are replicated, so every process merges the same numbers in place; process 0 writes). Under engines that shard the
+parameters (DeepSpeed ZeRO-3, FSDP) stage 1 ends with ``save_model`` (the engine gathers the full weights), process 0
+merges that checkpoint on disk while the others wait, and stage 2 trains a model loaded from the merge (see
+``docs/distributed.md``).
 """
 
 from __future__ import annotations
