@@ -1,5 +1,7 @@
 """Worker of the 2-process FSDP / DeepSpeed tests (``torchrun --nproc_per_node 2 sharded_worker.py MODE ENGINE OUT``).
 
+MODE is ``cc`` or a comma-separated list of ``sft`` and ``lora`` (run one after the other in the same processes).
+
 MODE ``sft``: one SGD step on a fixed global batch whose examples have different target counts on the two ranks;
 rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
 MODE ``lora``: the same step on a LoRA adapter (LLM + SRH, :func:`lora_model`); ``Trainer.save_model`` writes the
@@ -26,7 +28,11 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from fun_audio_chat.trainers import FunAudioChatTrainer, run_core_cocktail  # noqa: E402
-from fun_audio_chat.trainers.distributed import deepspeed_training_arguments, fsdp2_training_arguments  # noqa: E402
+from fun_audio_chat.trainers.distributed import (  # noqa: E402
+    deepspeed_training_arguments,
+    fsdp2_training_arguments,
+    release_distributed_engine,
+)
 from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, train_dataset, training_args  # noqa: E402
 
 
@@ -108,45 +114,53 @@ def core_cocktail_stages(**overrides) -> tuple[dict, dict]:
     return stage1, {**stage1, "learning_rate": 0.01, "min_lr": 0.001}
 
 
+def one_step(mode: str, engine: str, model, out: Path, rank: int) -> None:
+    """MODE ``sft`` / ``lora``: one SGD step of ``model`` on the fixed global batch; save and report as described above."""
+    args = training_args(
+        out / mode,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=0.5,
+        max_grad_norm=0.0,
+        train_sampling_strategy="sequential",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        **engine_arguments(engine, model),
+    )
+    trainer = FunAudioChatTrainer(model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate)
+    trainer.train()
+    if mode == "lora":  # the adapter as users save it (every process takes part in gathering it)
+        trainer.save_model(str(out / f"lora-{engine}"))
+    else:
+        state = full_state(trainer, model)
+        if rank == 0:
+            state.pop("audio_invert_tower.lm_head.weight", None)
+            save_file(state, str(out / f"sft-{engine}.safetensors"))
+    base = model.get_base_model() if mode == "lora" else model
+    if rank == 0:
+        report = {
+            "wrapper": type(trainer.model_wrapped).__name__,
+            "sharded": type(next(base.language_model.parameters())).__name__ == "DTensor",
+            "world_size": trainer.args.world_size,
+            "tied": base.audio_invert_tower.lm_head.weight is base.audio_tower.embed_tokens.weight,
+            # FSDP2 units (modules with FSDP's reshard()) that are single layers
+            "layer_units": sum(".layers." in n and hasattr(m, "reshard") for n, m in model.named_modules()),
+        }
+        (out / f"{mode}-{engine}.json").write_text(json.dumps(report))
+    release_distributed_engine(trainer)
+
+
 def main():
     mode, engine, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
     rank = int(os.environ["RANK"])
-    model = lora_model() if mode == "lora" else oracle_model()
-    if mode in ("sft", "lora"):
-        args = training_args(
-            out / "sft",
-            max_steps=1,
-            optim="sgd",
-            learning_rate=0.5,
-            max_grad_norm=0.0,
-            train_sampling_strategy="sequential",
-            per_device_train_batch_size=1,
-            gradient_accumulation_steps=2,
-            **engine_arguments(engine, model),
-        )
-        trainer = FunAudioChatTrainer(
-            model=model, args=args, train_dataset=equivalence_dataset(), data_collator=collate
-        )
-        trainer.train()
-        if mode == "lora":  # the adapter as users save it (every process takes part in gathering it)
-            trainer.save_model(str(out / f"lora-{engine}"))
-        else:
-            state = full_state(trainer, model)
-            if rank == 0:
-                state.pop("audio_invert_tower.lm_head.weight", None)
-                save_file(state, str(out / f"sft-{engine}.safetensors"))
-        base = model.get_base_model() if mode == "lora" else model
-        if rank == 0:
-            report = {
-                "wrapper": type(trainer.model_wrapped).__name__,
-                "sharded": type(next(base.language_model.parameters())).__name__ == "DTensor",
-                "world_size": trainer.args.world_size,
-                "tied": base.audio_invert_tower.lm_head.weight is base.audio_tower.embed_tokens.weight,
-                # FSDP2 units (modules with FSDP's reshard()) that are single layers
-                "layer_units": sum(".layers." in n and hasattr(m, "reshard") for n, m in model.named_modules()),
-            }
-            (out / f"{mode}-{engine}.json").write_text(json.dumps(report))
-    elif mode == "cc":
+    if mode != "cc":
+        # every model is built before any engine's arguments exist (under ZeRO-3 they would make from_pretrained
+        # partition the model while loading)
+        models = {name: lora_model() if name == "lora" else oracle_model() for name in mode.split(",")}
+        for name, model in models.items():
+            one_step(name, engine, model, out, rank)
+    else:
+        model = oracle_model()
         base = Path(sys.argv[4])
         run_dir = Path(sys.argv[5])
         stage1, stage2 = core_cocktail_stages(per_device_train_batch_size=1, **engine_arguments(engine, model))

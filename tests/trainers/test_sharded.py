@@ -81,11 +81,27 @@ def single_process_step(tmp_path_factory):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+@pytest.fixture(scope="module")
+def sharded_steps(tmp_path_factory):
+    """``sharded_steps(engine)``: the directory where one launch of the worker under ``engine`` left the SFT step's
+    weights and the LoRA step's adapter (one launch for both saves the start-up of another two processes)."""
+    done: dict[str, Path] = {}
+
+    def run(engine: str) -> Path:
+        if engine.startswith("zero"):
+            pytest.importorskip("deepspeed")
+        if engine not in done:
+            out = tmp_path_factory.mktemp(f"steps_{engine}")
+            _run(out, "sft,lora", engine, out)
+            done[engine] = out
+        return done[engine]
+
+    return run
+
+
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-def test_sharded_sft_equals_one_process(engine, tmp_path, single_process_step):
-    if engine.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    _run(tmp_path, "sft", engine, tmp_path)
+def test_sharded_sft_equals_one_process(engine, sharded_steps, single_process_step):
+    tmp_path = sharded_steps(engine)
     report = json.loads((tmp_path / f"sft-{engine}.json").read_text())
     assert report["world_size"] == 2 and report["tied"]
     if engine == "fsdp2":
@@ -123,13 +139,10 @@ def single_process_lora_step(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "zero2", "zero3"])
-def test_sharded_lora_equals_one_process(engine, tmp_path, single_process_lora_step):
+def test_sharded_lora_equals_one_process(engine, sharded_steps, single_process_lora_step):
     """A LoRA adapter (LLM + SRH, with the SRH's modules_to_save) trains under each engine, ``save_model`` writes the
-    adapter, and it equals the single-process one; the base weights stay frozen and FSDP2 still shards layer by
-    layer."""
-    if engine.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    _run(tmp_path, "lora", engine, tmp_path)
+    adapter, and it equals the single-process one; FSDP2 still shards layer by layer."""
+    tmp_path = sharded_steps(engine)
     report = json.loads((tmp_path / f"lora-{engine}.json").read_text())
     assert report["world_size"] == 2 and report["tied"]
     if engine == "fsdp2":
