@@ -14,7 +14,9 @@ all three. :func:`fun_audio_chat_lora_config` therefore builds an anchored regex
     model.save_pretrained("adapter")            # adapters (+ modules_to_save) only
     merged = model.merge_and_unload()           # a plain FunAudioChatForConditionalGeneration again
 
-``generate()`` works on the PEFT model (it forwards to the wrapped model).
+``generate()`` works on the PEFT model (it forwards to the wrapped model). Under FSDP2 or DeepSpeed ZeRO-2/3, wrap
+the model with PEFT first and build the arguments from the PEFT model; ``Trainer.save_model`` then writes the adapter
+gathered from all processes (``docs/distributed.md``).
 """
 
 from __future__ import annotations
