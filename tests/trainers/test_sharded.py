@@ -337,6 +337,12 @@ def test_engines_that_cannot_run_fail_at_start(tmp_path):
         with pytest.raises(ValueError, match=message):
             run_core_cocktail(model, tmp_path, [], tmp_path / "cc", stage1_args={**stage_args, "use_cpu": True})
     assert not (tmp_path / "cc").exists()
+    # a PEFT model: the merge needs full weights, which a LoRA run neither trains nor saves
+    from .sharded_worker import lora_model
+
+    with pytest.raises(TypeError, match="merge_and_unload"):
+        run_core_cocktail(lora_model(), tmp_path, [], tmp_path / "cc", stage1_args={"use_cpu": True})
+    assert not (tmp_path / "cc").exists()
     # deepspeed= with use_cpu=True: either DeepSpeed really starts, or the trainer refuses (never silently without it)
     args = training_args(tmp_path / "ds", deepspeed=deepspeed_config(2))
     try:

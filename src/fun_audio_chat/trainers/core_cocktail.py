@@ -402,6 +402,11 @@ def run_core_cocktail(
         stage 2 trains a new model loaded from ``merged/``: ``result.model`` is then that model as the engine leaves
         it (sharded over the processes) and ``final/`` holds the whole final weights.
     """
+    if hasattr(_unwrap_distributed(model), "peft_config"):
+        raise TypeError(
+            "run_core_cocktail merges full weights with the base LLM, and a PEFT model trains (and saves) only its "
+            "adapter; call merge_and_unload() on the PEFT model first."
+        )
     output_dir = Path(output_dir)
     stage1_dir, stage2_dir = output_dir / "stage1", output_dir / "stage2"
     merged_dir, final_dir = output_dir / "merged", output_dir / "final"
