@@ -306,15 +306,17 @@ def test_dpo_under_deepspeed_equals_one_process(engine, sharded_dpo, single_proc
         torch.testing.assert_close(value, single_process_dpo["weights"][name], atol=5e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="FunAudioChatDPOTrainer does not call resolve_distributed_engine at start, so on CPU processes fsdp= "
-    "silently runs DDP (FunAudioChatTrainer does call it)",
-)
-def test_dpo_under_fsdp2_runs_fsdp(tmp_path):
+def test_dpo_under_fsdp2_equals_one_process(tmp_path, single_process_dpo):
+    """fsdp= really runs FSDP2 for the DPO trainer on CPU processes (accelerate alone would run DDP), with the same
+    losses and weights as one process."""
     _run(tmp_path, "fsdp2", tmp_path, worker=DPO_WORKER)
     report = json.loads((tmp_path / "dpo-fsdp2.json").read_text())
-    assert report["fsdp"] and report["wrapper"].startswith("FSDP")
+    assert report["world_size"] == 2 and report["fsdp"] and report["wrapper"].startswith("FSDP")
+    assert report["losses"] == pytest.approx(single_process_dpo["losses"], abs=1e-5)
+    trained = load_file(str(tmp_path / "dpo-fsdp2.safetensors"))
+    assert set(trained) == set(single_process_dpo["weights"])  # full tensors, every one of them
+    for name, value in trained.items():
+        torch.testing.assert_close(value, single_process_dpo["weights"][name], atol=5e-6, rtol=1e-5, msg=name)
 
 
 def test_engines_that_cannot_run_fail_at_start(tmp_path):

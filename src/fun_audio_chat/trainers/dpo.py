@@ -231,6 +231,14 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         if self.ref_model is not None:
             remove_fused_lm_head_patch(self.accelerator.unwrap_model(self.ref_model))
 
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        from .distributed import resolve_distributed_engine
+
+        # As in FunAudioChatTrainer: the requested engine runs or training is refused (on CPU processes accelerate
+        # would otherwise run fsdp= as plain DDP).
+        resolve_distributed_engine(self)
+
     # ------------------------------------------------------------------------------------------------ data
     @staticmethod
     def _task_vocabulary(args: FunAudioChatDPOConfig, *datasets) -> list[str]:
