@@ -143,6 +143,20 @@ def test_processing_does_not_import_the_model_trainers_or_front_ends():
             assert not [t for t in targets if t.startswith(upward)], module
 
 
+ANCHOR_LIBRARIES = ("transformers", "peft", "trl", "accelerate", "datasets", "huggingface_hub")
+
+
+def test_no_private_names_are_imported_from_the_anchor_libraries():
+    """A private name of transformers/PEFT/TRL/… can change in any release; the package imports none of them."""
+    found = []
+    for path in SOURCE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module.split(".")[0] in ANCHOR_LIBRARIES:
+                    found += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert found == []
+
+
 if __name__ == "__main__":
     graph = import_graph()
     for module in sorted(graph):

@@ -281,7 +281,7 @@ def build_tiny_text_tokenizer():
         tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
     for token in TOOL_TAG_TOKENS:
         tokenizer.add_tokens([AddedToken(token, special=False, normalized=False)])
-    add_audio_special_tokens(tokenizer)  # the audio tokens are already in place: this names them
+    tokenizer = add_audio_special_tokens(tokenizer)  # the audio tokens are already in place: this names them
     for token, token_id in TINY_TEXT_SPECIAL_IDS.items():
         got = tokenizer.convert_tokens_to_ids(token)
         if got != token_id:

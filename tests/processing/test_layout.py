@@ -288,6 +288,8 @@ def test_real_qwen_vocabulary_gives_release_ids(tmp_path):
         tokenizer.add_tokens([AddedToken(token, special=special, normalized=False)], special_tokens=special)
     assert len(tokenizer) == 151669
     processor = build_processor(tokenizer)  # adds the audio tokens + the 6561-code speech tokenizer
+    assert len(tokenizer) == 151669 and processor.tokenizer is not tokenizer  # the caller's tokenizer is untouched
+    assert processor.tokenizer.audio_token == "<|AUDIO|>" and processor.tokenizer.text_sil_token == "<|sil|>"
     expected = {
         "<|endoftext|>": 151643,
         "<|im_start|>": 151644,

@@ -1,7 +1,7 @@
 """Builders of the production processor parts, in the released ``FunAudioLLM/Fun-Audio-Chat-8B`` layout.
 
 * :func:`build_feature_extractor` — the Whisper feature extractor (128 mel bins, 16 kHz, hop 160, n_fft 400).
-* :func:`add_audio_special_tokens` — turns a Qwen3 text tokenizer into the Fun-Audio-Chat one by adding
+* :func:`add_audio_special_tokens` — turns (a copy of) a Qwen3 text tokenizer into the Fun-Audio-Chat one by adding
   ``<|AUDIO|>``, ``<|audio_bos|>``, ``<|audio_eos|>``, ``<|audio_pad|>``, ``<|sil|>`` in that order (ids 151669 …
   151673 on the Qwen3 vocabulary).
 * :func:`build_speech_tokenizer` — the ``speech_tokenizer/`` sub-tokenizer for any number of codes (6561 for the
@@ -22,39 +22,40 @@ RELEASED_NUM_SPEECH_CODES = 6561
 RELEASED_SPEECH_SPECIAL_TOKENS = ("<|audio_bos|>", "<|audio_eos|>", "<|audio_pad|>", "<|endoftext|>")
 
 
-def _set_audio_token_attributes(tokenizer) -> None:
-    """Named special tokens of the released tokenizer: eos ``<|im_end|>``, pad ``<|endoftext|>`` and the audio
-    tokens as model-specific attributes (``tokenizer.audio_token`` …, saved in ``tokenizer_config.json``)."""
-    tokenizer.eos_token = "<|im_end|>"
-    tokenizer.pad_token = "<|endoftext|>"
-    # transformers (5.23, 5.24) names model-specific special tokens of an existing tokenizer only through this private
-    # method: the public add_special_tokens accepts the standard names (bos_token …) and extra_special_tokens only.
-    tokenizer._set_model_specific_special_tokens(
-        special_tokens={
-            "audio_token": "<|AUDIO|>",
-            "audio_bos_token": "<|audio_bos|>",
-            "audio_eos_token": "<|audio_eos|>",
-            "audio_pad_token": "<|audio_pad|>",
-            "text_sil_token": "<|sil|>",
-        }
-    )
+# The released tokenizer_config.json names the audio tokens as model-specific special tokens (tokenizer.audio_token …).
+AUDIO_TOKEN_NAMES = {
+    "audio_token": "<|AUDIO|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+    "audio_pad_token": "<|audio_pad|>",
+    "text_sil_token": "<|sil|>",
+}
 
 
 def add_audio_special_tokens(tokenizer):
-    """Add the Fun-Audio-Chat audio special tokens to a Qwen3 text tokenizer (in place; returns it).
+    """A copy of a Qwen3 text tokenizer turned into the Fun-Audio-Chat one (the argument is not changed).
 
     On the Qwen3 vocabulary (151669 ids) the new tokens get ids 151669 … 151673 in the order ``<|AUDIO|>``,
     ``<|audio_bos|>``, ``<|audio_eos|>``, ``<|audio_pad|>``, ``<|sil|>`` — the released layout. Tokens already in
-    the vocabulary keep their ids. The tokenizer's eos becomes ``<|im_end|>``, its pad ``<|endoftext|>``, and the
-    audio tokens are named (``tokenizer.audio_token`` …) as in the released ``tokenizer_config.json``.
+    the vocabulary keep their ids. The copy's eos is ``<|im_end|>``, its pad ``<|endoftext|>``, and the audio tokens
+    are named (``tokenizer.audio_token`` …) as in the released ``tokenizer_config.json``.
     """
+    import copy
+    import tempfile
+
     from tokenizers import AddedToken
 
+    extended = copy.deepcopy(tokenizer)
     for token in AUDIO_TEXT_SPECIAL_TOKENS:
-        if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-            tokenizer.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
-    _set_audio_token_attributes(tokenizer)
-    return tokenizer
+        if extended.convert_tokens_to_ids(token) in (None, extended.unk_token_id):
+            extended.add_tokens([AddedToken(token, special=True, normalized=False)], special_tokens=True)
+    # transformers names model-specific special tokens publicly only when a tokenizer is loaded (``<name>_token=``
+    # keyword arguments), so the copy is named by a save and reload.
+    with tempfile.TemporaryDirectory(prefix="fun_audio_chat_tokenizer_") as folder:
+        extended.save_pretrained(folder)
+        return type(tokenizer).from_pretrained(
+            folder, eos_token="<|im_end|>", pad_token="<|endoftext|>", **AUDIO_TOKEN_NAMES
+        )
 
 
 def build_speech_tokenizer(
@@ -118,7 +119,7 @@ def build_processor(
 
     unknown = (None, text_tokenizer.unk_token_id)
     if any(text_tokenizer.convert_tokens_to_ids(token) in unknown for token in AUDIO_TEXT_SPECIAL_TOKENS):
-        add_audio_special_tokens(text_tokenizer)
+        text_tokenizer = add_audio_special_tokens(text_tokenizer)
     if speech_tokenizer is None:
         speech_tokenizer = build_speech_tokenizer(num_speech_codes)
     processor_kwargs.setdefault("chat_template", CHAT_TEMPLATE)
@@ -132,6 +133,7 @@ def build_processor(
 
 __all__ = [
     "AUDIO_TEXT_SPECIAL_TOKENS",
+    "AUDIO_TOKEN_NAMES",
     "RELEASED_NUM_SPEECH_CODES",
     "RELEASED_SPEECH_SPECIAL_TOKENS",
     "SPEECH_TOKENIZER_SUBFOLDER",

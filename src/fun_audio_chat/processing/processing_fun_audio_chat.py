@@ -59,10 +59,23 @@ from .chat_template import CHAT_TEMPLATE, is_fun_audio_chat_template
 from .conversation import check_template_flags, split_batch, validate_conversation, validate_tools
 from .prompts import SPEECH_DELAY_TOKENS
 
-try:  # marker that transformers uses for control tokens written by users (sanitize_control_tokens)
-    from transformers.processing_utils import _UNMARKED
-except ImportError:  # pragma: no cover - older/newer transformers
-    _UNMARKED = ""
+
+def _not_marked_by_user() -> str:
+    """A regex lookbehind that skips the control tokens a user wrote into a message: under
+    ``apply_chat_template(sanitize_control_tokens=True)`` transformers wraps them in markers with its public
+    ``mark_control_tokens``, so such an ``<|AUDIO|>`` is text, not a placeholder. The marker is read from that function's
+    output rather than from transformers' private constant; without the function nothing is marked."""
+    try:
+        from transformers.utils.chat_template_utils import mark_control_tokens
+    except ImportError:  # pragma: no cover - a transformers without control-token sanitising
+        return ""
+    probe = "<|AUDIO|>"
+    marked = mark_control_tokens(probe, re.compile(re.escape(probe)))
+    marker = marked[: marked.index(probe)]
+    return f"(?<!{re.escape(marker)})" if marker else ""
+
+
+_UNMARKED = _not_marked_by_user()
 
 logger = logging.get_logger(__name__)
 
@@ -479,8 +492,10 @@ class FunAudioChatProcessor(ProcessorMixin):
     # transformers (5.23, 5.24) loads the audio of chat items in this private hook of ProcessorMixin.apply_chat_template
     # and offers no public one. Its own version loads every audio item with transformers.audio_utils.load_audio, which
     # knows neither our loading policy, nor the "sampling_rate" key of an item, nor that assistant audio is history
-    # text; so this one override hands the loading to the public audios_in_conversation and returns the hook's
-    # (images, videos, audios, extra inputs) tuple. It is the only private ProcessorMixin method overridden here.
+    # text, and it fails on a tool result whose content is a dict. Handing it pre-loaded arrays from the public
+    # apply_chat_template was tried and keeps that failure; re-implementing apply_chat_template(tokenize=True) would
+    # copy transformers. So this one override hands the loading to the public audios_in_conversation and returns the
+    # hook's (images, videos, audios, extra inputs) tuple. It is the only private ProcessorMixin method overridden here.
     def _multimodal_inputs_from_conversations(self, conversations, audio_loading_params, load_audio_from_video=False):
         empty = [[] for _ in conversations]
         return empty, empty, self.audios_in_conversation(list(conversations)), {}
