@@ -307,6 +307,18 @@ def test_sequence_log_probs_match_the_training_losses():
     assert scores["text"].shape == (2,) and (scores["speech_tokens"] > 0).all()
 
 
+def test_return_loss_false_gives_the_same_targets_and_logits_without_losses():
+    model = oracle.load_model("train_b2")
+    inputs = oracle.variant_inputs("train_b2", "with_labels")
+    with torch.no_grad():
+        full = model(**inputs)
+        bare = model(**inputs, return_loss=False)
+    assert full.loss is not None and full.speech_loss is not None
+    assert bare.loss is None and bare.text_loss is None and bare.speech_loss is None
+    for name in ("logits", "speech_logits", "shift_labels", "speech_shift_labels"):
+        assert torch.equal(getattr(bare, name), getattr(full, name)), name
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     for name in ("config.json", "generation_config.json"):
         (tmp_path / name).write_text((oracle.checkpoint_dir("train_b1") / name).read_text())

@@ -574,6 +574,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         compute_speech_logits: bool | None = None,
         return_last_hidden_state: bool = False,
+        return_loss: bool = True,
         **kwargs,
     ) -> FunAudioChatOutputWithPast | tuple:
         r"""
@@ -591,6 +592,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 for the text stream, or ``{"text": n, "speech": m}`` for both.
             compute_speech_logits: run the teacher-forced SRH (default: whenever the model has one).
             return_last_hidden_state: also return the final LLM states (used by generation).
+            return_loss: with ``labels``, compute the text and speech losses. ``False`` returns only the targets
+                (``shift_labels``, ``speech_shift_labels``), for callers that score the logits themselves (DPO):
+                it saves a log-softmax over each vocabulary.
         """
         past_key_values = pop_cache_argument(past_key_values, kwargs)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
@@ -649,12 +653,13 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         if labels is not None:
             text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
             shift_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)[:, 1:][:, keep]
-            text_loss = self.language_model.loss_function(
-                logits=logits,
-                labels=text_labels,
-                vocab_size=self.config.text_config.vocab_size,
-                num_items_in_batch=text_counts,
-            )
+            if return_loss:
+                text_loss = self.language_model.loss_function(
+                    logits=logits,
+                    labels=text_labels,
+                    vocab_size=self.config.text_config.vocab_size,
+                    num_items_in_batch=text_counts,
+                )
             if merged is not None and self.audio_invert_tower is not None:
                 speech_labels = self.build_speech_labels(labels, merged)
                 k = self.group_size
@@ -671,9 +676,10 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             speech_logits = self.teacher_forced_speech_logits(
                 hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
-            if speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any()):
+            scored = speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any())
+            if return_loss and scored:
                 speech_loss = self.speech_loss(speech_logits, speech_shift_labels, speech_counts)
-            if speech_loss is None and labels is not None:
+            if return_loss and speech_loss is None and labels is not None:
                 # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
                 # process runs its backward (sharded engines gather and reduce its parameters on all ranks).
                 speech_loss = speech_logits.float().sum() * 0.0
@@ -704,7 +710,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         teacher-forced targets. Returns ``{"text": (B,), "speech": (B,), "text_tokens": (B,), "speech_tokens":
         (B,)}``; with ``include_speech=False`` the SRH is not run and the speech entries are zeros.
         """
-        outputs = self(**inputs, compute_speech_logits=None if include_speech else False, use_cache=False)
+        outputs = self(
+            **inputs, compute_speech_logits=None if include_speech else False, use_cache=False, return_loss=False
+        )
         return gather_stream_log_probs(
             outputs.logits, outputs.shift_labels, outputs.speech_logits, outputs.speech_shift_labels
         )

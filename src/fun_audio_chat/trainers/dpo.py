@@ -279,10 +279,11 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         One ordinary forward through ``model`` as given (so DDP and PEFT wrappers see the computation), then the
         log-probs of the targets it reports (``shift_labels`` / ``speech_shift_labels``).
         """
-        outputs = model(**self._model_inputs(inputs), use_cache=False)
-        fields = (outputs.logits, outputs.shift_labels, outputs.speech_logits, outputs.speech_shift_labels)
-        del outputs  # the forward's own losses are not part of the DPO objective: free their graphs first
-        return gather_stream_log_probs(*fields)
+        # return_loss=False: the forward's own cross-entropies are not part of the DPO objective.
+        outputs = model(**self._model_inputs(inputs), use_cache=False, return_loss=False)
+        return gather_stream_log_probs(
+            outputs.logits, outputs.shift_labels, outputs.speech_logits, outputs.speech_shift_labels
+        )
 
     def reference_stream_log_probs(self, inputs: Mapping, model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """The reference model's per-row stream log-probs (no gradient); see the class docstring for the sources."""
