@@ -32,12 +32,10 @@ import statistics
 import time
 
 import torch
+from bench_configs import ABOS, AEOS, AUDIO, IM_END, IM_START, NEWLINE, bench_model_config
 
 from fun_audio_chat import FunAudioChatConfig, FunAudioChatForConditionalGeneration
 
-VOCAB = 4096
-PAD, IM_START, IM_END, NEWLINE = 4094, 4080, 4095, 198
-AUDIO, ABOS, AEOS, SIL = 4089, 4090, 4091, 4093
 SYSTEM, USER, ASSISTANT = 10, 11, 12
 SPEECH_BOS, SPEECH_EOS, SPEECH_PAD = 6561, 6562, 6563
 SPEECH_DELAY = 10  # speech-BOS codes before the reply's first real code (docs/official-format.md#delay-tokens)
@@ -45,49 +43,8 @@ LLM_POSITIONS_NOTE = "same LLM positions and text targets for both, median of al
 
 
 def bench_config(group_size: int, width: int = 512) -> FunAudioChatConfig:
-    return FunAudioChatConfig(
-        text_config={
-            "model_type": "qwen3",
-            "vocab_size": VOCAB,
-            "hidden_size": width,
-            "num_hidden_layers": 8,
-            "num_attention_heads": width // 64,
-            "num_key_value_heads": width // 128,
-            "head_dim": 64,
-            "intermediate_size": 3 * width,
-            "max_position_embeddings": 8192,
-            "tie_word_embeddings": False,
-            "eos_token_id": IM_END,
-            "pad_token_id": PAD,
-            "audio_bos_index": ABOS,
-            "audio_eos_index": AEOS,
-            "sil_index": SIL,
-        },
-        audio_config={
-            "d_model": 128,
-            "encoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 256,
-            "output_dim": width,
-            "codebook_size": 6565,
-            "group_size": group_size,
-            "bos_token_id": SPEECH_BOS,
-            "eos_token_id": SPEECH_EOS,
-            "pad_token_id": SPEECH_PAD,
-            "crq_transformer_config": {
-                "model_type": "qwen3",
-                "hidden_size": 256,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 64,
-                "intermediate_size": 768,
-                "vocab_size": 16,
-                "max_position_embeddings": 32768,
-            },
-        },
-        audio_token_index=AUDIO,
-    )
+    """The shared benchmark model with a minimal audio encoder (the DRSR comparison never runs it)."""
+    return bench_model_config(width, group_size, encoder_width=128, encoder_layers=1, encoder_ffn_dim=256)
 
 
 def make_batch(group_size: int, seconds: float, batch: int, seed: int = 0) -> dict[str, torch.Tensor]:

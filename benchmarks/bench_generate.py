@@ -29,54 +29,10 @@ import tempfile
 import time
 
 import torch
+from bench_configs import ABOS, AEOS, AUDIO, bench_model_config
 from transformers import CompileConfig
 
-from fun_audio_chat import FunAudioChatConfig, FunAudioChatForConditionalGeneration
-
-ABOS, AEOS, AUDIO, SIL = 4090, 4091, 4089, 4093
-
-
-def bench_config() -> FunAudioChatConfig:
-    return FunAudioChatConfig(
-        text_config={
-            "model_type": "qwen3",
-            "vocab_size": 4096,
-            "hidden_size": 512,
-            "num_hidden_layers": 8,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 4,
-            "head_dim": 64,
-            "intermediate_size": 1536,
-            "max_position_embeddings": 4096,
-            "tie_word_embeddings": False,
-            "eos_token_id": 4095,
-            "pad_token_id": 4094,
-            "audio_bos_index": ABOS,
-            "audio_eos_index": AEOS,
-            "sil_index": SIL,
-        },
-        audio_config={
-            "d_model": 256,
-            "encoder_layers": 4,
-            "encoder_attention_heads": 4,
-            "encoder_ffn_dim": 1024,
-            "output_dim": 512,
-            "codebook_size": 6565,
-            "group_size": 5,
-            "crq_transformer_config": {
-                "model_type": "qwen3",
-                "hidden_size": 256,
-                "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 64,
-                "intermediate_size": 768,
-                "vocab_size": 16,
-                "max_position_embeddings": 8192,
-            },
-        },
-        audio_token_index=AUDIO,
-    )
+from fun_audio_chat import FunAudioChatForConditionalGeneration
 
 
 def prompt_inputs(batch: int, seconds: float = 4.0) -> dict[str, torch.Tensor]:
@@ -248,7 +204,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = FunAudioChatForConditionalGeneration(bench_config()).eval()
+    model = FunAudioChatForConditionalGeneration(bench_model_config()).eval()
 
     run(model, 1, 5, True)  # warm-up
     s2s_floor = matmul_floor_seconds(model, 1, with_speech=True)
