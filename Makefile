@@ -40,10 +40,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
-	$(PYTEST_ENV) $(BIN)/python -m pytest -q tests
+	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 test-latest: $(LATEST_STAMP)
-	$(PYTEST_ENV) $(LATEST)/bin/python -m pytest -q tests
+	$(PYTEST_ENV) $(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
 	rm -rf $(VENV) $(LATEST)

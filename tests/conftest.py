@@ -26,6 +26,24 @@ def _stack() -> str:
     return "stack: " + ", ".join(found)
 
 
+def pytest_collection_modifyitems(config, items):
+    # The 2-process tests are the longest chain of the suite: they come first (tests/markers.py). make test
+    # distributes whole files (--dist loadfile): pytest-xdist 3.8's --dist loadgroup does not group anything under
+    # pytest 9.2, whose items no longer take the group suffix xdist writes into their node ids.
+    items.sort(key=lambda item: item.get_closest_marker("two_processes") is None)
+
+
+def _share_cores_between_workers():
+    """Each xdist worker gets its share of the cores for torch's intra-op threads, so that 2 workers on 2 cores do
+    not run 4 threads."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
+_share_cores_between_workers()
+
+
 def pytest_report_header(config):
     return _stack()
 

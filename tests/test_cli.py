@@ -22,6 +22,7 @@ from fun_audio_chat.processing import example_audio_path
 
 ASSET = Path(example_audio_path())
 TIMEOUT = 240
+pytestmark = pytest.mark.slow  # every test reads the output of CLI subprocesses
 
 
 def _console_script() -> list[str]:

@@ -51,6 +51,7 @@ def test_every_notebook_is_present_and_clean():
         assert any('os.environ.get("FUN_AUDIO_CHAT_MODEL")' in c.source for c in code), path.name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_top_to_bottom(path, tmp_path):
     nb = nbformat.read(path, as_version=4)

@@ -15,6 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
+import pytest
+
 HERE = Path(__file__).resolve().parent
 README = HERE.parent / "README.md"
 _BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -33,6 +35,7 @@ def test_readme_starts_with_the_two_commands():
     assert first[4] == "```"
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(tmp_path):
     sys.path.insert(0, str(HERE))
     from hub_server import LocalHubServer

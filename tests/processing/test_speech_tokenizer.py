@@ -25,6 +25,7 @@ def s3_v3():
 @pytest.fixture(scope="module")
 def s3_small():
     """A 1-layer v3 tokenizer (head dim 64, as v3's rotary table needs) for fast plumbing tests."""
+    st.import_s3tokenizer()  # s3tokenizer's own import needs the torchaudio work-around, whatever ran before
     from s3tokenizer.model_v3 import ModelConfigV3
 
     return st.S3SpeechTokenizer.random(seed=0, config=ModelConfigV3(n_audio_state=128, n_audio_head=2, n_audio_layer=1))

@@ -1,6 +1,8 @@
 """Worker of the 2-process FSDP / DeepSpeed tests (``torchrun --nproc_per_node 2 sharded_worker.py MODE ENGINE OUT``).
 
-MODE is ``cc`` or a comma-separated list of ``sft`` and ``lora`` (run one after the other in the same processes).
+MODE is ``cc`` or a comma-separated list of ``sft`` and ``lora``; with those, ENGINE may be a comma-separated list too
+(every mode under every engine, one after the other in the same processes: one launch instead of one per engine;
+DeepSpeed engines first, since accelerate cannot turn a process state set up for another engine into a DeepSpeed one).
 
 MODE ``sft``: one SGD step on a fixed global batch whose examples have different target counts on the two ranks;
 rank 0 saves the full weights (the test compares them with one single-process step on the whole batch).
@@ -156,9 +158,10 @@ def main():
     if mode != "cc":
         # every model is built before any engine's arguments exist (under ZeRO-3 they would make from_pretrained
         # partition the model while loading)
-        models = {name: lora_model() if name == "lora" else oracle_model() for name in mode.split(",")}
-        for name, model in models.items():
-            one_step(name, engine, model, out, rank)
+        runs = [(name, each) for each in engine.split(",") for name in mode.split(",")]
+        models = {run: lora_model() if run[0] == "lora" else oracle_model() for run in runs}
+        for (name, each), model in models.items():
+            one_step(name, each, model, out, rank)
     else:
         model = oracle_model()
         base = Path(sys.argv[4])

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from fun_audio_chat.trainers import FunAudioChatTrainer
 
+from ..markers import two_processes
 from .helpers import base_llm_checkpoint, collate, equivalence_dataset, oracle_model, training_args
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -26,6 +27,8 @@ def _torchrun() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
+@pytest.mark.slow
+@two_processes
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 def test_two_process_sft_and_core_cocktail(tmp_path):
     base = base_llm_checkpoint(oracle_model(), tmp_path / "base")

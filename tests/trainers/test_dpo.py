@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ..markers import two_processes
 from .dpo_helpers import (
     independent_stream_log_probs,
     make_trainer,
@@ -547,6 +548,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(processor, tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+@two_processes
 def test_two_process_ddp_lora_full_and_precomputed(tmp_path):
     """torchrun, 2 CPU processes (gloo): LoRA, full fine-tuning with a frozen reference, precomputed reference."""
     script = Path(__file__).with_name("dpo_ddp_script.py")

@@ -1,10 +1,14 @@
-"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (torchrun, gloo): SFT and LoRA equal one process; Core-Cocktail
-completes in one command under ZeRO-2 and resumes after SIGKILL in each stage, and under ZeRO-3 and FSDP2 resumes
-after SIGKILL in stage 1, all with the single-process result; settings that cannot work fail at start.
+"""FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (torchrun, gloo): SFT, LoRA and DPO equal one process;
+Core-Cocktail resumes after SIGKILL in each stage under ZeRO-2 and after SIGKILL in stage 1 under ZeRO-3 and FSDP2, the
+same command each time, with the single-process result; settings that cannot work fail at start.
+
+Each launch starts two processes that import the whole stack (about 10 s of CPU each), so one launch runs every engine
+where the engines can share a process.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,6 +23,7 @@ from safetensors.torch import load_file
 
 from fun_audio_chat.trainers import FunAudioChatTrainer
 
+from ..markers import two_processes
 from .helpers import base_llm_checkpoint, collate, equivalence_dataset, oracle_model, train_dataset, training_args
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -26,6 +31,7 @@ DPO_WORKER = Path(__file__).with_name("dpo_sharded_worker.py")
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.slow,
+    two_processes,
     pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable"),
 ]
 
@@ -84,20 +90,30 @@ def single_process_step(tmp_path_factory):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _has_deepspeed() -> bool:
+    return importlib.util.find_spec("deepspeed") is not None
+
+
+def _engines() -> str:
+    """The engines one launch runs, DeepSpeed first (the worker's docstring says why)."""
+    return "zero2,zero3,fsdp2" if _has_deepspeed() else "fsdp2"
+
+
+def _skip_without(engine: str) -> None:
+    if engine.startswith("zero") and not _has_deepspeed():
+        pytest.skip("deepspeed is not installed")
+
+
 @pytest.fixture(scope="module")
 def sharded_steps(tmp_path_factory):
-    """``sharded_steps(engine)``: the directory where one launch of the worker under ``engine`` left the SFT step's
-    weights and the LoRA step's adapter (one launch for both saves the start-up of another two processes)."""
-    done: dict[str, Path] = {}
+    """``sharded_steps(engine)``: the directory where the worker left each engine's SFT step weights and LoRA step
+    adapter. One launch runs every engine: each launch starts two processes that import the whole stack."""
+    out = tmp_path_factory.mktemp("steps")
+    _run(out, "sft,lora", _engines(), out)
 
     def run(engine: str) -> Path:
-        if engine.startswith("zero"):
-            pytest.importorskip("deepspeed")
-        if engine not in done:
-            out = tmp_path_factory.mktemp(f"steps_{engine}")
-            _run(out, "sft,lora", engine, out)
-            done[engine] = out
-        return done[engine]
+        _skip_without(engine)
+        return out
 
     return run
 
@@ -194,21 +210,6 @@ def _assert_equals_one_process(run: Path, single_process_core_cocktail, atol=1e-
         torch.testing.assert_close(value, single_process_core_cocktail[name], atol=atol, rtol=1e-5, msg=name)
 
 
-@pytest.fixture(scope="module")
-def uninterrupted_core_cocktail(tmp_path_factory, core_cocktail_base):
-    pytest.importorskip("deepspeed")
-    out = tmp_path_factory.mktemp("cc_once")
-    _run(out, "cc", "zero2", out, core_cocktail_base, out / "run")
-    return out / "run"
-
-
-def test_core_cocktail_under_deepspeed_in_one_command(uninterrupted_core_cocktail, single_process_core_cocktail):
-    run = uninterrupted_core_cocktail
-    assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
-    assert (run / "merged" / "merge_manifest.json").is_file() and (run / "final" / "config.json").is_file()
-    _assert_equals_one_process(run, single_process_core_cocktail)
-
-
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
     """Start the worker, SIGKILL the whole process group once ``marker`` exists (the worker pauses after each
     checkpoint so the kill lands before the stage goes on)."""
@@ -233,19 +234,22 @@ def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
 
 
 def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
-    tmp_path, core_cocktail_base, uninterrupted_core_cocktail
+    tmp_path, core_cocktail_base, single_process_core_cocktail
 ):
+    """ZeRO-2, SIGKILLed in stage 1 and again in stage 2: the same command each time, and the third one finishes with
+    the single-process result. The second launch goes from a resumed stage 1 through the merge into stage 2 in one
+    command (the DDP test runs the whole uninterrupted command)."""
+    pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     args = ("cc", "zero2", tmp_path, core_cocktail_base, run)
     _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
     assert not (run / "merged").exists()
     _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1" / "trainer_state.json")
-    assert not (run / "final").exists()
+    assert (run / "merged" / "merge_manifest.json").is_file() and not (run / "final").exists()
     _run(tmp_path, *args)
-    resumed = load_file(str(run / "result.safetensors"))
-    reference = load_file(str(uninterrupted_core_cocktail / "result.safetensors"))
-    for name, value in resumed.items():
-        torch.testing.assert_close(value, reference[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
+    assert (run / "final" / "config.json").is_file()
+    _assert_equals_one_process(run, single_process_core_cocktail)
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
@@ -285,36 +289,29 @@ def tiny_dpo_model():
 
 @pytest.fixture(scope="module")
 def sharded_dpo(tmp_path_factory):
-    """One launch of the DPO worker: ZeRO-2, then ZeRO-3, in the same two processes."""
-    pytest.importorskip("deepspeed")
+    """One launch of the DPO worker: ZeRO-2, ZeRO-3, then FSDP2, in the same two processes."""
     out = tmp_path_factory.mktemp("dpo_sharded")
-    _run(out, "zero2,zero3", out, worker=DPO_WORKER)
+    _run(out, _engines(), out, worker=DPO_WORKER)
     return out
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3"])
-def test_dpo_under_deepspeed_equals_one_process(engine, sharded_dpo, single_process_dpo):
-    """FunAudioChatDPOTrainer (full fine-tuning, frozen reference copy) under ZeRO-2 / ZeRO-3 on 2 processes: the same
-    losses and, after 2 SGD steps, the same weights as one process."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp2"])
+def test_sharded_dpo_equals_one_process(engine, sharded_dpo, single_process_dpo):
+    """FunAudioChatDPOTrainer (full fine-tuning, frozen reference copy) under ZeRO-2 / ZeRO-3 / FSDP2 on 2 processes:
+    the same losses and, after 2 SGD steps, the same weights as one process. Under fsdp= it really runs FSDP2 on CPU
+    processes (accelerate alone would run DDP)."""
+    _skip_without(engine)
     report = json.loads((sharded_dpo / f"dpo-{engine}.json").read_text())
-    assert report["world_size"] == 2 and report["deepspeed"] and report["wrapper"] == "DeepSpeedEngine"
+    assert report["world_size"] == 2
+    if engine == "fsdp2":
+        assert report["fsdp"] and not report["deepspeed"] and report["wrapper"].startswith("FSDP")
+    else:
+        assert report["deepspeed"] and report["wrapper"] == "DeepSpeedEngine"
     assert report["losses"] == pytest.approx(single_process_dpo["losses"], abs=1e-5)
     trained = load_file(str(sharded_dpo / f"dpo-{engine}.safetensors"))
+    assert set(trained) == set(single_process_dpo["weights"])  # full tensors, every one of them
     start = tiny_dpo_model().state_dict()
     assert max((trained[k] - start[k]).abs().max().item() for k in trained) > 1e-3  # it did train
-    for name, value in trained.items():
-        torch.testing.assert_close(value, single_process_dpo["weights"][name], atol=5e-6, rtol=1e-5, msg=name)
-
-
-def test_dpo_under_fsdp2_equals_one_process(tmp_path, single_process_dpo):
-    """fsdp= really runs FSDP2 for the DPO trainer on CPU processes (accelerate alone would run DDP), with the same
-    losses and weights as one process."""
-    _run(tmp_path, "fsdp2", tmp_path, worker=DPO_WORKER)
-    report = json.loads((tmp_path / "dpo-fsdp2.json").read_text())
-    assert report["world_size"] == 2 and report["fsdp"] and report["wrapper"].startswith("FSDP")
-    assert report["losses"] == pytest.approx(single_process_dpo["losses"], abs=1e-5)
-    trained = load_file(str(tmp_path / "dpo-fsdp2.safetensors"))
-    assert set(trained) == set(single_process_dpo["weights"])  # full tensors, every one of them
     for name, value in trained.items():
         torch.testing.assert_close(value, single_process_dpo["weights"][name], atol=5e-6, rtol=1e-5, msg=name)
 

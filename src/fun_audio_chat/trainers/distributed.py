@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Any
 
 from torch import nn
@@ -130,6 +131,13 @@ def release_distributed_engine(trainer) -> None:
     from accelerate.utils import DistributedType
 
     AcceleratorState._reset_state()  # the process group itself stays up
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        # TrainingArguments(deepspeed=...) also leaves transformers' global DeepSpeed config and accelerate's
+        # environment switch behind: without undoing both, the next Trainer would start DeepSpeed whatever it asks.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     if _cpu_fsdp_enabled[0]:
         PartialState().distributed_type = DistributedType.MULTI_CPU
         _cpu_fsdp_enabled[0] = False
