@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fun_audio_chat import FunAudioChatForConditionalGeneration, FunAudioChatIteratorStreamer
+from fun_audio_chat.transformers_compat import CACHE_NAME
 
 from .model_tester import AUDIO_BOS, FunAudioChatModelTester
 
@@ -49,7 +50,7 @@ def test_continuing_from_a_returned_cache_equals_the_one_shot_run(model_and_inpu
         rest = model.generate(
             input_ids=first.sequences,
             attention_mask=torch.cat([inputs["attention_mask"], torch.ones(2, 4, dtype=torch.long)], dim=1),
-            past_key_values=cache,
+            **{CACHE_NAME: cache},  # past_key_values= up to transformers 5.23, cache= from 5.24
             max_new_tokens=6,
             return_dict_in_generate=True,
             output_logits=True,
