@@ -12,8 +12,9 @@ MODE ``cc``: ``run_core_cocktail`` (2 + 2 steps, a checkpoint every step, :func:
 as the Core-Cocktail base and ``RUN`` as its output directory (``... cc ENGINE OUT BASE RUN``); rank 0 saves the final
 weights there as ``result.safetensors``.
 ENGINE: ``fsdp2`` (Trainer ``fsdp=`` with FSDP2), ``zero2`` or ``zero3`` (Trainer ``deepspeed=``).
-``PAUSE_AFTER_SAVE=SECONDS`` in the environment makes every checkpoint save wait that long, so a test that kills the
-run right after a checkpoint lands inside the stage whatever the machine's speed.
+``PAUSE_AFTER_SAVE=SECONDS`` in the environment makes the save of each stage's ``checkpoint-1`` wait that long, so a
+test that kills the run once that checkpoint exists lands inside the stage whatever the machine's speed (later
+checkpoints, which a resumed run writes before it reaches the next kill point, do not wait).
 """
 
 import json
@@ -39,13 +40,16 @@ from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, t
 
 
 class PauseAfterSave(TrainerCallback):
+    """Waits after the save of a stage's first checkpoint (the tests' kill points)."""
+
     def __init__(self, seconds: float):
         self.seconds = seconds
 
     def on_save(self, args, state, control, **kwargs):
         import time
 
-        time.sleep(self.seconds)
+        if state.global_step == 1:
+            time.sleep(self.seconds)
 
 
 def skip_shared_memory_kernel() -> None:

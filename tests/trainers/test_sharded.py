@@ -1,6 +1,6 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 on 2 CPU processes (torchrun, gloo): SFT, LoRA and DPO equal one process;
-Core-Cocktail resumes after SIGKILL in each stage under ZeRO-2 and after SIGKILL in stage 1 under ZeRO-3 and FSDP2, the
-same command each time, with the single-process result; settings that cannot work fail at start.
+Core-Cocktail resumes after SIGKILL in each stage under ZeRO-2, ZeRO-3 and FSDP2, the same command each time, with the
+single-process result; settings that cannot work fail at start.
 
 Each launch starts two processes that import the whole stack (about 10 s of CPU each), so one launch runs every engine
 where the engines can share a process.
@@ -211,8 +211,8 @@ def _assert_equals_one_process(run: Path, single_process_core_cocktail, atol=1e-
 
 
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
-    """Start the worker, SIGKILL the whole process group once ``marker`` exists (the worker pauses after each
-    checkpoint so the kill lands before the stage goes on)."""
+    """Start the worker, SIGKILL the whole process group once ``marker`` (a stage's ``checkpoint-1``) exists; the
+    worker pauses after saving it, so the kill lands before the stage goes on."""
     proc = subprocess.Popen(
         _command(*args),
         env={**_env(), "PAUSE_AFTER_SAVE": "30"},
@@ -255,13 +255,16 @@ def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
 @pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
 def test_core_cocktail_with_sharded_parameters(engine, tmp_path, core_cocktail_base, single_process_core_cocktail):
     """ZeRO-3 / FSDP2: stage 1 ends with save_model (full weights), process 0 merges on disk, stage 2 trains a model
-    reloaded from the merge. Killed during stage 1, the same command then finishes with the single-process result."""
+    reloaded from the merge. Killed during stage 1 and again during stage 2 (which resumes the sharded checkpoint of
+    the reloaded model), the same command then finishes with the single-process result."""
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     args = ("cc", engine, tmp_path, core_cocktail_base, run)
     _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
     assert not (run / "merged").exists()
+    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1" / "trainer_state.json")
+    assert (run / "merged" / "merge_manifest.json").is_file() and not (run / "final").exists()
     _run(tmp_path, *args)
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
     assert (run / "stage1" / "final" / "model.safetensors").is_file()
