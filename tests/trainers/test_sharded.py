@@ -210,14 +210,34 @@ def _assert_equals_one_process(run: Path, single_process_core_cocktail, atol=1e-
         torch.testing.assert_close(value, single_process_core_cocktail[name], atol=atol, rtol=1e-5, msg=name)
 
 
+def _kill_launch(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process under it, and wait until all are gone. torchrun starts each worker in a new
+    session, so killing torchrun's process group would leave the workers running (writing into the run directory
+    while the next launch resumes it)."""
+    import psutil
+
+    try:
+        launcher = psutil.Process(proc.pid)
+        victims = [*launcher.children(recursive=True), launcher]
+    except psutil.NoSuchProcess:
+        victims = []
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(victims, timeout=30)
+    assert not alive, f"processes of the killed launch still run: {alive}"
+
+
 def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
-    """Start the worker, SIGKILL the whole process group once ``marker`` (a stage's ``checkpoint-1``) exists; the
-    worker pauses after saving it, so the kill lands before the stage goes on."""
+    """Start the worker, SIGKILL it (torchrun and both workers) once ``marker`` (a stage's ``checkpoint-1``) exists;
+    the worker pauses after saving it, so the kill lands before the stage goes on."""
     proc = subprocess.Popen(
         _command(*args),
         env={**_env(), "PAUSE_AFTER_SAVE": "30"},
         cwd=tmp_path,
-        start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -228,9 +248,7 @@ def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
             assert time.monotonic() < deadline, f"{marker} did not appear in {timeout} s"
             time.sleep(0.2)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_launch(proc)
 
 
 def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
