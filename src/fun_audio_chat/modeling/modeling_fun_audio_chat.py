@@ -676,8 +676,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             speech_logits = self.teacher_forced_speech_logits(
                 hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
             )
-            scored = speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any())
-            if return_loss and scored:
+            # (only when the loss is wanted: the check is a device-to-host sync)
+            if return_loss and speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any()):
                 speech_loss = self.speech_loss(speech_logits, speech_shift_labels, speech_counts)
             if return_loss and speech_loss is None and labels is not None:
                 # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
