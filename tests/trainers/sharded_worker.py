@@ -40,7 +40,9 @@ from tests.trainers.helpers import collate, equivalence_dataset, oracle_model, t
 
 
 class PauseAfterSave(TrainerCallback):
-    """Waits after the save of a stage's first checkpoint (the tests' kill points)."""
+    """Waits after the save of a stage's first checkpoint (the tests' kill points). Each process first writes
+    ``paused-rank{N}`` into the checkpoint: rank 0 writes ``trainer_state.json`` while the other rank may still be
+    writing its shards, so a kill is safe only once every rank has reached this point."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -49,6 +51,8 @@ class PauseAfterSave(TrainerCallback):
         import time
 
         if state.global_step == 1:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (checkpoint / f"paused-rank{args.process_index}").touch()
             time.sleep(self.seconds)
 
 

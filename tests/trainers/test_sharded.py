@@ -231,9 +231,10 @@ def _kill_launch(proc: subprocess.Popen) -> None:
     assert not alive, f"processes of the killed launch still run: {alive}"
 
 
-def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
-    """Start the worker, SIGKILL it (torchrun and both workers) once ``marker`` (a stage's ``checkpoint-1``) exists;
-    the worker pauses after saving it, so the kill lands before the stage goes on."""
+def _launch_and_kill_when(tmp_path, args, checkpoint: Path, timeout=300):
+    """Start the worker, SIGKILL it (torchrun and both workers) once both processes have finished saving
+    ``checkpoint`` (a stage's ``checkpoint-1``) and pause there, so the kill lands before the stage goes on."""
+    markers = [checkpoint / f"paused-rank{rank}" for rank in range(2)]
     proc = subprocess.Popen(
         _command(*args),
         env={**_env(), "PAUSE_AFTER_SAVE": "30"},
@@ -243,9 +244,9 @@ def _launch_and_kill_when(tmp_path, args, marker: Path, timeout=300):
     )
     deadline = time.monotonic() + timeout
     try:
-        while not marker.exists():
-            assert proc.poll() is None, f"the run ended before {marker} appeared"
-            assert time.monotonic() < deadline, f"{marker} did not appear in {timeout} s"
+        while not all(marker.exists() for marker in markers):
+            assert proc.poll() is None, f"the run ended before both processes paused at {checkpoint}"
+            assert time.monotonic() < deadline, f"both processes did not pause at {checkpoint} in {timeout} s"
             time.sleep(0.2)
     finally:
         _kill_launch(proc)
@@ -260,9 +261,9 @@ def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
     pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     args = ("cc", "zero2", tmp_path, core_cocktail_base, run)
-    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
+    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1")
     assert not (run / "merged").exists()
-    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1" / "trainer_state.json")
+    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1")
     assert (run / "merged" / "merge_manifest.json").is_file() and not (run / "final").exists()
     _run(tmp_path, *args)
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
@@ -279,9 +280,9 @@ def test_core_cocktail_with_sharded_parameters(engine, tmp_path, core_cocktail_b
         pytest.importorskip("deepspeed")
     run = tmp_path / "run"
     args = ("cc", engine, tmp_path, core_cocktail_base, run)
-    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1" / "trainer_state.json")
+    _launch_and_kill_when(tmp_path, args, run / "stage1" / "checkpoint-1")
     assert not (run / "merged").exists()
-    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1" / "trainer_state.json")
+    _launch_and_kill_when(tmp_path, args, run / "stage2" / "checkpoint-1")
     assert (run / "merged" / "merge_manifest.json").is_file() and not (run / "final").exists()
     _run(tmp_path, *args)
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
