@@ -11,10 +11,12 @@ greedy. Prints, from one run:
 (d) speech-to-text decode step time / its floor;
 
 each for the default path and for transformers' compiled-decoding path (``cache_implementation="static"`` plus a
-``compile_config`` opted in on CPU with ``_compile_all_devices = True``), with (e) the compiled path's first-call
-time (compilation included); and (f) the peak memory that loading the bench model from disk adds to a process
-(torch already imported) and the bytes its weights hold afterwards, in full precision and with the LLM quantized to
-int8 weights (optimum-quanto; audio encoders, speech head and speech embeddings stay full precision).
+``compile_config`` opted in on CPU with ``_compile_all_devices = True``), the latter with the default SDPA attention
+and with ``attn_implementation="eager"``; (e) the compiled paths' first-call time (compilation included); (f) the
+peak memory that loading the bench model from disk adds to a process (torch already imported) and the bytes its
+weights hold afterwards, in full precision and with the LLM quantized to int8 weights (optimum-quanto; audio
+encoders, speech head and speech embeddings stay full precision); (g) the compiled decode step with SDPA over the
+same step with eager attention.
 
 Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2] [--skip-compiled]
 """
@@ -22,6 +24,7 @@ Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--t
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import subprocess
 import sys
@@ -205,19 +208,24 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = FunAudioChatForConditionalGeneration(bench_model_config()).eval()
+    # The same weights with eager attention (the default is SDPA), for the compiled path's comparison (g).
+    eager_model = copy.deepcopy(model)
+    eager_model.set_attn_implementation("eager")
 
     run(model, 1, 5, True)  # warm-up
     s2s_floor = matmul_floor_seconds(model, 1, with_speech=True)
     s2t_floor = matmul_floor_seconds(model, 1, with_speech=False)
     paths = {"default": measure(model, args.new_tokens, args.repeats)}
-    compile_seconds = None
+    compile_seconds = {}
     if not args.skip_compiled:
-        start = time.perf_counter()
-        run(model, 1, 5, True, None, compiled_decoding())  # first call: compiles the LLM step and the SRH sub-step
-        run(model, 1, 5, False, None, compiled_decoding())
-        run(model, 8, 5, True, None, compiled_decoding())
-        compile_seconds = time.perf_counter() - start
-        paths["compiled"] = measure(model, args.new_tokens, args.repeats, compiled_decoding())
+        for name, compiled_model in (("compiled", model), ("compiled, eager attention", eager_model)):
+            start = time.perf_counter()
+            # first calls: compile the LLM step and the SRH sub-step for each shape measured
+            run(compiled_model, 1, 5, True, None, compiled_decoding())
+            run(compiled_model, 1, 5, False, None, compiled_decoding())
+            run(compiled_model, 8, 5, True, None, compiled_decoding())
+            compile_seconds[name] = time.perf_counter() - start
+            paths[name] = measure(compiled_model, args.new_tokens, args.repeats, compiled_decoding())
 
     print(f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats}")
     for name, found in paths.items():
@@ -235,15 +243,19 @@ def main():
             f"(d) S2T decode step {found['s2t'] * 1e3:.2f} ms / matmul floor {s2t_floor * 1e3:.2f} ms = "
             f"{found['s2t'] / s2t_floor:.2f}x"
         )
-    if "compiled" in paths:
-        default, compiled = paths["default"], paths["compiled"]
+    if compile_seconds:
+        default, compiled, eager = paths["default"], paths["compiled"], paths["compiled, eager attention"]
         print(
-            f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
-            f"{compile_seconds:.1f} s"
+            "(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
+            + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
         )
         print(
             f"    default / compiled decode step: S2S {default['s2s'] / compiled['s2s']:.2f}x, "
             f"S2T {default['s2t'] / compiled['s2t']:.2f}x"
+        )
+        print(
+            f"(g) compiled decode step, SDPA / eager attention: S2S {compiled['s2s'] / eager['s2s']:.2f}x, "
+            f"S2T {compiled['s2t'] / eager['s2t']:.2f}x"
         )
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)

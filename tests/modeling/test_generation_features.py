@@ -1,6 +1,7 @@
 """generate() on transformers' extension points: cache continuation, output states, inputs_embeds, offload, quantized
 LLM, compiled decoding, synced GPUs, and clear refusals of what is unsupported or malformed."""
 
+import copy
 import threading
 
 import pytest
@@ -197,12 +198,18 @@ def test_quantized_llm_keeps_audio_parts_in_full_precision(model_and_inputs, tmp
 
 # ---------------------------------------------------------------------------------------- compiled path
 @pytest.mark.slow
-def test_compiled_static_cache_decoding_equals_eager(model_and_inputs):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_compiled_static_cache_decoding_equals_eager(model_and_inputs, attention):
     """transformers' compiled-decoding convention (static cache + compile_config; opted in on CPU) compiles the
-    LLM step and the speech head's sub-step; tokens and codes equal the eager path (fp32, padded batch)."""
+    LLM step and the speech head's sub-step; tokens and codes equal the uncompiled path (fp32, padded batch), with
+    the default attention and with the eager attention docs/generation.md recommends for compiling on CPU."""
     from transformers import CompileConfig
 
     model, inputs = model_and_inputs
+    if attention != model.config._attn_implementation:
+        model = copy.deepcopy(model)  # the fixture's model is shared by the module's tests
+        model.set_attn_implementation(attention)
+        assert model.audio_invert_tower.crq_transformer.layers[0].self_attn.config._attn_implementation == attention
     compile_config = CompileConfig()
     compile_config._compile_all_devices = True
     controls = {**GREEDY, "max_new_tokens": 6, "min_new_tokens": 6, "force_audio_bos": True}

@@ -183,6 +183,32 @@ def test_forward_twice_is_identical_and_inputs_unchanged():
         assert torch.equal(value, snapshot[key]), f"forward mutated {key}"
 
 
+def test_set_attn_implementation_reaches_the_speech_head():
+    """The SRH backbone holds the audio config's own sub-config, so transformers' set_attn_implementation reaches
+    its attention layers, as a string or as a dict naming the sub-config, without its "sub-model not found"
+    warning; the backbone's one-row vocabulary does not leak into the config that is saved."""
+    from transformers.testing_utils import CaptureLogger, LoggingLevel
+    from transformers.utils import logging
+
+    config = tiny_config()
+    model = FunAudioChatForConditionalGeneration(config).eval()
+    backbone = model.audio_invert_tower.crq_transformer
+    assert backbone.config is model.config.audio_config.crq_transformer_config
+    assert backbone.config.vocab_size == tiny_config().audio_config.crq_transformer_config.vocab_size > 1
+
+    def srh_attention():
+        return {layer.self_attn.config._attn_implementation for layer in backbone.layers}
+
+    logger = logging.get_logger("transformers.modeling_utils")
+    with LoggingLevel(logging.WARNING), CaptureLogger(logger) as captured:
+        model.set_attn_implementation({"audio_config": {"crq_transformer_config": "eager"}})
+        assert srh_attention() == {"eager"}
+        assert model.language_model.config._attn_implementation == "sdpa"
+        model.set_attn_implementation("sdpa")
+        assert srh_attention() == {"sdpa"}
+    assert "without finding the associated sub-model" not in captured.out
+
+
 def test_eager_and_sdpa_audio_encoders_agree():
     """The official eager path scrambles heads (SPEC Q1); ours computes the same as SDPA."""
     sdpa = oracle.load_model("infer_b2_leftpad", attn="sdpa")

@@ -7,8 +7,6 @@ embedding of the previous speech code. Its output head is tied to the speech emb
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 from transformers import AutoModel
@@ -23,12 +21,16 @@ class FunAudioChatSpeechHead(nn.Module):
         self.config = config
         self.group_size = config.group_size
         hidden = config.output_dim
-        backbone_config = copy.deepcopy(config.crq_transformer_config)
-        backbone_config._attn_implementation = config.crq_transformer_config._attn_implementation
+        backbone_config = config.crq_transformer_config
         # The backbone is fed embeddings only: build it with a one-row vocabulary and drop the table, so the
-        # 8B model never allocates the unused (151936, 1024) matrix.
-        backbone_config.vocab_size = 1
-        self.crq_transformer = AutoModel.from_config(backbone_config)
+        # 8B model never allocates the unused (151936, 1024) matrix. The backbone keeps the config object itself
+        # (not a copy), so transformers finds it as the audio config's sub-config: set_attn_implementation (a
+        # string, or a dict naming "crq_transformer_config") reaches the backbone's attention layers.
+        vocab_size, backbone_config.vocab_size = backbone_config.vocab_size, 1
+        try:
+            self.crq_transformer = AutoModel.from_config(backbone_config)
+        finally:
+            backbone_config.vocab_size = vocab_size
         del self.crq_transformer.embed_tokens
         backbone_width = backbone_config.hidden_size
         self.pre_matching = nn.Linear(hidden, hidden * self.group_size, bias=True)
