@@ -219,11 +219,15 @@ def main():
     compile_seconds = {}
     if not args.skip_compiled:
         for name, compiled_model in (("compiled", model), ("compiled, eager attention", eager_model)):
+            # Compiled code is cached per function, not per model, and both models share `forward`: start each from
+            # an empty cache so the second does not run into the first one's entries (torch's recompile limit).
+            torch._dynamo.reset()
             start = time.perf_counter()
-            # first calls: compile the LLM step and the SRH sub-step for each shape measured
-            run(compiled_model, 1, 5, True, None, compiled_decoding())
-            run(compiled_model, 1, 5, False, None, compiled_decoding())
-            run(compiled_model, 8, 5, True, None, compiled_decoding())
+            # First calls: compile the LLM step and the SRH sub-step for each shape measured. They generate as many
+            # tokens as the measured calls, because the static caches' length is part of the compiled shapes.
+            run(compiled_model, 1, args.new_tokens, True, None, compiled_decoding())
+            run(compiled_model, 1, args.new_tokens, False, None, compiled_decoding())
+            run(compiled_model, 8, args.new_tokens, True, None, compiled_decoding())
             compile_seconds[name] = time.perf_counter() - start
             paths[name] = measure(compiled_model, args.new_tokens, args.repeats, compiled_decoding())
 
@@ -246,7 +250,7 @@ def main():
     if compile_seconds:
         default, compiled, eager = paths["default"], paths["compiled"], paths["compiled, eager attention"]
         print(
-            "(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; 5 tokens each, compilation included) "
+            f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; {args.new_tokens} tokens each, compilation included) "
             + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
         )
         print(
