@@ -215,14 +215,14 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = FunAudioChatForConditionalGeneration(bench_model_config()).eval()
-    # The same weights with eager attention (the default is SDPA), for the compiled path's comparison (g).
-    eager_model = copy.deepcopy(model)
-    eager_model.set_attn_implementation("eager")
 
     run(model, 1, 5, True)  # warm-up
     paths = {"default": measure(model, args.new_tokens, args.repeats)}
     compile_seconds = {}
     if not args.skip_compiled:
+        # The same weights with eager attention (the default is SDPA), for the comparison (g).
+        eager_model = copy.deepcopy(model)
+        eager_model.set_attn_implementation("eager")
         for name, compiled_model in (("compiled", model), ("compiled, eager attention", eager_model)):
             # Compiled code is cached per function, not per model, and both models share `forward`: start each from
             # an empty cache so the second does not run into the first one's entries (torch's recompile limit).

@@ -29,10 +29,13 @@ def _best_time(fn, repeats=3, at_least=0.02) -> float:
     return best
 
 
-def _growth(make_input, run, small: int, factor: int = 8, bound: float = 20, attempts: int = 3) -> float:
+LINEAR_BOUND = 20  # growth ratio at factor 8: about 8 when linear, 64 when quadratic
+
+
+def _growth(make_input, run, small: int, factor: int = 8, attempts: int = 3) -> float:
     """Time ratio of ``run`` on an input ``factor`` times larger: about ``factor`` when linear, ``factor**2``
-    (64) when quadratic. A loaded machine (the suite runs on two workers) can stretch one measurement past the
-    bound, so the ratio is measured again, up to ``attempts`` times, until one is under ``bound``: a quadratic
+    (64) when quadratic. A loaded machine (the suite runs on two workers) can stretch one measurement past
+    ``LINEAR_BOUND``, so the ratio is measured again, up to ``attempts`` times, until one is under it: a quadratic
     parser is over it every time, a linear one is under it nearly always."""
     small_input, large_input = make_input(small), make_input(small * factor)
     run(small_input)  # warm-up
@@ -40,7 +43,7 @@ def _growth(make_input, run, small: int, factor: int = 8, bound: float = 20, att
     for _ in range(attempts):
         ratio = _best_time(lambda: run(large_input)) / max(_best_time(lambda: run(small_input)), 1e-6)
         best = min(best, ratio)
-        if best < bound:
+        if best < LINEAR_BOUND:
             break
     return best
 
@@ -65,8 +68,8 @@ def _stream(text: str, piece: int = 4):
 def test_parse_tool_calls_is_linear(make_input):
     # sizes a quadratic parser fails on within seconds (16000 unclosed tags took it 18 s); 2000 units are at least
     # 22 000 characters, so the small input is not so small that its time is all call overhead
-    assert _growth(make_input, parse_tool_calls, small=2000) < 20
-    assert _growth(make_input, strip_tool_calls, small=2000) < 20
+    assert _growth(make_input, parse_tool_calls, small=2000) < LINEAR_BOUND
+    assert _growth(make_input, strip_tool_calls, small=2000) < LINEAR_BOUND
 
 
 @pytest.mark.parametrize(
@@ -79,7 +82,7 @@ def test_parse_tool_calls_is_linear(make_input):
     ids=["open-block", "unclosed-tags", "many-calls"],
 )
 def test_streaming_parser_is_linear_in_small_pieces(make_input):
-    assert _growth(make_input, _stream, small=8000) < 20
+    assert _growth(make_input, _stream, small=8000) < LINEAR_BOUND
 
 
 def test_streaming_equals_whole_text_on_random_tag_soup():
