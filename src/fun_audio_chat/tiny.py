@@ -184,11 +184,16 @@ def tiny_config(**overrides) -> FunAudioChatConfig:
 
 def tiny_detokenizer(seed: int = 0):
     """A CosyVoice 3 detokenizer with the real structure at toy sizes and random weights (no downloads): it turns
-    speech codes into 24 kHz audio-shaped noise, fast enough for demos and tests."""
+    speech codes into 24 kHz audio-shaped noise, fast enough for demos and tests.
+
+    It knows exactly the tiny model's real codes (``TINY_SPEECH_CODES``), as the released detokenizer knows exactly
+    the released model's 6561: a speech-BOS, EOS or pad id that reaches it is an error, not a sound."""
     from .token2wav.configuration import tiny_token2wav_config
     from .token2wav.detokenizer import random_detokenizer
 
-    return random_detokenizer(tiny_token2wav_config(), seed)
+    config = tiny_token2wav_config()
+    config.flow.vocab_size = TINY_SPEECH_CODES
+    return random_detokenizer(config, seed)
 
 
 def tiny_model_and_processor(seed: int = 0):

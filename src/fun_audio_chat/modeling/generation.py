@@ -493,22 +493,14 @@ class FunAudioChatGenerationMixin:
             return output.sequences, output.speech_ids
         return output
 
-    def _check_context_length(self, prompt_length: int, max_new_tokens: int, return_speech: bool) -> None:
-        total = prompt_length + max(max_new_tokens, 0)
-        limit = self.config.text_config.max_position_embeddings
-        if total > limit:
-            raise ValueError(
-                f"prompt ({prompt_length} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds the LLM's "
-                f"max_position_embeddings ({limit}); shorten the audio/conversation or lower max_new_tokens."
-            )
-        if return_speech:
-            head_limit = self.audio_invert_tower.crq_transformer.config.max_position_embeddings
-            if total * self.group_size > head_limit:
-                raise ValueError(
-                    f"the Speech Refined Head would need {total * self.group_size} positions (group size "
-                    f"{self.group_size} x {total} tokens) but supports {head_limit}; shorten the conversation, lower "
-                    "max_new_tokens, or generate text only (return_speech=False)."
-                )
+    def _check_context_length(
+        self, prompt_length: int, max_new_tokens: int, return_speech: bool, cached_length: int = 0
+    ) -> None:
+        """Refuse a call whose prompt plus reply does not fit: the model's one rule (``context_fit``), which also
+        sizes the Speech Refined Head cache that ``SpeechDecoder.start`` allocates."""
+        self.context_fit(
+            prompt_length, max(max_new_tokens, 0), speech=return_speech, cached_length=cached_length
+        ).check()
 
     # -------------------------------------------------------------------------------- decode loop
     def _sample(
@@ -553,7 +545,9 @@ class FunAudioChatGenerationMixin:
             # The speech head reserves its cache for the longest possible reply.
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = stopping_criteria.max_length - input_ids.shape[1] if stopping_criteria.max_length else 0
-        self._check_context_length(input_ids.shape[1], max_new_tokens, return_speech)
+        continued = cache_of(model_kwargs)  # a cache given by the caller holds the prompt's first positions
+        cached_length = int(continued.get_seq_length()) if hasattr(continued, "get_seq_length") else 0
+        self._check_context_length(input_ids.shape[1], max_new_tokens, return_speech, cached_length)
         model_kwargs["return_last_hidden_state"] = return_speech
         model_kwargs["compute_speech_logits"] = False
         speech = None

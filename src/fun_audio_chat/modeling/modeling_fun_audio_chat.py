@@ -19,6 +19,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..configuration_fun_audio_chat import IGNORE_INDEX, FunAudioChatConfig, refuse_missing_local_path
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder
+from .context_length import ContextFit, context_fit
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
 from .speech_head import FunAudioChatSpeechHead
@@ -179,6 +180,28 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
     @property
     def group_size(self) -> int:
         return self.config.audio_config.group_size
+
+    def context_fit(
+        self, prompt_length: int, max_new_tokens: int, speech: bool | None = None, cached_length: int = 0
+    ) -> ContextFit:
+        """Whether a prompt of ``prompt_length`` ids plus ``max_new_tokens`` steps fits this model, and the longest
+        prompt that would (``.max_prompt_length``); ``.check()`` raises a ``ValueError`` naming the fix.
+
+        ``speech`` (default: whether the model has the Speech Refined Head) adds the head's budget;
+        ``cached_length`` is the number of prompt positions held by a continued cache. ``generate`` and the server
+        both refuse requests with this rule (see :mod:`fun_audio_chat.modeling.context_length`)."""
+        head = self.audio_invert_tower
+        speech = head is not None if speech is None else speech
+        if speech and head is None:
+            raise ValueError("speech=True needs the Speech Refined Head, which this model was built without.")
+        return context_fit(
+            prompt_length=int(prompt_length),
+            max_new_tokens=int(max_new_tokens),
+            llm_limit=int(self.config.text_config.max_position_embeddings),
+            group_size=self.group_size,
+            speech_head_limit=int(head.crq_transformer.config.max_position_embeddings) if speech else None,
+            cached_length=int(cached_length),
+        )
 
     @property
     def text_pad_id(self) -> int:

@@ -520,17 +520,28 @@ class FunAudioChatProcessor(ProcessorMixin):
         return texts if batched else texts[0]
 
     def decode_speech(self, speech_ids, speech_attention_mask=None, lengths=None) -> list[list[int]]:
-        """Per-row lists of real speech codes (``0 <= code < num_speech_codes``) from generated speech ids: stops at
-        the first speech EOS and drops BOS/pad ids and masked positions."""
-        from .detokenizer import speech_ids_to_codes
+        """Per-row lists of real speech codes (``0 <= code < num_speech_codes``) from generated speech ids (B, S) or
+        one row (S,): positions past ``lengths[b]`` or masked out are ignored, then the rule of
+        :func:`fun_audio_chat.speech_codes.real_speech_codes` applies (stop at the first speech EOS, drop
+        speech-BOS delay ids, pad and every other non-code id)."""
+        from ..speech_codes import SpeechCodeLayout, real_speech_codes
 
-        return speech_ids_to_codes(
-            speech_ids,
-            num_codes=self.num_speech_codes,
-            eos_token_id=self.speech_eos_token_id,
-            attention_mask=speech_attention_mask,
-            lengths=lengths,
-        )
+        rows = to_list(speech_ids)
+        if not rows:
+            return []
+        masks = None if speech_attention_mask is None else to_list(speech_attention_mask)
+        if not isinstance(rows[0], (list, tuple)):
+            rows, masks = [rows], None if masks is None else [masks]
+        lengths = None if lengths is None else to_list(lengths)
+        layout = SpeechCodeLayout.from_processor(self)
+        decoded = []
+        for index, row in enumerate(rows):
+            if lengths is not None:
+                row = row[: int(lengths[index])]
+            if masks is not None:
+                row = [value for value, keep in zip(row, masks[index]) if keep]
+            decoded.append(real_speech_codes(row, layout)[0])
+        return decoded
 
     def parse_tool_calls(self, text_or_ids, strict: bool = False) -> list[dict]:
         """Tool calls in a generated reply (text or ids): ``[{"name": str, "arguments": dict}, ...]``.

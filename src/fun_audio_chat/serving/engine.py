@@ -349,15 +349,8 @@ class ServingEngine:
     def _check_fits(self, prompt_length: int, request: TurnRequest) -> None:
         if request.max_new_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_new_tokens}.")
-        room = self.context_length
-        if request.speech and self.model.audio_invert_tower is not None:
-            head = self.model.audio_invert_tower.crq_transformer.config.max_position_embeddings
-            room = min(room, head // self.model.group_size - 1)
-        if prompt_length + request.max_new_tokens > room:
-            raise ValueError(
-                f"the prompt ({prompt_length} tokens) plus max_tokens ({request.max_new_tokens}) exceeds the model's "
-                f"context ({room} tokens); send a shorter conversation or audio, or lower max_tokens."
-            )
+        speech = request.speech and self.model.audio_invert_tower is not None
+        self.model.context_fit(prompt_length, request.max_new_tokens, speech=speech).check(length_name="max_tokens")
 
     def _template(self, requests: list[TurnRequest]):
         first = requests[0]
@@ -550,19 +543,15 @@ class ServingEngine:
             )
 
     def _speech_codes(self, handle: TurnHandle, group) -> list[int]:
-        """The real speech codes of a streamed group: speech-BOS delay codes and padding dropped, nothing after
-        the speech EOS (what ``processor.decode_speech`` keeps, and what a detokenizer accepts)."""
+        """The real speech codes of a streamed group (:func:`fun_audio_chat.speech_codes.real_speech_codes`)."""
+        from ..speech_codes import SpeechCodeLayout, real_speech_codes
+
         if handle.speech_ended:
             return []
-        eos = self.processor.speech_eos_token_id
-        num_codes = self.processor.num_speech_codes
-        codes = []
-        for code in group:
-            if code == eos:
-                handle.speech_ended = True
-                break
-            if 0 <= code < num_codes:
-                codes.append(int(code))
+        layout = getattr(self, "_speech_code_layout", None)
+        if layout is None:  # read once: the processor counts its speech vocabulary to find it
+            layout = self._speech_code_layout = SpeechCodeLayout.from_processor(self.processor)
+        codes, handle.speech_ended = real_speech_codes(group, layout)
         return codes
 
     def _complete(self, handle, text, codes, reason, completion_tokens, prompt_tokens, speaking) -> None:
