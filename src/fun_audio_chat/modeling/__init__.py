@@ -1,3 +1,4 @@
+from .continuous_batching import ContinuousBatchDecoder, RowStep
 from .generation import SPEECH_GENERATION_DEFAULTS, FunAudioChatGenerateOutput
 from .modeling_fun_audio_chat import (
     FunAudioChatForConditionalGeneration,
@@ -7,6 +8,7 @@ from .modeling_fun_audio_chat import (
 from .streamers import EndEvent, FunAudioChatIteratorStreamer, GenerationFailedError, SpeechEvent, TextEvent
 
 __all__ = [
+    "ContinuousBatchDecoder",
     "SPEECH_GENERATION_DEFAULTS",
     "EndEvent",
     "FunAudioChatForConditionalGeneration",
@@ -15,6 +17,7 @@ __all__ = [
     "FunAudioChatOutputWithPast",
     "FunAudioChatPreTrainedModel",
     "GenerationFailedError",
+    "RowStep",
     "SpeechEvent",
     "TextEvent",
 ]

@@ -351,6 +351,93 @@ class SpeechDecoder:
         fused = (text_embeds + self.model.audio_tower(self.last_group).to(text_embeds.dtype)) / 2
         return torch.where(fused_rows[:, None, None], fused, text_embeds)
 
+    # ------------------------------------------------------------------------ rows joining and leaving
+    # Continuous batching (``continuous_batching.py``) admits and drops rows between LLM steps. A row's SRH state is
+    # its cache columns, its per-column positions and mask, and the per-row tensors below; every row's context ends at
+    # the same cache column, so rows of different lengths are left-padded, exactly as ``start`` lays out a left-padded
+    # batch. These methods only run between ``commit`` and the next ``decode_group``.
+    _ROW_TENSORS = ("previous_code", "speaking", "has_group", "last_group", "seen_codes")
+
+    def row_padding(self) -> torch.Tensor:
+        """(B,) SRH cache columns before each row's first real sub-position."""
+        if self.sub_attention_mask is None:
+            return torch.zeros(self.previous_code.shape[0], dtype=torch.long, device=self.previous_code.device)
+        return (self.sub_attention_mask[:, : self.sub_length] == 0).sum(-1)
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (indices, in the new order); columns that every kept row pads are dropped."""
+        self._relayout([(self, rows)])
+
+    def merge(self, others: list[SpeechDecoder]) -> None:
+        """Append the rows of ``others`` after this decoder's rows, each keeping its context and reserved room."""
+        self._relayout([(self, None)] + [(other, None) for other in others])
+
+    def _relayout(self, sources: list[tuple[SpeechDecoder, torch.Tensor | None]]) -> None:
+        """Rebuild this decoder from rows of ``sources`` ((decoder, row indices or None for all)): right-aligned
+        contexts, left padding masked, positions counted from each row's first real sub-position (as ``start``
+        does), and room for the longest remaining reply of any source."""
+        if any(source.compile_config is not None for source, _ in sources):
+            raise NotImplementedError("rows cannot join or leave a compiled (static-cache) speech decoder")
+        device = self.previous_code.device
+        picked = []
+        for source, rows in sources:
+            if rows is None:
+                rows = torch.arange(source.previous_code.shape[0], device=device)
+            picked.append((source, rows, source.sub_length - source.row_padding()[rows]))
+        real_lengths = torch.cat([lengths for _, _, lengths in picked])
+        length = int(real_lengths.max()) if real_lengths.numel() else 0
+        room = max(source.total - source.sub_length for source, _, _ in picked)
+        total = length + room
+
+        layers = []
+        for index in range(len(self.cache.layers)):
+            keys, values = [], []
+            for source, rows, _ in picked:
+                layer = source.cache.layers[index]
+                take = min(source.sub_length, length)
+                block_keys = layer.keys[rows, :, source.sub_length - take :]
+                block_values = layer.values[rows, :, source.sub_length - take :]
+                # Zeros, not uninitialized memory, under the masked columns: a NaN there would survive the mask.
+                keys.append(nn.functional.pad(block_keys, (0, 0, length - take, 0)))
+                values.append(nn.functional.pad(block_values, (0, 0, length - take, 0)))
+            layer = PreallocatedKVLayer(total)
+            layer.update(torch.cat(keys), torch.cat(values))
+            layers.append(layer)
+        self.cache = Cache(layers=layers)
+
+        for name in self._ROW_TENSORS:
+            parts = [getattr(source, name) for source, _, _ in picked]
+            if all(part is None for part in parts):
+                setattr(self, name, None)
+                continue
+            if name == "seen_codes":  # a source that did not track codes has seen none
+                codebook = self.model.config.audio_config.codebook_size
+                parts = [
+                    torch.zeros(source.previous_code.shape[0], codebook, dtype=torch.bool, device=device)
+                    if part is None
+                    else part
+                    for part, (source, _, _) in zip(parts, picked)
+                ]
+            setattr(self, name, torch.cat([part[rows] for part, (_, rows, _) in zip(parts, picked)]))
+        self._pending_seen = None
+
+        batch = real_lengths.shape[0]
+        padding = (length - real_lengths)[:, None]
+        columns = torch.arange(total, device=device)[None, :]
+        self.sub_positions = (columns - padding).clamp(min=0).expand(batch, -1).contiguous()
+        self.sub_attention_mask = self.sub_attention_bias = None
+        if bool((padding > 0).any()):
+            self.sub_attention_mask = (columns >= padding).long()
+            dtype = self.head.input_matching.weight.dtype
+            bias = torch.zeros(batch, 1, 1, total, dtype=dtype, device=device)
+            self.sub_attention_bias = bias.masked_fill(
+                self.sub_attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min
+            )
+        probe = torch.empty(0, dtype=self.head.input_matching.weight.dtype, device=device)
+        self.rotary = self.head.crq_transformer.rotary_emb(probe, self.sub_positions)
+        self.sub_length = length
+        self.total = total
+
     def collect(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.k
         pad = self.model.config.audio_config.pad_token_id

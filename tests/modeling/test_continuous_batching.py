@@ -1,0 +1,187 @@
+"""ContinuousBatchDecoder: rows that join and leave a running batch reply exactly as generate() does alone (fp32)."""
+
+import numpy as np
+import pytest
+import torch
+
+from fun_audio_chat.modeling import ContinuousBatchDecoder, RowStep
+from fun_audio_chat.tiny import tiny_model_and_processor
+
+# The server's greedy speech request: the reply opens with <|audio_bos|>; speech codes greedy with the model's
+# default speech repetition penalty.
+GREEDY_SPEECH = {"do_sample": False, "speech_do_sample": False, "force_audio_bos": True}
+TEXT_ONLY = {"do_sample": False, "return_speech": False}
+
+
+@pytest.fixture(scope="module")
+def model_and_processor():
+    model, processor = tiny_model_and_processor()
+    return model.float(), processor
+
+
+def _prompt(processor, text: str, audio_seconds: float = 0.0, speech: bool = True, seed: int = 0):
+    content = [{"type": "text", "text": text}]
+    if audio_seconds:
+        samples = np.random.default_rng(seed).standard_normal(int(16000 * audio_seconds)) * 0.1
+        content.insert(0, {"type": "audio", "audio": samples.astype(np.float32), "sampling_rate": 16000})
+    return processor.apply_chat_template(
+        [{"role": "user", "content": content}],
+        add_generation_prompt=True,
+        speech_output=speech,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+    )
+
+
+def _solo(model, inputs, settings) -> tuple[list[int], list[int] | None]:
+    """generate() on one prompt: the reply's text ids and its speech codes (None without speech)."""
+    output = model.generate(**inputs, **settings, return_dict_in_generate=True)
+    tokens = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    if getattr(output, "speech_ids", None) is None:
+        return tokens, None
+    return tokens, output.speech_ids[0][output.speech_attention_mask[0].bool()].tolist()
+
+
+def _run(decoder, arrivals: dict[int, list[tuple[str, dict, dict]]], cancel_after: dict[str, int] | None = None):
+    """Step the decoder, adding each arrival after that many step() calls and cancelling rows after the given
+    number of their own steps; returns per name the text ids, speech codes, RowSteps and step() calls made."""
+    cancel_after = cancel_after or {}
+    names, steps = {}, {}
+    calls = 0
+    while decoder.has_rows or any(when >= calls for when in arrivals):
+        for name, inputs, settings in arrivals.get(calls, []):
+            row = decoder.add(inputs, **settings)
+            names[row] = name
+            steps[name] = []
+        for step in decoder.step():
+            steps[names[step.row_id]].append(step)
+        calls += 1
+        for name, count in cancel_after.items():
+            row_id = next(row for row, row_name in names.items() if row_name == name)
+            if len(steps[name]) == count:
+                decoder.cancel(row_id)
+    results = {}
+    for name, row_steps in steps.items():
+        codes = [code for step in row_steps if step.speech_group is not None for code in step.speech_group.tolist()]
+        results[name] = ([step.token_id for step in row_steps], codes, row_steps)
+    return results, calls
+
+
+def _assert_equal_solo(model, results, requests):
+    for name, (inputs, settings) in requests.items():
+        tokens, codes, steps = results[name]
+        solo_tokens, solo_codes = _solo(model, inputs, settings)
+        assert tokens == solo_tokens, f"{name}: text differs from generate() alone"
+        assert codes == (solo_codes or []), f"{name}: speech codes differ from generate() alone"
+        assert steps[-1].finished and not any(step.finished for step in steps[:-1])
+
+
+def test_staggered_arrivals_reply_as_generate_alone(model_and_processor):
+    """A speaks from an audio prompt; B joins after A's 3rd step (short text prompt, speech, another speech
+    repetition penalty); C after A's 5th (longer text prompt, text-only reply)."""
+    model, processor = model_and_processor
+    requests = {
+        "A": (_prompt(processor, "hello there", audio_seconds=1.0), {**GREEDY_SPEECH, "max_new_tokens": 14}),
+        "B": (_prompt(processor, "good"), {**GREEDY_SPEECH, "max_new_tokens": 9, "speech_repetition_penalty": 1.0}),
+        "C": (
+            _prompt(processor, "thank you helpful assistant good morning number string", speech=False),
+            {**TEXT_ONLY, "max_new_tokens": 8},
+        ),
+    }
+    arrivals = {0: [("A", *requests["A"])], 3: [("B", *requests["B"])], 5: [("C", *requests["C"])]}
+    results, calls = _run(ContinuousBatchDecoder(model), arrivals)
+    _assert_equal_solo(model, results, requests)
+    assert len(results["A"][1]) > 0 and len(results["B"][1]) > 0 and results["C"][1] == []
+    assert results["A"][2][-1].finish_reason == "length"
+    # Every row was decoded in the shared batch: A's 14 steps set the pace, nobody waited for a batch to end.
+    assert calls == 14
+
+
+def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
+    """B stops on an end-of-reply token after a few steps, C is cancelled after 4 steps, D finishes at its prefill;
+    A and B reply as alone, C produces nothing more once cancelled."""
+    model, processor = model_and_processor
+    prompt_a = _prompt(processor, "hello there good morning", audio_seconds=0.6, seed=1)
+    prompt_b = _prompt(processor, "thank you")
+    a_tokens, _ = _solo(model, prompt_a, {**GREEDY_SPEECH, "max_new_tokens": 12})
+    b_tokens, _ = _solo(model, prompt_b, {**GREEDY_SPEECH, "max_new_tokens": 12})
+    # An end-of-reply id B emits at its 4th step (and not before), so B stops early with reason "stop".
+    stop_id = b_tokens[3]
+    assert stop_id not in b_tokens[:3], "fixture: pick a token that first appears at B's 4th step"
+    requests = {
+        "A": (prompt_a, {**GREEDY_SPEECH, "max_new_tokens": 12}),
+        "B": (prompt_b, {**GREEDY_SPEECH, "max_new_tokens": 12, "eos_token_id": stop_id}),
+        "D": (_prompt(processor, "good"), {**GREEDY_SPEECH, "max_new_tokens": 1}),
+    }
+    cancelled = (
+        _prompt(processor, "good morning city", audio_seconds=0.4, seed=2),
+        {**GREEDY_SPEECH, "max_new_tokens": 12},
+    )
+    arrivals = {
+        0: [("A", *requests["A"]), ("B", *requests["B"]), ("C", *cancelled)],
+        2: [("D", *requests["D"])],
+    }
+    results, _ = _run(ContinuousBatchDecoder(model), arrivals, cancel_after={"C": 4})
+    _assert_equal_solo(model, results, requests)
+    assert results["A"][0] == a_tokens
+    assert results["B"][2][-1].finish_reason == "stop" and len(results["B"][0]) == 4
+    assert results["D"][2][0].finished and results["D"][0] == [model.config.text_config.audio_bos_index]
+    c_tokens = results["C"][0]
+    assert len(c_tokens) == 4 and not results["C"][2][-1].finished
+    assert c_tokens == _solo(model, cancelled[0], cancelled[1])[0][:4]
+
+
+def test_adding_to_an_empty_decoder_and_after_it_emptied(model_and_processor):
+    model, processor = model_and_processor
+    decoder = ContinuousBatchDecoder(model)
+    assert not decoder.has_rows and decoder.step() == []
+    first = (_prompt(processor, "hello"), {**GREEDY_SPEECH, "max_new_tokens": 5})
+    second = (_prompt(processor, "good morning there", audio_seconds=0.5), {**GREEDY_SPEECH, "max_new_tokens": 7})
+    results, _ = _run(decoder, {0: [("first", *first)]})
+    assert not decoder.has_rows and len(decoder) == 0
+    later, _ = _run(decoder, {0: [("second", *second)]})
+    _assert_equal_solo(model, {**results, **later}, {"first": first, "second": second})
+
+
+def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor):
+    """Alone, a sampled row consumes the RNG in generate's order (SRH codes, then the text token)."""
+    model, processor = model_and_processor
+    inputs = _prompt(processor, "hello there")
+    settings = {"do_sample": True, "temperature": 0.9, "top_p": 0.95, "force_audio_bos": True, "max_new_tokens": 8}
+    torch.manual_seed(7)
+    solo_tokens, solo_codes = _solo(model, inputs, settings)
+    torch.manual_seed(7)
+    results, _ = _run(ContinuousBatchDecoder(model), {0: [("row", inputs, settings)]})
+    assert results["row"][0] == solo_tokens and results["row"][1] == solo_codes
+
+
+def test_steps_describe_each_row(model_and_processor):
+    model, processor = model_and_processor
+    decoder = ContinuousBatchDecoder(model)
+    row = decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=2)
+    assert decoder.row_ids == [row]
+    (first,) = decoder.step()
+    assert isinstance(first, RowStep) and first.row_id == row and not first.finished
+    assert first.token_id == model.config.text_config.audio_bos_index
+    assert first.speech_group is None  # the row starts speaking with the group after <|audio_bos|>
+    (second,) = decoder.step()
+    assert second.finished and second.finish_reason == "length"
+    assert second.speech_group is not None and second.speech_group.shape == (model.group_size,)
+
+
+def test_bad_requests_fail_in_add_and_leave_the_batch_alone(model_and_processor):
+    model, processor = model_and_processor
+    decoder = ContinuousBatchDecoder(model)
+    decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=3)
+    two_rows = _prompt(processor, "hello")
+    two_rows = {key: torch.cat([value, value]) for key, value in two_rows.items()}
+    with pytest.raises(ValueError, match="one prompt"):
+        decoder.add(two_rows, **GREEDY_SPEECH, max_new_tokens=3)
+    with pytest.raises(ValueError, match="not generation settings"):
+        decoder.add(_prompt(processor, "hello"), max_new_tokens=3, not_a_setting=1)
+    with pytest.raises(ValueError, match="greedy decoding and sampling only"):
+        decoder.add(_prompt(processor, "hello"), max_new_tokens=3, num_beams=2)
+    assert len(decoder) == 1
+    steps = [decoder.step() for _ in range(3)]
+    assert [len(step) for step in steps] == [1, 1, 1] and steps[-1][0].finished
