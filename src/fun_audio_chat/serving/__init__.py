@@ -2,6 +2,8 @@
 
 * :mod:`.engine` — :class:`ServingEngine`: batches turns through ``generate`` and streams text and audio;
 * :mod:`.openai_api` — ``/v1/chat/completions`` and ``/v1/models`` (schemas, SSE streaming, tool calls);
+* :mod:`.realtime` — OpenAI's Realtime API over a WebSocket at ``/v1/realtime`` (sessions, turns, barge-in);
+* :mod:`.vad` — server-side turn detection for it (silero-vad);
 * :mod:`.audio` — inline base64 audio in, wav / flac / pcm16 out;
 * :mod:`.metrics` — per-turn latency and real-time-factor metrics (``/metrics``);
 * :mod:`.app` — :func:`create_app`, the FastAPI application (needs ``pip install "fun-audio-chat[serve]"``);

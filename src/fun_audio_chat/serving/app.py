@@ -1,5 +1,5 @@
 """The FastAPI application of ``fun-audio-chat serve``: the voice page at ``/``, the OpenAI-compatible API under
-``/v1``, per-turn metrics at ``/metrics`` and a liveness check at ``/health``.
+``/v1`` (chat completions over HTTP, the Realtime API over a WebSocket at ``/v1/realtime``), per-turn metrics at ``/metrics`` and a liveness check at ``/health``.
 
 Every error is a JSON body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx status for a bad
 request (invalid JSON, unknown fields, bad base64 or audio, audio too long, body too large) and 5xx for a server
@@ -20,6 +20,7 @@ from fastapi.staticfiles import StaticFiles
 from .engine import ServingEngine
 from .metrics import ServingMetrics
 from .openai_api import APIError, ChatCompletionsAPI
+from .realtime import RealtimeAPI, RealtimeLimits
 
 logger = logging.getLogger("fun_audio_chat.serving")
 
@@ -45,8 +46,13 @@ def create_app(
     default_max_tokens: int = 256,
     max_audio_seconds: float = 120.0,
     max_body_bytes: int = 64 * 2**20,
+    realtime_limits: RealtimeLimits | None = None,
 ) -> FastAPI:
-    """The app serving ``engine``; the engine's threads start with the app and stop with it."""
+    """The app serving ``engine``; the engine's threads start with the app and stop with it.
+
+    ``realtime_limits`` bounds the Realtime API sessions at ``/v1/realtime`` (default: input buffer of
+    ``max_audio_seconds``, ``max_output_tokens: "inf"`` meaning ``default_max_tokens``).
+    """
     metrics = ServingMetrics()
     engine.on_turn_end = metrics.record
     api = ChatCompletionsAPI(
@@ -95,6 +101,14 @@ def create_app(
         return APIError(500, f"internal error: {type(err).__name__}: {err}").response()
 
     app.include_router(api.router())
+    realtime = RealtimeAPI(
+        engine,
+        model_id,
+        metrics,
+        realtime_limits or RealtimeLimits(max_buffer_seconds=max_audio_seconds, max_output_tokens=default_max_tokens),
+    )
+    app.state.realtime = realtime
+    app.include_router(realtime.router())
 
     static = resources.files("fun_audio_chat.serving") / "static"
 
