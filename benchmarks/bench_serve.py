@@ -1,15 +1,17 @@
-"""``fun-audio-chat serve`` under load: time to first audio chunk and throughput with 1, 4 and 8 concurrent clients.
+"""``fun-audio-chat serve`` under load, through the real ``openai`` client: first audio and spoken throughput with 1,
+4 and 8 clients whose requests arrive staggered (one every ``--interval`` seconds, as people talk) or all at once.
 
-Starts ``fun-audio-chat serve`` (the tiny built-in model and the tiny random detokenizer, CPU) as a subprocess on
-127.0.0.1, then for each client count runs ``--rounds`` rounds in which every client sends the same spoken question
-(the bundled clip) at the same moment as a streamed request with spoken reply (pcm16, greedy, ``--max-tokens``
-LLM steps). Requests that arrive together are decoded as one batch by the server, so the ratios against one client
-show what batching buys: throughput (reply audio seconds produced per wall-clock second, and replies per second)
-and what it costs (time to the first audio chunk, median and p95 over all requests). A second table does the same
-with text-only replies (time to the first text token, reply tokens per second): the LLM's batching gain without
-speech synthesis, which runs one streaming detokenizer session per reply and bounds the spoken throughput.
+Starts ``fun-audio-chat serve`` (the tiny built-in model and the tiny random detokenizer, CPU; uvicorn on
+127.0.0.1) as a subprocess. At each client count and arrival pattern it runs ``--rounds`` rounds; in a round every
+client sends the bundled spoken question once as a streamed chat completion with a spoken reply
+(``modalities=["text", "audio"]``, pcm16, greedy, ``--max-tokens`` LLM steps), client i at ``i * interval`` seconds
+(staggered) or at 0 (simultaneous). Measured per request from its own send: time to the first audio chunk; per
+level: spoken throughput = reply-audio seconds received / wall seconds of the rounds. The ratios to one client show
+what concurrency costs (first-audio p50 ×) and buys (throughput ×). Issue 24's goal on the tiny model, 2 cores:
+8 staggered clients at ≤ 2× one client's first-audio p50 and ≥ 4× its spoken throughput.
 
 Usage: python benchmarks/bench_serve.py [--clients 1 4 8] [--rounds 3] [--max-tokens 40] [--threads 1]
+           [--arrivals staggered simultaneous] [--interval 0.25]
 """
 
 from __future__ import annotations
@@ -36,38 +38,38 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    position = q * (len(ordered) - 1)
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+def _audio_delta(delta) -> dict:
+    """The ``audio`` member of a streamed delta (an extra field of the SDK's ``ChoiceDelta``), as a dict."""
+    audio = getattr(delta, "audio", None)
+    if audio is None and getattr(delta, "model_extra", None):
+        audio = delta.model_extra.get("audio")
+    if audio is None:
+        return {}
+    return audio if isinstance(audio, dict) else audio.model_dump()
 
 
-def _one_request(url: str, body: bytes) -> dict:
-    """One streamed reply: seconds to the first text piece, to the first audio piece, to the end; audio duration."""
-    request = urllib.request.Request(
-        f"{url}/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
-    )
+def _one_request(client, model: str, messages: list, max_tokens: int) -> dict:
+    """One streamed spoken reply: seconds to the first text and first audio chunk, to the end; audio duration."""
     start = time.perf_counter()
     first_audio = first_text = None
     audio_bytes = 0
-    with urllib.request.urlopen(request, timeout=600) as response:
-        for raw in response:
-            line = raw.decode().strip()
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise RuntimeError(chunk["error"]["message"])
-            for choice in chunk.get("choices", []):
-                delta_audio = choice["delta"].get("audio") or {}
-                if choice["delta"].get("content") or delta_audio.get("transcript"):
-                    first_text = first_text or time.perf_counter() - start
-                data = delta_audio.get("data")
-                if data:
-                    first_audio = first_audio or time.perf_counter() - start
-                    audio_bytes += len(base64.b64decode(data))
+    stream = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        modalities=["text", "audio"],
+        audio={"voice": "default", "format": "pcm16"},
+        temperature=0,
+        max_tokens=max_tokens,
+        stream=True,
+    )
+    for chunk in stream:
+        for choice in chunk.choices:
+            audio = _audio_delta(choice.delta)
+            if choice.delta.content or audio.get("transcript"):
+                first_text = first_text or time.perf_counter() - start
+            if audio.get("data"):
+                first_audio = first_audio or time.perf_counter() - start
+                audio_bytes += len(base64.b64decode(audio["data"]))
     return {
         "first_audio": first_audio,
         "first_text": first_text,
@@ -76,103 +78,100 @@ def _one_request(url: str, body: bytes) -> dict:
     }
 
 
-def run_level(url: str, body: bytes, clients: int, rounds: int) -> dict:
+def run_level(client, model: str, messages: list, args, clients: int, interval: float) -> dict:
+    """``args.rounds`` rounds of ``clients`` requests sent ``interval`` seconds apart (0 = all at once)."""
     results: list[dict] = []
+    failures: list[BaseException] = []
     lock = threading.Lock()
-    barrier = threading.Barrier(clients)
+    wall = 0.0
+    for _ in range(args.rounds):
+        round_start = time.perf_counter()
 
-    def client():
-        for _ in range(rounds):
-            barrier.wait()  # every client sends at the same moment
-            outcome = _one_request(url, body)
+        def send(index: int, round_start: float = round_start):
+            time.sleep(max(0.0, round_start + index * interval - time.perf_counter()))
+            try:
+                outcome = _one_request(client, model, messages, args.max_tokens)
+            except BaseException as error:  # noqa: BLE001 - reported after the round
+                with lock:
+                    failures.append(error)
+                return
             with lock:
                 results.append(outcome)
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    start = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    wall = time.perf_counter() - start
-    first = [r["first_audio"] for r in results if r["first_audio"] is not None]
-    first_text = [r["first_text"] for r in results if r["first_text"] is not None]
+        threads = [threading.Thread(target=send, args=(index,)) for index in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall += time.perf_counter() - round_start
+    if failures:
+        raise RuntimeError(f"{len(failures)} request(s) failed; first: {failures[0]!r}")
+    first_audio = [r["first_audio"] for r in results if r["first_audio"] is not None]
+    if not first_audio:
+        raise RuntimeError("no reply carried audio: is the server's detokenizer loaded?")
     return {
-        "first_text_median": statistics.median(first_text),
-        "first_text_p95": _percentile(first_text, 0.95),
         "clients": clients,
         "requests": len(results),
-        "first_audio_median": statistics.median(first) if first else float("nan"),
-        "first_audio_p95": _percentile(first, 0.95) if first else float("nan"),
+        "first_audio_p50": statistics.median(first_audio),
+        "first_text_p50": statistics.median([r["first_text"] for r in results if r["first_text"] is not None]),
         "audio_per_second": sum(r["audio_seconds"] for r in results) / wall,
-        "replies_per_second": len(results) / wall,
-        "wall": wall,
+        "audio_seconds": sum(r["audio_seconds"] for r in results) / len(results),
     }
+
+
+def _start_server(args) -> tuple[subprocess.Popen, str, dict]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    command = [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--threads", str(args.threads)]
+    command += ["--max-batch-size", str(max(args.clients)), "--log-level", "warning"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 180
+    while True:
+        if server.poll() is not None:
+            raise SystemExit(f"the server exited: {server.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                return server, url, json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise SystemExit("the server did not start within 180 s") from None
+            time.sleep(0.3)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8], help="the first is the baseline")
     parser.add_argument("--rounds", type=int, default=3, help="requests per client at each level")
     parser.add_argument("--max-tokens", type=int, default=40, help="LLM steps per reply (5 speech codes each)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--arrivals", nargs="+", choices=["staggered", "simultaneous"], default=None)
+    parser.add_argument("--interval", type=float, default=0.25, help="seconds between staggered requests")
     args = parser.parse_args()
+    arrivals = args.arrivals or ["staggered", "simultaneous"]
+
+    from openai import OpenAI
 
     from fun_audio_chat.processing import example_audio_path
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fun_audio_chat.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--threads",
-            str(args.threads),
-            "--max-batch-size",
-            str(max(args.clients)),
-            "--log-level",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
+    server, url, health = _start_server(args)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if server.poll() is not None:
-                raise SystemExit(f"the server exited: {server.stderr.read()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    health = json.loads(response.read())
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not start within 180 s") from None
-                time.sleep(0.3)
+        # One HTTP connection per concurrent request, as separate clients would have.
+        client = OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=600)
         audio = base64.b64encode(Path(example_audio_path()).read_bytes()).decode("ascii")
-        request = {
-            "model": health["model"],
-            "stream": True,
-            "modalities": ["text", "audio"],
-            "audio": {"voice": "default", "format": "pcm16"},
-            "temperature": 0,
-            "max_tokens": args.max_tokens,
-            "messages": [
-                {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}
-            ],
+        messages = [
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}}]}
+        ]
+        model = health["model"]
+        _one_request(client, model, messages, args.max_tokens)  # warm-up
+        tables = {
+            pattern: [
+                run_level(client, model, messages, args, clients, args.interval if pattern == "staggered" else 0.0)
+                for clients in args.clients
+            ]
+            for pattern in arrivals
         }
-        spoken = json.dumps(request).encode()
-        text_only = json.dumps({**request, "modalities": ["text"], "audio": None}).encode()
-        _one_request(url, spoken)  # warm-up
-        levels = [run_level(url, spoken, clients, args.rounds) for clients in args.clients]
-        text_levels = [run_level(url, text_only, clients, args.rounds) for clients in args.clients]
     finally:
         server.terminate()
         try:
@@ -181,37 +180,29 @@ def main() -> int:
             server.kill()
 
     print(
-        f"fun-audio-chat serve, tiny model + tiny detokenizer, CPU, {args.threads} torch thread(s); {args.rounds} "
-        f"rounds of simultaneous streamed replies to the bundled question, {args.max_tokens} LLM steps each"
+        f"fun-audio-chat serve via the openai client, tiny model + tiny detokenizer, CPU, {args.threads} torch "
+        f"thread(s); {args.rounds} round(s) per level of streamed spoken replies to the bundled question, "
+        f"{args.max_tokens} LLM steps each"
     )
-    print("\nspoken replies (text + 24 kHz audio)")
-    base = levels[0]
-    print(
-        f"{'clients':>7} {'requests':>8} {'1st audio median':>17} {'p95':>8} {'audio s / s':>11} "
-        f"{'replies / s':>11} {'throughput x':>12} {'1st audio x':>11}"
-    )
-    for level in levels:
+    for pattern, levels in tables.items():
+        spacing = f"one request every {args.interval:g} s" if pattern == "staggered" else "all at once"
+        print(f"\n{pattern} arrivals ({spacing})")
         print(
-            f"{level['clients']:>7} {level['requests']:>8} {level['first_audio_median']:>15.3f} s "
-            f"{level['first_audio_p95']:>6.3f} s {level['audio_per_second']:>11.2f} "
-            f"{level['replies_per_second']:>11.2f} {level['audio_per_second'] / base['audio_per_second']:>12.2f} "
-            f"{level['first_audio_median'] / base['first_audio_median']:>11.2f}"
+            f"{'clients':>7} {'requests':>8} {'1st audio p50':>13} {'1st text p50':>12} {'reply audio':>11} "
+            f"{'audio s / s':>11} {'1st audio x':>11} {'throughput x':>12}"
         )
-    print("\ntext-only replies")
-    base = text_levels[0]
+        base = levels[0]
+        for level in levels:
+            print(
+                f"{level['clients']:>7} {level['requests']:>8} {level['first_audio_p50']:>11.3f} s "
+                f"{level['first_text_p50']:>10.3f} s {level['audio_seconds']:>9.2f} s {level['audio_per_second']:>11.2f} "
+                f"{level['first_audio_p50'] / base['first_audio_p50']:>11.2f} "
+                f"{level['audio_per_second'] / base['audio_per_second']:>12.2f}"
+            )
     print(
-        f"{'clients':>7} {'requests':>8} {'1st text median':>16} {'p95':>8} {'tokens / s':>10} "
-        f"{'replies / s':>11} {'throughput x':>12} {'1st text x':>10}"
+        f"1st audio x / throughput x: ratios to {args.clients[0]} client(s) with the same arrivals "
+        "(goal at 8 staggered clients: 1st audio x <= 2, throughput x >= 4)"
     )
-    for level in text_levels:
-        tokens = level["replies_per_second"] * args.max_tokens
-        print(
-            f"{level['clients']:>7} {level['requests']:>8} {level['first_text_median']:>14.3f} s "
-            f"{level['first_text_p95']:>6.3f} s {tokens:>10.1f} {level['replies_per_second']:>11.2f} "
-            f"{level['replies_per_second'] / base['replies_per_second']:>12.2f} "
-            f"{level['first_text_median'] / base['first_text_median']:>10.2f}"
-        )
-    print("throughput x / 1st ... x: ratios to the first row of each table (batching gain / latency cost)")
     return 0
 
 

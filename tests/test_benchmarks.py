@@ -14,7 +14,11 @@ SMALL_RUNS = [
     ("bench_drsr.py", ["--seconds", "2", "--batch", "1", "--repeats", "1"], ["ratio full / Qwen3"]),
     ("bench_dpo_streams.py", ["--pairs", "2", "--steps", "2"], ["speech share"]),
     ("bench_reliability.py", ["--repeats", "1"], ["ratio"]),
-    ("bench_serve.py", ["--clients", "1", "--rounds", "1", "--max-tokens", "4"], ["throughput"]),
+    (
+        "bench_serve.py",
+        ["--clients", "1", "2", "--rounds", "1", "--max-tokens", "4"],
+        ["staggered arrivals", "simultaneous arrivals", "throughput x"],
+    ),
     ("bench_token2wav.py", ["--codes", "10", "--batch", "0", "--patterns", "official"], ["RTF"]),
 ]
 
