@@ -113,6 +113,8 @@ def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
         "A": (prompt_a, {**GREEDY_SPEECH, "max_new_tokens": 12}),
         "B": (prompt_b, {**GREEDY_SPEECH, "max_new_tokens": 12, "eos_token_id": stop_id}),
         "D": (_prompt(processor, "good"), {**GREEDY_SPEECH, "max_new_tokens": 1}),
+        # E joins in the step() call in which B leaves: one regrouping both drops and adds a row.
+        "E": (_prompt(processor, "number", audio_seconds=0.8, seed=3), {**GREEDY_SPEECH, "max_new_tokens": 6}),
     }
     cancelled = (
         _prompt(processor, "good morning city", audio_seconds=0.4, seed=2),
@@ -121,6 +123,7 @@ def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
     arrivals = {
         0: [("A", *requests["A"]), ("B", *requests["B"]), ("C", *cancelled)],
         2: [("D", *requests["D"])],
+        3: [("E", *requests["E"])],
     }
     results, _ = _run(ContinuousBatchDecoder(model), arrivals, cancel_after={"C": 4})
     _assert_equal_solo(model, results, requests)
@@ -137,11 +140,13 @@ def test_adding_to_an_empty_decoder_and_after_it_emptied(model_and_processor):
     decoder = ContinuousBatchDecoder(model)
     assert not decoder.has_rows and decoder.step() == []
     first = (_prompt(processor, "hello"), {**GREEDY_SPEECH, "max_new_tokens": 5})
-    second = (_prompt(processor, "good morning there", audio_seconds=0.5), {**GREEDY_SPEECH, "max_new_tokens": 7})
+    text_only = (_prompt(processor, "good morning there", speech=False), {**TEXT_ONLY, "max_new_tokens": 6})
+    spoken = (_prompt(processor, "hello", audio_seconds=0.5), {**GREEDY_SPEECH, "max_new_tokens": 7})
     results, _ = _run(decoder, {0: [("first", *first)]})
     assert not decoder.has_rows and len(decoder) == 0
-    later, _ = _run(decoder, {0: [("second", *second)]})
-    _assert_equal_solo(model, {**results, **later}, {"first": first, "second": second})
+    # Again from empty: a text-only batch (no speech head state at all) that a spoken row then joins.
+    later, _ = _run(decoder, {0: [("text", *text_only)], 1: [("spoken", *spoken)]})
+    _assert_equal_solo(model, {**results, **later}, {"first": first, "text": text_only, "spoken": spoken})
 
 
 def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor):
