@@ -506,6 +506,7 @@ class RealtimeSession:
         if self.metrics is not None:
             self.metrics.realtime_session_opened()
         writer = asyncio.create_task(self._write_loop())
+        receiver: asyncio.Future | None = None
         idle = False
         try:
             requested_model = websocket.query_params.get("model")
@@ -519,9 +520,11 @@ class RealtimeSession:
                 return
             self.send("session.created", session=self.session_object())
             while not self._closing:
-                try:
-                    message = await asyncio.wait_for(websocket.receive(), self.limits.idle_timeout_seconds)
-                except asyncio.TimeoutError:
+                # one receive call stays pending across idle checks: cancelling a receive could lose a frame
+                if receiver is None:
+                    receiver = asyncio.ensure_future(websocket.receive())
+                done, _ = await asyncio.wait({receiver}, timeout=self.limits.idle_timeout_seconds)
+                if not done:
                     if self.response is not None:
                         continue  # the client is listening to a reply
                     idle = True
@@ -530,6 +533,7 @@ class RealtimeSession:
                         "idle_timeout",
                     )
                     return
+                message, receiver = receiver.result(), None
                 if message["type"] == "websocket.disconnect":
                     return
                 text = message.get("text")
@@ -544,11 +548,11 @@ class RealtimeSession:
             if type(err).__name__ != "WebSocketDisconnect":
                 logger.exception("realtime session %s failed", self.id)
         finally:
+            if receiver is not None:
+                receiver.cancel()
             await self._cancel_response("client_gone")
             self._closing = True
-            if writer.done():
-                pass
-            else:
+            if not writer.done():
                 self._outbox.put_nowait(("close", 1000, "idle timeout" if idle else "session closed"))
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(writer, 5.0)
