@@ -32,9 +32,21 @@ _EXPORTS = {
         "SpeechEvent",
         "TextEvent",
     ),
+    "modeling.context_length": ("ContextFit",),
     "processing": ("FunAudioChatDataCollator", "FunAudioChatProcessor"),
+    "speech_codes": ("SpeechCodeFilter", "SpeechCodeLayout", "real_speech_codes"),
     "tiny": ("tiny_processor",),
     "token2wav": ("CosyVoice3Detokenizer",),
+    "voice_chat": (
+        "AudioPiece",
+        "SpeechPiece",
+        "SpokenTurn",
+        "SpokenTurnMetrics",
+        "SpokenTurnResult",
+        "TextPiece",
+        "TurnEnd",
+        "VoiceChat",
+    ),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _registration = {"done": False, "running": False}
