@@ -300,7 +300,9 @@ def test_demo_streams_text_and_speech_with_timings(runs, work):
     text_lines = [line for line in lines if line.startswith("  text ")]
     speech_lines = [line for line in lines if line.startswith("  speech ")]
     assert len(text_lines) == 12  # one text event per LLM step
-    assert speech_lines and all(len(line.split()) == 6 for line in speech_lines)  # "speech" + 5 codes
+    # "speech" + the group's real codes (at most 5; delay, pad and end ids are not codes and are not printed)
+    assert speech_lines and all(2 <= len(line.split()) <= 6 for line in speech_lines)
+    assert "audio " in out and "first audio chunk" in out  # the reply's audio streamed too
     assert text_lines[0].split()[-1] == "<|audio_bos|>"  # the reply opens speaking
     # streamed: speech groups arrive between the text steps, not all at the end
     positions = {
@@ -313,6 +315,11 @@ def test_demo_streams_text_and_speech_with_timings(runs, work):
     saved = json.loads((work / "demo_out" / "speech_codes.json").read_text())
     assert saved["num_codes"] == len(saved["codes"]) > 0 and saved["frame_rate_hz"] == 25
     assert all(0 <= c < 296 for c in saved["codes"])
+    streamed = [int(c) for line in speech_lines for c in line.split()[1:]]
+    assert streamed == saved["codes"]  # the streamed groups are exactly the reply's codes
+    import soundfile as sf
+
+    assert sf.info(work / "demo_out" / "reply.wav").frames == 960 * len(saved["codes"])
 
 
 def test_chat_with_a_model_directory_writes_text_and_speech_codes(runs, work):

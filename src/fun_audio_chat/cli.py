@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import threading
 import time
 import unicodedata
 from pathlib import Path
@@ -122,43 +121,6 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "..."
 
 
-def _conversation(audio, prompt: str | None, system: str | None) -> list[dict]:
-    content: list[dict] = [{"type": "audio", "audio": audio, "sampling_rate": 16000}]
-    if prompt:
-        content.append({"type": "text", "text": prompt})
-    messages = [{"role": "user", "content": content}]
-    if system:
-        messages.insert(0, {"role": "system", "content": system})
-    return messages
-
-
-class _Generation:
-    """``model.generate`` in a thread feeding a :class:`FunAudioChatIteratorStreamer`; errors are re-raised."""
-
-    def __init__(self, model, processor, inputs, **generate_kwargs):
-        from . import FunAudioChatIteratorStreamer
-
-        self.streamer = FunAudioChatIteratorStreamer(processor.tokenizer, skip_special_tokens=True, timeout=600)
-        self.error: BaseException | None = None
-        self.output = None
-
-        def target():
-            try:
-                self.output = model.generate(**inputs, streamer=self.streamer, **generate_kwargs)
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer thread
-                self.error = err
-                self.streamer.end()
-
-        self.thread = threading.Thread(target=target, daemon=True, name="fun-audio-chat-generate")
-
-    def __iter__(self):
-        self.thread.start()
-        yield from self.streamer
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
 def _load_audio_or_fail(processor, path: str):
     from .processing import AudioInputError
 
@@ -171,38 +133,24 @@ def _load_audio_or_fail(processor, path: str):
 # ------------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
     startup = _process_age()  # python start-up + importing torch/transformers/fun_audio_chat
-    import torch
-
-    from . import TextEvent
+    from . import AudioPiece, SpeechPiece, TextPiece, TurnEnd, VoiceChat
     from .processing import EXAMPLE_AUDIO_TEXT, example_audio_path
 
     _set_threads(args.threads)
     t_import = time.perf_counter()
-    from .tiny import tiny_model_and_processor
+    from .tiny import tiny_detokenizer, tiny_model_and_processor
 
     model, processor = tiny_model_and_processor(args.seed)
     tokenizer = processor.tokenizer
     special_ids = set(tokenizer.all_special_ids)
     t_model = time.perf_counter()
-    from .tiny import tiny_detokenizer
-
     detokenizer = tiny_detokenizer(args.seed)
-    audio_session = detokenizer.streaming_session()
     t_detokenizer = time.perf_counter()
     audio_path = args.audio or example_audio_path()
     waveform = _load_audio_or_fail(processor, audio_path)
-    inputs = processor.apply_chat_template(
-        _conversation(waveform, None, None),
-        add_generation_prompt=True,
-        speech_output=True,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    )
-    t_inputs = time.perf_counter()
     n_params = sum(p.numel() for p in model.parameters())
     text_cfg = model.config.text_config
-    _say("Fun-Audio-Chat demo: speech in -> text + 25 Hz speech codes out, streamed")
+    _say("Fun-Audio-Chat demo: speech in -> text + 25 Hz speech codes + 24 kHz audio out, streamed")
     _say(
         f"  model   tiny built-in (random weights, {n_params / 1e6:.2f} M parameters: LLM {text_cfg.num_hidden_layers} "
         f"layers x {text_cfg.hidden_size}, Speech Refined Head "
@@ -211,91 +159,63 @@ def cmd_demo(args) -> int:
     )
     heard = f' ("{EXAMPLE_AUDIO_TEXT}")' if args.audio is None else ""
     _say(f"  audio   {Path(audio_path).name}, {len(waveform) / 16000:.2f} s{heard}")
-    n_audio = int((inputs["input_ids"] == processor.audio_token_id).sum())
-    _say(f"  prompt  {inputs['input_ids'].shape[1]} tokens ({n_audio} audio positions at 5 Hz), speech-out prompt")
     _say("")
-    _say("Streaming reply (each speech group = 5 codes = 0.2 s of speech):")
+    _say("Streaming reply (each speech group = up to 5 codes = 0.2 s of speech):")
 
-    torch.manual_seed(args.seed)
-    generation = _Generation(
-        model,
-        processor,
-        inputs,
-        max_new_tokens=args.max_new_tokens,
-        force_audio_bos=True,
-        do_sample=False,
-        return_dict_in_generate=True,
-    )
-    t_gen = time.perf_counter()
-    first_text = first_speech = first_audio = None
-    steps, groups = 0, []
-    audio_chunks, audio_seconds_spent = [], 0.0
-    for event in generation:
-        now = time.perf_counter()
-        if isinstance(event, TextEvent):
-            steps += 1
-            first_text = first_text or now
+    chat = VoiceChat(model, processor, detokenizer, max_new_tokens=args.max_new_tokens, do_sample=False)
+    result, groups = None, 0
+    for event in chat.respond(waveform, seed=args.seed):
+        if isinstance(event, TextPiece):
             if event.token_id in special_ids:
                 piece = tokenizer.convert_ids_to_tokens(event.token_id)  # control tokens by name
             else:
                 piece = repr(event.text)
             _say(f"  text   {piece}")
-        else:
-            first_speech = first_speech or now
-            groups.append(event.codes)
-            t_audio = time.perf_counter()
-            chunk = audio_session.push(list(event.codes))
-            audio_seconds_spent += time.perf_counter() - t_audio
-            audio_chunks.append(chunk)
+        elif isinstance(event, SpeechPiece):
+            groups += 1
             _say(f"  speech {' '.join(f'{c:4d}' for c in event.codes)}")
-            if chunk.numel():
-                first_audio = first_audio or time.perf_counter()
-                _say(f"  audio  {chunk.numel() / detokenizer.sample_rate:.2f} s ready (24 kHz)")
-    t_audio = time.perf_counter()
-    audio_chunks.append(audio_session.finish())
-    audio_seconds_spent += time.perf_counter() - t_audio
-    t_end = time.perf_counter()
-    out = generation.output
-    reply = processor.decode_text(out.sequences[0, inputs["input_ids"].shape[1] :])
-    codes = processor.decode_speech(out.speech_ids, out.speech_attention_mask)[0]
-    speech_seconds = len(codes) / SPEECH_FRAME_RATE
-    gen_seconds = t_end - t_gen - audio_seconds_spent  # the audio rendering is reported on its own
+        elif isinstance(event, AudioPiece) and event.audio.numel():
+            _say(f"  audio  {event.audio.numel() / event.sample_rate:.2f} s ready (24 kHz)")
+        elif isinstance(event, TurnEnd):
+            result = event.result
+    metrics = result.metrics
 
     _say("")
-    _say(f"Reply text: {_printable(reply)!r}")
+    _say(f"Reply text: {_printable(result.text)!r}")
     _say(
-        f"Speech: {len(codes)} codes = {speech_seconds:.2f} s of speech at 25 Hz "
-        f"(streamed {len(groups)} groups; first codes {codes[:10]})"
+        f"Speech: {len(result.codes)} codes = {metrics.speech_seconds:.2f} s of speech at 25 Hz "
+        f"(streamed in {groups} groups; first codes {result.codes[:10]}); prompt {metrics.prompt_tokens} tokens"
     )
     if args.out:
         out_dir = Path(args.out)
-        _write_reply(out_dir, reply, codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
+        _write_reply(out_dir, result.text, result.codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
         from .processing import save_audio
 
-        save_audio(out_dir / "reply.wav", torch.cat(audio_chunks), detokenizer.sample_rate)
+        save_audio(out_dir / "reply.wav", result.audio, result.sample_rate)
         _say(f"Saved reply.txt, speech_codes.json and reply.wav (the streamed audio) to {out_dir}")
     _say("")
-    _say("Timings")
+    _say("Timings (from the start of the turn)")
     if startup is not None:
         _say(f"  start-up, imports   {startup:6.2f} s (python, torch, transformers)")
     _say(f"  build tiny model    {t_model - t_import:6.2f} s")
     _say(f"  build detokenizer   {t_detokenizer - t_model:6.2f} s (tiny CosyVoice 3 flow + HiFT, random weights)")
-    _say(f"  load audio, prompt  {t_inputs - t_model:6.2f} s")
-    if first_text is not None:
-        _say(f"  first text token    {first_text - t_gen:6.2f} s after generate() started")
-    if first_speech is not None:
-        _say(f"  first speech group  {first_speech - t_gen:6.2f} s after generate() started")
-    rate = steps / gen_seconds if gen_seconds > 0 else float("inf")
-    _say(f"  generation          {gen_seconds:6.2f} s for {steps} steps ({rate:.1f} steps/s)")
-    if speech_seconds > 0:
-        _say(f"  real-time factor    {gen_seconds / speech_seconds:6.2f} (generation time / speech duration)")
-    if first_audio is not None:
-        _say(f"  first audio chunk   {first_audio - t_gen:6.2f} s after generate() started")
-    audio_out = sum(chunk.numel() for chunk in audio_chunks) / detokenizer.sample_rate
-    if audio_out > 0:
+    for label, seconds in (
+        ("first text token", metrics.first_text_seconds),
+        ("first speech group", metrics.first_speech_seconds),
+        ("first audio chunk", metrics.first_audio_seconds),
+    ):
+        if seconds is not None:
+            _say(f"  {label:<19} {seconds:6.2f} s")
+    steps = metrics.completion_tokens
+    rate = steps / metrics.total_seconds if metrics.total_seconds > 0 else float("inf")
+    _say(
+        f"  generation          {metrics.total_seconds:6.2f} s for {steps} steps ({rate:.1f} steps/s, audio "
+        "rendered alongside)"
+    )
+    if metrics.real_time_factor is not None:
         _say(
-            f"  audio rendering     {audio_seconds_spent:6.2f} s for {audio_out:.2f} s of 24 kHz audio "
-            f"(real-time factor {audio_seconds_spent / audio_out:.2f}, streamed as the codes arrived)"
+            f"  real-time factor    {metrics.real_time_factor:6.2f} (turn time / {metrics.audio_seconds:.2f} s of "
+            "reply audio)"
         )
     return 0
 
@@ -392,7 +312,7 @@ def cmd_chat(args) -> int:
         raise CLIError(f"--audio {args.audio}: audio file not found.")
     if audio.is_dir():
         raise CLIError(f"--audio {args.audio}: expected an audio file, got a directory.")
-    import torch
+    from . import TextPiece, TurnEnd, VoiceChat
 
     _set_threads(args.threads)
     device = _resolve_device(args.device)
@@ -404,54 +324,38 @@ def cmd_chat(args) -> int:
     speech = not args.text_only
     if speech and model.audio_invert_tower is None:
         raise CLIError(f"--model {args.model} has no Speech Refined Head (speech-to-text only); pass --text-only.")
-    inputs = processor.apply_chat_template(
-        _conversation(waveform, args.prompt, args.system),
-        add_generation_prompt=True,
-        speech_output=speech,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-    ).to(device)
-    kwargs = {"max_new_tokens": args.max_new_tokens, "return_dict_in_generate": True}
-    if speech:
-        kwargs["force_audio_bos"] = True  # the official speech-to-speech setting
-    else:
-        kwargs["return_speech"] = False
-    if args.greedy:
-        kwargs["do_sample"] = False
-    if args.seed is not None:
-        torch.manual_seed(args.seed)
-
+    content = [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]
+    if args.prompt:
+        content.append({"type": "text", "text": args.prompt})
+    # reply.wav is rendered offline from the codes (the official offline schedule), so the turn streams no audio
+    chat = VoiceChat(
+        model,
+        processor,
+        system_prompt=args.system,
+        speech=speech,
+        max_new_tokens=args.max_new_tokens,
+        **({"do_sample": False} if args.greedy else {}),
+    )
     _say(
         f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / 16000:.1f} s of audio; "
         f"{'text + speech' if speech else 'text only'}]",
         file=sys.stderr,
     )
-    t_gen = time.perf_counter()
-    if args.no_stream:
-        output = model.generate(**inputs, **kwargs)
-    else:
-        generation = _Generation(model, processor, inputs, **kwargs)
-        for event in generation:
-            if hasattr(event, "text") and event.text:
-                sys.stdout.write(_printable(event.text))
-                sys.stdout.flush()
-        output = generation.output
-    if not args.no_stream:
-        sys.stdout.write("\n")
-    gen_seconds = time.perf_counter() - t_gen
-    prompt_length = inputs["input_ids"].shape[1]
-    text = processor.decode_text(output.sequences[0, prompt_length:])
-    codes = processor.decode_speech(output.speech_ids, output.speech_attention_mask)[0] if speech else None
-    if args.no_stream:
-        _say(_printable(text))
-    summary = f"[{gen_seconds:.1f} s"
-    if codes is not None:
-        summary += f"; {len(codes)} speech codes = {len(codes) / SPEECH_FRAME_RATE:.1f} s of speech"
+    result = None
+    for event in chat.respond(content, seed=args.seed):
+        if isinstance(event, TextPiece) and event.text and not args.no_stream:
+            sys.stdout.write(_printable(event.text))
+            sys.stdout.flush()
+        elif isinstance(event, TurnEnd):
+            result = event.result
+    _say(_printable(result.text) if args.no_stream else "")
+    summary = f"[{result.metrics.total_seconds:.1f} s"
+    if result.codes is not None:
+        summary += f"; {len(result.codes)} speech codes = {result.metrics.speech_seconds:.1f} s of speech"
     _say(summary + "]", file=sys.stderr)
     if args.out:
         written = _write_reply(
-            Path(args.out), text, codes, model_name=args.model, audio=str(audio), detokenizer=detokenizer
+            Path(args.out), result.text, result.codes, model_name=args.model, audio=str(audio), detokenizer=detokenizer
         )
         _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
         if speech and detokenizer is None:
