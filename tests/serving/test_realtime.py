@@ -559,6 +559,48 @@ def test_idle_timeout_waits_for_a_streaming_reply(strict_server):
     assert seconds > 1.0, "the reply was too short to test the idle timeout"
 
 
+def test_a_client_that_does_not_read_is_closed_with_bounded_memory(tiny_pair):
+    from fun_audio_chat.serving.realtime import RealtimeSession
+
+    model, processor = tiny_pair
+
+    class StuckSocket:
+        """A client whose receive window is full: every send blocks."""
+
+        scope = {"subprotocols": []}
+        query_params = {}
+
+        def __init__(self):
+            self.closed_with = None
+
+        async def accept(self, subprotocol=None):
+            pass
+
+        async def send_text(self, text):
+            await asyncio.Event().wait()
+
+        async def receive(self):
+            await asyncio.Event().wait()
+
+        async def close(self, code=1000, reason=""):
+            self.closed_with = code
+
+    async def run():
+        socket = StuckSocket()
+        engine = ServingEngine(model, processor)
+        session = RealtimeSession(socket, engine, model_id="tiny", limits=RealtimeLimits(max_pending_events=50))
+        task = asyncio.create_task(session.run())
+        await asyncio.sleep(0.05)
+        for _ in range(200):
+            session.send("response.output_audio.delta", delta="AAAA")
+        assert session._outbox.qsize() <= 50  # the unread events are bounded
+        await asyncio.wait_for(task, 30)  # the session ends on its own
+        return socket
+
+    socket = asyncio.run(run())
+    assert socket.closed_with in (None, 1008)  # the close frame may not get through a full window either
+
+
 def test_wrong_model_is_refused(server):
     async def run():
         async with connect(server, model="gpt-realtime") as conn:

@@ -424,6 +424,7 @@ class RealtimeSession:
         self.response: _Response | None = None
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._closing = False
+        self._stop = asyncio.Event()  # set when the server ends the session on its own
         # input audio: 24 kHz PCM → 16 kHz stream; the buffer holds 16 kHz samples of the stream
         self._resampler = self._new_input_resampler()
         self._stream_samples = 0  # 16 kHz samples produced so far (the clock of audio_start_ms / audio_end_ms)
@@ -445,9 +446,13 @@ class RealtimeSession:
         if self._closing:
             return
         if self._outbox.qsize() >= self.limits.max_pending_events:
+            # the client does not read: drop what it would never read and close (this also ends the receive loop)
             logger.warning("realtime session %s: the client does not read its events; closing", self.id)
             self._closing = True
+            while not self._outbox.empty():
+                self._outbox.get_nowait()
             self._outbox.put_nowait(("close", 1008, "too many unread events: the client does not read them"))
+            self._stop.set()
             return
         self._outbox.put_nowait({"type": event_type, "event_id": _new_id("event"), **payload})
 
@@ -507,6 +512,7 @@ class RealtimeSession:
             self.metrics.realtime_session_opened()
         writer = asyncio.create_task(self._write_loop())
         receiver: asyncio.Future | None = None
+        stopper = asyncio.ensure_future(self._stop.wait())
         idle = False
         try:
             requested_model = websocket.query_params.get("model")
@@ -523,7 +529,11 @@ class RealtimeSession:
                 # one receive call stays pending across idle checks: cancelling a receive could lose a frame
                 if receiver is None:
                     receiver = asyncio.ensure_future(websocket.receive())
-                done, _ = await asyncio.wait({receiver}, timeout=self.limits.idle_timeout_seconds)
+                done, _ = await asyncio.wait(
+                    {receiver, stopper}, timeout=self.limits.idle_timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopper in done:
+                    return
                 if not done:
                     if self.response is not None:
                         continue  # the client is listening to a reply
@@ -548,6 +558,7 @@ class RealtimeSession:
             if type(err).__name__ != "WebSocketDisconnect":
                 logger.exception("realtime session %s failed", self.id)
         finally:
+            stopper.cancel()
             if receiver is not None:
                 receiver.cancel()
             await self._cancel_response("client_gone")
