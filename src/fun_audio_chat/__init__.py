@@ -69,6 +69,14 @@ def register_auto_classes() -> None:
         AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
         AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
         AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
+        # the CosyVoice 3 detokenizer (speech codes → 24 kHz audio) loads with AutoConfig / AutoModel too
+        from transformers import AutoModel
+
+        from .token2wav import CosyVoice3Config, CosyVoice3Detokenizer, CosyVoice3FlowConfig, CosyVoice3HiFTConfig
+
+        for config_class in (CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiFTConfig):
+            AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(CosyVoice3Config, CosyVoice3Detokenizer, exist_ok=True)
         _registration["done"] = True
     finally:
         _registration["running"] = False

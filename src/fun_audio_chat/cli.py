@@ -541,7 +541,7 @@ def cmd_convert_detokenizer(args) -> int:
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{args.out}: folder exists and is not empty (pass --overwrite to replace its files).")
     t0 = time.perf_counter()
-    detokenizer = _load_native_detokenizer(args.source, "SRC")
+    speaker = None
     if args.speaker_embedding:
         from safetensors.torch import load_file
 
@@ -551,8 +551,13 @@ def cmd_convert_detokenizer(args) -> int:
             raise CLIError(f"--speaker-embedding {args.speaker_embedding}: {_first_line(err)}") from err
         if len(tensors) != 1 or next(iter(tensors.values())).numel() != 192:
             raise CLIError(f"--speaker-embedding {args.speaker_embedding}: expected one tensor of 192 values.")
-        detokenizer.speaker_embedding.copy_(next(iter(tensors.values())).float().reshape(1, -1))
-    detokenizer.save_pretrained(out)
+        speaker = next(iter(tensors.values()))
+    from .token2wav.convert_official import convert_official_checkpoint
+
+    try:
+        detokenizer = convert_official_checkpoint(os.path.expanduser(args.source), out, speaker)
+    except Exception as err:  # format, file and Hub errors: one line for the user
+        raise CLIError(f"SRC {args.source}: could not convert a CosyVoice 3 checkpoint: {_first_line(err)}") from err
     flow = sum(p.numel() for p in detokenizer.flow.parameters())
     hift = sum(p.numel() for p in detokenizer.hift.parameters())
     _say(

@@ -38,7 +38,22 @@ def test_convert_detokenizer_writes_a_loadable_folder(official_model, tmp_path):
     code, _, err = run(["convert-detokenizer", str(OFFICIAL_DIR), str(tmp_path / "converted")])
     assert code == 2 and "not empty" in err and len(err.strip().splitlines()) == 1
     code, _, err = run(["convert-detokenizer", str(tmp_path), str(tmp_path / "other")])
-    assert code == 2 and "could not load a CosyVoice 3 detokenizer" in err
+    assert code == 2 and "could not convert a CosyVoice 3 checkpoint" in err
+    # a converted folder is not converted again
+    code, _, err = run(["convert-detokenizer", str(tmp_path / "converted"), str(tmp_path / "again")])
+    assert code == 2 and "already a converted folder" in err
+
+
+def test_conversion_script_writes_the_same_folder_as_the_cli(official_model, tmp_path):
+    from fun_audio_chat.token2wav.convert_official import main as convert_main
+
+    assert convert_main([str(OFFICIAL_DIR), str(tmp_path / "script")]) == 0
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "script" / "model.safetensors"))
+    assert state.keys() == official_model.state_dict().keys()
+    for key, value in official_model.state_dict().items():
+        assert torch.equal(state[key], value), key
 
 
 @pytest.mark.slow

@@ -37,7 +37,7 @@ def test_batched_rows_equal_solo_rows(tiny):
     for row, wave in zip(rows, batched):
         solo = tiny(row)
         assert wave.shape == solo.shape
-        torch.testing.assert_close(wave, solo, atol=1e-5, rtol=0)
+        torch.testing.assert_close(wave, solo, atol=1e-4, rtol=0)
     # a 2-D tensor is a batch too
     stacked = tiny(torch.stack([rows[1], rows[3]]))
     torch.testing.assert_close(stacked[1], batched[3], atol=1e-5, rtol=0)
@@ -48,7 +48,7 @@ def test_long_rows_are_segmented_and_batched_like_solo(tiny):
     rows = [codes(790, 5), codes(60, 6)]  # 790 = 750 + 40 → merged and halved: 395 + 395
     batched = tiny(rows)
     for row, wave in zip(rows, batched):
-        torch.testing.assert_close(wave, tiny(row), atol=1e-5, rtol=0)
+        torch.testing.assert_close(wave, tiny(row), atol=1e-4, rtol=0)
     first, second = tiny(rows[0][:395]), tiny(rows[0][395:])
     # the two equal-length segments share one vocoder batch (the official batched vocoder differs by 1.2e-5 too)
     torch.testing.assert_close(batched[0], torch.cat([first, second]), atol=1e-4, rtol=0)
@@ -148,8 +148,10 @@ def test_windowed_vocoder_stream_equals_recompute(tiny):
 def test_save_and_load_round_trip(tiny, tmp_path):
     tiny.save_pretrained(tmp_path / "tiny")
     loaded = CosyVoice3Detokenizer.from_pretrained(tmp_path / "tiny")
-    assert torch.equal(loaded(codes(30)), tiny(codes(30)))
-    assert torch.equal(loaded.speaker_embedding, tiny.speaker_embedding)
+    for key, value in tiny.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    # equal weights; the loaded tensors may sit at other memory alignments, which moves CPU kernels' last bits
+    torch.testing.assert_close(loaded(codes(30)), tiny(codes(30)), atol=1e-6, rtol=0)
 
 
 def test_bf16_flow_is_opt_in(tiny, tmp_path):

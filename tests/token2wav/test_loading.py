@@ -29,7 +29,8 @@ def test_official_yaml_is_interpreted_into_our_config():
 
 
 def test_official_and_converted_folders_give_identical_outputs(official_model, tmp_path):
-    converted = official_model.save_pretrained(tmp_path / "converted")
+    converted = tmp_path / "converted"
+    official_model.save_pretrained(converted)
     assert {p.name for p in converted.iterdir()} == {"config.json", "model.safetensors"}
     reloaded = CosyVoice3Detokenizer.from_pretrained(converted)
     assert json.loads((converted / "config.json").read_text())["flow"]["hidden_size"] == 64
@@ -150,7 +151,8 @@ def test_hub_id_fetches_only_the_needed_files(official_model, tmp_path, monkeypa
         (repo_dir / "llm.pt").write_bytes(b"large and unneeded")
         expected = {"config.json", "cosyvoice3.yaml", "cosyvoice.yaml", "config.yaml", "flow.pt", "hift.pt"}
     else:
-        repo_dir = official_model.save_pretrained(tmp_path / "converted")
+        repo_dir = tmp_path / "converted"
+        official_model.save_pretrained(repo_dir)
         (repo_dir / "unrelated.bin").write_bytes(b"x")
         expected = {"config.json", "model.safetensors", "speaker_embedding.safetensors"}
     requested = []

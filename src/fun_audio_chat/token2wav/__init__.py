@@ -1,6 +1,6 @@
 """Native CosyVoice 3 token-to-waveform model (25 Hz speech codes → 24 kHz audio) in plain PyTorch."""
 
-from .configuration import CosyVoice3Config, FlowConfig, HiFTConfig
+from .configuration import CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiFTConfig
 from .detokenizer import CosyVoice3Detokenizer, StreamingSession, split_segments
 from .loading import CheckpointFormatError, config_from_official_yaml
 from .streaming_audio import AudioEvent, SpeechAudioStreamer
@@ -10,8 +10,8 @@ __all__ = [
     "CheckpointFormatError",
     "CosyVoice3Config",
     "CosyVoice3Detokenizer",
-    "FlowConfig",
-    "HiFTConfig",
+    "CosyVoice3FlowConfig",
+    "CosyVoice3HiFTConfig",
     "SpeechAudioStreamer",
     "StreamingSession",
     "config_from_official_yaml",

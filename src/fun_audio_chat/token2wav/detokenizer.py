@@ -12,7 +12,7 @@ window around the new frames instead of the whole history. See ``docs/token2wav.
 
 from __future__ import annotations
 
-import json
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,12 +20,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from transformers import PreTrainedModel
+from transformers import initialization as init
 
 from .configuration import CosyVoice3Config
+from .dit import DiffusionTransformer
 from .flow import CosyVoice3Flow, FlowCache
-from .hift import HiFTGenerator
+from .hift import HiFTGenerator, Snake
 from .loading import (
-    CONVERTED_CONFIG,
     CONVERTED_WEIGHTS,
     SPEAKER_FILE,
     CheckpointFormatError,
@@ -62,22 +65,65 @@ def default_speaker_embedding() -> torch.Tensor:
     return load_file(str(DEFAULT_SPEAKER_ASSET))["embedding"].float().reshape(1, -1)
 
 
-class CosyVoice3Detokenizer(nn.Module):
-    """The CosyVoice 3 token-to-waveform model (flow matching + HiFT vocoder) in plain PyTorch.
+class CosyVoice3PreTrainedModel(PreTrainedModel):
+    """Loading, saving and weight initialisation of the CosyVoice 3 token-to-waveform model (transformers' own)."""
+
+    config_class = CosyVoice3Config
+    config: CosyVoice3Config
+    base_model_prefix = ""
+    main_input_name = "codes"
+    # Each stage keeps its per-call state on one device: a device_map may place the two stages apart, not split one.
+    _no_split_modules = ["CosyVoice3Flow", "HiFTGenerator"]
+    # The vocoder, the DiT's rotary frequencies and the speaker embedding stay float32 whatever ``dtype`` the flow
+    # is loaded in: the official runtime keeps the vocoder in fp32, and bf16 rotary frequencies shift the phases.
+    _keep_in_fp32_modules_strict = ["hift", "rotary_inv_freq", "speaker_embedding"]
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """PyTorch's default initialisation (what the official constructors use) for weights missing from a
+        checkpoint or of a new model; the derived buffers (STFT window, rotary frequencies, default speaker)."""
+        if isinstance(module, CosyVoice3Detokenizer):
+            init.copy_(module.speaker_embedding, default_speaker_embedding().to(module.speaker_embedding.device))
+        elif isinstance(module, HiFTGenerator):
+            window = torch.hann_window(module.config.n_fft, periodic=True, dtype=torch.float64).float()
+            init.copy_(module.stft_window, window.to(module.stft_window.device))
+        elif isinstance(module, DiffusionTransformer):
+            config = module.config
+            inv_freq = 1.0 / (config.rope_base ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+            init.copy_(module.rotary_inv_freq, inv_freq.to(module.rotary_inv_freq.device))
+        elif isinstance(module, Snake):
+            init.ones_(module.alpha)
+        elif isinstance(module, (nn.Linear, nn.Conv1d)) and parametrize.is_parametrized(module, "weight"):
+            # weight norm: a fresh direction with the default conv init, its norm as the magnitude
+            direction = module.parametrizations.weight.original1
+            fresh = torch.empty_like(direction)
+            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+            init.copy_(direction, fresh)
+            init.copy_(
+                module.parametrizations.weight.original0, fresh.norm(dim=tuple(range(1, fresh.dim())), keepdim=True)
+            )
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding, nn.LayerNorm)):
+            module.reset_parameters()
+
+
+class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
+    """The CosyVoice 3 token-to-waveform model (flow matching + HiFT vocoder) as a transformers ``PreTrainedModel``.
 
     Call it on one code sequence (1-D LongTensor or list of ints) for a 1-D float32 waveform at
     :attr:`sample_rate` (24 kHz), or on a list of sequences for a list of waveforms (batched).
+    ``from_pretrained``/``save_pretrained``/``push_to_hub``/``dtype``/``device_map`` are transformers' own;
+    ``from_pretrained`` also reads an official CosyVoice 3 folder directly (see :meth:`from_pretrained`).
     """
 
-    def __init__(self, config: CosyVoice3Config | None = None, speaker_embedding: torch.Tensor | None = None):
-        super().__init__()
-        self.config = config or CosyVoice3Config()
-        self.flow = CosyVoice3Flow(self.config.flow)
-        self.hift = HiFTGenerator(self.config.hift)
-        if speaker_embedding is None:
-            speaker_embedding = torch.zeros(1, self.config.flow.speaker_embedding_dim)
-        self.register_buffer("speaker_embedding", speaker_embedding.float().reshape(1, -1).clone())
+    def __init__(self, config: CosyVoice3Config):
+        super().__init__(config)
+        self.flow = CosyVoice3Flow(config.flow)
+        self.hift = HiFTGenerator(config.hift)
+        self.register_buffer("speaker_embedding", torch.zeros(1, config.flow.speaker_embedding_dim))
         self._noise_ready = False
+        self.post_init()
 
     # -- properties -------------------------------------------------------------------------------------------
     @property
@@ -203,81 +249,114 @@ class CosyVoice3Detokenizer(nn.Module):
         self.ensure_noise()
         return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens)
 
-    # -- persistence ------------------------------------------------------------------------------------------
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` (flow, HiFT and the default speaker embedding)."""
-        from safetensors.torch import save_file
+    # -- loading -----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, speaker_embedding=None, **kwargs):
+        """transformers' ``from_pretrained`` for a converted folder or Hub repo (``config.json`` +
+        ``model.safetensors``), plus two conveniences:
 
-        folder = Path(save_directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / CONVERTED_CONFIG).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(folder / CONVERTED_WEIGHTS), metadata={"format": "pt"})
-        return folder
+        * an **official CosyVoice 3 folder** or Hub repo (``cosyvoice3.yaml`` + ``flow.pt`` + ``hift.pt``) is
+          converted in memory: the yaml is read as data (nothing in it is executed or evaluated as code, see
+          :mod:`.loading`), the ``.pt`` files with ``torch.load(weights_only=True)``; ``fun-audio-chat
+          convert-detokenizer`` writes the converted folder once instead;
+        * ``speaker_embedding=`` (192 values) replaces the default speaker.
+
+        Every checkpoint key must match the config: a missing or unexpected key raises
+        :class:`CheckpointFormatError` instead of leaving random weights. The flow loads in ``dtype`` (float32 by
+        default); the vocoder always stays float32.
+        """
+        hub_kwargs = {name: kwargs[name] for name in _HUB_KWARGS if kwargs.get(name) is not None}
+        kind, folder = resolve_checkpoint(pretrained_model_name_or_path, **hub_kwargs)
+        if kind == "official":
+            model = cls._from_official_folder(folder, dtype=kwargs.get("dtype"), device_map=kwargs.get("device_map"))
+        else:
+            model_kwargs = {name: value for name, value in kwargs.items() if name not in _HUB_KWARGS}
+            wants_info = bool(model_kwargs.pop("output_loading_info", False))
+            model, info = super().from_pretrained(folder, *args, output_loading_info=True, **model_kwargs)
+            _refuse_incomplete_checkpoint(folder, info)
+            if (folder / SPEAKER_FILE).is_file():  # folders converted before the speaker lived in the weights
+                from safetensors.torch import load_file
+
+                model.set_speaker_embedding(load_file(str(folder / SPEAKER_FILE))["embedding"])
+            if wants_info:
+                if speaker_embedding is not None:
+                    model.set_speaker_embedding(speaker_embedding)
+                return model, info
+        if speaker_embedding is not None:
+            model.set_speaker_embedding(speaker_embedding)
+        return model
 
     @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | os.PathLike,
-        *,
-        speaker_embedding=None,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device | None = None,
-        revision: str | None = None,
-        **hub_kwargs,
-    ):
-        """Load a converted folder, an official CosyVoice 3 folder (yaml + flow.pt + hift.pt) or a Hub id of
-        either. The flow stays float32 unless ``dtype`` asks otherwise (bf16/fp16 are opt-in)."""
-        kind, folder = resolve_checkpoint(name_or_path, revision=revision, **hub_kwargs)
-        if kind == "converted":
-            from safetensors.torch import load_file
-
-            config = CosyVoice3Config.from_dict(json.loads((folder / CONVERTED_CONFIG).read_text()))
-            state = load_file(str(folder / CONVERTED_WEIGHTS))
-        else:
-            config = config_from_official_yaml(_find_official_yaml(folder).read_text())
-            state = official_state_dict(
-                load_official_weights(folder / "flow.pt"), load_official_weights(folder / "hift.pt")
-            )
-            state["speaker_embedding"] = default_speaker_embedding()
-        if (folder / SPEAKER_FILE).is_file():
-            from safetensors.torch import load_file
-
-            state["speaker_embedding"] = load_file(str(folder / SPEAKER_FILE))["embedding"].reshape(1, -1)
-        with torch.device("meta"):
-            model = cls(config)
-        model.load_checkpoint_state(state)
-        if speaker_embedding is not None:
-            model.speaker_embedding.copy_(torch.as_tensor(speaker_embedding, dtype=torch.float32).reshape(1, -1))
-        if device is not None:
-            model.to(device)
-        if dtype is not None:
-            model.flow.to(dtype)
-        return model.eval()
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]):
-        expected = set(self.state_dict())
-        missing, unexpected = expected - set(state), set(state) - expected
+    def _from_official_folder(cls, folder: Path, dtype=None, device_map=None) -> CosyVoice3Detokenizer:
+        config = config_from_official_yaml(_find_official_yaml(folder).read_text())
+        state = official_state_dict(
+            load_official_weights(folder / "flow.pt"), load_official_weights(folder / "hift.pt")
+        )
+        state["speaker_embedding"] = default_speaker_embedding()
+        expected = {name: tuple(value.shape) for name, value in _meta_state_shapes(cls, config).items()}
+        missing, unexpected = set(expected) - set(state), set(state) - set(expected)
         if missing or unexpected:
             raise CheckpointFormatError(
-                f"checkpoint does not match the config: missing {sorted(missing)[:6]}"
-                f"{'...' if len(missing) > 6 else ''}, unexpected {sorted(unexpected)[:6]}"
-                f"{'...' if len(unexpected) > 6 else ''}."
+                f"checkpoint does not match the config: missing {_few(missing)}, unexpected {_few(unexpected)}."
             )
-        own = self.state_dict()
         for key, value in state.items():
-            if tuple(own[key].shape) != tuple(value.shape):
+            if tuple(value.shape) != expected[key]:
                 raise CheckpointFormatError(
-                    f"{key}: checkpoint shape {tuple(value.shape)} != model shape "
-                    f"{tuple(own[key].shape)} (config and weights disagree)."
+                    f"{key}: checkpoint shape {tuple(value.shape)} != model shape {expected[key]} "
+                    "(config and weights disagree)."
                 )
-        self.load_state_dict(state, strict=True, assign=True)
-        self.flow.estimator.rotary_inv_freq = self.flow.estimator.rotary_inv_freq.float()
-        self.hift.stft_window = torch.hann_window(self.config.hift.n_fft, periodic=True, dtype=torch.float64).float()
-        self.flow.initial_noise = torch.zeros(1, self.config.flow.mel_bins, 0)
-        self.hift.source_noise = torch.zeros(1, 0, self.config.hift.num_harmonics + 1)
-        self._noise_ready = False
-        return self
+        # transformers loads from a folder: write the converted files to a temporary one and load that, so the
+        # official folder gets exactly the dtype/device_map handling of a converted one
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        with tempfile.TemporaryDirectory(prefix="cosyvoice3-") as scratch:
+            config.save_pretrained(scratch)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(scratch, CONVERTED_WEIGHTS))
+            kwargs = {"dtype": dtype} if dtype is not None else {}
+            if device_map is not None:
+                kwargs["device_map"] = device_map
+            model, info = super().from_pretrained(scratch, output_loading_info=True, **kwargs)
+            _refuse_incomplete_checkpoint(folder, info)
+        model.config._name_or_path = str(folder)
+        return model
+
+    def set_speaker_embedding(self, speaker_embedding) -> None:
+        """Replace the default speaker (a (1, 192) CAM++ embedding, or 192 values)."""
+        value = torch.as_tensor(speaker_embedding, dtype=torch.float32)
+        if value.numel() != self.config.flow.speaker_embedding_dim:
+            raise ValueError(
+                f"speaker_embedding must have {self.config.flow.speaker_embedding_dim} values; got shape "
+                f"{tuple(value.shape)}."
+            )
+        with torch.no_grad():
+            self.speaker_embedding.copy_(value.reshape(1, -1).to(self.speaker_embedding.device))
+
+
+# Keyword arguments of from_pretrained that locate files (used for official Hub repos too); the rest go to transformers.
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download", "subfolder")
+
+
+def _few(keys) -> str:
+    keys = sorted(keys)
+    return f"{keys[:6]}{'...' if len(keys) > 6 else ''}"
+
+
+def _meta_state_shapes(cls, config) -> dict[str, torch.Tensor]:
+    with torch.device("meta"):
+        return cls(config).state_dict()
+
+
+def _refuse_incomplete_checkpoint(folder, info: dict) -> None:
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    mismatched = info.get("mismatched_keys") or []
+    if missing or unexpected or mismatched:
+        raise CheckpointFormatError(
+            f"{folder}: the weights do not match config.json: missing {_few(missing)}, unexpected {_few(unexpected)}"
+            f", wrong shape {_few(str(m) for m in mismatched)}."
+        )
 
 
 class StreamingSession:
@@ -440,7 +519,7 @@ def random_detokenizer(config: CosyVoice3Config | None = None, seed: int = 0) ->
     about 100 Hz so the excitation is voiced: for demos, tests and benchmarks."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CosyVoice3Detokenizer(config or CosyVoice3Config(), default_speaker_embedding())
+        model = CosyVoice3Detokenizer(config or CosyVoice3Config())
         with torch.no_grad():
             classifier = model.hift.f0_predictor.classifier
             classifier.weight.mul_(10.0)

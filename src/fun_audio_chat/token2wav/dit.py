@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import FlowConfig
+from .configuration import CosyVoice3FlowConfig
 
 
 class TimeEmbedding(nn.Module):
@@ -37,7 +37,7 @@ class TimeEmbedding(nn.Module):
 
 
 class DiTAttention(nn.Module):
-    def __init__(self, config: FlowConfig):
+    def __init__(self, config: CosyVoice3FlowConfig):
         super().__init__()
         inner = config.num_heads * config.head_dim
         self.num_heads, self.head_dim = config.num_heads, config.head_dim
@@ -74,7 +74,7 @@ class DiTAttention(nn.Module):
 
 
 class DiTFeedForward(nn.Module):
-    def __init__(self, config: FlowConfig):
+    def __init__(self, config: CosyVoice3FlowConfig):
         super().__init__()
         self.up_proj = nn.Linear(config.hidden_size, config.ff_mult * config.hidden_size)
         self.down_proj = nn.Linear(config.ff_mult * config.hidden_size, config.hidden_size)
@@ -88,7 +88,7 @@ def _modulated_norm(h, shift, scale):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, config: FlowConfig):
+    def __init__(self, config: CosyVoice3FlowConfig):
         super().__init__()
         self.modulation = nn.Linear(config.hidden_size, 6 * config.hidden_size)
         self.attention = DiTAttention(config)
@@ -123,7 +123,7 @@ class DiTCache:
 class DiffusionTransformer(nn.Module):
     """Velocity estimator v(x, t | mu, speaker, cond) over (B, mel, T) tensors."""
 
-    def __init__(self, config: FlowConfig):
+    def __init__(self, config: CosyVoice3FlowConfig):
         super().__init__()
         self.config = config
         d = config.hidden_size

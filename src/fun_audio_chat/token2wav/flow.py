@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import FlowConfig
+from .configuration import CosyVoice3FlowConfig
 from .dit import DiffusionTransformer, DiTCache
 
 
@@ -52,7 +52,7 @@ class FlowCache:
 
 
 class CosyVoice3Flow(nn.Module):
-    def __init__(self, config: FlowConfig):
+    def __init__(self, config: CosyVoice3FlowConfig):
         super().__init__()
         self.config = config
         self.token_embedding = nn.Embedding(config.vocab_size, config.mel_bins)

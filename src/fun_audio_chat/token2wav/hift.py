@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .configuration import HiFTConfig
+from .configuration import CosyVoice3HiFTConfig
 
 
 class CausalConv1d(nn.Conv1d):
@@ -72,7 +72,7 @@ class CausalResBlock(nn.Module):
 class F0Predictor(nn.Module):
     """Mel → F0 in Hz per frame: a look-ahead conv, four causal convs (ELU after each), a linear head, |·|."""
 
-    def __init__(self, config: HiFTConfig):
+    def __init__(self, config: CosyVoice3HiFTConfig):
         super().__init__()
         c = config.f0_channels
         self.convs = nn.ModuleList(
@@ -92,7 +92,7 @@ class HarmonicSource(nn.Module):
     """F0 → excitation: sines at harmonics 1..H+1 with a phase that advances once per frame, fixed noise
     (stronger where unvoiced), merged by Linear(H+1 → 1) and tanh."""
 
-    def __init__(self, config: HiFTConfig):
+    def __init__(self, config: CosyVoice3HiFTConfig):
         super().__init__()
         self.config = config
         self.merge = nn.Linear(config.num_harmonics + 1, 1)
@@ -130,7 +130,7 @@ class HarmonicSource(nn.Module):
 
 
 class HiFTGenerator(nn.Module):
-    def __init__(self, config: HiFTConfig):
+    def __init__(self, config: CosyVoice3HiFTConfig):
         super().__init__()
         self.config = config
         self.f0_predictor = F0Predictor(config)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .configuration import CosyVoice3Config, FlowConfig, HiFTConfig
+from .configuration import CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiFTConfig
 
 OFFICIAL_YAML_NAMES = ("cosyvoice3.yaml", "cosyvoice.yaml", "config.yaml")
 CONVERTED_CONFIG = "config.json"
@@ -249,9 +249,13 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
         ignored=("mel_dim", "mu_dim", "spk_dim", "out_channels", "dropout"),
         fixed={"num_decoding_left_chunks": -1},
     )
-    flow_config = FlowConfig(**{**values, **pre, **dit, **cfm})
-    flow_config.cfg_rate = float(flow_config.cfg_rate)
-    flow_config.chunk_frames = int(flow_config.chunk_frames)
+    flow_values = {**values, **pre, **dit, **cfm}
+    # yaml numbers arrive as whatever the literal or the !ref arithmetic gave (2 vs 2.0): the config is typed
+    if "cfg_rate" in flow_values:
+        flow_values["cfg_rate"] = float(flow_values["cfg_rate"])
+    if "chunk_frames" in flow_values:
+        flow_values["chunk_frames"] = int(flow_values["chunk_frames"])
+    flow_config = CosyVoice3FlowConfig(**flow_values)
 
     hift = _constructor(hift_args, _HIFT, "hift")
     istft = hift.get("istft_params", {})
@@ -287,9 +291,12 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
         ignored=("in_channels",),
         fixed={"num_class": 1},
     )
-    hift_config = HiFTConfig(**h, **f0, n_fft=int(istft.get("n_fft", 16)), hop_length=int(istft.get("hop_len", 4)))
     for name in ("sine_amplitude", "noise_std", "voiced_threshold", "lrelu_slope", "audio_limit"):
-        setattr(hift_config, name, float(getattr(hift_config, name)))
+        if name in h:
+            h[name] = float(h[name])
+    hift_config = CosyVoice3HiFTConfig(
+        **h, **f0, n_fft=int(istft.get("n_fft", 16)), hop_length=int(istft.get("hop_len", 4))
+    )
     return CosyVoice3Config(flow=flow_config, hift=hift_config)
 
 
