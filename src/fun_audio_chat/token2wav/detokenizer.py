@@ -249,6 +249,98 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         self.ensure_noise()
         return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens)
 
+    # -- many streams at once ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def push_streams(self, pushes: Sequence[tuple[StreamingSession, Any, bool]]) -> list[torch.Tensor]:
+        """Advance many streaming sessions together: ``pushes`` holds ``(session, new codes, finish)`` entries
+        (one per session); returns each session's new audio, equal (within float rounding) to
+        ``session.push(codes)`` followed, when ``finish`` is true, by ``session.finish()`` run alone.
+
+        The due calls of all sessions run as one batched flow call and one vocoder call per group of equal
+        window length, per round: the flow, by far the larger cost, runs once for every session instead of once
+        per session. Sessions that cannot share a batch (``chunked=True`` or ``use_cache=False``, whose state is
+        their own) run alone. A server synthesising many replies calls this once per tick."""
+        sessions = [session for session, _, _ in pushes]
+        if len({id(session) for session in sessions}) != len(sessions):
+            raise ValueError("each session may appear once in push_streams; join its codes into one entry.")
+        for session, codes, _ in pushes:
+            if session.model is not self:
+                raise ValueError("a session of another detokenizer was passed to push_streams.")
+            session._accept(codes)
+        pieces: list[list[torch.Tensor]] = [[] for _ in pushes]
+        batched = []
+        for index, (session, _, finish) in enumerate(pushes):
+            if session.batchable:
+                batched.append(index)
+            else:
+                pieces[index].append(session.push(()))
+                if finish:
+                    pieces[index].append(session.finish())
+        while True:
+            calls = []  # (entry index, step arguments)
+            for index in batched:
+                session, _, finish = pushes[index]
+                if session.finished:
+                    continue
+                call = session._next_call()
+                if call is None and finish:
+                    call = session._final_call()
+                    if call is None:
+                        session.finished = True
+                if call is not None:
+                    calls.append((index, call))
+            if not calls:
+                break
+            for (index, call), audio in zip(calls, self._run_stream_calls([(pushes[i][0], c) for i, c in calls])):
+                pieces[index].append(audio)
+                session = pushes[index][0]
+                if call[2]:  # the finalizing call closes the session
+                    session.finished = True
+                else:
+                    session._advance()
+        return [torch.cat(parts) if parts else torch.zeros(0) for parts in pieces]
+
+    def _run_stream_calls(self, calls: list[tuple[StreamingSession, tuple]]) -> list[torch.Tensor]:
+        """One ``step`` of each session: their flow rows in one batch, their vocoder windows batched by length."""
+        ratio, lookahead = self.config.flow.token_mel_ratio, self.config.flow.pre_lookahead_tokens
+        flow_calls = [
+            (session, tokens, offset, finalize)
+            for session, (tokens, offset, finalize) in calls
+            if finalize or len(tokens) - lookahead > offset
+        ]
+        if flow_calls:
+            speakers = torch.cat([session.speaker for session, *_ in flow_calls])
+            mels = self.flow.forward_rows(
+                [list(tokens) for _, tokens, _, _ in flow_calls], speakers, [final for *_, final in flow_calls]
+            )
+            for (session, _, offset, _), mel in zip(flow_calls, mels):
+                session._add_mel(mel[:, :, ratio * offset :])
+        windows = [session._vocoder_window(finalize) for session, (_, _, finalize) in calls]
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for position, ((session, (_, _, finalize)), window) in enumerate(zip(calls, windows)):
+            if window is not None:
+                length = session.mel_history.shape[2] - window[0]
+                groups.setdefault((length, finalize), []).append(position)
+        audio = [torch.zeros(0) for _ in calls]
+        phase_width = self.config.hift.num_harmonics + 1
+        for (_, finalize), members in groups.items():
+            mel = torch.cat([calls[p][0].mel_history[:, :, windows[p][0] :] for p in members])
+            phases = [windows[p][2] for p in members]
+            phase_start = None
+            if any(phase is not None for phase in phases):
+                zero = torch.zeros(1, phase_width, dtype=torch.float64, device=mel.device)
+                phase_start = torch.cat([zero if phase is None else phase for phase in phases])
+            speech, f0 = self.hift(
+                mel,
+                finalize=finalize,
+                frame_offset=[windows[p][0] for p in members],
+                f0_override=[windows[p][1] for p in members],
+                phase_start=phase_start,
+            )
+            for row, p in enumerate(members):
+                audio[p] = calls[p][0]._take_vocoded(windows[p], speech[row], f0[row : row + 1])
+        return audio
+
     # -- loading -----------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, speaker_embedding=None, **kwargs):
@@ -425,69 +517,106 @@ class StreamingSession:
             batch = torch.tensor([tokens], dtype=torch.long, device=device)
             mel = self.model.flow(batch, self.speaker, finalize=finalize, chunked=chunked)
             new_mel = mel[:, :, ratio * token_offset :]
-        if new_mel is not None and new_mel.shape[2]:
-            new_mel = new_mel.float()
-            self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], 2)
+        self._add_mel(new_mel)
         return self._vocode(finalize)
 
     def _vocode(self, finalize: bool) -> torch.Tensor:
-        hift, config = self.model.hift, self.config.hift
-        per_frame = config.samples_per_frame
-        empty = torch.zeros(0)
-        if self.mel_history is None:
-            return empty
-        total = self.mel_history.shape[2]
-        held_back = 0 if finalize else config.f0_lookahead + config.conv_pre_lookahead + 1
-        if total - held_back <= self.speech_offset // per_frame:
-            return empty
+        window = self._vocoder_window(finalize)
+        if window is None:
+            return torch.zeros(0)
         if not self.use_cache:
-            speech, _ = hift(self.mel_history, finalize=finalize)
+            speech, _ = self.model.hift(self.mel_history, finalize=finalize)
             new = speech[0, self.speech_offset :]
-        else:
-            emitted_frames = self.speech_offset // per_frame
-            start = max(0, emitted_frames - VOCODER_CONTEXT_FRAMES)
-            known = 0 if self.final_f0 is None else self.final_f0.shape[1]
-            phase_start = None
-            override = None
-            if start:
-                phase_start = self.final_phase[:, start - 1]
-            if known > start:
-                override = self.final_f0[:, start:known]
-            speech, f0 = hift(
-                self.mel_history[:, :, start:],
-                finalize=finalize,
-                frame_offset=start,
-                f0_override=override,
-                phase_start=phase_start,
-            )
-            new = speech[0, (emitted_frames - start) * per_frame :]
-            # F0 of frames with their look-ahead (all returned frames) and their full left context (far enough
-            # from the window start) is final: keep it to continue the source phase exactly in later calls
-            settled = start + f0.shape[1]
-            reliable_from = known if start == 0 else max(known, start + VOCODER_CONTEXT_FRAMES // 2)
-            if settled > reliable_from == known:
-                piece = f0[:, reliable_from - start : settled - start]
-                increments = hift.source.frame_increments(piece).double()
-                if self.final_phase is not None:
-                    increments = torch.cat([self.final_phase[:, -1:], increments], dim=1)
-                running = torch.cumsum(increments, dim=1)[:, (0 if self.final_phase is None else 1) :]
-                self.final_f0 = piece if self.final_f0 is None else torch.cat([self.final_f0, piece], dim=1)
-                self.final_phase = running if self.final_phase is None else torch.cat([self.final_phase, running], 1)
+            self.speech_offset += new.shape[0]
+            return new.float().cpu()
+        start, override, phase_start = window
+        speech, f0 = self.model.hift(
+            self.mel_history[:, :, start:],
+            finalize=finalize,
+            frame_offset=start,
+            f0_override=override,
+            phase_start=phase_start,
+        )
+        return self._take_vocoded(window, speech[0], f0)
+
+    def _vocoder_window(self, finalize: bool):
+        """What the vocoder renders next: None when no new samples are due, else (first mel frame of the window,
+        the settled F0 to reuse from there or None, the source phase before that frame or None)."""
+        if self.mel_history is None:
+            return None
+        per_frame = self.config.hift.samples_per_frame
+        config = self.config.hift
+        held_back = 0 if finalize else config.f0_lookahead + config.conv_pre_lookahead + 1
+        if self.mel_history.shape[2] - held_back <= self.speech_offset // per_frame:
+            return None
+        emitted_frames = self.speech_offset // per_frame
+        start = max(0, emitted_frames - VOCODER_CONTEXT_FRAMES) if self.use_cache else 0
+        known = 0 if self.final_f0 is None else self.final_f0.shape[1]
+        phase_start = self.final_phase[:, start - 1] if start else None
+        override = self.final_f0[:, start:known] if known > start else None
+        return start, override, phase_start
+
+    def _take_vocoded(self, window, speech: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+        """Keep the new samples of a windowed vocoder call (speech (samples,), f0 (1, frames)) and the F0 that no
+        later call can change, so later windows continue the source phase exactly."""
+        start = window[0]
+        per_frame = self.config.hift.samples_per_frame
+        emitted_frames = self.speech_offset // per_frame
+        new = speech[(emitted_frames - start) * per_frame :]
+        # F0 of frames with their look-ahead (all returned frames) and their full left context (far enough from
+        # the window start) is final: keep it to continue the source phase exactly in later calls
+        known = 0 if self.final_f0 is None else self.final_f0.shape[1]
+        settled = start + f0.shape[1]
+        reliable_from = known if start == 0 else max(known, start + VOCODER_CONTEXT_FRAMES // 2)
+        if settled > reliable_from == known:
+            piece = f0[:, reliable_from - start : settled - start]
+            increments = self.model.hift.source.frame_increments(piece).double()
+            if self.final_phase is not None:
+                increments = torch.cat([self.final_phase[:, -1:], increments], dim=1)
+            running = torch.cumsum(increments, dim=1)[:, (0 if self.final_phase is None else 1) :]
+            self.final_f0 = piece if self.final_f0 is None else torch.cat([self.final_f0, piece], dim=1)
+            self.final_phase = running if self.final_phase is None else torch.cat([self.final_phase, running], 1)
         self.speech_offset += new.shape[0]
         return new.float().cpu()
+
+    def _add_mel(self, new_mel: torch.Tensor | None) -> None:
+        if new_mel is not None and new_mel.shape[2]:
+            new_mel = new_mel.float()
+            self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], 2)
+
+    @property
+    def batchable(self) -> bool:
+        """Whether :func:`push_streams` can run this session's calls in a batch with other sessions (the
+        official full-attention schedule with the windowed vocoder; chunk-causal caches are per session)."""
+        return not self.chunked and self.use_cache
 
     # -- the web-demo schedule ---------------------------------------------------------------------------------
     def push(self, codes) -> torch.Tensor:
         """Add codes as they arrive; returns the audio that became ready (1-D, possibly empty)."""
+        self._accept(codes)
+        out = []
+        while (call := self._next_call()) is not None:
+            out.append(self.step(*call))
+            self._advance()
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _accept(self, codes) -> None:
         if self.finished:
             raise RuntimeError("this streaming session is finished; start a new one with det.streaming_session().")
         self.tokens.extend(self.model._as_codes(codes))
-        lookahead = self.config.flow.pre_lookahead_tokens
-        out = []
-        while len(self.tokens) >= self.offset + self.hop + lookahead:
-            out.append(self.step(self.tokens[: self.offset + self.hop + lookahead], self.offset, finalize=False))
-            self._advance()
-        return torch.cat(out) if out else torch.zeros(0)
+
+    def _next_call(self):
+        """The next official call due on the codes received, as ``step`` arguments, or None."""
+        end = self.offset + self.hop + self.config.flow.pre_lookahead_tokens
+        if len(self.tokens) >= end:
+            return self.tokens[:end], self.offset, False
+        return None
+
+    def _final_call(self):
+        """The closing call of :meth:`finish` as ``step`` arguments, or None when nothing is left to render."""
+        if len(self.tokens) > self.offset or self.mel_history is not None:
+            return self.tokens, min(self.offset, len(self.tokens)), True
+        return None
 
     def _advance(self):
         self.offset += self.hop
@@ -506,10 +635,8 @@ class StreamingSession:
         never renders the vocoder's held-back frames; this does both) and close the session."""
         if self.finished:
             return torch.zeros(0)
-        if len(self.tokens) > self.offset or self.mel_history is not None:
-            tail = self.step(self.tokens, min(self.offset, len(self.tokens)), finalize=True)
-        else:
-            tail = torch.zeros(0)
+        call = self._final_call()
+        tail = self.step(*call) if call is not None else torch.zeros(0)
         self.finished = True
         return tail
 

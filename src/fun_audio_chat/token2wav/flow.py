@@ -150,6 +150,30 @@ class CosyVoice3Flow(nn.Module):
         chunk = self.config.chunk_frames if chunked else None
         return self.sample(mu, speaker, frame_lengths, chunk, trace=trace)
 
+    def forward_rows(self, rows: list[list[int]], speaker_embeddings: torch.Tensor, finalize: list[bool]):
+        """Full-attention flow over rows of different lengths in one padded batch, each row finalizing or not:
+        returns one mel (1, mel, T_i) per row, equal to ``forward`` on that row alone (within float rounding).
+
+        Padding is zeros after each row's codes, the same zeros a finalizing call adds as right context; a
+        non-finalizing row keeps its last ``look-ahead`` codes as right context only (its frames end before them)
+        and the attention of every row is masked to its own frames."""
+        config = self.config
+        ratio, lookahead = config.token_mel_ratio, config.pre_lookahead_tokens
+        device = self.token_embedding.weight.device
+        token_lengths = torch.tensor([len(row) for row in rows], device=device)
+        tokens = torch.zeros(len(rows), int(token_lengths.max()), dtype=torch.long, device=device)
+        for index, row in enumerate(rows):
+            tokens[index, : len(row)] = torch.tensor(row, dtype=torch.long, device=device)
+        output_tokens = [len(row) if final else len(row) - lookahead for row, final in zip(rows, finalize)]
+        if min(output_tokens) <= 0:
+            raise ValueError("every row needs at least one output frame (a non-final row more codes than look-ahead).")
+        mu = self.encode_tokens(tokens, token_lengths, finalize=True)
+        speaker = self.speaker(speaker_embeddings.to(mu.dtype))
+        frame_lengths = torch.tensor(output_tokens, device=device) * ratio
+        padded = None if int(frame_lengths.min()) == mu.shape[2] else frame_lengths
+        mel = self.sample(mu, speaker, padded)
+        return [mel[index : index + 1, :, : count * ratio] for index, count in enumerate(output_tokens)]
+
     def forward_cached(self, tokens: list[int], speaker_embedding, finalize: bool, cache: FlowCache):
         """Chunk-causal flow of one row, reusing ``cache``: frames of complete chunks whose tokens (with their
         look-ahead) were seen before are not recomputed. Returns the whole mel (1, mel, T) like ``forward``."""

@@ -231,14 +231,26 @@ class HiFTGenerator(nn.Module):
 
         ``frame_offset`` is the absolute frame of ``mel[..., 0]`` (it selects the fixed noise), ``f0_override``
         (B, k) replaces the first k predicted F0 frames, ``phase_start`` continues the source phase.
+        For a batch of streams, ``frame_offset`` may be a list (one per row) and ``f0_override`` a list of (1, k_i)
+        tensors (or None); a row without ``phase_start`` continues from phase 0, which is what None means.
         """
         config = self.config
         with parametrize.cached():  # each weight-normalised kernel is computed once per call
             f0 = self.f0_predictor(mel, finalize)
-            if f0_override is not None and f0_override.shape[1]:
+            if isinstance(f0_override, (list, tuple)):
+                f0 = torch.stack(
+                    [
+                        row if override is None else torch.cat([override[0].to(f0.dtype), row[override.shape[1] :]])
+                        for row, override in zip(f0, f0_override)
+                    ]
+                )
+            elif f0_override is not None and f0_override.shape[1]:
                 f0 = torch.cat([f0_override.to(f0.dtype), f0[:, f0_override.shape[1] :]], dim=1)
             samples = f0.shape[1] * config.samples_per_frame
-            noise = self.noise(frame_offset * config.samples_per_frame, samples)
+            if isinstance(frame_offset, (list, tuple)):
+                noise = torch.cat([self.noise(offset * config.samples_per_frame, samples) for offset in frame_offset])
+            else:
+                noise = self.noise(frame_offset * config.samples_per_frame, samples)
             source, _ = self.source(f0, noise, phase_start)
             if trace is not None:
                 trace.update(f0=f0, source=source)
