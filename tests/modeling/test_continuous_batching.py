@@ -161,6 +161,31 @@ def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor):
     assert results["row"][0] == solo_tokens and results["row"][1] == solo_codes
 
 
+def test_seeded_sampled_rows_in_a_staggered_batch_draw_what_seeded_generate_draws(model_and_processor):
+    """Each seeded row samples from its own stream: neither the greedy row, nor the unseeded sampled row drawing
+    from the global stream, nor the order of arrival changes its reply."""
+    model, processor = model_and_processor
+    sampled = {"do_sample": True, "force_audio_bos": True, "max_new_tokens": 7}
+    seeded = {
+        "B": (_prompt(processor, "good morning", audio_seconds=0.5), {**sampled, "temperature": 0.9}, 11),
+        "C": (_prompt(processor, "thank you"), {**sampled, "temperature": 1.3, "speech_top_k": 20}, 12),
+    }
+    greedy = (_prompt(processor, "hello there"), {**GREEDY_SPEECH, "max_new_tokens": 9})
+    unseeded = (_prompt(processor, "city"), {**sampled, "temperature": 1.1})
+    arrivals = {
+        0: [("A", *greedy), ("D", *unseeded)],
+        2: [("B", seeded["B"][0], {**seeded["B"][1], "seed": seeded["B"][2]})],
+        3: [("C", seeded["C"][0], {**seeded["C"][1], "seed": seeded["C"][2]})],
+    }
+    results, _ = _run(ContinuousBatchDecoder(model), arrivals)
+    _assert_equal_solo(model, results, {"A": greedy})
+    for name, (inputs, settings, seed) in seeded.items():
+        torch.manual_seed(seed)
+        tokens, codes = _solo(model, inputs, settings)
+        assert results[name][0] == tokens and results[name][1] == codes, f"{name} differs from seeded generate()"
+    assert len(results["D"][0]) == 7
+
+
 def test_steps_describe_each_row(model_and_processor):
     model, processor = model_and_processor
     decoder = ContinuousBatchDecoder(model)

@@ -28,9 +28,10 @@ Not thread-safe except :meth:`~ContinuousBatchDecoder.cancel`: one thread adds r
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -65,58 +66,96 @@ class RowStep:
     finish_reason: str | None = None
 
 
+class RowRandomStream:
+    """A seeded row's own random stream: the state of the default generator of its device, swapped in around the
+    row's draws. Its draws (SRH codes, then the text token, at every step) are then the draws of
+    ``torch.manual_seed(seed); generate(...)`` on its prompt alone, whichever rows share the batch."""
+
+    def __init__(self, seed: int, device: torch.device):
+        self.device = torch.device(device)
+        self.state = torch.Generator(device=self.device).manual_seed(seed).get_state()
+
+    def _get(self) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return torch.cuda.get_rng_state(self.device)
+        return torch.get_rng_state()
+
+    def _set(self, state: torch.Tensor) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.set_rng_state(state, self.device)
+        else:
+            torch.set_rng_state(state)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        shared = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(shared)
+
+
+def _drawing_from(stream: RowRandomStream | None):
+    return stream.active() if stream is not None else contextlib.nullcontext()
+
+
 class RowSpeechDecoder(SpeechDecoder):
-    """:class:`SpeechDecoder` whose rows each keep their own speech sampling settings.
+    """:class:`SpeechDecoder` whose rows each keep their own speech sampling settings (and random stream).
 
     Rows with equal settings are sampled together, with exactly ``SpeechDecoder``'s arithmetic on their slice of
-    the logits, so a greedy row picks the codes it would pick alone.
+    the logits, so a greedy row picks the codes it would pick alone; a seeded row is sampled alone, from its stream.
     """
 
-    def __init__(self, model, generation_config: GenerationConfig):
+    def __init__(self, model, generation_config: GenerationConfig, random_stream: RowRandomStream | None = None):
         super().__init__(model, generation_config, compile_config=None)
         self.logits = None  # per-step SRH logits are a generate() output; a long-lived batch keeps none
         self.row_settings = [self.settings]
+        self.row_streams = [random_stream]
         self._groups = None
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         super().keep_rows(rows)
         self.row_settings = [self.row_settings[index] for index in rows.tolist()]
+        self.row_streams = [self.row_streams[index] for index in rows.tolist()]
         self._groups = None
 
     def merge(self, others: list[RowSpeechDecoder]) -> None:
         super().merge(others)
         for other in others:
             self.row_settings.extend(other.row_settings)
+            self.row_streams.extend(other.row_streams)
         self._groups = None
 
-    def _settings_groups(self) -> list[tuple[SpeechSamplingSettings, LogitsProcessorList, torch.Tensor | None]]:
-        """Rows grouped by equal settings, with their warpers; None stands for all rows when they share one."""
+    def _sampling_groups(self) -> list[tuple]:
+        """(settings, warpers, random stream, rows) per group of rows sampled together; rows None = all rows."""
         if self._groups is None:
-            by_settings: dict[tuple, list[int]] = {}
-            for index, settings in enumerate(self.row_settings):
-                by_settings.setdefault(tuple(vars(settings).values()), []).append(index)
+            by_key: dict[tuple, list[int]] = {}
+            for index, (settings, stream) in enumerate(zip(self.row_settings, self.row_streams)):
+                by_key.setdefault((tuple(vars(settings).values()), id(stream)), []).append(index)
             device = self.previous_code.device
             self._groups = []
-            for rows in by_settings.values():
-                settings = self.row_settings[rows[0]]
-                selection = None if len(by_settings) == 1 else torch.tensor(rows, dtype=torch.long, device=device)
-                self._groups.append((settings, settings.warpers(), selection))
+            for rows in by_key.values():
+                settings, stream = self.row_settings[rows[0]], self.row_streams[rows[0]]
+                selection = None if len(by_key) == 1 else torch.tensor(rows, dtype=torch.long, device=device)
+                self._groups.append((settings, settings.warpers(), stream, selection))
         return self._groups
 
     def _select_code(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        groups = self._settings_groups()
         codes = None
-        for settings, warpers, rows in groups:
+        for settings, warpers, stream, rows in self._sampling_groups():
             # SpeechDecoder._select_code reads the settings of the rows it is given.
             self.settings, self.warpers = settings, warpers
             group_seen = seen if (seen is None or rows is None) else seen[rows]
             if not self._penalised(settings):
                 group_seen = None
-            if rows is None:
-                return super()._select_code(logits, group_seen)
-            if codes is None:
-                codes = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
-            codes[rows] = super()._select_code(logits[rows], group_seen)
+            with _drawing_from(stream):
+                if rows is None:
+                    return super()._select_code(logits, group_seen)
+                if codes is None:
+                    codes = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+                codes[rows] = super()._select_code(logits[rows], group_seen)
         return codes
 
     @staticmethod
@@ -136,6 +175,7 @@ class _Row:
     return_speech: bool
     force_audio_bos: bool
     eos_token_ids: set[int] = field(default_factory=set)
+    random_stream: RowRandomStream | None = None
     steps: int = 0
 
 
@@ -232,7 +272,8 @@ class ContinuousBatchDecoder:
 
     Settings are ``generate()``'s (text sampling, ``eos_token_id``, ``max_new_tokens``, the speech controls
     ``return_speech``, ``force_audio_bos``, ``speech_do_sample``, ...), resolved per row by transformers' own
-    preparation. Greedy rows reproduce ``generate`` token for token; sampled rows draw from the shared RNG.
+    preparation. Greedy rows reproduce ``generate`` token for token; a sampled row given a ``seed`` reproduces
+    ``torch.manual_seed(seed); generate(...)``; other sampled rows draw from the global random stream.
     Decoding always uses the dynamic cache (compiled static-cache decoding stays a ``generate`` feature).
     """
 
@@ -265,13 +306,17 @@ class ContinuousBatchDecoder:
             self._cancelled.add(row_id)
 
     # ------------------------------------------------------------------------------------------ admission
-    def add(self, inputs: Mapping, generation_config: GenerationConfig | None = None, **kwargs) -> int:
+    def add(
+        self, inputs: Mapping, generation_config: GenerationConfig | None = None, seed: int | None = None, **kwargs
+    ) -> int:
         """Prefill one prompt alone and queue it to join the batch at the next :meth:`step`; returns its row id.
 
         ``inputs``: the processor's output for one conversation (``input_ids`` of shape (1, L) plus its audio
         tensors; left padding is stripped). ``generation_config`` / ``kwargs``: ``generate()``'s settings, plus
-        ``logits_processor`` / ``stopping_criteria`` lists as ``generate`` takes them. Invalid settings or prompts
-        raise here, before the row touches the batch.
+        ``logits_processor`` / ``stopping_criteria`` lists as ``generate`` takes them. ``seed``: the row samples
+        from its own random stream, drawing what ``torch.manual_seed(seed)`` then ``generate`` would draw alone
+        (without it, sampled rows share the global stream). Invalid settings or prompts raise here, before the row
+        touches the batch.
         """
         model = self.model
         custom_processors = kwargs.pop("logits_processor", None) or LogitsProcessorList()
@@ -337,6 +382,7 @@ class ContinuousBatchDecoder:
             return_speech=return_speech,
             force_audio_bos=bool(config.force_audio_bos),
             eos_token_ids=set() if eos is None else {int(token) for token in eos.flatten().tolist()},
+            random_stream=RowRandomStream(seed, device) if seed is not None else None,
         )
 
         with torch.inference_mode():
@@ -355,7 +401,7 @@ class ContinuousBatchDecoder:
             text_embeds = model.get_input_embeddings()(input_ids)
             speech = group = None
             if return_speech:
-                speech = RowSpeechDecoder(model, config)
+                speech = RowSpeechDecoder(model, config, row.random_stream)
                 speech.start(input_ids, text_embeds, None, prompt_length, max_new_tokens)
                 group = speech.decode_group(output.last_hidden_state, text_embeds)
             lengths = torch.full((1,), prompt_length, dtype=torch.long, device=device)
@@ -406,7 +452,8 @@ class ContinuousBatchDecoder:
         for index, row in enumerate(batch.rows):
             scores = row.logits_processor(row.sequence, logits[index : index + 1])
             if row.generation_config.do_sample:
-                token = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1)[:, 0]
+                with _drawing_from(row.random_stream):
+                    token = torch.multinomial(nn.functional.softmax(scores, dim=-1), num_samples=1)[:, 0]
             else:
                 token = torch.argmax(scores, dim=-1)  # (1,)
             if row.steps == 0 and row.force_audio_bos:
@@ -484,4 +531,4 @@ class ContinuousBatchDecoder:
             self._batch = _Batch.relayout(sources)
 
 
-__all__ = ["ContinuousBatchDecoder", "RowSpeechDecoder", "RowStep"]
+__all__ = ["ContinuousBatchDecoder", "RowRandomStream", "RowSpeechDecoder", "RowStep"]
