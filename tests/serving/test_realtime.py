@@ -437,7 +437,7 @@ def test_hostile_input_gets_error_events_and_the_session_goes_on(strict_server):
                 else:
                     await conn.send_raw(json.dumps(event))
                 error = (await recv_until(conn, "error", stop_on_error=False))[-1].error
-                codes[error.code] = error.message
+                codes.setdefault(error.code, []).append(error.message)
                 return error.code
 
             assert await expect_error(raw='{"type": "session.update", ') == "invalid_json"
@@ -479,6 +479,9 @@ def test_hostile_input_gets_error_events_and_the_session_goes_on(strict_server):
                 )
                 == "invalid_request"
             )
+            transcription = {"type": "realtime", "audio": {"input": {"transcription": {"model": "whisper-1"}}}}
+            assert await expect_error(event={"type": "session.update", "session": transcription}) == "invalid_request"
+            assert "not supported by this server" in codes["invalid_request"][-1]
             assert await expect_error(event={"type": "input_audio_buffer.commit"}) == "input_audio_buffer_commit_empty"
             assert await expect_error(event={"type": "response.create"}) == "conversation_empty"
             assert (
@@ -490,7 +493,7 @@ def test_hostile_input_gets_error_events_and_the_session_goes_on(strict_server):
             for _ in range(8):
                 await conn.send({"type": "input_audio_buffer.append", "audio": half_second})
             flood = await recv_until(conn, "error", stop_on_error=False)
-            codes[flood[-1].error.code] = flood[-1].error.message
+            codes.setdefault(flood[-1].error.code, []).append(flood[-1].error.message)
             await conn.send({"type": "input_audio_buffer.clear"})
             await recv_until(conn, "input_audio_buffer.cleared", stop_on_error=False)
             # after all that, the session still answers
@@ -500,16 +503,24 @@ def test_hostile_input_gets_error_events_and_the_session_goes_on(strict_server):
                     "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
                 }
             )
+            # a reply that cannot fit the model's context fails with the reason, and the session goes on
+            await conn.send({"type": "response.create", "response": {"max_output_tokens": 4000}})
+            too_long = await recv_until(conn, "response.done", stop_on_error=False)
+            assert reply_of(too_long)["done"].status == "failed"
+            assert "exceeds the model's context" in reply_of(too_long)["done"].status_details.error.message
+            assert any(e.type == "error" and e.error.code == "generation_failed" for e in too_long)
             await conn.send({"type": "response.create"})
             events = await recv_until(conn, "response.done", stop_on_error=False)
             return codes, events
 
     codes, events = asyncio.run(run())
-    assert "input_audio_buffer_full" in codes and "commit or clear" in codes["input_audio_buffer_full"]
-    assert "'instructionz'" in codes["invalid_request"] or "rate" in codes["invalid_request"]
-    assert "unknown event type 'response.explode'" in codes["unknown_event_type"]
-    assert "smaller appends" in codes["event_too_large"]
-    assert "odd number" in codes["invalid_audio"]
+    assert "commit or clear" in codes["input_audio_buffer_full"][0]
+    assert "unknown field 'session.instructionz'" in codes["invalid_request"][0]
+    assert "rate" in codes["invalid_request"][1]
+    assert "unknown event type 'response.explode'" in codes["unknown_event_type"][0]
+    assert "smaller appends" in codes["event_too_large"][0]
+    assert "odd number" in codes["invalid_audio"][0]
+    assert "not valid base64" in codes["invalid_base64"][0]
     assert reply_of(events)["done"].status in ("completed", "incomplete")
     assert strict_server.app.state.metrics.summary()["realtime"]["counters"]["error_events"] >= 13
 

@@ -262,6 +262,12 @@ def validation_message(event_type: str, err: ValidationError) -> tuple[str, str 
         )
     if first.get("type") == "missing":
         return f"{event_type}: missing required field {where!r}.", where
+    if first.get("type") == "none_required":
+        return (
+            f"{event_type}: {where!r} is not supported by this server (no input transcription, noise reduction or "
+            "idle-timeout replies); leave it out or set it to null.",
+            where,
+        )
     return f"{event_type}: {where or 'event'}: {first.get('msg', 'invalid value')}.", where
 
 
