@@ -24,8 +24,12 @@ class TextEvent:
 
 @dataclass(frozen=True)
 class SpeechEvent:
+    """One step's group of k speech ids of a row, as the Speech Refined Head wrote it: besides 25 Hz codes it may
+    hold speech-BOS delay ids, pad and speech-EOS. Voice only its real codes
+    (:func:`fun_audio_chat.speech_codes.real_speech_codes`; ``SpeechAudioStreamer`` and ``VoiceChat`` do)."""
+
     row: int
-    codes: tuple[int, ...]  # one group of k 25 Hz speech codes
+    codes: tuple[int, ...]
 
 
 @dataclass(frozen=True)
