@@ -324,7 +324,8 @@ class ContinuousBatchDecoder:
         inputs = dict(inputs)
         input_ids = inputs.pop("input_ids")
         attention_mask = inputs.pop("attention_mask", None)
-        audio_inputs = {key: inputs.pop(key) for key in _PROMPT_AUDIO_INPUTS if inputs.get(key) is not None}
+        audio_inputs = {key: inputs.pop(key, None) for key in _PROMPT_AUDIO_INPUTS}
+        audio_inputs = {key: value for key, value in audio_inputs.items() if value is not None}
         if inputs:
             raise ValueError(f"unexpected prompt inputs {sorted(inputs)}; pass the processor's output for one prompt.")
         model.check_input_ids(input_ids)
