@@ -139,7 +139,7 @@ def test_errors_reach_the_consumer_and_bad_input_names_the_fix(tiny):
         chat.respond(42)
     with pytest.raises(ValueError, match="1-D float samples"):
         chat.respond(np.zeros((2, 16000), dtype=np.float32))
-    with pytest.raises(ValueError, match="must have role 'user'"):
+    with pytest.raises(ValueError, match="must have role 'user' or 'tool'"):
         chat.respond({"role": "assistant", "content": "hi"})
     with pytest.raises(ValueError, match="pass system_prompt or that"):
         VoiceChat(model, processor, history=[{"role": "system", "content": "a"}], system_prompt="b")

@@ -340,13 +340,23 @@ class VoiceChat:
 
     # -------------------------------------------------------------------------------------- input
     @staticmethod
-    def user_message(user_input, sampling_rate: int = INPUT_SAMPLING_RATE) -> dict:
-        """A user message from a string (text), a ``pathlib.Path`` (an audio file), a waveform (numpy array or
-        tensor at ``sampling_rate``), a list of content items, or a message dict."""
-        if isinstance(user_input, Mapping):
-            if user_input.get("role") != "user":
-                raise ValueError(f"a message given to respond() must have role 'user', got {user_input.get('role')!r}.")
-            return dict(user_input)
+    def turn_messages(user_input, sampling_rate: int = INPUT_SAMPLING_RATE) -> list[dict]:
+        """The new messages of a turn: from a string (text), a ``pathlib.Path`` (an audio file), a waveform (numpy
+        array or tensor at ``sampling_rate``), a list of content items (one user message), or a ``user``/``tool``
+        message or a list of them (e.g. the results of the tool calls of the previous reply)."""
+        if isinstance(user_input, Mapping) or (
+            isinstance(user_input, (list, tuple))
+            and user_input
+            and all(isinstance(item, Mapping) and "role" in item for item in user_input)
+        ):
+            messages = [user_input] if isinstance(user_input, Mapping) else list(user_input)
+            for message in messages:
+                if message.get("role") not in ("user", "tool"):
+                    raise ValueError(
+                        f"a message given to respond() must have role 'user' or 'tool', got {message.get('role')!r}; "
+                        "put earlier turns in the history instead."
+                    )
+            return [dict(message) for message in messages]
         if isinstance(user_input, str):
             content: Any = [{"type": "text", "text": user_input}]
         elif isinstance(user_input, Path):
@@ -364,9 +374,9 @@ class VoiceChat:
         else:
             raise TypeError(
                 f"respond() takes a str (text), a pathlib.Path (audio file), a 1-D waveform, a list of content items "
-                f"or a user message; got {type(user_input).__name__}."
+                f"or user/tool messages; got {type(user_input).__name__}."
             )
-        return {"role": "user", "content": content}
+        return [{"role": "user", "content": content}]
 
     # -------------------------------------------------------------------------------------- one turn
     def respond(
@@ -379,7 +389,7 @@ class VoiceChat:
         seed: int | None = None,
         **generate_kwargs,
     ) -> Iterator:
-        """Answer one user turn: yields :class:`TextPiece`, :class:`SpeechPiece`, :class:`AudioPiece` events while
+        """Answer one turn (``user_input``: see :meth:`turn_messages`): yields :class:`TextPiece`, :class:`SpeechPiece`, :class:`AudioPiece` events while
         the reply is decoded, then :class:`TurnEnd`; the turn is then part of :attr:`history`.
 
         Raises ``ValueError`` (before anything runs) when the conversation plus ``max_new_tokens`` does not fit
@@ -393,8 +403,7 @@ class VoiceChat:
         max_new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
-        message = self.user_message(user_input, sampling_rate)
-        messages = self.history + [message]
+        messages = self.history + self.turn_messages(user_input, sampling_rate)
         template_kwargs = {"tools": self.tools} if self.tools else {}
         inputs = self.processor.apply_chat_template(
             messages,
