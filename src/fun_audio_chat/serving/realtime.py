@@ -1219,7 +1219,11 @@ class RealtimeSession:
         finally:
             if not handle.finished.is_set() and status != "completed":
                 handle.cancel()
-        self._finish(response, status, details, error)
+        try:
+            self._finish(response, status, details, error)
+        finally:
+            if self.response is response:  # whatever happens, the session takes a next response
+                self.response = None
 
     def _finish(self, response: _Response, status: str, details, error) -> None:
         item = response.message
@@ -1242,8 +1246,9 @@ class RealtimeSession:
             )
             self.send("conversation.item.done", item=item.to_openai())
         handle = response.handle
-        prompt_tokens = handle.metrics.prompt_tokens or handle.prompt_length
-        output_tokens = handle.metrics.completion_tokens or len(handle.token_ids)
+        # a cancelled turn has no result yet: count what the engine had decoded so far
+        prompt_tokens = handle.metrics.prompt_tokens or getattr(handle, "prompt_length", 0)
+        output_tokens = handle.metrics.completion_tokens or len(getattr(handle, "token_ids", ()))
         usage = {
             "input_tokens": prompt_tokens,
             "output_tokens": output_tokens,
