@@ -262,12 +262,14 @@ def test_manual_turn_commit_then_response_create_and_cancel(server, speech_pcm):
             await conn.send({"type": "response.create", "response": {"max_output_tokens": 400}})
             await recv_until(conn, "response.output_audio.delta")
             await conn.send({"type": "response.cancel"})
+            await conn.send({"type": "response.create", "response": {"max_output_tokens": 2}})  # right after the cancel
             second = await recv_until(conn, "response.done")
+            third = await recv_until(conn, "response.done")
             await conn.send({"type": "response.cancel"})  # nothing left to cancel
             error = await recv_until(conn, "error", stop_on_error=False)
-            return commit_events, first, second, error[-1]
+            return commit_events, first, second, third, error[-1]
 
-    commit_events, first, second, error = asyncio.run(run())
+    commit_events, first, second, third, error = asyncio.run(run())
     assert not any(e.type.startswith("input_audio_buffer.speech") for e in commit_events)  # no VAD in manual mode
     assert commit_events[0].type == "input_audio_buffer.committed"
     first_reply = reply_of(first)
@@ -276,6 +278,7 @@ def test_manual_turn_commit_then_response_create_and_cancel(server, speech_pcm):
     assert done.status == "cancelled" and done.status_details.reason == "client_cancelled"
     assert done.usage.input_tokens > first_reply["done"].usage.input_tokens + 5  # the history is in the prompt
     assert done.output[0].status == "incomplete"
+    assert reply_of(third)["done"].usage.output_tokens == 2  # the new response waited for the cancelled one
     assert error.error.code == "response_cancel_not_active"
     # the cancelled row left the engine
     wait_until(lambda: not server.engine.busy.is_set() and server.engine.queue_depth() == 0, what="an idle engine")

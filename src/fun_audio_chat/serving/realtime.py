@@ -762,6 +762,7 @@ class RealtimeSession:
                 if len(audio) < MIN_COMMIT_MS * MODEL_RATE // 1000:
                     continue  # a click, not a turn (possible with prefix_padding_ms near 0)
                 self._commit_audio(audio, item_id)
+                await self._settle_cancelled_response()
                 if config.create_response and self.response is None:
                     self._start_response(
                         None,
@@ -941,8 +942,17 @@ class RealtimeSession:
         self.send("conversation.item.deleted", item_id=event.item_id)
 
     # responses -------------------------------------------------------------------------------
+    async def _settle_cancelled_response(self) -> None:
+        """Let a response that is already cancelled send its ``response.done`` before a new one starts (a cancel
+        followed at once by a new turn must not meet 'a response is in progress')."""
+        response = self.response
+        if response is not None and response.cancel_reason is not None and response.task is not None:
+            with contextlib.suppress(BaseException):
+                await response.task
+
     async def on_response_create(self, event: ResponseCreate) -> None:
         now = time.perf_counter()
+        await self._settle_cancelled_response()
         if self.response is not None:
             raise RealtimeError(
                 f"a response ({self.response.id}) is in progress; wait for its response.done or cancel it.",
