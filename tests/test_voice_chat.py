@@ -137,6 +137,10 @@ def test_errors_reach_the_consumer_and_bad_input_names_the_fix(tiny):
         chat.respond("hi", max_new_tokens=5000)  # refused before anything runs
     with pytest.raises(TypeError, match=r"pathlib.Path \(audio file\)"):
         chat.respond(42)
+    from fun_audio_chat.processing import example_audio_path
+
+    with pytest.raises(ValueError, match=r"a str is the user's text; pass pathlib.Path\("):
+        chat.respond(example_audio_path())
     with pytest.raises(ValueError, match="1-D float samples"):
         chat.respond(np.zeros((2, 16000), dtype=np.float32))
     with pytest.raises(ValueError, match="must have role 'user' or 'tool'"):

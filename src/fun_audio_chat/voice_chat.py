@@ -33,6 +33,7 @@ from .speech_codes import SpeechCodeFilter, SpeechCodeLayout
 
 SPEECH_FRAME_RATE = 25  # speech codes per second of speech
 INPUT_SAMPLING_RATE = 16000  # what the processor's audio encoder takes
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif")
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -358,6 +359,11 @@ class VoiceChat:
                     )
             return [dict(message) for message in messages]
         if isinstance(user_input, str):
+            if user_input.lower().endswith(AUDIO_SUFFIXES) and Path(user_input).expanduser().is_file():
+                raise ValueError(
+                    f"{user_input!r} is an audio file, but a str is the user's text; pass "
+                    f"pathlib.Path({user_input!r}) to send the audio."
+                )
             content: Any = [{"type": "text", "text": user_input}]
         elif isinstance(user_input, Path):
             content = [{"type": "audio", "path": str(user_input)}]
