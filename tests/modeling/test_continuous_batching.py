@@ -200,6 +200,18 @@ def test_steps_describe_each_row(model_and_processor):
     assert second.speech_group is not None and second.speech_group.shape == (model.group_size,)
 
 
+def test_cancelling_a_waiting_row_and_the_last_row(model_and_processor):
+    model, processor = model_and_processor
+    decoder = ContinuousBatchDecoder(model)
+    kept = decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=4)
+    dropped = decoder.add(_prompt(processor, "good morning"), **GREEDY_SPEECH, max_new_tokens=4)
+    decoder.cancel(dropped)  # before it ever joined the batch
+    assert [step.row_id for step in decoder.step()] == [kept]
+    assert decoder.row_ids == [kept]
+    decoder.cancel(kept)
+    assert decoder.step() == [] and not decoder.has_rows
+
+
 def test_bad_requests_fail_in_add_and_leave_the_batch_alone(model_and_processor):
     model, processor = model_and_processor
     decoder = ContinuousBatchDecoder(model)
