@@ -356,12 +356,15 @@ def test_barge_in_cancels_the_reply_and_keeps_what_was_sent(server, speech_pcm):
     assert "beyond the item's audio" in beyond.error.message
 
 
-def test_tool_call_round_trip(tiny_pair):
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_tool_call_round_trip(tiny_pair, modality):
     from transformers import LogitsProcessor, LogitsProcessorList
 
     model, processor = tiny_pair
     script = processor.tokenizer.encode("Let me check." + TOOL_REPLY, add_special_tokens=False)
     script.append(processor.im_end_token_id)
+    if modality == "audio":
+        script.insert(0, script[0])  # spoken replies open with <|audio_bos|>, forced over the first step
 
     class ScriptedReply(LogitsProcessor):
         """Makes the random tiny model answer with a fixed tool call, to test the API around it."""
@@ -378,12 +381,15 @@ def test_tool_call_round_trip(tiny_pair):
             return forced
 
     engine = ServingEngine(
-        model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply()])}
+        model,
+        processor,
+        tiny_detokenizer_or_none() if modality == "audio" else None,
+        generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply()])},
     )
 
     async def run(server):
         async with connect(server) as conn:
-            await setup(conn, output_modalities=["text"], tools=[WEATHER_TOOL], max_output_tokens=len(script) + 4)
+            await setup(conn, output_modalities=[modality], tools=[WEATHER_TOOL], max_output_tokens=len(script) + 4)
             await conn.send(
                 {
                     "type": "conversation.item.create",
@@ -412,7 +418,9 @@ def test_tool_call_round_trip(tiny_pair):
     with LocalServer(engine, "tiny") as server:
         first, second, third = asyncio.run(run(server))
     reply = reply_of(first)
-    assert reply["text"] == "Let me check."  # the call is not part of the text
+    said = reply["text"] if modality == "text" else reply["transcript"]
+    assert said == "Let me check."  # the call is not part of the text
+    assert (reply["audio_deltas"] > 0) == (modality == "audio")
     call = next(e for e in first if e.type == "response.function_call_arguments.done")
     assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
     deltas = [e.delta for e in first if e.type == "response.function_call_arguments.delta"]
