@@ -714,7 +714,8 @@ def test_four_concurrent_sessions_equal_their_solo_replies(server):
     assert len({transcript for transcript, _ in solo}) > 1  # the prompts really differ
 
 
-def test_client_vanishing_mid_reply_frees_the_engine(server):
+@pytest.mark.parametrize("leaving", ["close", "vanish"])
+def test_client_leaving_mid_reply_frees_the_engine(server, leaving):
     metrics = server.app.state.metrics
     before = metrics.summary()["counters"]["turns_cancelled"]
 
@@ -733,6 +734,8 @@ def test_client_vanishing_mid_reply_frees_the_engine(server):
             )
             await conn.send({"type": "response.create"})
             await recv_until(conn, "response.output_audio.delta")
+            if leaving == "vanish":  # the network drops: no close frame, the TCP connection is reset
+                conn._connection.transport.abort()
         # leaving the block closes the socket mid-reply
 
     asyncio.run(run())
