@@ -75,6 +75,16 @@ def test_a_turn_fed_from_outside_keeps_only_real_codes_and_stops_at_the_end_toke
         turn.finish()
 
 
+def test_groups_of_steps_after_the_end_token_are_not_the_reply(tiny):
+    _, processor = tiny
+    turn = SpokenTurn(processor)
+    turn.step(ABOS)
+    turn.step(IM_END, (1, 2, 3, 4, 5))  # the reply ends here, speech-EOS or not; this step's group is its last
+    assert turn.step(TEXT_PAD, (6, 7, 8, 9, 10)) == []  # a batch's next step: padding
+    assert turn.feed_speech((11, 12, 13, 14, 15)) == []
+    assert turn.finish()[-1].result.codes == [1, 2, 3, 4, 5]
+
+
 def test_a_detokenizer_without_streaming_renders_at_the_end_and_a_cut_turn_says_so(tiny):
     _, processor = tiny
     turn = SpokenTurn(processor, SineVocoder())

@@ -127,6 +127,7 @@ class SpokenTurn:
         prompt_tokens: size of the prompt, reported in the metrics.
         started_at: ``clock()`` value the timings count from (default: now).
         clock: the time source (``time.perf_counter``).
+        speech_codes: the speech id layout (default: read from ``processor``; pass it to skip that per turn).
     """
 
     def __init__(
@@ -156,6 +157,7 @@ class SpokenTurn:
         self.audio: list[Any] = []
         self.stopped = False  # the end-of-reply token came
         self.finished = False
+        self._after_end = False  # the current step came after the end-of-reply token: its group is not the reply's
         self._filter = SpeechCodeFilter(speech_codes or SpeechCodeLayout.from_processor(processor))
         self._printed = 0
         self._session = None
@@ -175,6 +177,7 @@ class SpokenTurn:
     def feed_text(self, token_id: int) -> list:
         """One step's text token → ``[TextPiece]`` (``[]`` after the end of the reply)."""
         if self.stopped or self.finished:
+            self._after_end = True
             return []
         token_id = int(token_id)
         self.token_ids.append(token_id)
@@ -190,7 +193,7 @@ class SpokenTurn:
 
     def feed_speech(self, group: Iterable[int]) -> list:
         """One step's raw speech group → ``[SpeechPiece, AudioPiece?]`` for its real codes (``[]`` if none)."""
-        if self.finished or not self.speech:
+        if self.finished or self._after_end or not self.speech:
             return []
         codes = self._filter(group)
         if not codes:
@@ -225,6 +228,8 @@ class SpokenTurn:
     def finish(self, cancelled: bool = False) -> list:
         """End the turn: the audio tail (``AudioPiece(final=True)``) when there is a detokenizer, then
         :class:`TurnEnd`. ``cancelled`` marks a turn stopped before its end."""
+        import torch
+
         if self.finished:
             raise RuntimeError("this turn has already finished")
         events: list = []
@@ -243,8 +248,6 @@ class SpokenTurn:
         metrics.completion_tokens = len(self.token_ids)
         metrics.speech_seconds = len(self.codes) / SPEECH_FRAME_RATE
         metrics.total_seconds = self._now()
-        import torch
-
         audio = None
         if self.speech and self.detokenizer is not None:
             audio = torch.cat(self.audio) if self.audio else torch.zeros(0)
