@@ -736,7 +736,7 @@ class RealtimeSession:
 
         config = self.settings.turn_detection
         detector = self._detector
-        events = await asyncio.to_thread(detector.feed, chunk, arrived) if len(chunk) else []
+        events = await detector.feed_async(chunk, arrived) if len(chunk) else []
         if self._detector is not detector:  # turned off or replaced meanwhile
             return
         prefix = config.prefix_padding_ms * MODEL_RATE // 1000

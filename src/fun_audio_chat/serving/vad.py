@@ -8,12 +8,20 @@ margin). Positions are in samples since the detector started, so the caller can 
 
 The silero model (``pip install silero-vad``; the package ships its weights, nothing is downloaded) keeps a
 recurrent state, so every detector owns one model instance (loading one takes ~50 ms).
+
+Threads: silero scores one 32 ms frame at a time, and such tiny operations run *slower* with more torch threads
+(measured here with 2 threads on 2 busy cores: ~150 ms per frame instead of ~1 ms, slower than real time). Torch's
+thread count is per OS thread (a new thread starts with the last value set anywhere), so every silero model runs
+on one dedicated worker thread set to 1 torch thread (:func:`vad_worker`), and the process default is put back at
+once, so the model's decoding threads keep all cores.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,33 +30,70 @@ SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # the frame size silero-vad takes at 16 kHz
 EXIT_MARGIN = 0.15  # a frame counts as silence below threshold - EXIT_MARGIN
 
-_IMPORT_LOCK = threading.Lock()
+_WORKER: ThreadPoolExecutor | None = None
+_WORKER_THREAD: list[threading.Thread] = []
+_WORKER_LOCK = threading.Lock()
 
 
 class VADUnavailableError(RuntimeError):
     """silero-vad is not installed."""
 
 
-def load_silero_model():
-    """A fresh silero-vad model (TorchScript, bundled with the package).
-
-    Importing ``silero_vad`` calls ``torch.set_num_threads(1)`` for the whole process, which would halve the
-    model's decoding speed on a 2-core server; the thread count is put back after the import.
-    """
+def _prepare_worker_thread() -> None:
     import torch
 
-    with _IMPORT_LOCK:
-        threads = torch.get_num_threads()
-        try:
-            from silero_vad import load_silero_vad
-        except ImportError as err:
-            raise VADUnavailableError(
-                "server-side turn detection needs silero-vad: pip install 'fun-audio-chat[serve]' "
-                "(or pip install silero-vad), or turn it off with turn_detection: null."
-            ) from err
-        finally:
-            torch.set_num_threads(threads)
-    return load_silero_vad()
+    # torch sets a thread's count from the process default at the thread's first parallel use, which would undo
+    # the setting below once the default is restored: trigger that first use now
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    _WORKER_THREAD.append(threading.current_thread())
+    try:
+        import silero_vad  # noqa: F401 - its import sets 1 torch thread as well: let it happen here
+    except ImportError as err:
+        raise VADUnavailableError(
+            "server-side turn detection needs silero-vad: pip install 'fun-audio-chat[serve]' "
+            "(or pip install silero-vad), or turn it off with turn_detection: null."
+        ) from err
+
+
+def vad_worker() -> ThreadPoolExecutor:
+    """The one thread that runs every silero model, with 1 torch thread (see the module docstring)."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None:
+            import torch
+
+            process_default = torch.get_num_threads()
+            worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fun-audio-chat-vad")
+            try:
+                worker.submit(_prepare_worker_thread).result()
+            except BaseException:
+                worker.shutdown(wait=False)
+                raise
+            finally:
+                # the worker's setting became the default for threads started later: put the default back (this
+                # thread already runs with process_default, the worker keeps its 1 thread)
+                torch.set_num_threads(process_default)
+            _WORKER = worker
+    return _WORKER
+
+
+def _on_worker(function, *args):
+    """Run ``function`` on the VAD worker and wait for it (inline when already there)."""
+    if threading.current_thread() in _WORKER_THREAD:
+        return function(*args)
+    return vad_worker().submit(function, *args).result()
+
+
+def load_silero_model():
+    """A fresh silero-vad model (TorchScript, bundled with the package), loaded on the VAD worker."""
+
+    def load():
+        from silero_vad import load_silero_vad
+
+        return load_silero_vad()
+
+    return _on_worker(load)
 
 
 def vad_available() -> bool:
@@ -101,11 +146,21 @@ class SpeechTurnDetector:
 
     def feed(self, samples: np.ndarray, arrived_at: float | None = None) -> list[SpeechStarted | SpeechStopped]:
         """Score new audio (``arrived_at``: when it was received, ``perf_counter`` time); returns the speech
-        starts and stops it completes, in order."""
+        starts and stops it completes, in order. Blocks until the VAD worker has scored it."""
+        arrived_at = time.perf_counter() if arrived_at is None else arrived_at
+        return _on_worker(self._score, samples, arrived_at)
+
+    async def feed_async(
+        self, samples: np.ndarray, arrived_at: float | None = None
+    ) -> list[SpeechStarted | SpeechStopped]:
+        """:meth:`feed` for a coroutine: the event loop goes on while the VAD worker scores."""
+        arrived_at = time.perf_counter() if arrived_at is None else arrived_at
+        return await asyncio.wrap_future(vad_worker().submit(self._score, samples, arrived_at))
+
+    def _score(self, samples: np.ndarray, arrived_at: float) -> list[SpeechStarted | SpeechStopped]:
         import torch
 
         # every frame scored now ends inside this piece, so its audio was complete when this piece arrived
-        arrived_at = time.perf_counter() if arrived_at is None else arrived_at
         samples = np.asarray(samples, dtype=np.float32).reshape(-1)
         self._pending = np.concatenate([self._pending, samples])
         events: list[SpeechStarted | SpeechStopped] = []
@@ -144,4 +199,5 @@ __all__ = [
     "VADUnavailableError",
     "load_silero_model",
     "vad_available",
+    "vad_worker",
 ]
