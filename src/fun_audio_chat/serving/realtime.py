@@ -572,7 +572,8 @@ class RealtimeSession:
             if not writer.done():
                 self._outbox.put_nowait(("close", 1000, "idle timeout" if idle else "session closed"))
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(writer, 5.0)
+                    # let the last events and the close frame out; a client that stopped reading gets no such wait
+                    await asyncio.wait_for(writer, 0.5 if self._stop.is_set() else 5.0)
                 writer.cancel()
             if self.metrics is not None:
                 self.metrics.realtime_session_closed(idle=idle)
