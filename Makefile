@@ -10,7 +10,7 @@ LATEST_STAMP := $(LATEST)/.installed
 EXTRAS := train,speech-tokenizer,notebooks,test
 PYTEST_ENV := TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 
-.PHONY: demo test test-latest install clean
+.PHONY: demo test test-latest install clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,12 +37,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/fun-audio-chat demo
 
-test: $(STAMP)
+# Chromium + chromedriver for the browser test, where the machine allows installing them (else that test skips,
+# saying how to enable it; CI sets FUN_AUDIO_CHAT_REQUIRE_BROWSER=1 so it can never skip there).
+browser:
+	bash scripts/install-browser
+
+test: $(STAMP) browser
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(PYTEST_ENV) $(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
-test-latest: $(LATEST_STAMP)
+test-latest: $(LATEST_STAMP) browser
 	$(PYTEST_ENV) $(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile tests
 
 clean:
