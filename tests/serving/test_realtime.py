@@ -179,6 +179,60 @@ assert (torch.get_num_threads(), seen["new"], worker) == (2, 2, 1), (torch.get_n
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
 
 
+def test_vad_commit_keeps_the_prefix_padding_and_silence_does_not_grow_the_buffer(tiny_pair, speech_pcm):
+    """The buffer arithmetic of server VAD, on a session without a server: the committed item holds the speech plus
+    ``prefix_padding_ms`` before it, cut at the end of speech; outside speech the buffer stays small."""
+    from fun_audio_chat.processing import resample
+    from fun_audio_chat.serving.realtime import RealtimeSession
+
+    _, processor = tiny_pair
+
+    class NoEngine:
+        can_speak, sample_rate = False, None
+
+        def __init__(self):
+            self.processor = processor
+
+    class Socket:
+        scope, query_params = {"subprotocols": []}, {}
+
+    async def run():
+        session = RealtimeSession(Socket(), NoEngine(), model_id="tiny")
+        vad = {"type": "server_vad", "prefix_padding_ms": 200, "create_response": False}
+        update = {
+            "type": "session.update",
+            "session": {"type": "realtime", "audio": {"input": {"turn_detection": vad}}},
+        }
+        await session.handle_text(json.dumps(update))
+        silence = base64.b64encode(bytes(CHUNK * 2)).decode()
+        for _ in range(30):  # 3 s of silence first
+            await session.handle_text(json.dumps({"type": "input_audio_buffer.append", "audio": silence}))
+            assert session._buffer_samples <= 16000 * 0.2 + 1024 + 1600  # only the prefix padding is kept
+        for start in range(0, len(speech_pcm), CHUNK * 2):
+            piece = base64.b64encode(speech_pcm[start : start + CHUNK * 2]).decode()
+            await session.handle_text(json.dumps({"type": "input_audio_buffer.append", "audio": piece}))
+        events = []
+        while not session._outbox.empty():
+            events.append(session._outbox.get_nowait())
+        return session, events
+
+    session, events = asyncio.run(run())
+    kinds = [event["type"] for event in events]
+    assert "error" not in kinds and not any(kind.startswith("response.") for kind in kinds)  # create_response off
+    started = next(event for event in events if event["type"] == "input_audio_buffer.speech_started")
+    stopped = next(event for event in events if event["type"] == "input_audio_buffer.speech_stopped")
+    assert 3300 <= started["audio_start_ms"] <= 4100  # after the 3 s of silence and the clip's own 0.5 s lead
+    (item,) = session.items
+    audio = item.parts[0]["audio"]
+    expected = (stopped["audio_end_ms"] - started["audio_start_ms"] + 200) * 16
+    assert abs(len(audio) - expected) <= 32  # millisecond rounding of the event positions
+    # it is the user's audio: the same samples as resampling the whole stream at once, from that position
+    whole = resample(np.frombuffer(speech_pcm, dtype="<i2").astype(np.float32) / 32768, RATE, 16000)
+    offset = (started["audio_start_ms"] - 200 - 3000) * 16
+    reference = whole[offset : offset + len(audio)]
+    assert np.corrcoef(audio[: len(reference)], reference)[0, 1] > 0.99
+
+
 def test_server_vad_turn_from_speech_streamed_in_100ms_chunks(server, speech_pcm):
     async def run():
         async with connect(server) as conn:
