@@ -128,6 +128,10 @@ class SpokenTurn:
         started_at: ``clock()`` value the timings count from (default: now).
         clock: the time source (``time.perf_counter``).
         speech_codes: the speech id layout (default: read from ``processor``; pass it to skip that per turn).
+        render_audio: push each step's real codes into the turn's streaming session right away (default). A
+            server that synthesises many turns in one batched call per tick (``detokenizer.push_streams``) passes
+            False, takes the codes with :meth:`take_codes_to_render`, advances :attr:`audio_session` itself and
+            hands the samples back with :meth:`add_audio`.
     """
 
     def __init__(
@@ -143,6 +147,7 @@ class SpokenTurn:
         started_at: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
         speech_codes: SpeechCodeLayout | None = None,
+        render_audio: bool = True,
     ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -160,6 +165,8 @@ class SpokenTurn:
         self._after_end = False  # the current step came after the end-of-reply token: its group is not the reply's
         self._filter = SpeechCodeFilter(speech_codes or SpeechCodeLayout.from_processor(processor))
         self._printed = 0
+        self.render_audio = render_audio
+        self._unrendered: list[int] = []  # real codes not yet pushed into the session (render_audio=False)
         self._session = None
         if speech and detokenizer is not None and hasattr(detokenizer, "streaming_session"):
             self._session = detokenizer.streaming_session(speaker_embedding, chunked=chunked)
@@ -203,8 +210,27 @@ class SpokenTurn:
             self.metrics.first_speech_seconds = self._now()
         events: list = [SpeechPiece(codes=tuple(codes))]
         if self._session is not None:
-            events += self._audio(self._session.push(codes), final=False)
+            if self.render_audio:
+                events += self._audio(self._session.push(codes), final=False)
+            else:
+                self._unrendered.extend(codes)
         return events
+
+    # ------------------------------------------------------------------------- audio rendered elsewhere
+    @property
+    def audio_session(self):
+        """The detokenizer's streaming session of this reply (None without a streaming detokenizer)."""
+        return self._session
+
+    def take_codes_to_render(self) -> list[int]:
+        """The real codes received since the last call, for a caller that renders audio itself
+        (``render_audio=False``); they are handed out once."""
+        codes, self._unrendered = self._unrendered, []
+        return codes
+
+    def add_audio(self, samples) -> list:
+        """Samples rendered from this turn's session by the caller → ``[AudioPiece]`` (``[]`` when empty)."""
+        return self._audio(samples, final=False)
 
     def step(self, token_id: int, group: Iterable[int] | None = None) -> list:
         """:meth:`feed_text` then, when the row committed one, :meth:`feed_speech`."""

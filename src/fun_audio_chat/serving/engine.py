@@ -1,4 +1,4 @@
-"""One model instance serving many conversations: requests that arrive together are decoded as one batch.
+"""One model instance serving many conversations: replies join and leave one running batch at decoding steps.
 
 :class:`ServingEngine` owns the model, the processor and (optionally) a speech detokenizer. A request is a
 :class:`TurnRequest` (a conversation in the processor's chat format plus decoding settings); :meth:`submit`
@@ -9,31 +9,25 @@ returns a :class:`TurnHandle` whose events arrive while the reply is generated:
 * :class:`TurnDone` — the whole reply (:class:`TurnResult`: text, speech codes, finish reason, timings);
 * :class:`TurnFailed` — the turn could not be generated (the exception says why).
 
-Threads:
+Each turn is a :class:`~fun_audio_chat.SpokenTurn` (the library's one owner of a spoken turn: text pieces, the real
+speech codes of each group, the audio, the result); the engine only schedules. Two threads:
 
-* the **generation thread** takes the oldest waiting request plus every waiting request that can share its batch
-  (same :meth:`TurnRequest.batch_key`: modality, sampling settings, length limit, tools), templates them as one
-  left-padded batch and runs ``model.generate`` with a :class:`~fun_audio_chat.FunAudioChatIteratorStreamer`.
-  ``generate`` keeps every row of a padded batch equal to the same row decoded alone, so batching changes
-  throughput, never an answer (under greedy settings). Sampled requests with a ``seed`` run alone, so their seed
-  alone decides their answer;
-* the **speech thread** turns each row's 25 Hz speech codes into audio with one streaming detokenizer session per
-  request, so synthesis overlaps with the next decoding steps; the request whose client has received the least
-  audio is served first.
+* the **generation thread** runs a :class:`~fun_audio_chat.modeling.ContinuousBatchDecoder`: a request is
+  templated and prefilled alone as soon as the thread is between two decoding steps, joins the running batch at the
+  next step and leaves it on the step its reply ends, so a request never waits for other replies to end. Every
+  row keeps its own positions, settings and (with a ``seed``) random stream, so a greedy reply equals the same
+  request decoded alone whichever rows share the batch, and a seeded reply repeats;
+* the **speech thread** renders the real speech codes of every speaking turn: at each tick, everything that
+  arrived since the last tick goes through one ``detokenizer.push_streams`` call (one batched flow call for all
+  replies, batched vocoder windows), each reply equal to its own streaming session.
 
-A row whose reply ends (``<|im_end|>``) before the rest of its batch is answered at once.
-
-A cancelled handle (its client went away) stops its row at the next decoding step through a stopping criterion;
-when every row of a batch is cancelled, ``generate`` returns at once. The batch itself is fixed for its lifetime
-(rows cannot join a running ``generate`` call), so a cancelled row stops decoding and streaming but its slot is
-only reused by the next batch.
+A cancelled handle (its client went away) leaves the batch before the next decoding step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import queue
 import threading
@@ -81,14 +75,6 @@ class TurnRequest:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def batch_key(self, unique: int) -> tuple:
-        """Requests with equal keys can share one ``generate`` call."""
-        tools = json.dumps(self.tools, sort_keys=True) if self.tools else None
-        sampling = ("greedy",) if self.greedy else ("sample", self.temperature, self.top_p)
-        if not self.greedy and self.seed is not None:
-            sampling += ("alone", unique)  # a seed fixes the RNG of the whole generate call: decode it alone
-        return (self.speech, self.max_new_tokens, tools) + sampling
-
     def generate_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens}
         if self.speech:
@@ -109,9 +95,11 @@ class TurnRequest:
 class TurnMetrics:
     """Timings of one turn, in seconds from the moment the request was submitted."""
 
-    batch_size: int = 0
-    queue_seconds: float | None = None  # waiting for the generation thread
+    batch_size: int = 0  # most replies decoded together while this one was
+    queue_seconds: float | None = None  # waiting for the generation thread (to the start of the prefill)
+    prefill_seconds: float | None = None  # to the end of the prefill (the reply's first token is chosen)
     first_text_seconds: float | None = None  # to the first reply text token
+    first_speech_seconds: float | None = None  # to the first real speech codes (after the speech-BOS delay)
     first_audio_seconds: float | None = None  # to the first audio samples
     total_seconds: float | None = None
     audio_seconds: float = 0.0  # duration of the synthesized reply
@@ -170,13 +158,9 @@ class TurnHandle:
         self._loop = loop
         self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop is not None else None
         self._sync_queue: queue.Queue = queue.Queue()
-        # filled by the engine
-        self.prompt_length = 0
-        self.token_ids: list[int] = []
-        self.text_parts: list[str] = []
-        self.codes: list[int] = []  # real speech codes streamed so far
-        self.speech_ended = False
-        self.audio_parts: list[np.ndarray] = []
+        self.turn = None  # the SpokenTurn, once the generation thread has started the reply
+        self.row_id: int | None = None
+        self.ended_cancelled = False  # the reply left the batch because it was cancelled
 
     # engine side ---------------------------------------------------------------------------------
     def _since_submit(self) -> float:
@@ -232,30 +216,18 @@ class TurnHandle:
 
 
 # ------------------------------------------------------------------------------------------------ engine
-class _CancelledRows:
-    """Stopping criterion: True for the rows whose client went away (generate pads them from then on)."""
-
-    def __init__(self, handles: list[TurnHandle]):
-        self.handles = handles
-
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
-        flags = [handle.cancelled.is_set() for handle in self.handles]
-        return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-
 class ServingEngine:
-    """Batches turns through one model (see the module docstring).
+    """Decodes turns through one model with continuous batching (see the module docstring).
 
     Args:
         model: a :class:`~fun_audio_chat.FunAudioChatForConditionalGeneration` in eval mode.
         processor: its :class:`~fun_audio_chat.FunAudioChatProcessor`.
-        detokenizer: speech codes → audio (``sample_rate``, ``streaming_session()``); None = no audio (speech
-            requests still get their text; :attr:`can_speak` is False).
-        max_batch_size: most rows in one ``generate`` call.
-        batch_window: seconds the generation thread waits after a request arrives for others to join its batch.
-        generate_kwargs: extra ``generate`` keyword arguments for every call (e.g. ``logits_processor``).
+        detokenizer: speech codes → audio (``sample_rate``, ``streaming_session()``, ``push_streams``); None = no
+            audio (speech requests still get their text; :attr:`can_speak` is False).
+        max_batch_size: most replies decoded together; later requests wait for a row to leave.
+        batch_window: seconds the idle generation thread waits after a request arrives, so that requests sent at
+            the same moment start on the same step (a busy thread never waits: new rows join at the next step).
+        generate_kwargs: extra ``generate`` keyword arguments for every turn (e.g. ``logits_processor``).
     """
 
     def __init__(
@@ -283,8 +255,9 @@ class ServingEngine:
         self._ids = itertools.count(1)
         self._closed = False
         self._threads: list[threading.Thread] = []
-        self.batches_run = 0
-        self.busy = threading.Event()
+        self._decoding: dict[int, TurnHandle] = {}  # row id -> handle, generation thread only
+        self.steps_run = 0  # decoding steps of the running batch, over the engine's life
+        self.busy = threading.Event()  # set while rows are decoding
 
     # ------------------------------------------------------------------ properties
     @property
@@ -323,8 +296,10 @@ class ServingEngine:
             self._pending_lock.notify_all()
         for handle in waiting:
             handle._emit(TurnFailed(RuntimeError("the server is shutting down")))
+        for thread in self._threads[:1]:
+            thread.join(timeout=30)
         self._speech_jobs.put(None)
-        for thread in self._threads:
+        for thread in self._threads[1:]:
             thread.join(timeout=30)
         self._threads = []
 
@@ -352,67 +327,148 @@ class ServingEngine:
         speech = request.speech and self.model.audio_invert_tower is not None
         self.model.context_fit(prompt_length, request.max_new_tokens, speech=speech).check(length_name="max_tokens")
 
-    def _template(self, requests: list[TurnRequest]):
-        first = requests[0]
-        kwargs = {"tools": first.tools} if first.tools else {}
+    def _template(self, request: TurnRequest):
+        kwargs = {"tools": request.tools} if request.tools else {}
         return self.processor.apply_chat_template(
-            [request.messages for request in requests],
+            [request.messages],
             add_generation_prompt=True,
-            speech_output=first.speech,
+            speech_output=request.speech,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
             **kwargs,
         )
 
+    def _stop_token_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
+        ids.add(self.processor.im_end_token_id)
+        return ids
+
     # ------------------------------------------------------------------ generation thread
-    def _next_batch(self) -> list[TurnHandle] | None:
+    def _admit(self, running: bool) -> list[TurnHandle] | None:
+        """The waiting requests that fit in the batch (None once the engine closes). Idle, it waits for a request
+        and then ``batch_window``; running, it takes what is there without waiting."""
         with self._pending_lock:
-            while not self._pending and not self._closed:
+            while not running and not self._pending and not self._closed:
                 self._pending_lock.wait()
             if self._closed:
                 return None
-            first = self._pending[0]
-        if self.batch_window > 0:
-            time.sleep(self.batch_window)  # let requests sent at the same moment join
+            idle_arrival = not running and bool(self._pending)
+        if idle_arrival and self.batch_window > 0:
+            time.sleep(self.batch_window)  # let requests sent at the same moment start together
+        admitted = []
         with self._pending_lock:
-            key = first.request.batch_key(first.request_id)
-            batch, rest = [], deque()
-            while self._pending:
+            while self._pending and len(self._decoding) + len(admitted) < self.max_batch_size:
                 handle = self._pending.popleft()
                 if handle.cancelled.is_set():
                     handle._emit(TurnFailed(TurnCancelled("the client went away before the turn started")))
-                elif len(batch) < self.max_batch_size and handle.request.batch_key(handle.request_id) == key:
-                    batch.append(handle)
                 else:
-                    rest.append(handle)
-            self._pending = rest
-        return batch
+                    admitted.append(handle)
+        return admitted
 
     def _generation_loop(self) -> None:
+        import torch
+
+        from ..modeling import ContinuousBatchDecoder
+
+        decoder = ContinuousBatchDecoder(self.model)
+        stop_ids = self._stop_token_ids()
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            admitted = self._admit(running=decoder.has_rows)
+            if admitted is None:
+                for handle in list(self._decoding.values()):
+                    self._fail(handle, RuntimeError("the server is shutting down"))
+                self._decoding.clear()
                 return
-            if not batch:
+            for handle in admitted:
+                self._start_row(decoder, handle, stop_ids)
+            for row_id, handle in list(self._decoding.items()):
+                if handle.cancelled.is_set():
+                    decoder.cancel(row_id)
+                    del self._decoding[row_id]
+                    self._end_turn(handle, cancelled=True)
+            if not decoder.has_rows:
+                self.busy.clear()
                 continue
             self.busy.set()
             try:
-                self._run_batch(batch)
-            except Exception as err:  # noqa: BLE001 - reported to the clients, the server keeps serving
-                started_streaming = any(handle.metrics.first_text_seconds is not None for handle in batch)
-                if len(batch) > 1 and not started_streaming:
-                    # one bad row must not fail the others: decode each alone
-                    logger.warning("batch of %d failed (%s); decoding its rows one by one", len(batch), err)
-                    for handle in batch:
-                        try:
-                            self._run_batch([handle])
-                        except Exception as row_err:  # noqa: BLE001
-                            self._fail(handle, row_err)
-                else:
-                    self._fail(batch[0], err)
-            finally:
+                with torch.inference_mode():
+                    steps = decoder.step()
+            except Exception as err:  # noqa: BLE001 - every row of the failed step fails; the engine goes on
+                logger.warning("a decoding step of %d rows failed: %s", len(self._decoding), err)
+                for handle in self._decoding.values():
+                    self._fail(handle, err)
+                self._decoding.clear()
+                decoder = ContinuousBatchDecoder(self.model)
                 self.busy.clear()
+                continue
+            self.steps_run += 1
+            rows = len(steps)
+            for step in steps:
+                handle = self._decoding.get(step.row_id)
+                if handle is None:
+                    continue
+                self._deliver_step(handle, step, rows)
+                if step.finished:
+                    del self._decoding[step.row_id]
+                    self._end_turn(handle)
+            if not decoder.has_rows:
+                self.busy.clear()
+
+    def _start_row(self, decoder, handle: TurnHandle, stop_ids: set[int]) -> None:
+        from ..voice_chat import SpokenTurn
+
+        request = handle.request
+        started = time.perf_counter()
+        handle.metrics.queue_seconds = started - handle.submitted_at
+        try:
+            inputs = self._template(request).to(self.model.device)
+            prompt_length = int(inputs["input_ids"].shape[1])
+            self._check_fits(prompt_length, request)
+            kwargs = request.generate_kwargs()
+            kwargs.update(self.extra_generate_kwargs)
+            seed = request.seed if not request.greedy else None
+            row_id = decoder.add(inputs, seed=seed, **kwargs)
+        except Exception as err:  # noqa: BLE001 - this request fails alone; the batch goes on
+            self._fail(handle, err)
+            return
+        handle.metrics.prefill_seconds = handle._since_submit()
+        handle.metrics.prompt_tokens = prompt_length
+        speaking = request.speech and self.can_speak
+        handle.turn = SpokenTurn(
+            self.processor,
+            self.detokenizer if speaking else None,
+            speech=request.speech,
+            stop_token_ids=stop_ids,
+            prompt_tokens=prompt_length,
+            started_at=handle.submitted_at,
+            render_audio=False,
+        )
+        handle.row_id = row_id
+        self._decoding[row_id] = handle
+
+    def _deliver_step(self, handle: TurnHandle, step, rows: int) -> None:
+        from ..voice_chat import SpeechPiece, TextPiece
+
+        handle.metrics.batch_size = max(handle.metrics.batch_size, rows)
+        group = None if step.speech_group is None else step.speech_group.tolist()
+        spoken = False
+        for event in handle.turn.step(step.token_id, group):
+            if isinstance(event, TextPiece) and event.text:
+                handle._emit(TextDelta(event.text))
+            elif isinstance(event, SpeechPiece):
+                spoken = True
+        if spoken and handle.turn.audio_session is not None:
+            self._speech_jobs.put((handle, False))
+
+    def _end_turn(self, handle: TurnHandle, cancelled: bool = False) -> None:
+        """The reply has left the batch: its audio tail and result come from the speech thread when it speaks."""
+        if handle.turn.audio_session is not None:
+            handle.ended_cancelled = cancelled
+            self._speech_jobs.put((handle, True))
+        else:
+            self._finish(handle, cancelled)
 
     def _fail(self, handle: TurnHandle, error: BaseException) -> None:
         if handle.finished.is_set():
@@ -422,177 +478,45 @@ class ServingEngine:
             self.on_turn_end(handle, None, error)
         handle._emit(TurnFailed(error))
 
-    def _run_batch(self, batch: list[TurnHandle]) -> None:
-        import torch
-        from transformers import StoppingCriteriaList
+    def _finish(self, handle: TurnHandle, cancelled: bool) -> None:
+        """End the handle's turn (:meth:`SpokenTurn.finish`) and answer it."""
+        from ..voice_chat import AudioPiece, TurnEnd
 
-        from ..modeling import FunAudioChatIteratorStreamer, SpeechEvent, TextEvent
-
-        started = time.perf_counter()
-        request = batch[0].request
-        inputs = self._template([handle.request for handle in batch]).to(self.model.device)
-        prompt_length = int(inputs["input_ids"].shape[1])
-        self._check_fits(prompt_length, request)
-        for handle in batch:
-            handle.metrics.batch_size = len(batch)
-            handle.metrics.queue_seconds = started - handle.submitted_at
-            handle.prompt_length = prompt_length
-            handle.text_parts, handle.codes, handle.audio_parts, handle.token_ids = [], [], [], []
-            handle.speech_ended = False
-        speaking = request.speech and self.can_speak
-        if speaking:
-            for handle in batch:
-                self._speech_jobs.put((handle, "start", None))
-
-        streamer = FunAudioChatIteratorStreamer(self.processor.tokenizer, skip_special_tokens=True, timeout=None)
-        kwargs = request.generate_kwargs()
-        kwargs.update(self.extra_generate_kwargs)
-        kwargs.update(
-            streamer=streamer,
-            return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([_CancelledRows(batch)]),
-        )
-        outcome: dict[str, Any] = {}
-
-        def run():
-            try:
-                with torch.inference_mode():
-                    if not request.greedy and request.seed is not None:
-                        torch.manual_seed(request.seed)
-                    outcome["output"] = self.model.generate(**inputs, **kwargs)
-            except BaseException as err:  # noqa: BLE001 - re-raised below, in this thread
-                outcome["error"] = err
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True, name="fun-audio-chat-generate")
-        worker.start()
-        eos_ids = self._stop_token_ids()
-        ending: set[int] = set()  # rows whose end-of-reply token came in this step
-        done: set[int] = set()  # rows already answered
-        try:
-            for event in streamer:
-                row = event.row
-                handle = batch[row]
-                if row in done or handle.cancelled.is_set():
-                    continue
-                if isinstance(event, TextEvent):
-                    if row in ending:
-                        # the next step began: the row's last speech group has been delivered, its turn can end now
-                        # instead of when the longest row of the batch ends
-                        codes = list(handle.codes) if request.speech else None
-                        self._complete(
-                            handle,
-                            self.processor.decode_text(handle.token_ids),
-                            codes,
-                            "stop",
-                            len(handle.token_ids),
-                            int(inputs["attention_mask"][row].sum()),
-                            speaking,
-                        )
-                        done.add(row)
-                        continue
-                    handle.token_ids.append(event.token_id)
-                    if event.text:
-                        handle.text_parts.append(event.text)
-                        handle._emit(TextDelta(event.text))
-                    if event.token_id in eos_ids:
-                        ending.add(row)
-                elif isinstance(event, SpeechEvent):
-                    codes = self._speech_codes(handle, event.codes)
-                    handle.codes.extend(codes)
-                    if speaking and codes:
-                        self._speech_jobs.put((handle, "codes", codes))
-        except Exception:  # noqa: BLE001 - the streamer re-raises a failed generate(); report the original error
-            worker.join()
-            if "error" not in outcome:
-                raise
-        worker.join()
-        self.batches_run += 1
-        if "error" in outcome:
-            if speaking:
-                for row, handle in enumerate(batch):
-                    if row not in done:
-                        self._speech_jobs.put((handle, "drop", None))
-            raise outcome["error"]
-
-        output = outcome["output"]
-        sequences = output.sequences[:, prompt_length:]
-        texts = self.processor.decode_text(sequences)
-        codes = (
-            self.processor.decode_speech(output.speech_ids, output.speech_attention_mask) if request.speech else None
-        )
-        for row, handle in enumerate(batch):
-            if row in done:
-                continue
-            row_ids = sequences[row].tolist()
-            ended = next((i for i, token in enumerate(row_ids) if token in eos_ids), None)
-            if handle.cancelled.is_set():
-                reason = "cancelled"
-            elif ended is not None:
-                reason = "stop"
-            else:
-                reason = "length"
-            self._complete(
-                handle,
-                texts[row],
-                codes[row] if codes is not None else None,
-                reason,
-                (ended + 1) if ended is not None else len(row_ids),
-                int(inputs["attention_mask"][row].sum()),
-                speaking,
-            )
-
-    def _speech_codes(self, handle: TurnHandle, group) -> list[int]:
-        """The real speech codes of a streamed group (:func:`fun_audio_chat.speech_codes.real_speech_codes`)."""
-        from ..speech_codes import SpeechCodeLayout, real_speech_codes
-
-        if handle.speech_ended:
-            return []
-        layout = getattr(self, "_speech_code_layout", None)
-        if layout is None:  # read once: the processor counts its speech vocabulary to find it
-            layout = self._speech_code_layout = SpeechCodeLayout.from_processor(self.processor)
-        codes, handle.speech_ended = real_speech_codes(group, layout)
-        return codes
-
-    def _complete(self, handle, text, codes, reason, completion_tokens, prompt_tokens, speaking) -> None:
-        handle.metrics.prompt_tokens = prompt_tokens
-        handle.metrics.completion_tokens = completion_tokens
+        spoken = None
+        for event in handle.turn.finish(cancelled=cancelled):
+            if isinstance(event, AudioPiece):
+                self._emit_audio(handle, event.audio)
+            elif isinstance(event, TurnEnd):
+                spoken = event.result
+        metrics = handle.metrics
+        metrics.completion_tokens = spoken.metrics.completion_tokens
+        metrics.first_speech_seconds = spoken.metrics.first_speech_seconds
+        metrics.total_seconds = handle._since_submit()
+        audio = None
+        if spoken.audio is not None:
+            audio = np.ascontiguousarray(spoken.audio.numpy(), dtype=np.float32)
         result = TurnResult(
-            text=text,
-            codes=codes,
-            audio=None,
-            sample_rate=self.sample_rate if speaking else None,
-            finish_reason=reason,
-            metrics=handle.metrics,
+            text=spoken.text,
+            codes=spoken.codes,
+            audio=audio,
+            sample_rate=self.sample_rate if audio is not None else None,
+            finish_reason=spoken.finish_reason,
+            metrics=metrics,
         )
-        if speaking:
-            self._speech_jobs.put((handle, "finish", result))
-        else:
-            self._finish(handle, result)
-
-    def _stop_token_ids(self) -> set[int]:
-        eos = self.model.generation_config.eos_token_id
-        ids = set(eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else [])
-        ids.add(self.processor.im_end_token_id)
-        return ids
-
-    def _finish(self, handle: TurnHandle, result: TurnResult) -> None:
-        handle.metrics.total_seconds = handle._since_submit()
         if self.on_turn_end is not None:
             self.on_turn_end(handle, result, None)
         handle._emit(TurnDone(result))
 
     # ------------------------------------------------------------------ speech thread
     def _speech_loop(self) -> None:
-        """Runs the detokenizer sessions. Jobs of one turn run in order; across turns, the turn whose client has
-        received the least audio goes first, so a turn of a later batch is not starved by an earlier batch whose
-        codes all arrived at once (the LLM usually runs ahead of synthesis)."""
-        sessions: dict[int, Any] = {}
-        waiting: dict[int, deque] = {}  # request id -> its jobs not yet run, in order
-        handles: dict[int, TurnHandle] = {}
+        """Renders the codes of every speaking turn: each tick takes everything that arrived since the last one
+        and runs one ``push_streams`` call for all those turns."""
+        import torch
+
         closing = False
-        while not (closing and not waiting):
-            block = not waiting
+        while not closing:
+            due: dict[int, tuple[TurnHandle, bool]] = {}  # request id -> (handle, its turn has ended)
+            block = True
             while True:
                 try:
                     job = self._speech_jobs.get(block=block)
@@ -602,50 +526,36 @@ class ServingEngine:
                 if job is None:
                     closing = True
                     continue
-                handle = job[0]
-                handles[handle.request_id] = handle
-                waiting.setdefault(handle.request_id, deque()).append(job)
-            if not waiting:
+                handle, ended = job
+                previous = due.get(handle.request_id)
+                due[handle.request_id] = (handle, ended or (previous is not None and previous[1]))
+            if not due:
                 continue
-            request_id = min(waiting, key=lambda rid: (handles[rid].metrics.audio_seconds, rid))
-            jobs = waiting[request_id]
-            self._run_speech_job(jobs.popleft(), sessions)
-            if not jobs:
-                del waiting[request_id]
-                if request_id not in sessions:
-                    handles.pop(request_id, None)
-
-    def _run_speech_job(self, job, sessions: dict) -> None:
-        import torch
-
-        handle, kind, payload = job
-        try:
-            if kind == "start":
-                sessions[handle.request_id] = self.detokenizer.streaming_session()
-            elif kind == "drop":
-                sessions.pop(handle.request_id, None)
-            elif kind == "codes":
-                session = sessions.get(handle.request_id)
-                if session is None or handle.cancelled.is_set():
-                    return
+            entries, members = [], []
+            for handle, ended in due.values():
+                turn = handle.turn
+                if turn.finished:
+                    continue
+                drop = handle.cancelled.is_set()
+                codes = [] if drop else turn.take_codes_to_render()
+                if drop and not ended:
+                    continue  # a cancelled reply renders nothing more; its end comes from the generation thread
+                if not drop:
+                    entries.append((turn.audio_session, codes, ended))
+                members.append((handle, ended, drop))
+            try:
                 with torch.inference_mode():
-                    samples = session.push(list(payload))
-                self._emit_audio(handle, samples)
-            elif kind == "finish":
-                session = sessions.pop(handle.request_id, None)
-                if session is not None and not handle.cancelled.is_set():
-                    with torch.inference_mode():
-                        self._emit_audio(handle, session.finish())
-                result: TurnResult = payload
-                if handle.audio_parts:
-                    result.audio = np.concatenate(handle.audio_parts)
-                else:
-                    result.audio = np.zeros(0, dtype=np.float32)
-                self._finish(handle, result)
-        except Exception as err:  # noqa: BLE001 - this turn fails, the others go on
-            sessions.pop(handle.request_id, None)
-            if not handle.finished.is_set():
-                self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
+                    rendered = iter(self.detokenizer.push_streams(entries)) if entries else iter(())
+                for handle, ended, drop in members:
+                    if not drop:
+                        for event in handle.turn.add_audio(next(rendered)):
+                            self._emit_audio(handle, event.audio)
+                    if ended:
+                        self._finish(handle, handle.ended_cancelled or drop)
+            except Exception as err:  # noqa: BLE001 - these turns fail, the others go on
+                for handle, _, _ in members:
+                    if not handle.finished.is_set():
+                        self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
 
     def _emit_audio(self, handle: TurnHandle, samples) -> None:
         if samples is None:
@@ -654,7 +564,6 @@ class ServingEngine:
         array = np.ascontiguousarray(array.reshape(-1), dtype=np.float32)
         if array.size == 0:
             return
-        handle.audio_parts.append(array)
         handle.metrics.audio_seconds += array.size / self.sample_rate
         handle._emit(AudioDelta(array))
 

@@ -13,8 +13,12 @@ first reply audio went (:meth:`ServingMetrics.record_realtime_turn`), as Prometh
   ``speech_stopped`` (the silence it waits for, plus scoring time); absent for manually committed turns;
 * ``turn_end_to_submit`` — ``speech_stopped`` (or the client's commit / ``response.create``) → the turn reaches the
   engine (building the conversation);
-* ``queue_prefill`` — engine submit → first reply text token (waiting for a batch, prefill, first step);
-* ``first_speech_audio`` — first reply text token → first reply audio chunk (speech codes + synthesis);
+* ``queue_prefill`` — engine submit → end of the reply's prefill (waiting for room in the batch, templating, the
+  prefill that chooses the first token);
+* ``first_speech_group`` — end of the prefill → the first group of real speech codes (the speech-BOS delay steps:
+  the released model opens every spoken reply with 10 delay codes, two decoding steps);
+* ``first_audio_chunk`` — first real speech codes → the first reply audio chunk rendered (synthesis, which needs
+  the flow's look-ahead codes);
 * ``turn_end_to_first_audio`` — end of the user's speech (or commit) → the first audio delta sent to the client.
 
 plus Realtime counters: sessions opened, closed for idling, responses by final status, error events sent.
@@ -35,17 +39,20 @@ _SUMMARIES = {
     "first_text_seconds": "Seconds from request arrival to the first reply text token",
     "first_audio_seconds": "Seconds from request arrival to the first reply audio chunk",
     "real_time_factor": "Decoding + synthesis time divided by the reply audio duration",
-    "queue_seconds": "Seconds a request waited for its batch",
+    "queue_seconds": "Seconds a request waited for room in the running batch",
+    "prefill_seconds": "Seconds from request arrival to the end of its prefill",
+    "first_speech_seconds": "Seconds from request arrival to the first real speech codes",
     "total_seconds": "Seconds from request arrival to the end of the reply",
-    "batch_size": "Rows of the generate call that decoded the turn",
+    "batch_size": "Most replies decoded together while the turn was",
 }
 
 
 _REALTIME_HISTOGRAMS = {
     "vad_wait": "End of user speech to speech_stopped (turn detection delay), seconds",
     "turn_end_to_submit": "speech_stopped or client commit to engine submit, seconds",
-    "queue_prefill": "Engine submit to first reply text token (queue + prefill), seconds",
-    "first_speech_audio": "First reply text token to first reply audio chunk, seconds",
+    "queue_prefill": "Engine submit to the end of the reply's prefill (queue + prefill), seconds",
+    "first_speech_group": "End of prefill to the first real speech codes (speech-BOS delay steps), seconds",
+    "first_audio_chunk": "First real speech codes to the first reply audio chunk (synthesis), seconds",
     "turn_end_to_first_audio": "End of user speech (or commit) to first reply audio sent, seconds",
 }
 # upper bounds of the latency histograms' buckets (seconds)
@@ -134,7 +141,9 @@ class ServingMetrics:
                 "speech": handle.request.speech,
                 "batch_size": metrics.batch_size,
                 "queue_seconds": metrics.queue_seconds,
+                "prefill_seconds": metrics.prefill_seconds,
                 "first_text_seconds": metrics.first_text_seconds,
+                "first_speech_seconds": metrics.first_speech_seconds,
                 "first_audio_seconds": metrics.first_audio_seconds,
                 "total_seconds": metrics.total_seconds,
                 "audio_seconds": metrics.audio_seconds,

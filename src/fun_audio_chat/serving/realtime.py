@@ -1258,8 +1258,8 @@ class RealtimeSession:
             self.send("conversation.item.done", item=item.to_openai())
         handle = response.handle
         # a cancelled turn has no result yet: count what the engine had decoded so far
-        prompt_tokens = handle.metrics.prompt_tokens or getattr(handle, "prompt_length", 0)
-        output_tokens = handle.metrics.completion_tokens or len(getattr(handle, "token_ids", ()))
+        prompt_tokens = handle.metrics.prompt_tokens
+        output_tokens = handle.metrics.completion_tokens or (len(handle.turn.token_ids) if handle.turn else 0)
         usage = {
             "input_tokens": prompt_tokens,
             "output_tokens": output_tokens,
@@ -1274,23 +1274,25 @@ class RealtimeSession:
     @staticmethod
     def _latency(response: _Response) -> dict[str, float | None]:
         engine_metrics = response.handle.metrics
-        first_text = engine_metrics.first_text_seconds
-        first_audio = engine_metrics.first_audio_seconds
+        prefill = engine_metrics.prefill_seconds
+        first_speech = engine_metrics.first_speech_seconds if response.speech else None
+        first_audio = engine_metrics.first_audio_seconds if response.speech else None
         return {
             "vad_wait": response.vad_wait,
             "turn_end_to_submit": response.submitted_at - response.trigger_at,
-            "queue_prefill": first_text,
-            "first_speech_audio": (
-                first_audio - first_text
-                if response.speech and first_audio is not None and first_text is not None
-                else None
-            ),
+            "queue_prefill": prefill,
+            "first_speech_group": _between(prefill, first_speech),
+            "first_audio_chunk": _between(first_speech, first_audio),
             "turn_end_to_first_audio": (
                 response.first_audio_sent_at - response.turn_end_at
                 if response.first_audio_sent_at is not None
                 else None
             ),
         }
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return end - start if start is not None and end is not None else None
 
 
 class RealtimeAPI:
