@@ -12,8 +12,12 @@ Streaming patterns (each renders the same codes, fed one code at a time as a mod
 * ``cached15``: the same with a call every 15 codes (a partial chunk is recomputed by the next call).
 The first chunk of ``official``/``windowed``/``cached15`` comes after 18 codes, of ``cached`` after 28.
 
+Many replies at once (``--streams N``, what a server synthesising N replies does): N ``windowed`` sessions fed 5
+codes per tick (one LLM step each), advanced one after the other with ``session.push`` versus together with one
+``det.push_streams`` call per tick (one batched flow call, batched vocoder windows).
+
 Prints seconds and the ratios side by side. Usage:
-    python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--threads 2] [--patterns official,cached]
+    python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--streams 8] [--threads 2] [--patterns official,cached]
 
 On two idle cores the default run takes a few minutes (the official pattern dominates); on a shared machine the
 ratios hold but the seconds grow with the load.
@@ -57,6 +61,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--codes", type=int, default=50, help="speech codes to render (25 per second of audio)")
     parser.add_argument("--batch", type=int, default=4, help="rows for the batched offline run (0 to skip)")
+    parser.add_argument(
+        "--streams", type=int, default=8, help="concurrent streams for the push_streams run (0 to skip)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--patterns",
@@ -110,7 +117,48 @@ def main():
             f"{f'offline batch of {args.batch}, per row':<34}{per_row:>9.2f}{per_row / offline:>11.2f}"
             f"{per_row / audio_seconds:>8.2f}{'':>15}{'':>13}"
         )
+    if args.streams:
+        streams_report(model, args.codes, args.streams)
     print("\nx offline = cost relative to one offline call on the same codes; RTF = seconds per second of audio.")
+
+
+def streams_report(model, num_codes: int, num_streams: int) -> None:
+    """N sessions fed 5 codes per tick: one by one (``push``) vs together (``push_streams``), same audio."""
+    replies = [
+        torch.randint(0, 6561, (num_codes,), generator=torch.Generator().manual_seed(100 + s)).tolist()
+        for s in range(num_streams)
+    ]
+    ticks = [[reply[i : i + 5] for i in range(0, num_codes, 5)] for reply in replies]
+
+    def one_by_one():
+        sessions = [model.streaming_session() for _ in replies]
+        audio = [[] for _ in replies]
+        for tick in range(len(ticks[0])):
+            for row, session in enumerate(sessions):
+                audio[row].append(session.push(ticks[row][tick]))
+        for row, session in enumerate(sessions):
+            audio[row].append(session.finish())
+        return [torch.cat(parts) for parts in audio]
+
+    def together():
+        sessions = [model.streaming_session() for _ in replies]
+        audio = [[] for _ in replies]
+        last = len(ticks[0]) - 1
+        for tick in range(len(ticks[0])):
+            entries = [(session, ticks[row][tick], tick == last) for row, session in enumerate(sessions)]
+            for row, piece in enumerate(model.push_streams(entries)):
+                audio[row].append(piece)
+        return [torch.cat(parts) for parts in audio]
+
+    alone_s, alone = timed(one_by_one)
+    batched_s, batched = timed(together)
+    worst = max((a - b).abs().max().item() for a, b in zip(alone, batched))
+    audio_seconds = num_streams * num_codes / 25
+    print(
+        f"\n{num_streams} streams x {num_codes} codes, 5 codes per tick ({audio_seconds:.1f} s of audio in all): "
+        f"one by one {alone_s:.2f} s, push_streams {batched_s:.2f} s -> {alone_s / batched_s:.2f}x "
+        f"(largest sample difference {worst:.1e})"
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ SMALL_RUNS = [
         ["--clients", "1", "2", "--rounds", "1", "--max-tokens", "4"],
         ["staggered arrivals", "simultaneous arrivals", "throughput x"],
     ),
-    ("bench_token2wav.py", ["--codes", "10", "--batch", "0", "--patterns", "official"], ["RTF"]),
+    ("bench_token2wav.py", ["--codes", "10", "--batch", "0", "--streams", "2", "--patterns", "official"], ["RTF", "push_streams"]),
 ]
 
 

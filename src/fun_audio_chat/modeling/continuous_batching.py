@@ -365,7 +365,7 @@ class ContinuousBatchDecoder:
         if return_speech and config.max_length is None:
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = config.max_length - prompt_length if config.max_length is not None else 0
-        model._check_context_length(prompt_length, max_new_tokens, return_speech)
+        model.context_fit(prompt_length, max_new_tokens, speech=return_speech).check()
         eos = config._eos_token_tensor
         row = _Row(
             row_id=next(self._ids),

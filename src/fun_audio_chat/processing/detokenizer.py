@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..speech_codes import SpeechCodeLayout, real_speech_codes
 from ._values import to_list
 
 COSYVOICE3_SAMPLING_RATE = 24000
@@ -61,6 +62,7 @@ def speech_ids_to_codes(
     elif attention_mask is not None:
         attention_mask = to_list(attention_mask)
     lengths = None if lengths is None else to_list(lengths)
+    layout = SpeechCodeLayout(num_codes=int(num_codes), eos_token_id=eos_token_id)
     result = []
     for b, row in enumerate(rows):
         row = [int(x) for x in row]
@@ -68,9 +70,8 @@ def speech_ids_to_codes(
             row = row[: int(lengths[b])]
         if attention_mask is not None:
             row = [x for x, keep in zip(row, attention_mask[b]) if keep]
-        if eos_token_id is not None and eos_token_id in row:
-            row = row[: row.index(eos_token_id)]
-        result.append([x for x in row if 0 <= x < num_codes])
+        codes, _ = real_speech_codes(row, layout)
+        result.append(codes)
     return result
 
 

@@ -509,14 +509,17 @@ class ServingEngine:
 
     # ------------------------------------------------------------------ speech thread
     def _speech_loop(self) -> None:
-        """Renders the codes of every speaking turn: each tick takes everything that arrived since the last one
-        and runs one ``push_streams`` call for all those turns."""
+        """Renders the codes of every speaking turn with ``detokenizer.push_streams``, one round (at most one flow
+        call per turn) per tick. A tick serves the turns still waiting for their first audio alone when any of them
+        has a call due, so a new reply's first audio never waits behind the backlog of the others (the LLM runs far
+        ahead of synthesis); otherwise it advances every turn with work, in one batch."""
         import torch
 
+        active: dict[int, list] = {}  # request id -> [handle, its reply has ended]
         closing = False
-        while not closing:
-            due: dict[int, tuple[TurnHandle, bool]] = {}  # request id -> (handle, its turn has ended)
-            block = True
+        while not (closing and not active):
+            busy = any(self._has_audio_work(handle, ended) for handle, ended in active.values())
+            block = not busy and not closing
             while True:
                 try:
                     job = self._speech_jobs.get(block=block)
@@ -527,35 +530,50 @@ class ServingEngine:
                     closing = True
                     continue
                 handle, ended = job
-                previous = due.get(handle.request_id)
-                due[handle.request_id] = (handle, ended or (previous is not None and previous[1]))
-            if not due:
+                entry = active.setdefault(handle.request_id, [handle, False])
+                entry[1] = entry[1] or ended
+            ready = []
+            for request_id, (handle, ended) in list(active.items()):
+                if handle.finished.is_set():
+                    del active[request_id]
+                elif handle.cancelled.is_set() or handle.turn.finished:
+                    if ended:  # a cancelled reply renders nothing more; it ends once it has left the batch
+                        del active[request_id]
+                        self._finish_after_audio(handle)
+                else:
+                    handle.turn.audio_session.add_codes(handle.turn.take_codes_to_render())
+                    if self._has_audio_work(handle, ended):
+                        ready.append((handle, ended))
+            if not ready:
                 continue
-            entries, members = [], []
-            for handle, ended in due.values():
-                turn = handle.turn
-                if turn.finished:
-                    continue
-                drop = handle.cancelled.is_set()
-                codes = [] if drop else turn.take_codes_to_render()
-                if drop and not ended:
-                    continue  # a cancelled reply renders nothing more; its end comes from the generation thread
-                if not drop:
-                    entries.append((turn.audio_session, codes, ended))
-                members.append((handle, ended, drop))
+            first_audio = [(h, e) for h, e in ready if h.metrics.first_audio_seconds is None]
+            tick = first_audio if any(self._has_audio_work(h, e) for h, e in first_audio) else ready
             try:
                 with torch.inference_mode():
-                    rendered = iter(self.detokenizer.push_streams(entries)) if entries else iter(())
-                for handle, ended, drop in members:
-                    if not drop:
-                        for event in handle.turn.add_audio(next(rendered)):
-                            self._emit_audio(handle, event.audio)
-                    if ended:
-                        self._finish(handle, handle.ended_cancelled or drop)
+                    rendered = self.detokenizer.push_streams(
+                        [(h.turn.audio_session, (), e) for h, e in tick], max_rounds=1
+                    )
+                for (handle, _), samples in zip(tick, rendered):
+                    for event in handle.turn.add_audio(samples):
+                        self._emit_audio(handle, event.audio)
+                    if handle.turn.audio_session.finished:
+                        del active[handle.request_id]
+                        self._finish_after_audio(handle)
             except Exception as err:  # noqa: BLE001 - these turns fail, the others go on
-                for handle, _, _ in members:
-                    if not handle.finished.is_set():
-                        self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
+                for handle, _ in tick:
+                    active.pop(handle.request_id, None)
+                    self._fail(handle, RuntimeError(f"speech synthesis failed: {err}"))
+
+    @staticmethod
+    def _has_audio_work(handle: TurnHandle, ended: bool) -> bool:
+        session = handle.turn.audio_session
+        if handle.cancelled.is_set() or session.finished:
+            return False
+        return ended or session.has_due_calls
+
+    def _finish_after_audio(self, handle: TurnHandle) -> None:
+        if not handle.finished.is_set():
+            self._finish(handle, handle.ended_cancelled or handle.cancelled.is_set())
 
     def _emit_audio(self, handle: TurnHandle, samples) -> None:
         if samples is None:

@@ -251,7 +251,9 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
 
     # -- many streams at once ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def push_streams(self, pushes: Sequence[tuple[StreamingSession, Any, bool]]) -> list[torch.Tensor]:
+    def push_streams(
+        self, pushes: Sequence[tuple[StreamingSession, Any, bool]], max_rounds: int | None = None
+    ) -> list[torch.Tensor]:
         """Advance many streaming sessions together: ``pushes`` holds ``(session, new codes, finish)`` entries
         (one per session); returns each session's new audio, equal (within float rounding) to
         ``session.push(codes)`` followed, when ``finish`` is true, by ``session.finish()`` run alone.
@@ -259,7 +261,14 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         The due calls of all sessions run as one batched flow call and one vocoder call per group of equal
         window length, per round: the flow, by far the larger cost, runs once for every session instead of once
         per session. Sessions that cannot share a batch (``chunked=True`` or ``use_cache=False``, whose state is
-        their own) run alone. A server synthesising many replies calls this once per tick."""
+        their own) run alone. A server synthesising many replies calls this once per tick.
+
+        ``max_rounds`` bounds the rounds of this call (one round = at most one call per session): codes and
+        finish requests beyond it stay with the sessions (:attr:`StreamingSession.has_due_calls`) for the next
+        call, so a server can interleave many replies fairly, e.g. let a new reply's first audio through before
+        the backlog of the others."""
+        if max_rounds is not None and max_rounds < 1:
+            raise ValueError(f"max_rounds must be at least 1 (or None for all due calls), got {max_rounds}.")
         sessions = [session for session, _, _ in pushes]
         if len({id(session) for session in sessions}) != len(sessions):
             raise ValueError("each session may appear once in push_streams; join its codes into one entry.")
@@ -267,6 +276,8 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
             if session.model is not self:
                 raise ValueError("a session of another detokenizer was passed to push_streams.")
             session._accept(codes)
+        for session, _, finish in pushes:
+            session.finish_requested = session.finish_requested or bool(finish)
         pieces: list[list[torch.Tensor]] = [[] for _ in pushes]
         batched = []
         for index, (session, _, finish) in enumerate(pushes):
@@ -276,14 +287,16 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
                 pieces[index].append(session.push(()))
                 if finish:
                     pieces[index].append(session.finish())
-        while True:
+        rounds = 0
+        while max_rounds is None or rounds < max_rounds:
+            rounds += 1
             calls = []  # (entry index, step arguments)
             for index in batched:
-                session, _, finish = pushes[index]
+                session = pushes[index][0]
                 if session.finished:
                     continue
                 call = session._next_call()
-                if call is None and finish:
+                if call is None and session.finish_requested:
                     call = session._final_call()
                     if call is None:
                         session.finished = True
@@ -487,6 +500,7 @@ class StreamingSession:
         self.tokens: list[int] = []
         self.offset = 0
         self.trimmed_tokens = 0
+        self.finish_requested = False  # push_streams was asked to finish this session (possibly in a later round)
         self.flow_cache = FlowCache(flow.num_steps, flow.num_layers)
         self._reset_vocoder()
 
@@ -585,6 +599,13 @@ class StreamingSession:
             self.mel_history = new_mel if self.mel_history is None else torch.cat([self.mel_history, new_mel], 2)
 
     @property
+    def has_due_calls(self) -> bool:
+        """Codes received (or a finish requested through ``push_streams``) that no call has rendered yet."""
+        if self.finished:
+            return False
+        return self._next_call() is not None or self.finish_requested
+
+    @property
     def batchable(self) -> bool:
         """Whether :func:`push_streams` can run this session's calls in a batch with other sessions (the
         official full-attention schedule with the windowed vocoder; chunk-causal caches are per session)."""
@@ -599,6 +620,10 @@ class StreamingSession:
             out.append(self.step(*call))
             self._advance()
         return torch.cat(out) if out else torch.zeros(0)
+
+    def add_codes(self, codes) -> None:
+        """Receive codes without rendering them (``push_streams`` renders them later, e.g. in a batch)."""
+        self._accept(codes)
 
     def _accept(self, codes) -> None:
         if self.finished:
