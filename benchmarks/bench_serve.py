@@ -10,8 +10,18 @@ level: spoken throughput = reply-audio seconds received / wall seconds of the ro
 what concurrency costs (first-audio p50 ×) and buys (throughput ×). Issue 24's goal on the tiny model, 2 cores:
 8 staggered clients at ≤ 2× one client's first-audio p50 and ≥ 4× its spoken throughput.
 
+Each level also prints where a reply's first audio went on the server (p50 of ``/metrics``' per-turn times from
+the request's arrival): waiting for room in the batch, end of the prefill, first real speech codes (after the
+speech-BOS delay steps), first audio chunk.
+
+The Realtime API (``/v1/realtime``, the real SDK's ``client.realtime.connect``) is measured with
+``--realtime-clients`` concurrent sessions: each streams the question as 24 kHz PCM16 in 100 ms chunks at real-time
+pace, then silence, with server VAD (silero) deciding the end of the turn; printed: the client-side time from the
+last chunk of the question to the first reply audio, and the server's split of the end of the user's speech → first
+audio (VAD wait, submit, queue + prefill, first speech group, first audio chunk).
+
 Usage: python benchmarks/bench_serve.py [--clients 1 4 8] [--rounds 3] [--max-tokens 40] [--threads 1]
-           [--arrivals staggered simultaneous] [--interval 0.25]
+           [--arrivals staggered simultaneous] [--interval 0.25] [--realtime-clients 1 4]
 """
 
 from __future__ import annotations
@@ -119,6 +129,109 @@ def run_level(client, model: str, messages: list, args, clients: int, interval: 
     }
 
 
+SPLIT_FIELDS = ("queue_seconds", "prefill_seconds", "first_speech_seconds", "first_audio_seconds")
+REALTIME_FIELDS = (
+    "vad_wait",
+    "turn_end_to_submit",
+    "queue_prefill",
+    "first_speech_group",
+    "first_audio_chunk",
+    "turn_end_to_first_audio",
+)
+
+
+def _metrics(url: str) -> dict:
+    with urllib.request.urlopen(f"{url}/metrics?format=json", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def _p50(turns: list[dict], field: str) -> float | None:
+    values = [turn[field] for turn in turns if turn.get(field) is not None]
+    return statistics.median(values) if values else None
+
+
+def _realtime_session(url: str, model: str, pcm24: bytes, max_tokens: int) -> dict:
+    """One spoken turn over /v1/realtime with server VAD: the question streamed in 100 ms chunks at real-time pace,
+    then silence until the reply is done. Returns seconds from the last chunk of the question to the first audio."""
+    import asyncio
+
+    from openai import AsyncOpenAI
+
+    chunk = SAMPLE_RATE // 10 * 2  # 100 ms of PCM16
+    silence = bytes(chunk)
+
+    async def run() -> dict:
+        client = AsyncOpenAI(
+            api_key="not-needed", base_url=f"{url}/v1", websocket_base_url=url.replace("http", "ws", 1) + "/v1"
+        )
+        async with client.realtime.connect(model=model) as conn:
+            await conn.send(
+                {"type": "session.update", "session": {"type": "realtime", "max_output_tokens": max_tokens}}
+            )
+            question_end = first_audio = None
+            done = asyncio.Event()
+
+            async def receive():
+                nonlocal first_audio
+                async for event in conn:
+                    if event.type == "response.output_audio.delta" and first_audio is None:
+                        first_audio = time.perf_counter()
+                    if event.type == "response.done":
+                        done.set()
+                        return
+                    if event.type == "error":
+                        raise RuntimeError(f"realtime error: {event.error.message}")
+
+            receiver = asyncio.create_task(receive())
+            start = time.perf_counter()
+            pieces = [pcm24[i : i + chunk] for i in range(0, len(pcm24), chunk)]
+            for index, piece in enumerate(pieces):
+                await asyncio.sleep(max(0.0, start + index * 0.1 - time.perf_counter()))
+                await conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(piece).decode()})
+            question_end = time.perf_counter()
+            index = len(pieces)
+            while not done.is_set() and time.perf_counter() - question_end < 60:
+                await asyncio.sleep(max(0.0, start + index * 0.1 - time.perf_counter()))
+                await conn.send({"type": "input_audio_buffer.append", "audio": base64.b64encode(silence).decode()})
+                index += 1
+            await asyncio.wait_for(receiver, 60)
+            return {"question_end_to_first_audio": None if first_audio is None else first_audio - question_end}
+
+    return asyncio.run(run())
+
+
+def run_realtime(url: str, model: str, clients: int, max_tokens: int) -> dict:
+    import numpy as np
+    import soundfile as sf
+    import soxr
+
+    from fun_audio_chat.processing import example_audio_path
+
+    wave, rate = sf.read(example_audio_path(), dtype="float32")
+    pcm24 = (np.clip(soxr.resample(wave, rate, SAMPLE_RATE), -1, 1) * 32767).astype("<i2").tobytes()
+    before = len(_metrics(url)["realtime"]["recent_turns"])
+    results: list[dict] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(_realtime_session(url, model, pcm24, max_tokens)))
+        for _ in range(clients)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    turns = _metrics(url)["realtime"]["recent_turns"][max(0, before - 20) :][-clients:]
+    client_side = [r["question_end_to_first_audio"] for r in results if r["question_end_to_first_audio"] is not None]
+    return {
+        "clients": clients,
+        "client_p50": statistics.median(client_side) if client_side else None,
+        **{field: _p50(turns, field) for field in REALTIME_FIELDS},
+    }
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
 def _start_server(args) -> tuple[subprocess.Popen, str, dict]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -148,6 +261,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--arrivals", nargs="+", choices=["staggered", "simultaneous"], default=None)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between staggered requests")
+    parser.add_argument(
+        "--realtime-clients", type=int, nargs="*", default=[1, 4], help="concurrent Realtime sessions (none: skip)"
+    )
     args = parser.parse_args()
     arrivals = args.arrivals or ["staggered", "simultaneous"]
 
@@ -165,13 +281,18 @@ def main() -> int:
         ]
         model = health["model"]
         _one_request(client, model, messages, args.max_tokens)  # warm-up
-        tables = {
-            pattern: [
-                run_level(client, model, messages, args, clients, args.interval if pattern == "staggered" else 0.0)
-                for clients in args.clients
-            ]
-            for pattern in arrivals
-        }
+        tables = {}
+        for pattern in arrivals:
+            levels = []
+            for clients in args.clients:
+                level = run_level(
+                    client, model, messages, args, clients, args.interval if pattern == "staggered" else 0.0
+                )
+                turns = [t for t in _metrics(url)["recent_turns"] if t.get("speech")][-level["requests"] :]
+                level.update({field: _p50(turns, field) for field in SPLIT_FIELDS})
+                levels.append(level)
+            tables[pattern] = levels
+        realtime = [run_realtime(url, model, clients, args.max_tokens) for clients in args.realtime_clients]
     finally:
         server.terminate()
         try:
@@ -199,10 +320,30 @@ def main() -> int:
                 f"{level['first_audio_p50'] / base['first_audio_p50']:>11.2f} "
                 f"{level['audio_per_second'] / base['audio_per_second']:>12.2f}"
             )
+        print(
+            f"  server-side p50 from arrival (s): {'clients':>7} {'queue':>7} {'prefill':>8} {'1st speech':>10} {'1st audio':>9}"
+        )
+        for level in levels:
+            print(
+                f"  {'':>32} {level['clients']:>7} {_seconds(level['queue_seconds']):>7} "
+                f"{_seconds(level['prefill_seconds']):>8} {_seconds(level['first_speech_seconds']):>10} "
+                f"{_seconds(level['first_audio_seconds']):>9}"
+            )
     print(
         f"1st audio x / throughput x: ratios to {args.clients[0]} client(s) with the same arrivals "
         "(goal at 8 staggered clients: 1st audio x <= 2, throughput x >= 4)"
     )
+    if realtime:
+        print("\nRealtime API (/v1/realtime, server VAD, question streamed at real-time pace), p50 seconds")
+        header = " ".join(f"{name:>23}" for name in ("question end->1st audio", *REALTIME_FIELDS))
+        print(f"{'sessions':>8} {header}")
+        for level in realtime:
+            values = [level["client_p50"]] + [level[field] for field in REALTIME_FIELDS]
+            print(f"{level['clients']:>8} " + " ".join(f"{_seconds(v):>23}" for v in values))
+        print(
+            "vad_wait: end of speech -> speech_stopped; turn_end_to_submit: -> engine; queue_prefill: -> prefill done; "
+            "first_speech_group: -> first real codes; first_audio_chunk: -> first audio rendered"
+        )
     return 0
 
 

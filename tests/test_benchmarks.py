@@ -16,10 +16,14 @@ SMALL_RUNS = [
     ("bench_reliability.py", ["--repeats", "1"], ["ratio"]),
     (
         "bench_serve.py",
-        ["--clients", "1", "2", "--rounds", "1", "--max-tokens", "4"],
-        ["staggered arrivals", "simultaneous arrivals", "throughput x"],
+        ["--clients", "1", "2", "--rounds", "1", "--max-tokens", "4", "--realtime-clients", "1"],
+        ["staggered arrivals", "simultaneous arrivals", "throughput x", "server-side p50", "Realtime API"],
     ),
-    ("bench_token2wav.py", ["--codes", "10", "--batch", "0", "--streams", "2", "--patterns", "official"], ["RTF", "push_streams"]),
+    (
+        "bench_token2wav.py",
+        ["--codes", "10", "--batch", "0", "--streams", "2", "--patterns", "official"],
+        ["RTF", "push_streams"],
+    ),
 ]
 
 
