@@ -260,8 +260,10 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
 
         The due calls of all sessions run as one batched flow call and one vocoder call per group of equal
         window length, per round: the flow, by far the larger cost, runs once for every session instead of once
-        per session. Sessions that cannot share a batch (``chunked=True`` or ``use_cache=False``, whose state is
-        their own) run alone. A server synthesising many replies calls this once per tick.
+        per session. ``chunked=True`` sessions share a batched flow call of their own (each continues its own
+        attention cache; a round with both kinds makes two flow calls). ``use_cache=False`` sessions (the
+        official recompute-everything reference) run alone. A server synthesising many replies calls this once
+        per tick.
 
         ``max_rounds`` bounds the rounds of this call (one round = at most one call per session): codes and
         finish requests beyond it stay with the sessions (:attr:`StreamingSession.has_due_calls`) for the next
@@ -321,12 +323,22 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
             for session, (tokens, offset, finalize) in calls
             if finalize or len(tokens) - lookahead > offset
         ]
-        if flow_calls:
-            speakers = torch.cat([session.speaker for session, *_ in flow_calls])
+        # full-attention sessions recompute their token window in one padded batch; chunk-causal ones continue
+        # their own caches in another (their keys differ in length per session)
+        full = [call for call in flow_calls if not call[0].chunked]
+        cached = [call for call in flow_calls if call[0].chunked]
+        if full:
+            speakers = torch.cat([session.speaker for session, *_ in full])
             mels = self.flow.forward_rows(
-                [list(tokens) for _, tokens, _, _ in flow_calls], speakers, [final for *_, final in flow_calls]
+                [list(tokens) for _, tokens, _, _ in full], speakers, [final for *_, final in full]
             )
-            for (session, _, offset, _), mel in zip(flow_calls, mels):
+            for (session, _, offset, _), mel in zip(full, mels):
+                session._add_mel(mel[:, :, ratio * offset :])
+        if cached:
+            mels = self.flow.forward_cached_rows(
+                [(list(tokens), session.speaker, final, session.flow_cache) for session, tokens, _, final in cached]
+            )
+            for (session, _, offset, _), mel in zip(cached, mels):
                 session._add_mel(mel[:, :, ratio * offset :])
         windows = [session._vocoder_window(finalize) for session, (_, _, finalize) in calls]
         groups: dict[tuple[int, bool], list[int]] = {}
@@ -607,9 +619,10 @@ class StreamingSession:
 
     @property
     def batchable(self) -> bool:
-        """Whether :func:`push_streams` can run this session's calls in a batch with other sessions (the
-        official full-attention schedule with the windowed vocoder; chunk-causal caches are per session)."""
-        return not self.chunked and self.use_cache
+        """Whether :func:`push_streams` can run this session's calls in a batch with other sessions: every
+        session with the windowed vocoder (``use_cache=True``); full-attention and chunk-causal sessions share
+        separate flow batches."""
+        return self.use_cache
 
     # -- the web-demo schedule ---------------------------------------------------------------------------------
     def push(self, codes) -> torch.Tensor:

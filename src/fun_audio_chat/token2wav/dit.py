@@ -54,23 +54,18 @@ class DiTAttention(nn.Module):
         turned = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
         return torch.cat([rotated * cos + turned * sin, rest], dim=-1)
 
-    def forward(self, h, cos, sin, attention_mask, layer_cache=None, commit=0):
+    def forward(self, h, cos, sin, attention_mask, past=None):
+        """Attention of ``h`` over ``past`` keys/values (B, heads, S, head_dim) or None, then its own frames;
+        returns the output and this call's own (keys, values) for the caller to cache."""
         batch, length, _ = h.shape
         q = self._rotate_first_head(self.q_proj(h), cos, sin)
         k = self._rotate_first_head(self.k_proj(h), cos, sin)
         v = self.v_proj(h)
         q, k, v = (y.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2) for y in (q, k, v))
-        if layer_cache is not None:
-            past_k, past_v = layer_cache
-            if past_k is not None:
-                k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
+        keys, values = (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attention_mask)
         out = out.transpose(1, 2).reshape(batch, length, -1)
-        committed = None
-        if commit:
-            keep = k.shape[2] - length + commit
-            committed = (k[:, :, :keep], v[:, :, :keep])
-        return self.o_proj(out), committed
+        return self.o_proj(out), (k, v)
 
 
 class DiTFeedForward(nn.Module):
@@ -94,18 +89,18 @@ class DiTBlock(nn.Module):
         self.attention = DiTAttention(config)
         self.feed_forward = DiTFeedForward(config)
 
-    def forward(self, h, time, cos, sin, attention_mask, layer_cache=None, commit=0):
+    def forward(self, h, time, cos, sin, attention_mask, past=None):
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.modulation(F.silu(time)).chunk(6, dim=-1)
-        attended, committed = self.attention(
-            _modulated_norm(h, shift_a, scale_a), cos, sin, attention_mask, layer_cache, commit
-        )
+        attended, own_keys_values = self.attention(_modulated_norm(h, shift_a, scale_a), cos, sin, attention_mask, past)
         h = h + gate_a[:, None] * attended
         h = h + gate_f[:, None] * self.feed_forward(_modulated_norm(h, shift_f, scale_f))
-        return h, committed
+        return h, own_keys_values
 
 
 class DiTCache:
-    """What one Euler step of the estimator keeps about already committed frames (both CFG rows)."""
+    """What one Euler step of the estimator keeps about one stream's committed frames: per layer the keys and
+    values (2, heads, frames, head_dim) of both guidance rows (conditioned, unconditioned), and the last
+    ``position_context`` frames of projected input (2, frames, hidden) for the causal position convolutions."""
 
     def __init__(self, num_layers: int):
         self.length = 0
@@ -118,6 +113,19 @@ class DiTCache:
             if keys is not None:
                 total += keys.numel() * keys.element_size() + values.numel() * values.element_size()
         return total
+
+    def append(self, layer_keys_values: list, projected: torch.Tensor, context: int) -> None:
+        """Add committed frames: each layer's (keys, values) (2, heads, n, head_dim) and their projected input
+        (2, n, hidden), keeping ``context`` frames of input tail."""
+        self.layers = [
+            (keys, values)
+            if past_keys is None
+            else (torch.cat([past_keys, keys], 2), torch.cat([past_values, values], 2))
+            for (past_keys, past_values), (keys, values) in zip(self.layers, layer_keys_values)
+        ]
+        tail = projected if self.input_tail is None else torch.cat([self.input_tail, projected], dim=1)
+        self.input_tail = tail[:, -context:]
+        self.length += projected.shape[1]
 
 
 class DiffusionTransformer(nn.Module):
@@ -150,9 +158,10 @@ class DiffusionTransformer(nn.Module):
             x = F.mish(conv(F.pad(x, (conv.kernel_size[0] - 1, 0))))
         return x.transpose(1, 2)
 
-    def _rotary(self, start: int, length: int, device, dtype):
-        positions = torch.arange(start, start + length, device=device).float()
-        angles = torch.outer(positions, self.rotary_inv_freq.float()).repeat_interleave(2, dim=-1)
+    def _rotary(self, positions: torch.Tensor, dtype):
+        """cos, sin (..., head_dim) of the rotary angles at ``positions`` (any shape of frame indices)."""
+        angles = positions.float()[..., None] * self.rotary_inv_freq.float()
+        angles = angles.repeat_interleave(2, dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     @staticmethod
@@ -169,40 +178,97 @@ class DiffusionTransformer(nn.Module):
             allowed = allowed & (keys[None, None, :] < lengths[:, None, None])
         return allowed[:, None]
 
-    def forward(
-        self, x, mu, t, speaker, cond, lengths=None, chunk_frames=None, cache: DiTCache | None = None, commit: int = 0
-    ):
-        """x, mu, cond (B, mel, T); t (B,); speaker (B, mel); lengths (B,) valid frames (absolute when cached).
+    def _project(self, x, mu, speaker, cond):
+        inputs = torch.cat([x, cond, mu, speaker[:, :, None].expand(-1, -1, x.shape[2])], dim=1).transpose(1, 2)
+        return self.input_projection(inputs)
 
-        With ``cache``, x/mu/cond are the frames after ``cache.length``; the first ``commit`` of them are added
-        to the cache (they must not change later: whole chunks under chunk-causal attention).
-        """
-        batch, _, length = x.shape
-        start = cache.length if cache is not None else 0
-        time = self.time_embedding(t)
-        inputs = torch.cat([x, cond, mu, speaker[:, :, None].expand(-1, -1, length)], dim=1).transpose(1, 2)
-        projected = self.input_projection(inputs)
-        if cache is not None and cache.input_tail is not None:
-            extended = torch.cat([cache.input_tail, projected], dim=1)
-            h = projected + self._position_embedding(extended)[:, -length:]
-        else:
-            h = projected + self._position_embedding(projected)
-        cos, sin = self._rotary(start, length, h.device, h.dtype)
-        mask = self.attention_mask(batch, start, length, lengths, chunk_frames, h.device)
-        new_layers = []
-        for index, block in enumerate(self.blocks):
-            layer_cache = cache.layers[index] if cache is not None else None
-            h, committed = block(h, time, cos, sin, mask, layer_cache, commit)
-            new_layers.append(committed)
-        if cache is not None and commit:
-            cache.layers = new_layers
-            tail = (
-                projected[:, :commit]
-                if cache.input_tail is None
-                else torch.cat([cache.input_tail, projected[:, :commit]], dim=1)
-            )
-            cache.input_tail = tail[:, -self.position_context :]
-            cache.length = start + commit
+    def _output(self, h, time):
         scale, shift = self.final_modulation(F.silu(time)).chunk(2, dim=-1)
-        h = _modulated_norm(h, shift, scale)
-        return self.output_projection(h).transpose(1, 2)
+        return self.output_projection(_modulated_norm(h, shift, scale)).transpose(1, 2)
+
+    def forward(self, x, mu, t, speaker, cond, lengths=None, chunk_frames=None, caches=None, commits=None):
+        """x, mu, cond (B, mel, T); t (B,); speaker (B, mel); lengths (B,) valid frames of each row (padding after).
+
+        Cached streaming: ``caches`` holds one :class:`DiTCache` per stream and the batch is the guidance batch
+        of those streams (every stream's conditioned row, then every stream's unconditioned row: B = 2 ×
+        streams); x/mu/cond hold each stream's frames after its ``cache.length``, right-padded, ``lengths`` (one
+        per stream) how many are real, and attention is chunk-causal (``chunk_frames``) at absolute positions.
+        The first ``commits[i]`` new frames of stream i are added to its cache (they must not change later:
+        whole chunks)."""
+        if caches is not None:
+            return self._forward_cached(x, mu, t, speaker, cond, list(lengths), chunk_frames, caches, list(commits))
+        batch, _, length = x.shape
+        time = self.time_embedding(t)
+        projected = self._project(x, mu, speaker, cond)
+        h = projected + self._position_embedding(projected)
+        cos, sin = self._rotary(torch.arange(length, device=h.device), h.dtype)
+        mask = self.attention_mask(batch, 0, length, lengths, chunk_frames, h.device)
+        for block in self.blocks:
+            h, _ = block(h, time, cos, sin, mask)
+        return self._output(h, time)
+
+    def _forward_cached(self, x, mu, t, speaker, cond, lengths, chunk_frames, caches, commits):
+        streams, width = len(caches), x.shape[2]
+        if x.shape[0] != 2 * streams or len(lengths) != streams or len(commits) != streams:
+            raise ValueError(
+                f"{streams} cached streams need a guidance batch of {2 * streams} rows and one length "
+                f"and commit each (got {x.shape[0]} rows, {len(lengths)} lengths, {len(commits)} commits)."
+            )
+        device = x.device
+        starts = [cache.length for cache in caches]
+        longest_past = max(starts)
+        time = self.time_embedding(t)
+        projected = self._project(x, mu, speaker, cond)
+        # the causal position convolutions per stream on its own input tail: a shorter tail is not the same as
+        # zero padding (the mish between the two convolutions turns zeros into non-zeros)
+        position = torch.zeros_like(projected)
+        for stream, (cache, length) in enumerate(zip(caches, lengths)):
+            rows = [stream, streams + stream]
+            own = projected[rows, :length]
+            extended = own if cache.input_tail is None else torch.cat([cache.input_tail, own], dim=1)
+            position[rows, :length] = self._position_embedding(extended)[:, -length:]
+        h = projected + position
+        # every stream's new frames sit at key column longest_past, after its past keys left-padded to that width;
+        # key column c then holds absolute frame c - longest_past + start for every stream
+        start = torch.tensor(starts, device=device)
+        new_end = start + torch.tensor(lengths, device=device)
+        queries = start[:, None] + torch.arange(width, device=device)  # (streams, width) absolute positions
+        cos, sin = self._rotary(torch.cat([queries, queries]), h.dtype)
+        keys = torch.arange(longest_past + width, device=device)[None] - longest_past + start[:, None]
+        allowed = (keys >= 0) & (keys < new_end[:, None])
+        if chunk_frames:
+            allowed = allowed[:, None] & (keys[:, None] < ((queries // chunk_frames + 1) * chunk_frames)[..., None])
+        else:
+            allowed = allowed[:, None].expand(-1, width, -1)
+        mask = torch.cat([allowed, allowed])[:, None]
+        committed = [[] for _ in caches]
+        for index, block in enumerate(self.blocks):
+            h, (new_keys, new_values) = block(h, time, cos, sin, mask, self._padded_past(caches, index, longest_past))
+            for stream, commit in enumerate(commits):
+                if commit:
+                    rows = [stream, streams + stream]
+                    committed[stream].append((new_keys[rows, :, :commit], new_values[rows, :, :commit]))
+        for stream, (cache, commit) in enumerate(zip(caches, commits)):
+            if commit:
+                cache.append(committed[stream], projected[[stream, streams + stream], :commit], self.position_context)
+        return self._output(h, time)
+
+    @staticmethod
+    def _padded_past(caches, layer: int, width: int):
+        """One layer's cached (keys, values) of every stream in the guidance batch layout, left-padded to
+        ``width`` frames (padding is masked), or None when no stream has any."""
+        if not width:
+            return None
+        if len(caches) == 1:
+            return caches[0].layers[layer]
+        reference = next(cache.layers[layer][0] for cache in caches if cache.length)
+        streams = len(caches)
+        heads, head_dim = reference.shape[1], reference.shape[3]
+        keys = reference.new_zeros(2 * streams, heads, width, head_dim)
+        values = reference.new_zeros(2 * streams, heads, width, head_dim)
+        for stream, cache in enumerate(caches):
+            if cache.length:
+                past_keys, past_values = cache.layers[layer]
+                keys[[stream, streams + stream], :, width - cache.length :] = past_keys
+                values[[stream, streams + stream], :, width - cache.length :] = past_values
+        return keys, values

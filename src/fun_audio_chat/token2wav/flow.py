@@ -89,24 +89,37 @@ class CosyVoice3Flow(nn.Module):
         return self.initial_noise[:, :, start : start + length].expand(batch, -1, -1).to(dtype)
 
     # -- sampling ---------------------------------------------------------------------------------------------
-    def sample(
-        self,
-        mu,
-        speaker,
-        lengths=None,
-        chunk_frames=None,
-        cache: FlowCache | None = None,
-        commit=0,
-        trace: dict | None = None,
-    ):
+    def sample(self, mu, speaker, lengths=None, chunk_frames=None, trace: dict | None = None):
         """Euler integration of the guided velocity from the fixed noise to a mel (B, mel, T)."""
         batch, _, length = mu.shape
-        start = cache.frames if cache is not None else 0
-        x = self.noise(start, length, batch, mu.dtype)
+
+        def velocity(step, x, guided_mu, t, guided_speaker, guided_cond):
+            guided_lengths = None if lengths is None else torch.cat([lengths, lengths])
+            return self.estimator(x, guided_mu, t, guided_speaker, guided_cond, guided_lengths, chunk_frames)
+
+        return self._integrate(self.noise(0, length, batch, mu.dtype), mu, speaker, velocity, trace)
+
+    def _sample_cached(self, mu, speaker, caches: list[FlowCache], lengths: list[int], commits: list[int]):
+        """Chunk-causal Euler integration of streams continuing their caches in one batch: mu (B, mel, T) holds
+        each stream's new frames (``lengths``, right-padded); the first ``commits`` frames of each are cached."""
+        x = torch.zeros_like(mu)
+        for row, (cache, length) in enumerate(zip(caches, lengths)):
+            x[row, :, :length] = self.noise(cache.frames, length, 1, mu.dtype)[0]
+        chunk = self.config.chunk_frames
+
+        def velocity(step, x, guided_mu, t, guided_speaker, guided_cond):
+            step_caches = [cache.steps[step - 1] for cache in caches]
+            return self.estimator(x, guided_mu, t, guided_speaker, guided_cond, lengths, chunk, step_caches, commits)
+
+        return self._integrate(x, mu, speaker, velocity, None)
+
+    def _integrate(self, x, mu, speaker, velocity, trace: dict | None):
+        """The guided Euler loop from ``x``; ``velocity(step, x, mu, t, speaker, cond)`` runs the estimator on the
+        guidance batch (conditioned rows, then unconditioned rows: no mu, speaker or prompt)."""
+        batch = mu.shape[0]
         cond = torch.zeros_like(mu)
         guided_mu, guided_cond = torch.cat([mu, torch.zeros_like(mu)]), torch.cat([cond, cond])
         guided_speaker = torch.cat([speaker, torch.zeros_like(speaker)])
-        guided_lengths = None if lengths is None else torch.cat([lengths, lengths])
         t_span = self.cfm_schedule(mu.dtype, mu.device)
         t, dt = t_span[0], t_span[1] - t_span[0]
         cfg = self.config.cfg_rate
@@ -116,18 +129,8 @@ class CosyVoice3Flow(nn.Module):
             if trace is not None:
                 trace["t"].append(t.clone())
                 trace["x_in"].append(x.clone())
-            velocity = self.estimator(
-                torch.cat([x, x]),
-                guided_mu,
-                t.expand(2 * batch),
-                guided_speaker,
-                guided_cond,
-                guided_lengths,
-                chunk_frames,
-                cache.steps[step - 1] if cache is not None else None,
-                commit,
-            )
-            v_cond, v_uncond = velocity[:batch], velocity[batch:]
+            guided = velocity(step, torch.cat([x, x]), guided_mu, t.expand(2 * batch), guided_speaker, guided_cond)
+            v_cond, v_uncond = guided[:batch], guided[batch:]
             if trace is not None:
                 trace["v_cond"].append(v_cond.clone())
                 trace["v_uncond"].append(v_uncond.clone())
@@ -177,35 +180,51 @@ class CosyVoice3Flow(nn.Module):
     def forward_cached(self, tokens: list[int], speaker_embedding, finalize: bool, cache: FlowCache):
         """Chunk-causal flow of one row, reusing ``cache``: frames of complete chunks whose tokens (with their
         look-ahead) were seen before are not recomputed. Returns the whole mel (1, mel, T) like ``forward``."""
+        return self.forward_cached_rows([(tokens, speaker_embedding, finalize, cache)])[0]
+
+    def forward_cached_rows(self, rows: list[tuple[list[int], torch.Tensor, bool, FlowCache]]) -> list[torch.Tensor]:
+        """:meth:`forward_cached` of many streams in one batch: rows of (tokens, speaker embedding (1, 192),
+        finalize, the stream's own cache). The new frames of all rows run through one guided Euler integration
+        (each row attends to its own cache and new frames only); returns each row's whole mel (1, mel, T)."""
         config = self.config
         ratio, lookahead = config.token_mel_ratio, config.pre_lookahead_tokens
-        committed_tokens = cache.frames // ratio
-        reusable = committed_tokens + lookahead
-        if cache.frames and (len(tokens) < reusable or tokens[:reusable] != cache.tokens[:reusable]):
-            cache.__init__(config.num_steps, config.num_layers)  # the prefix changed: start over
-            committed_tokens = 0
         device = self.token_embedding.weight.device
-        n_out = len(tokens) if finalize else len(tokens) - lookahead
-        if n_out <= committed_tokens:
-            return cache.mel[:, :, : n_out * ratio] if cache.mel is not None else self._empty_mel()
-        # the pre-look-ahead's causal conv reads two earlier token positions: recompute from a little before
-        context = min(committed_tokens, 2)
-        window = torch.tensor([tokens[committed_tokens - context :]], dtype=torch.long, device=device)
-        mu = self.encode_tokens(window, None, finalize)[:, :, context * ratio :]
-        speaker = self.speaker(speaker_embedding.to(mu.dtype))
-        new_frames = mu.shape[2]
-        total = cache.frames + new_frames
-        # only whole chunks of a non-final call are stable (a final call never continues)
-        stable = 0 if finalize else (total // config.chunk_frames) * config.chunk_frames - cache.frames
-        stable = max(stable, 0)
-        start_frames = cache.frames
-        mel_new = self.sample(mu, speaker, None, config.chunk_frames, cache=cache, commit=stable)
-        previous = cache.mel if cache.mel is not None else mel_new[:, :, :0]
-        mel = torch.cat([previous, mel_new], dim=2)
-        if stable:
-            cache.mel = mel[:, :, : start_frames + stable]
-            cache.tokens = list(tokens[: (start_frames + stable) // ratio + lookahead])
-        return mel
+        results: list[torch.Tensor | None] = [None] * len(rows)
+        pending = []  # (row index, tokens, new mu (1, mel, n), stable frames to commit, cache)
+        for index, (tokens, _, finalize, cache) in enumerate(rows):
+            committed_tokens = cache.frames // ratio
+            reusable = committed_tokens + lookahead
+            if cache.frames and (len(tokens) < reusable or tokens[:reusable] != cache.tokens[:reusable]):
+                cache.__init__(config.num_steps, config.num_layers)  # the prefix changed: start over
+                committed_tokens = 0
+            n_out = len(tokens) if finalize else len(tokens) - lookahead
+            if n_out <= committed_tokens:
+                results[index] = cache.mel[:, :, : n_out * ratio] if cache.mel is not None else self._empty_mel()
+                continue
+            # the pre-look-ahead's causal conv reads two earlier token positions: recompute from a little before
+            context = min(committed_tokens, 2)
+            window = torch.tensor([tokens[committed_tokens - context :]], dtype=torch.long, device=device)
+            mu = self.encode_tokens(window, None, finalize)[:, :, context * ratio :]
+            total = cache.frames + mu.shape[2]
+            # only whole chunks of a non-final call are stable (a final call never continues)
+            stable = 0 if finalize else (total // config.chunk_frames) * config.chunk_frames - cache.frames
+            pending.append((index, tokens, mu, max(stable, 0), cache))
+        if not pending:
+            return results
+        lengths = [mu.shape[2] for _, _, mu, _, _ in pending]
+        mu = torch.cat([F.pad(mu, (0, max(lengths) - mu.shape[2])) for _, _, mu, _, _ in pending])
+        speaker = self.speaker(torch.cat([rows[index][1] for index, *_ in pending]).to(mu.dtype))
+        caches = [cache for *_, cache in pending]
+        starts = [cache.frames for cache in caches]
+        mel_new = self._sample_cached(mu, speaker, caches, lengths, [stable for *_, stable, _ in pending])
+        for row, ((index, tokens, _, stable, cache), start, length) in enumerate(zip(pending, starts, lengths)):
+            new = mel_new[row : row + 1, :, :length]
+            mel = new if cache.mel is None else torch.cat([cache.mel, new], dim=2)
+            if stable:
+                cache.mel = mel[:, :, : start + stable]
+                cache.tokens = list(tokens[: (start + stable) // ratio + lookahead])
+            results[index] = mel
+        return results
 
     def _empty_mel(self):
         weight = self.token_embedding.weight
