@@ -83,3 +83,20 @@ def hello_b64() -> str:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+class ScriptedReply:
+    """Logits processor making the random tiny model answer with a fixed token script (e.g. a tool call), to test the
+    API around it. One reply at a time: a sequence no longer than the last prompt starts a new reply."""
+
+    def __init__(self, script: list[int]):
+        self.script = script
+        self.prompt_length = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
+            self.prompt_length = input_ids.shape[1]
+        step = min(input_ids.shape[1] - self.prompt_length, len(self.script) - 1)
+        forced = scores.new_full(scores.shape, float("-inf"))
+        forced[:, self.script[step]] = 0.0
+        return forced

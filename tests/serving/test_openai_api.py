@@ -15,7 +15,7 @@ import soundfile as sf
 
 from fun_audio_chat.serving import ServingEngine
 
-from .conftest import LocalServer, tiny_detokenizer_or_none
+from .conftest import LocalServer, ScriptedReply, tiny_detokenizer_or_none
 
 openai = pytest.importorskip("openai")
 pytestmark = pytest.mark.slow
@@ -222,28 +222,14 @@ def test_seed_repeats_a_sampled_reply(client):
 
 
 def test_tools_reach_the_prompt_and_come_back_as_tool_calls(tiny_pair):
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     model, processor = tiny_pair
     script = processor.tokenizer.encode("Let me check." + TOOL_REPLY, add_special_tokens=False)
     script.append(processor.im_end_token_id)
 
-    class ScriptedReply(LogitsProcessor):
-        """Makes the random tiny model answer with a fixed tool call, to test the API around it."""
-
-        def __init__(self):
-            self.prompt_length = None
-
-        def __call__(self, input_ids, scores):
-            if self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
-                self.prompt_length = input_ids.shape[1]
-            step = min(input_ids.shape[1] - self.prompt_length, len(script) - 1)
-            forced = scores.new_full(scores.shape, float("-inf"))
-            forced[:, script[step]] = 0.0
-            return forced
-
     engine = ServingEngine(
-        model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply()])}
+        model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply(script)])}
     )
     with LocalServer(engine, "tiny") as server:
         client = server.client()

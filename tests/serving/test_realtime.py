@@ -19,7 +19,7 @@ import pytest
 from fun_audio_chat.serving import ServingEngine
 from fun_audio_chat.serving.realtime import RealtimeLimits
 
-from .conftest import LocalServer, tiny_detokenizer_or_none
+from .conftest import LocalServer, ScriptedReply, tiny_detokenizer_or_none
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("websockets", reason="the Realtime tests need openai[realtime] (websockets<18)")
@@ -421,7 +421,7 @@ def test_barge_in_cancels_the_reply_and_keeps_what_was_sent(server, speech_pcm):
 
 @pytest.mark.parametrize("modality", ["text", "audio"])
 def test_tool_call_round_trip(tiny_pair, modality):
-    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     model, processor = tiny_pair
     script = processor.tokenizer.encode("Let me check." + TOOL_REPLY, add_special_tokens=False)
@@ -429,25 +429,11 @@ def test_tool_call_round_trip(tiny_pair, modality):
     if modality == "audio":
         script.insert(0, script[0])  # spoken replies open with <|audio_bos|>, forced over the first step
 
-    class ScriptedReply(LogitsProcessor):
-        """Makes the random tiny model answer with a fixed tool call, to test the API around it."""
-
-        def __init__(self):
-            self.prompt_length = None
-
-        def __call__(self, input_ids, scores):
-            if self.prompt_length is None or input_ids.shape[1] <= self.prompt_length:
-                self.prompt_length = input_ids.shape[1]
-            step = min(input_ids.shape[1] - self.prompt_length, len(script) - 1)
-            forced = scores.new_full(scores.shape, float("-inf"))
-            forced[:, script[step]] = 0.0
-            return forced
-
     engine = ServingEngine(
         model,
         processor,
         tiny_detokenizer_or_none() if modality == "audio" else None,
-        generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply()])},
+        generate_kwargs={"logits_processor": LogitsProcessorList([ScriptedReply(script)])},
     )
 
     async def run(server):
