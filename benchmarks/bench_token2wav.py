@@ -14,7 +14,8 @@ The first chunk of ``official``/``windowed``/``cached15`` comes after 18 codes, 
 
 Many replies at once (``--streams N``, what a server synthesising N replies does): N ``windowed`` sessions fed 5
 codes per tick (one LLM step each), advanced one after the other with ``session.push`` versus together with one
-``det.push_streams`` call per tick (one batched flow call, batched vocoder windows).
+``det.push_streams`` call per tick (one batched flow call, batched vocoder windows); then the same with N
+``cached`` sessions (their cached chunk-causal flow calls batched too).
 
 Prints seconds and the ratios side by side. Usage:
     python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--streams 8] [--threads 2] [--patterns official,cached]
@@ -123,15 +124,16 @@ def main():
 
 
 def streams_report(model, num_codes: int, num_streams: int) -> None:
-    """N sessions fed 5 codes per tick: one by one (``push``) vs together (``push_streams``), same audio."""
+    """N sessions fed 5 codes per tick: one by one (``push``) vs together (``push_streams``), same audio; first
+    ``windowed`` sessions (full attention), then ``cached`` ones (``chunked=True``)."""
     replies = [
         torch.randint(0, 6561, (num_codes,), generator=torch.Generator().manual_seed(100 + s)).tolist()
         for s in range(num_streams)
     ]
     ticks = [[reply[i : i + 5] for i in range(0, num_codes, 5)] for reply in replies]
 
-    def one_by_one():
-        sessions = [model.streaming_session() for _ in replies]
+    def one_by_one(**session_kwargs):
+        sessions = [model.streaming_session(**session_kwargs) for _ in replies]
         audio = [[] for _ in replies]
         for tick in range(len(ticks[0])):
             for row, session in enumerate(sessions):
@@ -140,8 +142,8 @@ def streams_report(model, num_codes: int, num_streams: int) -> None:
             audio[row].append(session.finish())
         return [torch.cat(parts) for parts in audio]
 
-    def together():
-        sessions = [model.streaming_session() for _ in replies]
+    def together(**session_kwargs):
+        sessions = [model.streaming_session(**session_kwargs) for _ in replies]
         audio = [[] for _ in replies]
         last = len(ticks[0]) - 1
         for tick in range(len(ticks[0])):
@@ -158,6 +160,13 @@ def streams_report(model, num_codes: int, num_streams: int) -> None:
         f"\n{num_streams} streams x {num_codes} codes, 5 codes per tick ({audio_seconds:.1f} s of audio in all): "
         f"one by one {alone_s:.2f} s, push_streams {batched_s:.2f} s -> {alone_s / batched_s:.2f}x "
         f"(largest sample difference {worst:.1e})"
+    )
+    alone_s, alone = timed(lambda: one_by_one(chunked=True))
+    batched_s, batched = timed(lambda: together(chunked=True))
+    worst = max((a - b).abs().max().item() for a, b in zip(alone, batched))
+    print(
+        f"the same {num_streams} streams cached chunked (chunked=True): one by one {alone_s:.2f} s, "
+        f"push_streams {batched_s:.2f} s -> {alone_s / batched_s:.2f}x (largest sample difference {worst:.1e})"
     )
 
 
