@@ -214,7 +214,8 @@ def test_fit_then_generate_with_lora_on_the_llm_and_the_speech_head(processor, c
     model.load_state_dict(official_fit)
     model = get_peft_model(model, fun_audio_chat_lora_config("both", r=16, lora_dropout=0.0))
     assert model.get_base_model().config.training_recipe == "consistent"
-    model = _fit(model, processor, examples, tmp_path, steps=40, lr=1e-2)
+    # 150 steps: 40 fitted replies 2 and 4 (which open alike) on some CPUs only (seen on a 1-thread worker)
+    model = _fit(model, processor, examples, tmp_path, steps=150, lr=1e-2)
     assert _exact_replies(model, processor, conversations, examples) == [True] * 5
 
 
