@@ -613,7 +613,12 @@ def cmd_serve(args) -> int:
     model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     detokenizer = _serve_detokenizer(args.detokenizer, args.model)
     engine = ServingEngine(
-        model, processor, detokenizer, max_batch_size=args.max_batch_size, batch_window=args.batch_window_ms / 1000
+        model,
+        processor,
+        detokenizer,
+        max_batch_size=args.max_batch_size,
+        batch_window=args.batch_window_ms / 1000,
+        chunked_synthesis=args.chunked_synthesis,
     )
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
     app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
@@ -835,6 +840,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=25.0,
         help="how long a request waits for others to join its batch (default: %(default)s)",
+    )
+    serve.add_argument(
+        "--chunked-synthesis",
+        action="store_true",
+        help="render reply audio with the cached chunk-causal flow: more spoken throughput under load, first audio "
+        "after 28 codes instead of 18 (docs/serve.md)",
     )
     serve.add_argument(
         "--max-audio-seconds",

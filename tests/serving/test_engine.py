@@ -225,3 +225,31 @@ def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pai
         assert engine.submit(TurnRequest(_typed("Hi"), speech=False, max_new_tokens=4, temperature=0)).result()
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_pair, chunked):
+    """The speech thread renders all replies in one batched call per tick: each reply's audio equals its own codes
+    streamed through a session of the same kind alone."""
+    import torch
+
+    from fun_audio_chat.tiny import tiny_detokenizer
+
+    model, processor = tiny_pair
+    detokenizer = tiny_detokenizer()
+    engine = ServingEngine(model, processor, detokenizer, batch_window=0.3, chunked_synthesis=chunked).start()
+    try:
+        requests = [
+            TurnRequest(c, speech=True, max_new_tokens=16, temperature=0) for c in (_spoken(), _typed("Hi there"))
+        ]
+        results = _submit_together(engine, requests)
+    finally:
+        engine.close()
+    assert [r.metrics.batch_size for r in results] == [2, 2]
+    for result in results:
+        assert len(result.codes) > 0
+        session = detokenizer.streaming_session(chunked=chunked)
+        alone = torch.cat([session.push(result.codes), session.finish()]).numpy()
+        assert result.audio.shape == alone.shape == (len(result.codes) * 960,)
+        np.testing.assert_allclose(result.audio, alone, atol=1e-4, rtol=0)
+        assert result.metrics.first_speech_seconds <= result.metrics.first_audio_seconds
