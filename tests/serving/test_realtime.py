@@ -621,12 +621,13 @@ def test_idle_timeout_waits_for_a_streaming_reply(strict_server):
                 }
             )
             started = time.monotonic()
-            await conn.send({"type": "response.create", "response": {"max_output_tokens": 60}})
-            events = await recv_until(conn, "response.done")  # longer than the 1 s idle timeout
+            # 240 steps: a spoken reply of about 10 s, streamed for well over the 1 s idle timeout
+            await conn.send({"type": "response.create", "response": {"max_output_tokens": 240}})
+            events = await recv_until(conn, "response.done")
             return events, time.monotonic() - started
 
     events, seconds = asyncio.run(run())
-    assert reply_of(events)["done"].usage.output_tokens == 60
+    assert reply_of(events)["done"].usage.output_tokens == 240
     assert seconds > 1.0, "the reply was too short to test the idle timeout"
 
 
