@@ -21,7 +21,7 @@ last chunk of the question to the first reply audio, and the server's split of t
 audio (VAD wait, submit, queue + prefill, first speech group, first audio chunk).
 
 Usage: python benchmarks/bench_serve.py [--clients 1 4 8] [--rounds 3] [--max-tokens 40] [--threads 1]
-           [--arrivals staggered simultaneous] [--interval 0.25] [--realtime-clients 1 4]
+           [--arrivals staggered simultaneous] [--interval 0.25] [--realtime-clients 1 4] [--chunked-synthesis]
 """
 
 from __future__ import annotations
@@ -238,6 +238,8 @@ def _start_server(args) -> tuple[subprocess.Popen, str, dict]:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
     command = [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--threads", str(args.threads)]
     command += ["--max-batch-size", str(max(args.clients)), "--log-level", "warning"]
+    if args.chunked_synthesis:
+        command.append("--chunked-synthesis")
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -261,6 +263,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--arrivals", nargs="+", choices=["staggered", "simultaneous"], default=None)
     parser.add_argument("--interval", type=float, default=0.25, help="seconds between staggered requests")
+    parser.add_argument(
+        "--chunked-synthesis", action="store_true", help="serve with --chunked-synthesis (the cached chunk-causal flow)"
+    )
     parser.add_argument(
         "--realtime-clients", type=int, nargs="*", default=[1, 4], help="concurrent Realtime sessions (none: skip)"
     )
