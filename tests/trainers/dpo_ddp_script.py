@@ -87,6 +87,11 @@ def main(output_dir: str) -> None:
     rank = trainer.args.process_index
     with open(os.path.join(output_dir, f"rank{rank}.json"), "w") as f:
         json.dump(records, f)
+    # Leave the process group before the interpreter exits: a worker whose gloo threads are still alive at exit can
+    # die with "terminate called without an active exception" (seen once in a full run), failing the launch.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
