@@ -99,3 +99,8 @@ def main():
 
 if __name__ == "__main__":
     main()
+    # Leave the process group before exiting: gloo threads alive at exit can abort a worker ("terminate called
+    # without an active exception"), failing the launch after the work is done.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
