@@ -111,6 +111,16 @@ async def setup(conn, **session) -> None:
         await recv_until(conn, "session.updated")
 
 
+async def say(conn, text: str) -> None:
+    """A typed user turn: one ``conversation.item.create`` with an ``input_text`` part."""
+    await conn.send(
+        {
+            "type": "conversation.item.create",
+            "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        }
+    )
+
+
 def reply_of(events) -> dict:
     """Text, transcript, audio bytes and the final response of one response's events."""
     audio = b"".join(base64.b64decode(e.delta) for e in events if e.type == "response.output_audio.delta")
@@ -316,12 +326,7 @@ def test_manual_turn_commit_then_response_create_and_cancel(server, speech_pcm):
             await conn.send({"type": "response.create"})
             first = await recv_until(conn, "response.done")
             # a second turn, typed, sees the first one in its prompt
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "More?"}]},
-                }
-            )
+            await say(conn, "More?")
             await conn.send({"type": "response.create", "response": {"max_output_tokens": 400}})
             await recv_until(conn, "response.output_audio.delta")
             await conn.send({"type": "response.cancel"})
@@ -351,16 +356,7 @@ def test_typed_text_item_gets_the_engines_text_reply(server):
     async def run():
         async with connect(server) as conn:
             await setup(conn, output_modalities=["text"], instructions="Be brief.", max_output_tokens=10)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": "Hi there"}],
-                    },
-                }
-            )
+            await say(conn, "Hi there")
             added = await recv_until(conn, "conversation.item.done")
             await conn.send({"type": "response.create"})
             return added, await recv_until(conn, "response.done")
@@ -439,16 +435,7 @@ def test_tool_call_round_trip(tiny_pair, modality):
     async def run(server):
         async with connect(server) as conn:
             await setup(conn, output_modalities=[modality], tools=[WEATHER_TOOL], max_output_tokens=len(script) + 4)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": "What is the weather in Paris?"}],
-                    },
-                }
-            )
+            await say(conn, "What is the weather in Paris?")
             await conn.send({"type": "response.create"})
             first = await recv_until(conn, "response.done")
             call = next(e for e in first if e.type == "response.function_call_arguments.done")
@@ -557,12 +544,7 @@ def test_hostile_input_gets_error_events_and_the_session_goes_on(strict_server):
             await conn.send({"type": "input_audio_buffer.clear"})
             await recv_until(conn, "input_audio_buffer.cleared", stop_on_error=False)
             # after all that, the session still answers
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
-                }
-            )
+            await say(conn, "Hi")
             # a reply that cannot fit the model's context fails with the reason, and the session goes on
             await conn.send({"type": "response.create", "response": {"max_output_tokens": 4000}})
             too_long = await recv_until(conn, "response.done", stop_on_error=False)
@@ -614,12 +596,7 @@ def test_idle_timeout_waits_for_a_streaming_reply(strict_server):
     async def run():
         async with connect(strict_server) as conn:
             await setup(conn)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
-                }
-            )
+            await say(conn, "Hi")
             started = time.monotonic()
             # 240 steps: a spoken reply of about 10 s, streamed for well over the 1 s idle timeout
             await conn.send({"type": "response.create", "response": {"max_output_tokens": 240}})
@@ -690,12 +667,7 @@ def test_four_concurrent_sessions_equal_their_solo_replies(server):
     async def one(text: str) -> tuple[str, bytes]:
         async with connect(server) as conn:
             await setup(conn, audio={"input": {"turn_detection": None}}, max_output_tokens=8)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
-                }
-            )
+            await say(conn, text)
             await conn.send({"type": "response.create"})
             reply = reply_of(await recv_until(conn, "response.done"))
             return reply["transcript"], reply["audio"]
@@ -721,16 +693,7 @@ def test_client_leaving_mid_reply_frees_the_engine(server, leaving):
     async def run():
         async with connect(server) as conn:
             await setup(conn, max_output_tokens=500)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {
-                        "type": "message",
-                        "role": "user",
-                        "content": [{"type": "input_text", "text": "A story."}],
-                    },
-                }
-            )
+            await say(conn, "A story.")
             await conn.send({"type": "response.create"})
             await recv_until(conn, "response.output_audio.delta")
             if leaving == "vanish":  # the network drops: no close frame, the TCP connection is reset
@@ -770,12 +733,7 @@ def test_metrics_show_the_realtime_latency_split(server):
     async def run():
         async with connect(server) as conn:
             await setup(conn, output_modalities=["audio"], max_output_tokens=4)
-            await conn.send(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
-                }
-            )
+            await say(conn, "Hi")
             await conn.send({"type": "response.create"})
             await recv_until(conn, "response.done")
 

@@ -479,8 +479,9 @@ class ContinuousBatchDecoder:
             )
             tokens[rows] = speech_tokens
             kept = speech.groups[-1]
-            for slot, index in enumerate(rows.tolist()):
-                if bool(commit_rows[slot]):
+            # one host copy of the row flags, not one sync per row
+            for slot, (index, commits) in enumerate(zip(rows.tolist(), commit_rows.tolist())):
+                if commits:
                     committed[index] = kept[slot].clone()
             # A long-lived batch hands groups out as RowSteps instead of collecting them for a final output.
             speech.groups.clear()
@@ -495,8 +496,9 @@ class ContinuousBatchDecoder:
             next_embeds = step_text_embeds.clone()
             next_embeds[rows] = speech.next_inputs_embeds(step_text_embeds[rows], tokens[rows])
         batch.step_text_embeds, batch.next_embeds = step_text_embeds, next_embeds
+        token_ids = tokens.tolist()  # one host copy for every row
         return [
-            RowStep(row.row_id, int(tokens[index]), committed.get(index), finished[index], reasons[index])
+            RowStep(row.row_id, token_ids[index], committed.get(index), finished[index], reasons[index])
             for index, row in enumerate(batch.rows)
         ]
 
