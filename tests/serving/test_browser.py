@@ -196,7 +196,10 @@ def test_voice_page_turn_detection_reply_audio_barge_in_and_typed_turn(served, b
     browser.find_element(By.ID, "send").click()
     _wait(browser, "the reply to the typed turn", lambda: _counter(browser, "turns") > turns_before)
     assert browser.find_elements(By.CSS_SELECTOR, ".turn.user")[-1].text == "Hello from the keyboard"
-    assert browser.find_elements(By.CSS_SELECTOR, ".turn.assistant .text")[-1].text.strip()
+    # answered: its words, or (a random tiny model may answer a history without printable words) its audio timing
+    reply = browser.find_elements(By.CSS_SELECTOR, ".turn.assistant")[-1]
+    words = reply.find_element(By.CSS_SELECTOR, ".text").text.strip()
+    assert words or "first audio" in reply.find_element(By.CSS_SELECTOR, ".meta").text
     assert not browser.find_elements(By.CSS_SELECTOR, ".turn.error")
 
     shot = artifacts_dir / "voice_page.png"
