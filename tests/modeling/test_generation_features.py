@@ -123,6 +123,23 @@ def test_model_without_speech_head_generates_text_with_its_defaults(tester):
     assert torch.is_tensor(out) and out.shape[1] == inputs["input_ids"].shape[1] + 3
 
 
+def test_generation_mode_selects_the_reply_modality_as_the_any_to_any_pipeline_asks(tester, model_and_inputs):
+    model, inputs = model_and_inputs
+    with torch.no_grad():
+        text = model.generate(**inputs, **GREEDY, max_new_tokens=3, generation_mode="text")
+        spoken = model.generate(**inputs, **GREEDY, max_new_tokens=3, generation_mode="audio")
+        spoken_reference = model.generate(**inputs, **GREEDY, max_new_tokens=3, return_speech=True)
+    assert torch.is_tensor(text) and text.shape[1] == inputs["input_ids"].shape[1] + 3
+    assert isinstance(spoken, tuple) and all(torch.equal(a, b) for a, b in zip(spoken, spoken_reference))
+    with pytest.raises(ValueError, match="use 'text'"):
+        model.generate(**inputs, max_new_tokens=2, generation_mode="image")
+    with pytest.raises(ValueError, match="contradicts return_speech"):
+        model.generate(**inputs, max_new_tokens=2, generation_mode="text", return_speech=True)
+    textual = tester.create_model(tester.get_config(audio_config={"enable_audio_invert_tower": False}))
+    with pytest.raises(ValueError, match="generation_mode='text'"):
+        textual.generate(**inputs, max_new_tokens=2, generation_mode="audio")
+
+
 def test_unused_audio_boundary_table_is_frozen(tester, model_and_inputs, tmp_path):
     model, _ = model_and_inputs
     assert not model.continuous_audio_tower.audio_bos_eos_token.weight.requires_grad

@@ -563,6 +563,8 @@ class FunAudioChatGenerationMixin:
         the error in its consumer; other streamers get ``end()``.
         """
         streamer = kwargs.get("streamer")
+        if "generation_mode" in kwargs:
+            self._apply_generation_mode(kwargs.pop("generation_mode"), kwargs)
         try:
             self._check_generate_inputs(inputs, kwargs)
             output = super().generate(inputs, generation_config=generation_config, **kwargs)
@@ -579,6 +581,28 @@ class FunAudioChatGenerationMixin:
         if isinstance(output, FunAudioChatGenerateOutput) and not return_dict:
             return output.sequences, output.speech_ids
         return output
+
+    def _apply_generation_mode(self, mode, kwargs: dict) -> None:
+        """Map the output modality transformers' ``any-to-any`` pipeline asks for onto ``return_speech``."""
+        if mode is None:
+            return
+        if mode not in ("text", "audio"):
+            raise ValueError(
+                f"generation_mode={mode!r} is not an output of Fun-Audio-Chat; use 'text' (text reply) or 'audio' "
+                "(text plus 25 Hz speech codes)."
+            )
+        wants_speech = mode == "audio"
+        if wants_speech and getattr(self, "audio_invert_tower", None) is None:
+            raise ValueError(
+                "generation_mode='audio' needs the Speech Refined Head, but this model was built with "
+                "audio_config.enable_audio_invert_tower=False; use generation_mode='text' or load a checkpoint "
+                "with the speech head."
+            )
+        if kwargs.get("return_speech") not in (None, wants_speech):
+            raise ValueError(
+                f"generation_mode={mode!r} contradicts return_speech={kwargs['return_speech']!r}; pass only one."
+            )
+        kwargs["return_speech"] = wants_speech
 
     def _check_context_length(
         self, prompt_length: int, max_new_tokens: int, return_speech: bool, cached_length: int = 0
