@@ -99,6 +99,29 @@ def test_a_detokenizer_without_streaming_renders_at_the_end_and_a_cut_turn_says_
     assert result.codes is None and result.audio is None and result.finish_reason == "stop"
 
 
+class VoiceRecordingVocoder(SineVocoder):
+    """Remembers the voice each render was asked for (the keyword is passed only when a voice is chosen)."""
+
+    def __init__(self):
+        self.voices = []
+
+    def __call__(self, codes, **kwargs):
+        self.voices.append(kwargs.get("voice", "default speaker"))
+        return super().__call__(codes)
+
+
+def test_a_chosen_voice_reaches_the_detokenizer_and_the_chat_default_can_be_overridden(tiny):
+    model, processor = tiny
+    vocoder = VoiceRecordingVocoder()
+    for voice in (None, "bass"):  # the same first turn (the same real codes), in the chat's voice and in another
+        chat = VoiceChat(model, processor, vocoder, max_new_tokens=6, do_sample=False, voice="alto")
+        assert list(chat.respond("hello there", voice=voice))[-1].result.codes
+    turn = SpokenTurn(processor, vocoder)
+    turn.step(AEOS, (5, 6, 7, 8, 9))
+    turn.finish()
+    assert vocoder.voices == ["alto", "bass", "default speaker"]
+
+
 def test_history_carries_the_reply_text_to_the_next_turn(tiny):
     model, processor = tiny
     chat = VoiceChat(model, processor, tiny_detokenizer(0), max_new_tokens=6, do_sample=False)

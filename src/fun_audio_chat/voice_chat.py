@@ -124,6 +124,9 @@ class SpokenTurn:
         speech: the reply is spoken (codes are collected).
         stop_token_ids: ids that end the reply (``<|im_end|>`` is always one).
         speaker_embedding / chunked: passed to ``detokenizer.streaming_session``.
+        voice: the voice to speak in (a voice object of the detokenizer, e.g. a ``CosyVoice3Voice``), passed to
+            ``detokenizer.streaming_session(voice=...)`` (or to the detokenizer call of a non-streaming one); None =
+            the detokenizer's default speaker.
         prompt_tokens: size of the prompt, reported in the metrics.
         started_at: ``clock()`` value the timings count from (default: now).
         clock: the time source (``time.perf_counter``).
@@ -143,6 +146,7 @@ class SpokenTurn:
         stop_token_ids: Iterable[int] = (),
         speaker_embedding=None,
         chunked: bool = False,
+        voice=None,
         prompt_tokens: int = 0,
         started_at: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -167,9 +171,14 @@ class SpokenTurn:
         self._printed = 0
         self.render_audio = render_audio
         self._unrendered: list[int] = []  # real codes not yet pushed into the session (render_audio=False)
+        self.voice = voice
         self._session = None
         if speech and detokenizer is not None and hasattr(detokenizer, "streaming_session"):
-            self._session = detokenizer.streaming_session(speaker_embedding, chunked=chunked)
+            self._session = detokenizer.streaming_session(speaker_embedding, chunked=chunked, **self._voice_kwargs())
+
+    def _voice_kwargs(self) -> dict:
+        # Only a chosen voice is passed on, so detokenizers without voices keep working with the default speaker.
+        return {} if self.voice is None else {"voice": self.voice}
 
     @property
     def sample_rate(self) -> int | None:
@@ -263,7 +272,9 @@ class SpokenTurn:
             if self._session is not None:
                 events += self._audio(self._session.finish(), final=True)
             else:  # a codes-to-wave callable without a streaming session: the whole reply at once
-                wave = self.detokenizer(self.codes) if self.codes else np.zeros(0, dtype=np.float32)
+                wave = (
+                    self.detokenizer(self.codes, **self._voice_kwargs()) if self.codes else np.zeros(0, dtype=np.float32)
+                )
                 events += self._audio(wave, final=True)
         self.finished = True
         if cancelled:
@@ -329,6 +340,7 @@ class VoiceChat:
         speech: reply with speech by default (text + speech codes + audio) instead of text only.
         max_new_tokens: default reply length in LLM steps (each brings 5 speech codes = 0.2 s of speech).
         speaker_embedding / chunked: passed to ``detokenizer.streaming_session``.
+        voice: the default voice of the replies (see :class:`SpokenTurn`); ``respond(voice=...)`` overrides it.
         tools: function schemas for the chat template.
         generate_kwargs: default ``generate`` keyword arguments (e.g. ``do_sample=False``).
     """
@@ -345,6 +357,7 @@ class VoiceChat:
         max_new_tokens: int = 256,
         speaker_embedding=None,
         chunked: bool = False,
+        voice=None,
         tools: list | None = None,
         **generate_kwargs,
     ):
@@ -362,6 +375,7 @@ class VoiceChat:
         self.max_new_tokens = max_new_tokens
         self.speaker_embedding = speaker_embedding
         self.chunked = chunked
+        self.voice = voice
         self.tools = tools
         self.generate_kwargs = generate_kwargs
         self.speech_codes = SpeechCodeLayout.from_processor(processor)
@@ -422,6 +436,7 @@ class VoiceChat:
         max_new_tokens: int | None = None,
         sampling_rate: int = INPUT_SAMPLING_RATE,
         seed: int | None = None,
+        voice=None,
         **generate_kwargs,
     ) -> Iterator:
         """Answer one turn (``user_input``: see :meth:`turn_messages`): yields :class:`TextPiece`, :class:`SpeechPiece`, :class:`AudioPiece` events while
@@ -430,7 +445,8 @@ class VoiceChat:
         Raises ``ValueError`` (before anything runs) when the conversation plus ``max_new_tokens`` does not fit
         the model, and :class:`~fun_audio_chat.GenerationFailedError` (from the cause) if ``generate`` fails.
         Closing the iterator early stops ``generate`` at its next step; the turn is then not added to the
-        history. ``seed`` seeds torch right before generating (sampled replies)."""
+        history. ``seed`` seeds torch right before generating (sampled replies); ``voice`` speaks this reply in
+        another voice than the chat's."""
         started_at = time.perf_counter()
         speech = self.speech if speech is None else speech
         if speech and self.model.audio_invert_tower is None:
@@ -451,9 +467,10 @@ class VoiceChat:
         ).to(self.model.device)
         prompt_length = int(inputs["input_ids"].shape[1])
         self.model.context_fit(prompt_length, max_new_tokens, speech=speech).check()
-        return self._run(messages, inputs, speech, max_new_tokens, seed, started_at, generate_kwargs)
+        voice = self.voice if voice is None else voice
+        return self._run(messages, inputs, speech, max_new_tokens, seed, voice, started_at, generate_kwargs)
 
-    def _run(self, messages, inputs, speech, max_new_tokens, seed, started_at, generate_kwargs) -> Iterator:
+    def _run(self, messages, inputs, speech, max_new_tokens, seed, voice, started_at, generate_kwargs) -> Iterator:
         """The turn's events; ``generate`` starts with the first ``next()``."""
         import torch
         from transformers import StoppingCriteriaList
@@ -467,6 +484,7 @@ class VoiceChat:
             stop_token_ids=self.stop_token_ids,
             speaker_embedding=self.speaker_embedding,
             chunked=self.chunked,
+            voice=voice,
             prompt_tokens=int(inputs["input_ids"].shape[1]),
             started_at=started_at,
             speech_codes=self.speech_codes,

@@ -61,6 +61,7 @@ class TurnRequest:
         top_p: nucleus sampling of the text (sampling only).
         seed: makes a sampled reply repeatable (the request is decoded in a batch of its own).
         tools: JSON schemas of the functions the model may call (rendered by the chat template).
+        voice: the voice the reply is spoken in (a voice object of the detokenizer); None = its default speaker.
     """
 
     messages: list[dict]
@@ -70,6 +71,7 @@ class TurnRequest:
     top_p: float = 1.0
     seed: int | None = None
     tools: list[dict] | None = None
+    voice: Any = None
 
     @property
     def greedy(self) -> bool:
@@ -451,6 +453,7 @@ class ServingEngine:
             started_at=handle.submitted_at,
             render_audio=False,
             chunked=self.chunked_synthesis,
+            voice=request.voice,
         )
         handle.row_id = row_id
         self._decoding[row_id] = handle
