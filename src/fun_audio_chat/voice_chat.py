@@ -273,7 +273,9 @@ class SpokenTurn:
                 events += self._audio(self._session.finish(), final=True)
             else:  # a codes-to-wave callable without a streaming session: the whole reply at once
                 wave = (
-                    self.detokenizer(self.codes, **self._voice_kwargs()) if self.codes else np.zeros(0, dtype=np.float32)
+                    self.detokenizer(self.codes, **self._voice_kwargs())
+                    if self.codes
+                    else np.zeros(0, dtype=np.float32)
                 )
                 events += self._audio(wave, final=True)
         self.finished = True
