@@ -140,9 +140,12 @@ class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
         return output
 
 
-def refuse_missing_local_path(source: str | os.PathLike) -> None:
+def refuse_missing_local_path(source: str | os.PathLike | None) -> None:
     """Raise ``OSError`` for a path that can only be local (absolute, ``./``, ``~``, more than one ``/``) and does not
-    exist: transformers would report it as an invalid Hub repo id."""
+    exist: transformers would report it as an invalid Hub repo id. ``None`` (transformers' ``from_pretrained(None,
+    config=..., state_dict=...)``, which loads from the given state dict) names no path and passes."""
+    if source is None:
+        return
     text = os.fspath(source)
     looks_local = os.path.isabs(text) or text.startswith((".", "~")) or text.count("/") > 1 or "\\" in text
     if looks_local and not os.path.exists(os.path.expanduser(text)):

@@ -353,3 +353,47 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         FunAudioChatForConditionalGeneration.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="safetensors checkpoints only"):
         FunAudioChatForConditionalGeneration.from_pretrained(oracle.checkpoint_dir("train_b1"), use_safetensors=False)
+
+
+def test_from_pretrained_without_a_path_loads_the_given_state_dict():
+    """transformers' ``from_pretrained(None, config=..., state_dict=...)``: no path is looked up."""
+    config = tiny_config()
+    model = FunAudioChatForConditionalGeneration(config)
+    state_dict = model.state_dict()
+    loaded = FunAudioChatForConditionalGeneration.from_pretrained(None, config=config, state_dict=state_dict)
+    assert all(torch.equal(state_dict[name], value) for name, value in loaded.state_dict().items())
+
+
+def test_every_missing_weight_is_initialised_as_in_the_constructor():
+    """``from_pretrained(None, config, state_dict={})`` initialises every weight (none left on the meta device) with
+    the values ``__init__`` gives under the same seed: ``_init_weights`` covers all of the model's parameters."""
+    from unittest import mock
+
+    from transformers import PreTrainedModel
+
+    original = PreTrainedModel._initialize_weights
+
+    def seeded(*args, **kwargs):
+        torch.manual_seed(42)
+        original(*args, **kwargs)
+
+    with mock.patch.object(PreTrainedModel, "_initialize_weights", seeded):
+        from_init = FunAudioChatForConditionalGeneration(tiny_config())
+        from_nothing = FunAudioChatForConditionalGeneration.from_pretrained(None, config=tiny_config(), state_dict={})
+    tensors = [*from_nothing.named_parameters(), *from_nothing.named_buffers()]
+    assert [name for name, value in tensors if value.device.type == "meta"] == []
+    expected, got = from_init.state_dict(), from_nothing.state_dict()
+    assert sorted(expected) == sorted(got)
+    assert [name for name in expected if not torch.equal(expected[name], got[name])] == []
+
+
+@pytest.mark.parametrize("attn_implementation", [None, "eager"])
+def test_composite_attention_dispatch_reaches_every_tower(tmp_path, attn_implementation):
+    """Each tower's config carries the requested attention (SDPA by default): the audio towers share audio_config."""
+    FunAudioChatForConditionalGeneration(tiny_config()).save_pretrained(tmp_path)
+    kwargs = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+    model = FunAudioChatForConditionalGeneration.from_pretrained(tmp_path, **kwargs)
+    expected = attn_implementation or "sdpa"
+    for tower in (model.audio_tower, model.continuous_audio_tower, model.language_model):
+        assert tower._supports_sdpa
+        assert tower.config._attn_implementation == expected

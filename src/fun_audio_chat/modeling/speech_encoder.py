@@ -13,6 +13,16 @@ from ..configuration_fun_audio_chat import FunAudioChatAudioEncoderConfig
 
 
 class FunAudioChatDiscreteEncoder(nn.Module):
+    """Embeds 25 Hz speech codes, averages each group of k into one 5 Hz position and projects it (``audio_tower``).
+
+    It has no attention, so every attention implementation suits it. transformers' composite-model dispatch still
+    reads ``_supports_sdpa`` on each modality tower to decide what its (shared ``audio_config``) attention setting
+    should be; without the flag an SDPA load would be marked as falling back to eager for the whole audio side.
+    """
+
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
     def __init__(self, config: FunAudioChatAudioEncoderConfig):
         super().__init__()
         self.config = config
