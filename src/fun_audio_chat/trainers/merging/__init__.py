@@ -23,7 +23,14 @@ from __future__ import annotations
 
 from .arithmetic import merge_tensors
 from .merge import DEFAULT_CHUNK_ELEMENTS, MergeResult, merge_weights
-from .output import MANIFEST_NAME, atomic_output_dir, read_manifest, remove_stale_partial_dirs, save_merged_model
+from .output import (
+    MANIFEST_NAME,
+    atomic_output_dir,
+    read_manifest,
+    recover_output_dir,
+    remove_stale_partial_dirs,
+    save_merged_model,
+)
 from .plan import MergePlan, default_base_key_map
 from .safetensors_io import PickleCheckpointError, SafetensorsCheckpoint
 
@@ -39,6 +46,7 @@ __all__ = [
     "merge_tensors",
     "merge_weights",
     "read_manifest",
+    "recover_output_dir",
     "remove_stale_partial_dirs",
     "save_merged_model",
 ]

@@ -88,10 +88,19 @@ def aux_files(directory: Path, subfolders: bool = True) -> list[Path]:
     return found
 
 
-# Written into each temporary output directory while it is being filled (and removed just before it is renamed
-# into place): it identifies the directory as ours and names the writing process, so a later run can delete the
-# leftovers of a killed one without ever touching a folder it did not create.
+# Written into each temporary output directory while it is being filled: it identifies the directory as ours and
+# names the writing process, so a later run can delete the leftovers of a killed one without ever touching a folder
+# it did not create.
 _PARTIAL_MARKER = ".fun_audio_chat_partial.json"
+# The publish journal, written beside the output (``.<name>.publish.json``) once the new directory is complete and
+# removed when publishing is over. It names the three folders involved, so whatever instant the writer dies at, the
+# next run finishes the same steps (:func:`recover_output_dir`) and no folder is left that nothing names.
+_JOURNAL_SUFFIX = ".publish.json"
+
+
+def _publish_step(step: str) -> None:
+    """Called between the steps of publishing an output directory. Does nothing; the tests replace it to kill the
+    writing process at each step (``monkeypatch.setattr(output_module, "_publish_step", ...)``)."""
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -104,60 +113,189 @@ def _process_is_alive(pid: int) -> bool:
     return True
 
 
+def _writer_is_gone(info: Mapping[str, Any]) -> bool:
+    """Whether the process that wrote a marker or journal ran on this machine and no longer runs."""
+    try:
+        pid, host = int(info["pid"]), str(info["host"])
+    except (KeyError, TypeError, ValueError):
+        return False
+    return host == socket.gethostname() and not _process_is_alive(pid)
+
+
+def _writer_is_alive(marker: Path) -> bool:
+    """Whether the marker file names a process that may still be writing (alive, another machine or unreadable)."""
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(info, dict) and _writer_is_gone(info))
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _writer_info(folder_name: str) -> dict:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "created": time.time(), "target": folder_name}
+
+
+def _write_partial_marker(folder: Path) -> None:
+    (folder / _PARTIAL_MARKER).write_text(json.dumps(_writer_info(folder.name)) + "\n")
+
+
+def _journal_path(target: Path) -> Path:
+    return target.parent / f".{target.name}{_JOURNAL_SUFFIX}"
+
+
+def _write_journal(target: Path, new: Path, old: Path) -> Path:
+    """Write (and sync) the publish journal of ``target``: from here on a restart finishes publishing ``new``."""
+    journal = _journal_path(target)
+    payload = {**_writer_info(target.name), "new": new.name, "old": old.name}
+    with open(journal, "w", encoding="utf-8") as handle:
+        handle.write(json.dumps(payload) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    _fsync_dir(target.parent)
+    return journal
+
+
+def _finish_publish(target: Path, new: Path, old: Path, journal: Path) -> None:
+    """Put ``new`` at ``target`` (the previous ``target`` goes to ``old``, then is deleted), then drop the journal.
+
+    Idempotent: each step checks what the previous ones left, so the writer and a later recovery run the same code,
+    and a kill at any point between two steps leaves a state this function finishes. Before the journal exists the
+    old ``target`` is untouched; once it exists ``new`` is complete and only the renames below remain."""
+    if new.is_dir():
+        (new / _PARTIAL_MARKER).unlink(missing_ok=True)
+        _fsync_dir(new)
+        _publish_step("unmarked")
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        elif target.exists() or target.is_symlink():
+            os.rename(target, old)
+            _publish_step("old moved aside")
+        os.rename(new, target)
+        _fsync_dir(target.parent)
+        _publish_step("published")
+    elif not target.exists() and old.is_dir():  # never left by the steps above; put the old output back
+        os.rename(old, target)
+        _fsync_dir(target.parent)
+    if old.exists() or old.is_symlink():
+        _remove(old)
+        _publish_step("old deleted")
+    journal.unlink(missing_ok=True)
+    _fsync_dir(target.parent)
+
+
+def _read_journal(journal: Path) -> dict | None:
+    try:
+        info = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not all(isinstance(info.get(k), str) for k in ("target", "new", "old")):
+        return None
+    return info
+
+
+def recover_output_dir(target: str | os.PathLike) -> bool:
+    """Finish publishing ``target`` if a merge or save that was replacing it died part way; ``True`` if it did.
+
+    Afterwards ``target`` holds the new output when the writer had finished writing it, and the previous output
+    otherwise. Every merge and save into ``target``'s folder calls this first; call it yourself (or run any merge
+    into the same folder) to repair a folder before reading it. A journal of a process that still runs, or that was
+    written on another machine, is left alone (``False``)."""
+    target = Path(target)
+    journal = _journal_path(target)
+    if not journal.is_file():
+        return False
+    info = _read_journal(journal)
+    if info is None:
+        # Cut short while being written (the renames start only after it is synced): nothing was moved yet and the
+        # new directory still carries its marker. Dropped unless a writer of this output is still running (it may
+        # be writing this very journal now).
+        if not any(
+            _writer_is_alive(marker) for marker in target.parent.glob(f".{target.name}.partial-*/{_PARTIAL_MARKER}")
+        ):
+            journal.unlink(missing_ok=True)
+        return False
+    if not _writer_is_gone(info) or info["target"] != target.name:
+        return False
+    parent = target.parent
+    names = (info["new"], info["old"])
+    if any("/" in name or name in ("", ".", "..") or not name.startswith(f".{target.name}.") for name in names):
+        logger.warning("ignoring %s: it names folders that are not its output's temporary siblings", journal)
+        return False
+    _finish_publish(target, parent / info["new"], parent / info["old"], journal)
+    logger.info("finished publishing %s, interrupted in process %s", target, info["pid"])
+    return True
+
+
 def remove_stale_partial_dirs(parent: str | os.PathLike) -> list[Path]:
-    """Delete the ``.<name>.partial-*`` / ``.<name>.old-*`` folders in ``parent`` left by killed merges or saves.
+    """Repair the folder ``parent`` after killed merges or saves: finish their interrupted publishes
+    (:func:`recover_output_dir`), then delete the ``.<name>.partial-*`` / ``.<name>.old-*`` folders they left.
 
     Only folders carrying our marker whose writer is a process of this machine that no longer runs are removed; a
     folder without the marker, or of a live process (a merge running now), or written from another machine is left
-    alone. Returns the removed folders."""
-
+    alone, and so is every folder that a remaining publish journal names. Returns the removed folders."""
     removed = []
     try:
-        candidates = [
-            p for p in Path(parent).iterdir() if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name)
-        ]
+        entries = list(Path(parent).iterdir())
     except OSError:
         return removed
+    claimed: set[str] = set()
+    for journal in entries:
+        if journal.name.startswith(".") and journal.name.endswith(_JOURNAL_SUFFIX) and journal.is_file():
+            target_name = journal.name[1 : -len(_JOURNAL_SUFFIX)]
+            if not recover_output_dir(Path(parent) / target_name) and journal.exists():
+                info = _read_journal(journal) or {}
+                claimed.update(str(info.get(key)) for key in ("new", "old"))
+    candidates = [
+        p
+        for p in entries
+        if p.name.startswith(".") and (".partial-" in p.name or ".old-" in p.name) and p.name not in claimed
+    ]
     for folder in candidates:
         marker = folder / _PARTIAL_MARKER
         try:
             if folder.is_symlink() or not folder.is_dir() or not marker.is_file():
                 continue
             info = json.loads(marker.read_text())
-            pid, host = int(info["pid"]), str(info["host"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError):
             continue
-        if host != socket.gethostname() or _process_is_alive(pid):
+        if not isinstance(info, dict) or not _writer_is_gone(info):
             continue
         shutil.rmtree(folder, ignore_errors=True)
         removed.append(folder)
-        logger.info("removed %s, left by an interrupted merge (process %d)", folder, pid)
+        logger.info("removed %s, left by an interrupted merge (process %s)", folder, info.get("pid"))
     return removed
 
 
-def _write_partial_marker(folder: Path) -> None:
-
-    payload = {"pid": os.getpid(), "host": socket.gethostname(), "created": time.time(), "target": folder.name}
-    (folder / _PARTIAL_MARKER).write_text(json.dumps(payload) + "\n")
-
-
 class _AtomicDir:
-    """Write into a hidden temporary sibling of ``target``; rename it into place on success, delete it on any
-    failure (including KeyboardInterrupt). A killed process leaves at most a marked ``.<name>.partial-*`` sibling
-    (deleted by the next run in the same folder, see :func:`remove_stale_partial_dirs`) and never a half-written
-    ``target``."""
+    """Write into a hidden temporary sibling of ``target``; publish it at ``target`` on success, delete it on any
+    failure (including KeyboardInterrupt).
+
+    Publishing (docs/reliability.md#merges): the complete temporary directory is named in a journal beside the
+    output, then the old ``target`` (if any) is renamed to ``.<name>.old-*``, the new one to ``target``, the old one
+    deleted and the journal removed (:func:`_finish_publish`). A process killed at any instant leaves either the old
+    or the new output at ``target`` once the next run in that folder (or :func:`recover_output_dir`) has finished
+    the journal's steps; every temporary folder carries a marker or is named by the journal, and is deleted."""
 
     def __init__(self, target: Path, overwrite: bool):
         self.target = Path(target)
         self.overwrite = overwrite
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partial_dirs(self.target.parent)
         if self.target.exists() and not self.overwrite:
             if self.target.is_dir() and not any(self.target.iterdir()):
                 pass  # an empty directory is fine to replace
             else:
                 raise FileExistsError(f"{self.target} already exists; pass overwrite=True to replace it")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partial_dirs(self.target.parent)
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        suffix = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.tmp = self.target.parent / f".{self.target.name}.partial-{suffix}"
+        self.old = self.target.parent / f".{self.target.name}.old-{suffix}"
 
     def __enter__(self) -> Path:
         self.tmp.mkdir()
@@ -169,25 +307,44 @@ class _AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return False
         try:
-            (self.tmp / _PARTIAL_MARKER).unlink()
-            _fsync_dir(self.tmp)
-            if self.target.exists():
-                if self.target.is_dir() and not any(self.target.iterdir()):
-                    self.target.rmdir()
-                    os.rename(self.tmp, self.target)
-                else:
-                    trash = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-                    os.rename(self.target, trash)
-                    _write_partial_marker(trash)  # if killed before the rmtree, a later run removes it
-                    os.rename(self.tmp, self.target)
-                    shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.tmp, self.target)
-            _fsync_dir(self.target.parent)
+            _fsync_tree(self.tmp)
+            journal = _write_journal(self.target, self.tmp, self.old)
         except BaseException:
+            _journal_path(self.target).unlink(missing_ok=True)
             shutil.rmtree(self.tmp, ignore_errors=True)
             raise
+        try:
+            _publish_step("journal written")
+            _finish_publish(self.target, self.tmp, self.old, journal)
+        except BaseException:
+            self._roll_back(journal)
+            raise
         return False
+
+    def _roll_back(self, journal: Path) -> None:
+        """After an error while publishing (this process still runs): the old output back at ``target`` if it was
+        moved aside, the new one deleted, no journal."""
+        try:
+            if not self.target.exists() and self.old.exists():
+                os.rename(self.old, self.target)
+            elif self.old.exists():  # the new output is in place; only deleting the old one failed
+                shutil.rmtree(self.old, ignore_errors=True)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            journal.unlink(missing_ok=True)
+        except OSError:  # pragma: no cover - the journal stays for the next run's recovery
+            logger.exception("could not roll back the publishing of %s", self.target)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Sync every file and directory of ``folder`` to disk, so the journal never names a directory whose contents a
+    power cut could still lose."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_dir(path)
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:
