@@ -229,6 +229,10 @@ def test_resume_from_any_point_gives_the_uninterrupted_result(tmp_path, monkeypa
             run(out, crash, counter)
     assert calls == [1]  # merged exactly once, when stage 1 finished after its resumption
     assert read_manifest(out / "merged")["alpha"] == 0.5
+    # the merge of the finished stage-1 checkpoint records the step an uninterrupted run records
+    assert (
+        read_manifest(out / "merged")["global_step"] == read_manifest(tmp_path / "ref" / "merged")["global_step"] == 4
+    )
     resumed = run(out, counter)
     assert calls == [1]  # never merged again
     # every optimizer step ran exactly once over the four processes: nothing redone, nothing skipped

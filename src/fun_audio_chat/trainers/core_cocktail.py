@@ -18,6 +18,10 @@
   after stage 2             the final weights are reloaded from ``<output_dir>/final``; nothing is trained
   ========================  ==============================================================================
 
+  :func:`find_resume_point` reads which row applies from the disk (a :class:`ResumePoint`; the stage-1 rows are
+  ``STAGE1`` and ``MERGE``, then ``STAGE2`` and ``DONE``); each step of the recipe is one method of the run.
+  A kill while ``merged/`` is being published is finished first (``remove_stale_partial_dirs``, see
+  docs/reliability.md#merges). The merge manifest's ``global_step`` is stage 1's last step however the run got there.
   Resumption needs ``save_strategy="steps"`` (the default here); with ``"no"`` an interrupted stage restarts.
 
 Works unchanged under ``torchrun`` / ``accelerate launch`` data parallelism and DeepSpeed ZeRO-1/2 (parameters
@@ -30,6 +34,7 @@ merges that checkpoint on disk while the others wait, and stage 2 trains a model
 from __future__ import annotations
 
 import copy
+import enum
 import gc
 import json
 import logging
@@ -46,7 +51,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
-from .merging import SafetensorsCheckpoint, merge_weights, read_manifest, save_merged_model
+from .merging import SafetensorsCheckpoint, merge_weights, read_manifest, remove_stale_partial_dirs, save_merged_model
 from .sft import FunAudioChatTrainer
 
 logger = logging.getLogger(__name__)
@@ -123,8 +128,13 @@ class CoreCocktailCallback(TrainerCallback):
             self.merge(model, args=args, state=state, processing_class=kwargs.get("processing_class"))
         return control
 
-    def merge(self, model: nn.Module, args=None, state=None, processing_class=None) -> dict:
-        """Merge ``model`` in place now (all processes), then save / push (main process)."""
+    def merge(
+        self, model: nn.Module, args=None, state=None, processing_class=None, global_step: int | None = None
+    ) -> dict:
+        """Merge ``model`` in place now (all processes), then save / push (main process).
+
+        ``state``: the Trainer's state (its step goes into the manifest); without it (a merge of a finished
+        checkpoint's weights, outside training) give that checkpoint's ``global_step``."""
         if model is None:
             raise ValueError("CoreCocktailCallback needs the model (Trainer passes it to callbacks)")
         model = _unwrap_distributed(model)
@@ -134,7 +144,7 @@ class CoreCocktailCallback(TrainerCallback):
             )
         show = not (getattr(args, "disable_tqdm", False)) and PartialState().is_main_process
         _, manifest = merge_weights(model, self.base, self.alpha, show_progress=show, **self.merge_kwargs)
-        manifest["global_step"] = getattr(state, "global_step", None)
+        manifest["global_step"] = state.global_step if state is not None else global_step
         self.manifest = manifest
         self.merged = True
         logger.info("Core-Cocktail: merged %d tensors with the base (alpha=%s)", len(manifest["merged"]), self.alpha)
@@ -360,6 +370,213 @@ def _completed_stage_history(checkpoint: Path) -> list:
     return list(json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", []))
 
 
+def _checkpoint_step(checkpoint: Path) -> int | None:
+    """The optimizer step at which a Trainer checkpoint was written (what an uninterrupted run's state reports)."""
+    step = json.loads((checkpoint / "trainer_state.json").read_text()).get("global_step")
+    return None if step is None else int(step)
+
+
+class ResumePoint(enum.Enum):
+    """Where :func:`run_core_cocktail` starts, read from what an earlier call left in ``output_dir``."""
+
+    STAGE1 = "stage 1 to train (from its last checkpoint, if any), then the merge"
+    MERGE = "stage 1 finished (its final checkpoint written), the merge not done"
+    STAGE2 = "the merge done, stage 2 to train (from its last checkpoint, if any)"
+    DONE = "both stages done: the final weights to reload"
+
+
+@dataclass(frozen=True)
+class CoreCocktailLayout:
+    """The folders of a Core-Cocktail run under ``output_dir``."""
+
+    output_dir: Path
+
+    @property
+    def stage1_dir(self) -> Path:
+        return self.output_dir / "stage1"
+
+    @property
+    def merged_dir(self) -> Path:
+        return self.output_dir / "merged"
+
+    @property
+    def stage2_dir(self) -> Path:
+        return self.output_dir / "stage2"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.output_dir / "final"
+
+
+def find_resume_point(layout: CoreCocktailLayout, resume: bool = True) -> ResumePoint:
+    """The :class:`ResumePoint` of ``layout``: the merge manifest in ``merged/`` marks the merge as done (it is
+    written last, inside the atomically published folder), ``core_cocktail_state.json`` marks the end."""
+    if not resume:
+        return ResumePoint.STAGE1
+    state = _read_state(layout.output_dir)
+    if state.get("status") == "done" and (layout.final_dir / "config.json").is_file():
+        return ResumePoint.DONE
+    if read_manifest(layout.merged_dir) is not None:
+        return ResumePoint.STAGE2
+    if _finished_checkpoint(layout.stage1_dir) is not None:
+        return ResumePoint.MERGE
+    return ResumePoint.STAGE1
+
+
+def _last_checkpoint(stage_dir: Path, resume: bool) -> str | None:
+    return get_last_checkpoint(str(stage_dir)) if resume and stage_dir.is_dir() else None
+
+
+@dataclass
+class _CoreCocktailRun:
+    """One call of :func:`run_core_cocktail`: its settings, and one method per step of the recipe."""
+
+    layout: CoreCocktailLayout
+    base: Any
+    alpha: float
+    args1: TrainingArguments
+    args2: TrainingArguments
+    make_trainer: Callable[[nn.Module, TrainingArguments, int, list], Any]
+    processing_class: Any
+    merge_kwargs: Mapping[str, Any]
+    resume: bool
+    result: CoreCocktailResult
+
+    def write_state(self, status: str) -> None:
+        state = {"status": status, "alpha": self.alpha}
+        if status != "stage1":
+            state["merged_dir"] = str(self.layout.merged_dir)
+        if status == "done":
+            state["final_dir"] = str(self.layout.final_dir)
+        _write_state(self.layout.output_dir, state)
+
+    # ---- stage 1 and the merge -----------------------------------------------------------------------------
+    def stage1_and_merge(self, model: nn.Module, point: ResumePoint) -> nn.Module:
+        """Train stage 1 (unless it finished) and merge it with the base; returns the model stage 2 trains."""
+        self.write_state("stage1")
+        if point is ResumePoint.MERGE:
+            self.merge_finished_stage1(model)
+            return model
+        return self.train_and_merge_stage1(model)
+
+    def merge_finished_stage1(self, model: nn.Module) -> None:
+        """Resuming after stage 1's final checkpoint: merge its weights (no Trainer is built, nothing trains)."""
+        finished = _finished_checkpoint(self.layout.stage1_dir)
+        logger.info("Core-Cocktail: stage 1 finished at %s; merging it", finished)
+        self.result.log_history["stage1"] = _completed_stage_history(finished)
+        if _parameter_sharding(self.args1):
+            self.merge_on_disk(finished)
+            self.after_merge()
+            load_weights_into(model, self.layout.merged_dir)
+            return
+        load_weights_into(model, finished)
+        step = _checkpoint_step(finished)  # the manifest records what an uninterrupted run's state would
+        manifest = self.merger().merge(model, args=self.args1, processing_class=self.processing_class, global_step=step)
+        self.after_merge(manifest)
+
+    def train_and_merge_stage1(self, model: nn.Module) -> nn.Module:
+        """Train stage 1 (from its last checkpoint, if any), then merge: in place by the callback at the end of
+        training, or on disk from ``save_model``'s full weights when the engine shards the parameters (stage 2 then
+        trains a model reloaded from the merge)."""
+        sharding = _parameter_sharding(self.args1)
+        # whether each parameter trains and its dtype, for a stage-2 model reloaded after a sharded stage 1
+        settings = {n: (p.requires_grad, p.dtype) for n, p in _unwrap_distributed(model).named_parameters()}
+        if sharding:
+            trainer = self.train_stage(model, 1, [])
+            stage1_weights = self.layout.stage1_dir / "final"
+            trainer.save_model(str(stage1_weights))  # every process takes part in gathering the full weights
+            self.merge_on_disk(stage1_weights)
+            self.after_merge()
+        else:
+            merger = self.merger()
+            trainer = self.train_stage(model, 1, [merger])
+            if not merger.merged:  # pragma: no cover - on_train_end always fires
+                raise RuntimeError("stage 1 ended without the Core-Cocktail merge")
+            self.after_merge(merger.manifest)
+        _release_trainer(trainer)
+        del trainer
+        gc.collect()
+        return _reload_for_stage2(model, self.layout.merged_dir, settings) if sharding else model
+
+    def merger(self) -> CoreCocktailCallback:
+        return CoreCocktailCallback(
+            self.base, alpha=self.alpha, save_dir=self.layout.merged_dir, merge_kwargs=self.merge_kwargs
+        )
+
+    def merge_on_disk(self, stage1_weights: Path) -> None:
+        """The merge after a stage whose engine sharded the parameters: no process holds whole tensors, so process 0
+        merges the saved checkpoint on disk while the others wait."""
+        if PartialState().is_main_process:
+            _, manifest = merge_weights(
+                stage1_weights,
+                self.base,
+                self.alpha,
+                output_dir=self.layout.merged_dir,
+                overwrite=True,
+                show_progress=not self.args1.disable_tqdm,
+                **self.merge_kwargs,
+            )
+            logger.info("Core-Cocktail: merged %d tensors with the base on disk", len(manifest["merged"]))
+
+    def after_merge(self, manifest: dict | None = None) -> None:
+        """Wait for the merging process; record the manifest (``manifest``: this process's own, for processes that
+        cannot read process 0's disk)."""
+        PartialState().wait_for_everyone()
+        self.result.manifest = read_manifest(self.layout.merged_dir) or manifest
+        self.write_state("merged")
+
+    def load_merge(self, model: nn.Module) -> None:
+        """Resuming after the merge: its weights, unless stage 2 has a checkpoint to resume from."""
+        manifest = self.result.manifest
+        if float(manifest.get("alpha", self.alpha)) != float(self.alpha):
+            logger.warning(
+                "the merge in %s used alpha=%s, not %s; keeping it",
+                self.layout.merged_dir,
+                manifest.get("alpha"),
+                self.alpha,
+            )
+        if _last_checkpoint(self.layout.stage2_dir, resume=True):
+            return
+        logger.info("Core-Cocktail: stage 1 and the merge are done; loading %s", self.layout.merged_dir)
+        load_weights_into(model, self.layout.merged_dir)
+
+    # ---- stage 2 -------------------------------------------------------------------------------------------
+    def stage2(self, model: nn.Module) -> None:
+        """Train stage 2 (unless it finished) and write the final weights to ``final/``."""
+        self.write_state("stage2")
+        finished = _finished_checkpoint(self.layout.stage2_dir) if self.resume else None
+        if finished is not None:
+            logger.info("Core-Cocktail: stage 2 finished at %s; loading it", finished)
+            load_weights_into(model, finished)
+            self.result.log_history["stage2"] = _completed_stage_history(finished)
+            if PartialState().is_main_process:  # no engine was started: save the plain module
+                _unwrap_distributed(model).save_pretrained(str(self.layout.final_dir))
+                if self.processing_class is not None:
+                    self.processing_class.save_pretrained(str(self.layout.final_dir))
+            PartialState().wait_for_everyone()
+            self.write_state("done")
+            return
+        trainer = self.train_stage(model, 2, [])
+        trainer.save_model(str(self.layout.final_dir))
+        PartialState().wait_for_everyone()
+        self.write_state("done")
+        _release_trainer(trainer)
+
+    def train_stage(self, model: nn.Module, stage: int, extra_callbacks: list):
+        """Train stage ``stage`` from its last checkpoint (if any); records its metrics and log; returns the
+        Trainer (still holding the engine, for ``save_model``)."""
+        args = self.args1 if stage == 1 else self.args2
+        last = _last_checkpoint(Path(args.output_dir), self.resume)
+        trainer = self.make_trainer(model, args, stage, extra_callbacks)
+        if last:
+            logger.info("Core-Cocktail: resuming stage %d from %s", stage, last)
+        out = trainer.train(resume_from_checkpoint=last)
+        metrics_field = "stage1_metrics" if stage == 1 else "stage2_metrics"
+        setattr(self.result, metrics_field, dict(out.metrics))
+        self.result.log_history[f"stage{stage}"] = list(trainer.state.log_history)
+        return trainer
+
+
 def run_core_cocktail(
     model: nn.Module,
     base: Any,
@@ -392,7 +609,8 @@ def run_core_cocktail(
             shortcut) or complete ``TrainingArguments``. Defaults: cosine with ``min_lr``, LR 1e-4 -> 1e-5 then
             1e-5 -> 1e-6, no warmup, checkpoints every 500 steps.
         callbacks / trainer_cls / trainer_kwargs: passed to both stages' trainers.
-        resume: continue from what an earlier call left in ``output_dir`` (see the module docstring).
+        resume: continue from what an earlier call left in ``output_dir`` (see the module docstring and
+            :func:`find_resume_point`).
         merge_kwargs: extra :func:`merge_weights` arguments.
 
     Returns:
@@ -407,26 +625,20 @@ def run_core_cocktail(
             "run_core_cocktail merges full weights with the base LLM, and a PEFT model trains (and saves) only its "
             "adapter; call merge_and_unload() on the PEFT model first."
         )
-    output_dir = Path(output_dir)
-    stage1_dir, stage2_dir = output_dir / "stage1", output_dir / "stage2"
-    merged_dir, final_dir = output_dir / "merged", output_dir / "final"
-    args1 = core_cocktail_training_arguments(1, stage1_dir, stage1_args)
-    args2 = core_cocktail_training_arguments(2, stage2_dir, stage2_args)
-    stage1_sharding = _parameter_sharding(args1)
+    layout = CoreCocktailLayout(Path(output_dir))
+    args1 = core_cocktail_training_arguments(1, layout.stage1_dir, stage1_args)
+    args2 = core_cocktail_training_arguments(2, layout.stage2_dir, stage2_args)
+    _parameter_sharding(args1)  # refuses sharded settings whose save_model writes no full weights
     _parameter_sharding(args2)
-    trainer_kwargs = dict(trainer_kwargs or {})
-    state = _read_state(output_dir) if resume else {}
-    if not resume and output_dir.exists() and any(output_dir.iterdir()):
+    if not resume and layout.output_dir.exists() and any(layout.output_dir.iterdir()):
         raise FileExistsError(f"{output_dir} is not empty; pass resume=True to continue from it or use a new dir")
-    result = CoreCocktailResult(
-        model=model,
-        output_dir=output_dir,
-        merged_dir=merged_dir,
-        final_dir=final_dir,
-        manifest=read_manifest(merged_dir),
-    )
+    if resume and PartialState().is_main_process and layout.output_dir.is_dir():
+        remove_stale_partial_dirs(layout.output_dir)  # finishes a publish of merged/ that a kill interrupted
+    PartialState().wait_for_everyone()
+    trainer_kwargs = dict(trainer_kwargs or {})
 
-    def make_trainer(model, args, dataset, extra_callbacks):
+    def make_trainer(model, args, stage, extra_callbacks):
+        dataset = stage2_train_dataset if stage == 2 and stage2_train_dataset is not None else train_dataset
         return trainer_cls(
             model=model,
             args=args,
@@ -438,108 +650,39 @@ def run_core_cocktail(
             **trainer_kwargs,
         )
 
-    if state.get("status") == "done" and (final_dir / "config.json").is_file():
-        logger.info("Core-Cocktail already finished in %s; loading the final weights", output_dir)
-        load_weights_into(model, final_dir)
+    result = CoreCocktailResult(
+        model=model,
+        output_dir=layout.output_dir,
+        merged_dir=layout.merged_dir,
+        final_dir=layout.final_dir,
+        manifest=read_manifest(layout.merged_dir),
+    )
+    run = _CoreCocktailRun(
+        layout, base, alpha, args1, args2, make_trainer, processing_class, dict(merge_kwargs or {}), resume, result
+    )
+    point = find_resume_point(layout, resume)
+    logger.info("Core-Cocktail in %s: %s", layout.output_dir, point.value)
+    if point is ResumePoint.DONE:
+        load_weights_into(model, layout.final_dir)
         return result
-
-    # ---- stage 1 + merge -------------------------------------------------------------------------------------
-    if result.manifest is None:
-        # (whether each parameter trains and its dtype, for a stage-2 model reloaded after a sharded stage 1)
-        settings = {n: (p.requires_grad, p.dtype) for n, p in _unwrap_distributed(model).named_parameters()}
-        merger = CoreCocktailCallback(base, alpha=alpha, save_dir=merged_dir, merge_kwargs=merge_kwargs)
-        trainer = make_trainer(model, args1, train_dataset, [] if stage1_sharding else [merger])
-        last = get_last_checkpoint(str(stage1_dir)) if resume and stage1_dir.is_dir() else None
-        finished = _finished_checkpoint(stage1_dir) if resume else None
-        _write_state(output_dir, {"status": "stage1", "alpha": alpha})
-        if finished is not None:
-            logger.info("Core-Cocktail: stage 1 finished at %s; merging it", finished)
-            result.log_history["stage1"] = _completed_stage_history(finished)
-            stage1_weights = finished
-            if not stage1_sharding:
-                load_weights_into(model, finished)
-                merger.merge(model, args=args1, state=None, processing_class=processing_class)
-        else:
-            if last:
-                logger.info("Core-Cocktail: resuming stage 1 from %s", last)
-            out = trainer.train(resume_from_checkpoint=last)
-            result.stage1_metrics = dict(out.metrics)
-            result.log_history["stage1"] = list(trainer.state.log_history)
-            stage1_weights = stage1_dir / "final"
-            if stage1_sharding:
-                trainer.save_model(str(stage1_weights))  # every process takes part in gathering the full weights
-        if stage1_sharding:
-            # No process holds whole tensors: process 0 merges the saved checkpoint on disk; the others wait.
-            if PartialState().is_main_process:
-                _, manifest = merge_weights(
-                    stage1_weights,
-                    base,
-                    alpha,
-                    output_dir=merged_dir,
-                    overwrite=True,
-                    show_progress=not args1.disable_tqdm,
-                    **(merge_kwargs or {}),
-                )
-                logger.info("Core-Cocktail: merged %d tensors with the base on disk", len(manifest["merged"]))
-        elif not merger.merged:  # pragma: no cover - on_train_end always fires
-            raise RuntimeError("stage 1 ended without the Core-Cocktail merge")
-        PartialState().wait_for_everyone()
-        result.manifest = read_manifest(merged_dir) or merger.manifest
-        _write_state(output_dir, {"status": "merged", "alpha": alpha, "merged_dir": str(merged_dir)})
-        _release_trainer(trainer)
-        del trainer
-        gc.collect()
-        if stage1_sharding and finished is None:
-            model = _reload_for_stage2(model, merged_dir, settings)
-        elif stage1_sharding:
-            load_weights_into(model, merged_dir)
+    if point in (ResumePoint.STAGE1, ResumePoint.MERGE):
+        model = run.stage1_and_merge(model, point)
     else:
-        if float(result.manifest.get("alpha", alpha)) != float(alpha):
-            logger.warning(
-                "the merge in %s used alpha=%s, not %s; keeping it", merged_dir, result.manifest.get("alpha"), alpha
-            )
-        last2 = get_last_checkpoint(str(stage2_dir)) if stage2_dir.is_dir() else None
-        if last2 is None:
-            logger.info("Core-Cocktail: stage 1 and the merge are done; loading %s", merged_dir)
-            load_weights_into(model, merged_dir)
-
-    # ---- stage 2 ---------------------------------------------------------------------------------------------
+        run.load_merge(model)
     result.model = model
-    trainer = make_trainer(
-        model, args2, stage2_train_dataset if stage2_train_dataset is not None else train_dataset, []
-    )
-    last2 = get_last_checkpoint(str(stage2_dir)) if resume and stage2_dir.is_dir() else None
-    finished2 = _finished_checkpoint(stage2_dir) if resume else None
-    _write_state(output_dir, {"status": "stage2", "alpha": alpha, "merged_dir": str(merged_dir)})
-    if finished2 is not None:
-        logger.info("Core-Cocktail: stage 2 finished at %s; loading it", finished2)
-        load_weights_into(model, finished2)
-        result.log_history["stage2"] = _completed_stage_history(finished2)
-        if PartialState().is_main_process:  # no engine was started: save the plain module
-            _unwrap_distributed(model).save_pretrained(str(final_dir))
-            if processing_class is not None:
-                processing_class.save_pretrained(str(final_dir))
-    else:
-        if last2:
-            logger.info("Core-Cocktail: resuming stage 2 from %s", last2)
-        out = trainer.train(resume_from_checkpoint=last2)
-        result.stage2_metrics = dict(out.metrics)
-        result.log_history["stage2"] = list(trainer.state.log_history)
-        trainer.save_model(str(final_dir))
-    PartialState().wait_for_everyone()
-    _write_state(
-        output_dir, {"status": "done", "alpha": alpha, "merged_dir": str(merged_dir), "final_dir": str(final_dir)}
-    )
-    _release_trainer(trainer)
+    run.stage2(model)
     return result
 
 
 __all__ = [
     "CoreCocktailCallback",
+    "CoreCocktailLayout",
     "CoreCocktailResult",
+    "ResumePoint",
     "STAGE1_DEFAULTS",
     "STAGE2_DEFAULTS",
     "core_cocktail_training_arguments",
+    "find_resume_point",
     "load_weights_into",
     "run_core_cocktail",
 ]
