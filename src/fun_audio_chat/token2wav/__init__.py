@@ -4,6 +4,7 @@ from .configuration import CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiF
 from .detokenizer import CosyVoice3Detokenizer, StreamingSession, split_segments
 from .loading import CheckpointFormatError, config_from_official_yaml
 from .streaming_audio import AudioEvent, SpeechAudioStreamer
+from .voice import CosyVoice3Voice, align_prompt
 
 __all__ = [
     "AudioEvent",
@@ -12,8 +13,10 @@ __all__ = [
     "CosyVoice3Detokenizer",
     "CosyVoice3FlowConfig",
     "CosyVoice3HiFTConfig",
+    "CosyVoice3Voice",
     "SpeechAudioStreamer",
     "StreamingSession",
+    "align_prompt",
     "config_from_official_yaml",
     "split_segments",
 ]

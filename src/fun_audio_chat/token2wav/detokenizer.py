@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from transformers import initialization as init
 
 from .configuration import CosyVoice3Config
 from .dit import DiffusionTransformer
-from .flow import CosyVoice3Flow, FlowCache
+from .flow import CosyVoice3Flow, FlowCache, FlowPrompt
 from .hift import HiFTGenerator, Snake
 from .loading import (
     CONVERTED_WEIGHTS,
@@ -39,6 +40,7 @@ from .loading import (
     resolve_checkpoint,
 )
 from .noise import fixed_noise
+from .voice import CosyVoice3Voice
 
 DEFAULT_SPEAKER_ASSET = Path(__file__).resolve().parent.parent / "assets" / "cosyvoice3_default_speaker.safetensors"
 # Frames of mel the windowed vocoder re-renders before the first new frame: more than its left receptive field
@@ -57,6 +59,31 @@ def split_segments(num_tokens: int, segment: int = 750, min_last: int = 50) -> l
         middle = start + (num_tokens - start) // 2
         bounds = bounds[:-2] + [(start, middle), (middle, num_tokens)]
     return bounds
+
+
+class VoiceConditioning:
+    """A voice as the flow takes it, on the model's device: the speaker embedding (1, 192), the prompt (or None),
+    and, built on first use and then kept, the voice's chunk-causal prompt cache (see
+    :meth:`CosyVoice3Flow.prompt_cache`)."""
+
+    def __init__(self, speaker: torch.Tensor, prompt: FlowPrompt | None, voice: CosyVoice3Voice | None = None):
+        self.speaker = speaker
+        self.prompt = prompt
+        self.voice = voice
+        self._prompt_cache: FlowCache | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return 0 if self.prompt is None else len(self.prompt.tokens)
+
+    def chunked_cache(self, flow: CosyVoice3Flow) -> FlowCache:
+        """A fresh cached stream for this voice: a copy of its prompt's reply-independent chunks."""
+        if self.prompt is None:
+            return FlowCache(flow.config.num_steps, flow.config.num_layers)
+        if self._prompt_cache is None:
+            with torch.inference_mode():
+                self._prompt_cache = flow.prompt_cache(self.prompt, self.speaker)
+        return self._prompt_cache.copy()
 
 
 def default_speaker_embedding() -> torch.Tensor:
@@ -123,6 +150,9 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         self.hift = HiFTGenerator(config.hift)
         self.register_buffer("speaker_embedding", torch.zeros(1, config.flow.speaker_embedding_dim))
         self._noise_ready = False
+        # each voice's tensors on this model's device and its prompt cache, built on first use (weak: a voice
+        # that is dropped takes its cache with it)
+        self._voice_conditioning: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.post_init()
 
     # -- properties -------------------------------------------------------------------------------------------
@@ -183,10 +213,42 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
             speaker = speaker.reshape(1, -1)
         return speaker.to(device=weight.device, dtype=torch.float32).expand(batch, -1)
 
+    def _conditioning(self, speaker_embedding=None, voice: CosyVoice3Voice | None = None) -> VoiceConditioning:
+        """What the flow is conditioned on: a voice (its embedding and prompt), a bare speaker embedding, or the
+        default speaker."""
+        if voice is None:
+            return VoiceConditioning(self._speaker(speaker_embedding, 1), None)
+        if speaker_embedding is not None:
+            raise ValueError(
+                "pass either voice= or speaker_embedding=, not both (a voice carries its own speaker embedding; "
+                "CosyVoice3Voice.from_speaker_embedding makes a voice from a bare embedding)."
+            )
+        if not isinstance(voice, CosyVoice3Voice):
+            raise TypeError(
+                f"voice must be a CosyVoice3Voice (e.g. CosyVoice3Voice.load(path)); got {type(voice).__name__}."
+            )
+        weight = self.flow.token_embedding.weight
+        key = (weight.device, weight.dtype)
+        known = self._voice_conditioning.get(voice)
+        if known is not None and known[0] == key:
+            return known[1]
+        voice.validate(self.config)
+        speaker = voice.speaker_embedding.reshape(1, -1).to(device=weight.device, dtype=torch.float32)
+        prompt = None
+        if voice.has_prompt:
+            mel = voice.prompt_mel.t()[None].to(device=weight.device, dtype=torch.float32)
+            prompt = FlowPrompt(tuple(voice.prompt_codes.tolist()), mel)
+        conditioning = VoiceConditioning(speaker, prompt, voice)
+        self._voice_conditioning[voice] = (key, conditioning)
+        return conditioning
+
     # -- offline ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def forward(self, codes, speaker_embedding=None):
-        """One sequence → 1-D waveform; a list of sequences (or a 2-D tensor) → list of waveforms."""
+    def forward(self, codes, speaker_embedding=None, voice: CosyVoice3Voice | None = None):
+        """One sequence → 1-D waveform; a list of sequences (or a 2-D tensor) → list of waveforms.
+
+        ``voice`` (a :class:`CosyVoice3Voice`) speaks every sequence in that voice, prompt included;
+        ``speaker_embedding`` (192 values) uses a bare embedding; neither = the default speaker."""
         if isinstance(codes, torch.Tensor):
             single = codes.dim() == 1
         else:
@@ -197,27 +259,41 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
             rows = [self._as_codes(codes)]
         else:
             rows = [self._as_codes(row) for row in codes]
-        waves = self.render_rows(rows, speaker_embedding)
+        if voice is not None and speaker_embedding is not None:
+            self._conditioning(speaker_embedding, voice)  # raises: the two are exclusive
+        waves = self.render_rows(rows, speaker_embedding, voices=None if voice is None else [voice] * len(rows))
         return waves[0] if single else waves
 
-    def render_rows(self, rows: Sequence[list[int]], speaker_embedding=None) -> list[torch.Tensor]:
+    @torch.inference_mode()
+    def render_rows(
+        self,
+        rows: Sequence[list[int]],
+        speaker_embedding=None,
+        voices: Sequence[CosyVoice3Voice | None] | None = None,
+    ) -> list[torch.Tensor]:
+        """Offline waveforms of many code rows in one flow batch: ``voices`` gives one voice per row (None = the
+        ``speaker_embedding``, or the default speaker). Every row's segments carry its voice's prompt and equal
+        the row rendered alone."""
         self.ensure_noise()
+        if voices is None:
+            voices = [None] * len(rows)
+        elif len(voices) != len(rows):
+            raise ValueError(f"voices must give one voice (or None) per row: {len(voices)} voices, {len(rows)} rows.")
+        default = self._conditioning(speaker_embedding) if any(voice is None for voice in voices) else None
+        conditionings = [default if voice is None else self._conditioning(voice=voice) for voice in voices]
         pieces = []  # (row, segment tokens)
         for index, row in enumerate(rows):
             for start, end in split_segments(len(row), self.config.segment_tokens, self.config.min_last_segment_tokens):
                 pieces.append((index, row[start:end]))
-        device = self.flow.token_embedding.weight.device
         mels = []
         if pieces:
-            lengths = torch.tensor([len(tokens) for _, tokens in pieces], device=device)
-            batch = torch.zeros(len(pieces), int(lengths.max()), dtype=torch.long, device=device)
-            for i, (_, tokens) in enumerate(pieces):
-                batch[i, : len(tokens)] = torch.tensor(tokens, device=device)
-            speaker = self._speaker(speaker_embedding, len(pieces))
-            padded = lengths if len(pieces) > 1 and int(lengths.min()) != int(lengths.max()) else None
-            mel = self.flow(batch, speaker, lengths=padded, finalize=True)
-            ratio = self.config.flow.token_mel_ratio
-            mels = [mel[i : i + 1, :, : len(tokens) * ratio] for i, (_, tokens) in enumerate(pieces)]
+            speakers = torch.cat([conditionings[index].speaker for index, _ in pieces])
+            mels = self.flow.forward_rows(
+                [tokens for _, tokens in pieces],
+                speakers,
+                [True] * len(pieces),
+                [conditionings[index].prompt for index, _ in pieces],
+            )
         speech = self._vocode_grouped(mels)
         out = [[] for _ in rows]
         for (index, _), wave in zip(pieces, speech):
@@ -243,11 +319,19 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
 
     # -- streaming --------------------------------------------------------------------------------------------
     def streaming_session(
-        self, speaker_embedding=None, chunked: bool = False, use_cache: bool = True, hop_tokens: int | None = None
+        self,
+        speaker_embedding=None,
+        chunked: bool = False,
+        use_cache: bool = True,
+        hop_tokens: int | None = None,
+        voice: CosyVoice3Voice | None = None,
     ):
-        """A stateful stream for one utterance; see :class:`StreamingSession`."""
+        """A stateful stream for one utterance, spoken in ``voice`` (or with ``speaker_embedding``, or the
+        default speaker); see :class:`StreamingSession`."""
         self.ensure_noise()
-        return StreamingSession(self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens)
+        return StreamingSession(
+            self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens, voice=voice
+        )
 
     # -- many streams at once ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -330,13 +414,19 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         if full:
             speakers = torch.cat([session.speaker for session, *_ in full])
             mels = self.flow.forward_rows(
-                [list(tokens) for _, tokens, _, _ in full], speakers, [final for *_, final in full]
+                [list(tokens) for _, tokens, _, _ in full],
+                speakers,
+                [final for *_, final in full],
+                [session.conditioning.prompt for session, *_ in full],
             )
             for (session, _, offset, _), mel in zip(full, mels):
                 session._add_mel(mel[:, :, ratio * offset :])
         if cached:
             mels = self.flow.forward_cached_rows(
-                [(list(tokens), session.speaker, final, session.flow_cache) for session, tokens, _, final in cached]
+                [
+                    (list(tokens), session.speaker, final, session.flow_cache, session.conditioning.prompt)
+                    for session, tokens, _, final in cached
+                ]
             )
             for (session, _, offset, _), mel in zip(cached, mels):
                 session._add_mel(mel[:, :, ratio * offset :])
@@ -489,6 +579,11 @@ class StreamingSession:
       ``hop_tokens`` changes it (e.g. 15 for a first chunk after 18 codes: a partial chunk is recomputed
       by the next call, as the official chunked calls would).
     * ``use_cache=False`` recomputes everything each call exactly as the official code does (for comparisons).
+    * ``voice``: every call runs the flow over the voice's prompt + the codes, as CosyVoice 3's own streaming
+      does. A chunked session's first hop is lengthened so that prompt + first hop ends on a chunk boundary (the
+      official ``prompt_token_pad``): every call then ends on one, and the chunked stream equals the chunk-causal
+      flow over the whole reply. The prompt's reply-independent chunks come from the voice's cache (encoded once
+      per voice, not per reply).
     """
 
     def __init__(
@@ -498,10 +593,13 @@ class StreamingSession:
         chunked: bool = False,
         use_cache: bool = True,
         hop_tokens: int | None = None,
+        voice: CosyVoice3Voice | None = None,
     ):
         self.model = model
         self.config = model.config
-        self.speaker = model._speaker(speaker_embedding, 1)
+        self.conditioning = model._conditioning(speaker_embedding, voice)
+        self.voice = voice
+        self.speaker = self.conditioning.speaker
         self.chunked = chunked
         self.use_cache = use_cache
         flow = self.config.flow
@@ -509,12 +607,25 @@ class StreamingSession:
         self.hop = hop_tokens or default_hop
         if self.hop <= 0:
             raise ValueError(f"hop_tokens must be positive, got {hop_tokens}.")
+        chunk_tokens = flow.chunk_frames // flow.token_mel_ratio
+        # the official chunked streaming pads the first hop so prompt + first hop fills whole chunks
+        self.first_hop_pad = (-self.conditioning.prompt_tokens) % chunk_tokens if chunked else 0
         self.tokens: list[int] = []
         self.offset = 0
         self.trimmed_tokens = 0
         self.finish_requested = False  # push_streams was asked to finish this session (possibly in a later round)
-        self.flow_cache = FlowCache(flow.num_steps, flow.num_layers)
+        self.flow_cache = self._fresh_flow_cache()
         self._reset_vocoder()
+
+    def _fresh_flow_cache(self) -> FlowCache:
+        if self.chunked and self.use_cache:
+            return self.conditioning.chunked_cache(self.model.flow)
+        return FlowCache(self.config.flow.num_steps, self.config.flow.num_layers)
+
+    @property
+    def _hop_now(self) -> int:
+        """Tokens the next call advances by: the first call of a chunked voice session also takes the pad."""
+        return self.hop + (self.first_hop_pad if self.offset == 0 and self.trimmed_tokens == 0 else 0)
 
     def _reset_vocoder(self):
         self.mel_history = None  # (1, mel, frames)
@@ -536,12 +647,22 @@ class StreamingSession:
         if not finalize and len(tokens) - lookahead <= token_offset:
             new_mel = None
         elif chunked and self.use_cache:
-            new_mel = self.model.flow.forward_cached(tokens, self.speaker, finalize, self.flow_cache)
+            prompt = self.conditioning.prompt
+            new_mel = self.model.flow.forward_cached(tokens, self.speaker, finalize, self.flow_cache, prompt)
             new_mel = new_mel[:, :, ratio * token_offset :]
         else:
             device = self.speaker.device
             batch = torch.tensor([tokens], dtype=torch.long, device=device)
-            mel = self.model.flow(batch, self.speaker, finalize=finalize, chunked=chunked)
+            prompt = self.conditioning.prompt
+            prompt_tokens = None if prompt is None else torch.tensor([prompt.tokens], dtype=torch.long, device=device)
+            mel = self.model.flow(
+                batch,
+                self.speaker,
+                finalize=finalize,
+                chunked=chunked,
+                prompt_tokens=prompt_tokens,
+                prompt_mel=None if prompt is None else prompt.mel,
+            )
             new_mel = mel[:, :, ratio * token_offset :]
         self._add_mel(new_mel)
         return self._vocode(finalize)
@@ -645,7 +766,7 @@ class StreamingSession:
 
     def _next_call(self):
         """The next official call due on the codes received, as ``step`` arguments, or None."""
-        end = self.offset + self.hop + self.config.flow.pre_lookahead_tokens
+        end = self.offset + self._hop_now + self.config.flow.pre_lookahead_tokens
         if len(self.tokens) >= end:
             return self.tokens[:end], self.offset, False
         return None
@@ -657,13 +778,13 @@ class StreamingSession:
         return None
 
     def _advance(self):
-        self.offset += self.hop
+        self.offset += self._hop_now
         if self.offset >= self.config.max_stream_tokens:
             window = self.config.max_stream_tokens
             self.offset -= window
             self.tokens = self.tokens[window:]
             self.trimmed_tokens += window
-            self.flow_cache = FlowCache(self.config.flow.num_steps, self.config.flow.num_layers)
+            self.flow_cache = self._fresh_flow_cache()
             if self.trimmed_tokens >= self.config.max_stream_history_tokens:
                 self.trimmed_tokens = 0
                 self._reset_vocoder()

@@ -107,6 +107,12 @@ class DiTCache:
         self.input_tail = None
         self.layers: list = [(None, None)] * num_layers
 
+    def copy(self) -> DiTCache:
+        """A cache sharing this one's tensors that can grow on its own (:meth:`append` never writes in place)."""
+        other = DiTCache(0)
+        other.length, other.input_tail, other.layers = self.length, self.input_tail, list(self.layers)
+        return other
+
     def memory_bytes(self) -> int:
         total = 0 if self.input_tail is None else self.input_tail.numel() * self.input_tail.element_size()
         for keys, values in self.layers:
