@@ -49,8 +49,10 @@ def read_official_speakers(path: str | os.PathLike, token_mel_ratio: int = 2) ->
     try:
         table = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it, or not a torch file at all
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise ValueError(
-            f"{path}: not a speaker table torch can read safely (weights_only=True): {str(err).splitlines()[0]}"
+            f"{path}: not a speaker table torch can read safely (weights_only=True: tensors and plain containers "
+            f"only): {reason}."
         ) from err
     if not isinstance(table, dict) or not table or not all(isinstance(entry, dict) for entry in table.values()):
         raise ValueError(
