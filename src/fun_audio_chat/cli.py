@@ -619,6 +619,7 @@ def cmd_serve(args) -> int:
         max_batch_size=args.max_batch_size,
         batch_window=args.batch_window_ms / 1000,
         chunked_synthesis=args.chunked_synthesis,
+        synthesis_workers=args.synthesis_workers,
     )
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
     app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
@@ -846,6 +847,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="render reply audio with the cached chunk-causal flow: more spoken throughput under load, first audio "
         "after 28 codes instead of 18 (docs/serve.md)",
+    )
+    serve.add_argument(
+        "--synthesis-workers",
+        type=_positive_int,
+        default=1,
+        help="speech threads rendering reply audio side by side; more use idle cores under load (default: 1)",
     )
     serve.add_argument(
         "--max-audio-seconds",

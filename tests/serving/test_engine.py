@@ -123,6 +123,8 @@ def test_engine_rejects_bad_settings(tiny_pair):
     model, processor = tiny_pair
     with pytest.raises(ValueError, match="max_batch_size"):
         ServingEngine(model, processor, max_batch_size=0)
+    with pytest.raises(ValueError, match="synthesis_workers"):
+        ServingEngine(model, processor, synthesis_workers=0)
     engine = ServingEngine(model, processor)
     assert not engine.can_speak and engine.sample_rate is None
     result = engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=4, temperature=0)).result()
@@ -227,25 +229,31 @@ def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pai
         engine.close()
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_pair, chunked):
-    """The speech thread renders all replies in one batched call per tick: each reply's audio equals its own codes
-    streamed through a session of the same kind alone."""
+@pytest.mark.parametrize(("chunked", "workers"), [(False, 1), (True, 1), (False, 2)])
+def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_pair, chunked, workers):
+    """The speech thread renders all replies in one batched call per tick (with two workers, each its own share,
+    side by side): each reply's audio equals its own codes streamed through a session of the same kind alone."""
     import torch
 
     from fun_audio_chat.tiny import tiny_detokenizer
 
     model, processor = tiny_pair
     detokenizer = tiny_detokenizer()
-    engine = ServingEngine(model, processor, detokenizer, batch_window=0.3, chunked_synthesis=chunked).start()
+    engine = ServingEngine(
+        model, processor, detokenizer, batch_window=0.3, chunked_synthesis=chunked, synthesis_workers=workers
+    ).start()
     try:
         requests = [
-            TurnRequest(c, speech=True, max_new_tokens=16, temperature=0) for c in (_spoken(), _typed("Hi there"))
+            TurnRequest(c, speech=True, max_new_tokens=16, temperature=0)
+            for c in (_spoken(), _typed("Hi there"), _typed("Hello"))
         ]
-        results = _submit_together(engine, requests)
+        handles = [engine.submit(request) for request in requests]
+        results = [handle.result() for handle in handles]
     finally:
         engine.close()
-    assert [r.metrics.batch_size for r in results] == [2, 2]
+    # the least busy worker takes each new turn: with two workers, both render
+    assert sorted({handle.speech_worker for handle in handles}) == list(range(workers))
+    assert [r.metrics.batch_size for r in results] == [3, 3, 3]
     for result in results:
         assert len(result.codes) > 0
         session = detokenizer.streaming_session(chunked=chunked)

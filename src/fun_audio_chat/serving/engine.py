@@ -17,9 +17,11 @@ speech codes of each group, the audio, the result); the engine only schedules. T
   next step and leaves it on the step its reply ends, so a request never waits for other replies to end. Every
   row keeps its own positions, settings and (with a ``seed``) random stream, so a greedy reply equals the same
   request decoded alone whichever rows share the batch, and a seeded reply repeats;
-* the **speech thread** renders the real speech codes of every speaking turn: at each tick, everything that
-  arrived since the last tick goes through one ``detokenizer.push_streams`` call (one batched flow call for all
-  replies, batched vocoder windows), each reply equal to its own streaming session.
+* the **speech threads** (``synthesis_workers``, one by default) render the real speech codes of every speaking
+  turn: a turn is given to the worker with the fewest turns when it starts; at each tick, everything that arrived
+  since the last tick goes through one ``detokenizer.push_streams`` call of that worker (one batched flow call for
+  its replies, batched vocoder windows), each reply equal to its own streaming session. Synthesis is the larger
+  cost and is compute-bound: more workers let it use the cores the LLM thread leaves idle.
 
 A cancelled handle (its client went away) leaves the batch before the next decoding step.
 """
@@ -162,6 +164,7 @@ class TurnHandle:
         self._sync_queue: queue.Queue = queue.Queue()
         self.turn = None  # the SpokenTurn, once the generation thread has started the reply
         self.row_id: int | None = None
+        self.speech_worker = 0  # the engine's speech thread that renders this turn's audio
         self.ended_cancelled = False  # the reply left the batch because it was cancelled
 
     # engine side ---------------------------------------------------------------------------------
@@ -229,6 +232,9 @@ class ServingEngine:
         max_batch_size: most replies decoded together; later requests wait for a row to leave.
         batch_window: seconds the idle generation thread waits after a request arrives, so that requests sent at
             the same moment start on the same step (a busy thread never waits: new rows join at the next step).
+        synthesis_workers: speech threads; each renders its own share of the speaking turns in batched calls. One
+            worker uses one core's worth of synthesis (with ``torch.set_num_threads(1)``); on a machine with idle
+            cores, more workers synthesise more concurrent replies per second (a single reply is not split).
         generate_kwargs: extra ``generate`` keyword arguments for every turn (e.g. ``logits_processor``).
         chunked_synthesis: render audio with ``streaming_session(chunked=True)`` (CosyVoice's cached chunk-causal
             flow: each call computes only the new frames, so more replies fit per second; the first audio needs
@@ -246,9 +252,12 @@ class ServingEngine:
         batch_window: float = 0.025,
         generate_kwargs: dict | None = None,
         chunked_synthesis: bool = False,
+        synthesis_workers: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
+        if synthesis_workers < 1:
+            raise ValueError(f"synthesis_workers must be >= 1, got {synthesis_workers}.")
         self.model = model
         self.processor = processor
         self.detokenizer = detokenizer
@@ -259,7 +268,9 @@ class ServingEngine:
         self.on_turn_end = None  # callable(TurnHandle, TurnResult | None, BaseException | None), e.g. metrics
         self._pending: deque[TurnHandle] = deque()
         self._pending_lock = threading.Condition()
-        self._speech_jobs: queue.Queue = queue.Queue()
+        # one job queue per speech worker, and its unfinished speaking turns (a new turn goes to the least busy)
+        self._speech_jobs: list[queue.Queue] = [queue.Queue() for _ in range(synthesis_workers)]
+        self._speech_turns: list[set[TurnHandle]] = [set() for _ in range(synthesis_workers)]
         self._ids = itertools.count(1)
         self._closed = False
         self._threads: list[threading.Thread] = []
@@ -289,8 +300,12 @@ class ServingEngine:
         if self._threads:
             return self
         self._threads = [
-            threading.Thread(target=self._generation_loop, daemon=True, name="fun-audio-chat-generation"),
-            threading.Thread(target=self._speech_loop, daemon=True, name="fun-audio-chat-speech"),
+            threading.Thread(target=self._generation_loop, daemon=True, name="fun-audio-chat-generation")
+        ] + [
+            threading.Thread(
+                target=self._speech_loop, args=(worker,), daemon=True, name=f"fun-audio-chat-speech-{worker}"
+            )
+            for worker in range(len(self._speech_jobs))
         ]
         for thread in self._threads:
             thread.start()
@@ -306,7 +321,8 @@ class ServingEngine:
             handle._emit(TurnFailed(RuntimeError("the server is shutting down")))
         for thread in self._threads[:1]:
             thread.join(timeout=30)
-        self._speech_jobs.put(None)
+        for jobs in self._speech_jobs:
+            jobs.put(None)
         for thread in self._threads[1:]:
             thread.join(timeout=30)
         self._threads = []
@@ -456,7 +472,16 @@ class ServingEngine:
             voice=request.voice,
         )
         handle.row_id = row_id
+        if handle.turn.audio_session is not None:
+            handle.speech_worker = self._least_busy_speech_worker()
+            self._speech_turns[handle.speech_worker].add(handle)
         self._decoding[row_id] = handle
+
+    def _least_busy_speech_worker(self) -> int:
+        """The speech worker with the fewest unfinished turns (generation thread only)."""
+        for turns in self._speech_turns:
+            turns.difference_update([handle for handle in turns if handle.finished.is_set()])
+        return min(range(len(self._speech_turns)), key=lambda worker: len(self._speech_turns[worker]))
 
     def _deliver_step(self, handle: TurnHandle, step, rows: int) -> None:
         from ..voice_chat import SpeechPiece, TextPiece
@@ -470,13 +495,13 @@ class ServingEngine:
             elif isinstance(event, SpeechPiece):
                 spoken = True
         if spoken and handle.turn.audio_session is not None:
-            self._speech_jobs.put((handle, False))
+            self._speech_jobs[handle.speech_worker].put((handle, False))
 
     def _end_turn(self, handle: TurnHandle, cancelled: bool = False) -> None:
         """The reply has left the batch: its audio tail and result come from the speech thread when it speaks."""
         if handle.turn.audio_session is not None:
             handle.ended_cancelled = cancelled
-            self._speech_jobs.put((handle, True))
+            self._speech_jobs[handle.speech_worker].put((handle, True))
         else:
             self._finish(handle, cancelled)
 
@@ -518,13 +543,14 @@ class ServingEngine:
         handle._emit(TurnDone(result))
 
     # ------------------------------------------------------------------ speech thread
-    def _speech_loop(self) -> None:
-        """Renders the codes of every speaking turn with ``detokenizer.push_streams``, one round (at most one flow
-        call per turn) per tick. A tick serves the turns still waiting for their first audio alone when any of them
-        has a call due, so a new reply's first audio never waits behind the backlog of the others (the LLM runs far
-        ahead of synthesis); otherwise it advances every turn with work, in one batch."""
+    def _speech_loop(self, worker: int) -> None:
+        """Renders the codes of this worker's speaking turns with ``detokenizer.push_streams``, one round (at most
+        one flow call per turn) per tick. A tick serves the turns still waiting for their first audio alone when any
+        of them has a call due, so a new reply's first audio never waits behind the backlog of the others (the LLM
+        runs far ahead of synthesis); otherwise it advances every turn with work, in one batch."""
         import torch
 
+        jobs = self._speech_jobs[worker]
         active: dict[int, list] = {}  # request id -> [handle, its reply has ended]
         closing = False
         while not (closing and not active):
@@ -532,7 +558,7 @@ class ServingEngine:
             block = not busy and not closing
             while True:
                 try:
-                    job = self._speech_jobs.get(block=block)
+                    job = jobs.get(block=block)
                 except queue.Empty:
                     break
                 block = False
@@ -543,12 +569,12 @@ class ServingEngine:
                 entry = active.setdefault(handle.request_id, [handle, False])
                 entry[1] = entry[1] or ended
             ready = []
-            for request_id, (handle, ended) in list(active.items()):
+            for handle, ended in list(active.values()):
                 if handle.finished.is_set():
-                    del active[request_id]
+                    del active[handle.request_id]
                 elif handle.cancelled.is_set() or handle.turn.finished:
                     if ended:  # a cancelled reply renders nothing more; it ends once it has left the batch
-                        del active[request_id]
+                        del active[handle.request_id]
                         self._finish_after_audio(handle)
                 else:
                     handle.turn.audio_session.add_codes(handle.turn.take_codes_to_render())

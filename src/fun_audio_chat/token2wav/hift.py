@@ -169,14 +169,18 @@ class HiFTGenerator(nn.Module):
                 f"{end} samples exceed the vocoder's noise table ({self.config.max_samples}): "
                 "split the codes into shorter pieces."
             )
-        if end > self.source_noise.shape[1]:
+        # one read of the table: a server's speech threads share this vocoder, and another thread may swap in a
+        # table of another size between our check and our slice
+        table = self.source_noise
+        if end > table.shape[1]:
             if self.source_noise_state is None:
                 raise RuntimeError("the vocoder's noise table was not initialised (call set_noise_state).")
-            size = min(self.config.max_samples, max(end, 2 * self.source_noise.shape[1], 240_000))
+            size = min(self.config.max_samples, max(end, 2 * table.shape[1], 240_000))
             generator = torch.Generator().set_state(self.source_noise_state)
-            table = torch.rand(1, size, self.config.num_harmonics + 1, generator=generator)
-            self.source_noise = table.to(self.stft_window.device)
-        return self.source_noise[:, start:end]
+            table = torch.rand(1, size, self.config.num_harmonics + 1, generator=generator).to(self.stft_window.device)
+            if table.shape[1] > self.source_noise.shape[1]:
+                self.source_noise = table
+        return table[:, start:end]
 
     # -- pieces -----------------------------------------------------------------------------------------------
     def _stft(self, x):
