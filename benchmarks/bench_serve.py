@@ -20,8 +20,18 @@ pace, then silence, with server VAD (silero) deciding the end of the turn; print
 last chunk of the question to the first reply audio, and the server's split of the end of the user's speech → first
 audio (VAD wait, submit, queue + prefill, first speech group, first audio chunk).
 
+Two bounds explain the throughput ratio, and are printed with it:
+* the **arrival span**: N requests sent ``interval`` apart take at least ``(N - 1) * interval + T1`` seconds (T1:
+  one client's reply time), so staggered throughput x <= N * T1 / ((N - 1) * interval + T1) however fast the
+  server is;
+* the **stage capacities**, measured in-process on the same tiny model and detokenizer with the server's thread
+  count: reply-audio seconds per second of the LLM decoder (``ContinuousBatchDecoder``) and of one speech worker
+  (``push_streams`` fed 5 codes per LLM step, the server's schedule), alone and with 8 replies at once. The
+  server's throughput x cannot exceed the slower stage's scaling (times the workers that fit on idle cores).
+
 Usage: python benchmarks/bench_serve.py [--clients 1 4 8] [--rounds 3] [--max-tokens 40] [--threads 1]
            [--arrivals staggered simultaneous] [--interval 0.25] [--realtime-clients 1 4] [--chunked-synthesis]
+           [--synthesis-workers 1] [--no-capacity]
 """
 
 from __future__ import annotations
@@ -94,6 +104,7 @@ def run_level(client, model: str, messages: list, args, clients: int, interval: 
     failures: list[BaseException] = []
     lock = threading.Lock()
     wall = 0.0
+    round_walls = []
     for _ in range(args.rounds):
         round_start = time.perf_counter()
 
@@ -113,7 +124,8 @@ def run_level(client, model: str, messages: list, args, clients: int, interval: 
             thread.start()
         for thread in threads:
             thread.join()
-        wall += time.perf_counter() - round_start
+        round_walls.append(time.perf_counter() - round_start)
+        wall += round_walls[-1]
     if failures:
         raise RuntimeError(f"{len(failures)} request(s) failed; first: {failures[0]!r}")
     first_audio = [r["first_audio"] for r in results if r["first_audio"] is not None]
@@ -126,7 +138,46 @@ def run_level(client, model: str, messages: list, args, clients: int, interval: 
         "first_text_p50": statistics.median([r["first_text"] for r in results if r["first_text"] is not None]),
         "audio_per_second": sum(r["audio_seconds"] for r in results) / wall,
         "audio_seconds": sum(r["audio_seconds"] for r in results) / len(results),
+        "round_seconds": statistics.median(round_walls),
     }
+
+
+def stage_capacity(args, replies: int) -> dict:
+    """Reply-audio seconds per second of the LLM decoder and of one speech worker, in this process, for
+    ``replies`` replies of ``args.max_tokens`` steps decoded (rendered) together."""
+    import torch
+
+    from fun_audio_chat.modeling import ContinuousBatchDecoder
+    from fun_audio_chat.tiny import TINY_SPEECH_CODES, tiny_detokenizer, tiny_model_and_processor
+
+    torch.set_num_threads(args.threads)
+    model, processor = tiny_model_and_processor(0)
+    question = [{"role": "user", "content": [{"type": "text", "text": "What is the weather like today?"}]}]
+    inputs = processor.apply_chat_template(
+        [question], add_generation_prompt=True, speech_output=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    decoder = ContinuousBatchDecoder(model)
+    with torch.inference_mode():
+        for _ in range(replies):
+            decoder.add(inputs, max_new_tokens=args.max_tokens, force_audio_bos=True, do_sample=False)
+        start, steps = time.perf_counter(), 0
+        while decoder.has_rows:
+            steps += len(decoder.step())
+    llm = steps * 0.2 / (time.perf_counter() - start)  # each row-step brings 5 codes = 0.2 s of speech
+    detokenizer = tiny_detokenizer(0)
+    generator = torch.Generator().manual_seed(0)
+    codes = [torch.randint(0, TINY_SPEECH_CODES, (5 * args.max_tokens,), generator=generator).tolist()] * replies
+    sessions = [detokenizer.streaming_session(chunked=args.chunked_synthesis) for _ in range(replies)]
+    samples, start = 0, time.perf_counter()
+    with torch.inference_mode():
+        for first in range(0, len(codes[0]), 5):
+            last = first + 5 >= len(codes[0])
+            for session, row in zip(sessions, codes):
+                session.add_codes(row[first : first + 5])
+            while due := [(s, (), last) for s in sessions if not s.finished and (last or s.has_due_calls)]:
+                samples += sum(piece.numel() for piece in detokenizer.push_streams(due, max_rounds=1))
+    speech = samples / detokenizer.sample_rate / (time.perf_counter() - start)
+    return {"llm": llm, "speech": speech}
 
 
 SPLIT_FIELDS = ("queue_seconds", "prefill_seconds", "first_speech_seconds", "first_audio_seconds")
@@ -240,6 +291,7 @@ def _start_server(args) -> tuple[subprocess.Popen, str, dict]:
     command += ["--max-batch-size", str(max(args.clients)), "--log-level", "warning"]
     if args.chunked_synthesis:
         command.append("--chunked-synthesis")
+    command += ["--synthesis-workers", str(args.synthesis_workers)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -268,6 +320,10 @@ def main() -> int:
     )
     parser.add_argument(
         "--realtime-clients", type=int, nargs="*", default=[1, 4], help="concurrent Realtime sessions (none: skip)"
+    )
+    parser.add_argument("--synthesis-workers", type=int, default=1, help="serve with --synthesis-workers N")
+    parser.add_argument(
+        "--no-capacity", action="store_true", help="skip the in-process stage capacities (LLM, one speech worker)"
     )
     args = parser.parse_args()
     arrivals = args.arrivals or ["staggered", "simultaneous"]
@@ -305,10 +361,12 @@ def main() -> int:
         except subprocess.TimeoutExpired:
             server.kill()
 
+    capacity = None if args.no_capacity else {n: stage_capacity(args, n) for n in (1, max(args.clients))}
     print(
         f"fun-audio-chat serve via the openai client, tiny model + tiny detokenizer, CPU, {args.threads} torch "
-        f"thread(s); {args.rounds} round(s) per level of streamed spoken replies to the bundled question, "
-        f"{args.max_tokens} LLM steps each"
+        f"thread(s), {args.synthesis_workers} synthesis worker(s), "
+        f"{'chunked' if args.chunked_synthesis else 'official-schedule'} synthesis; {args.rounds} round(s) per "
+        f"level of streamed spoken replies to the bundled question, {args.max_tokens} LLM steps each"
     )
     for pattern, levels in tables.items():
         spacing = f"one request every {args.interval:g} s" if pattern == "staggered" else "all at once"
@@ -319,6 +377,10 @@ def main() -> int:
         )
         base = levels[0]
         for level in levels:
+            if pattern == "staggered" and level is not base:
+                reply = base["round_seconds"]
+                bound = level["clients"] * reply / ((level["clients"] - 1) * args.interval + reply)
+                level["span_bound"] = bound
             print(
                 f"{level['clients']:>7} {level['requests']:>8} {level['first_audio_p50']:>11.3f} s "
                 f"{level['first_text_p50']:>10.3f} s {level['audio_seconds']:>9.2f} s {level['audio_per_second']:>11.2f} "
@@ -338,6 +400,18 @@ def main() -> int:
         f"1st audio x / throughput x: ratios to {args.clients[0]} client(s) with the same arrivals "
         "(goal at 8 staggered clients: 1st audio x <= 2, throughput x >= 4)"
     )
+    for level in tables.get("staggered", []):
+        if "span_bound" in level:
+            print(
+                f"arrival-span bound at {level['clients']} staggered clients: throughput x <= {level['span_bound']:.2f} "
+                f"(one client's reply takes {tables['staggered'][0]['round_seconds']:.2f} s)"
+            )
+    if capacity:
+        most = max(args.clients)
+        print(f"\nstage capacity in-process (reply-audio s / s), 1 vs {most} replies at once, {args.threads} thread(s)")
+        for stage, name in (("llm", "LLM decoder"), ("speech", "one speech worker")):
+            alone, together = capacity[1][stage], capacity[most][stage]
+            print(f"  {name:<18} {alone:>8.2f} {together:>8.2f}   x {together / alone:.2f}")
     if realtime:
         print("\nRealtime API (/v1/realtime, server VAD, question streamed at real-time pace), p50 seconds")
         header = " ".join(f"{name:>23}" for name in ("question end->1st audio", *REALTIME_FIELDS))

@@ -17,7 +17,15 @@ SMALL_RUNS = [
     (
         "bench_serve.py",
         ["--clients", "1", "2", "--rounds", "1", "--max-tokens", "4", "--realtime-clients", "1"],
-        ["staggered arrivals", "simultaneous arrivals", "throughput x", "server-side p50", "Realtime API"],
+        [
+            "staggered arrivals",
+            "simultaneous arrivals",
+            "throughput x",
+            "server-side p50",
+            "Realtime API",
+            "arrival-span bound",
+            "one speech worker",
+        ],
     ),
     (
         "bench_token2wav.py",
