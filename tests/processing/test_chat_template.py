@@ -85,7 +85,7 @@ def test_batch_is_left_padded_and_equals_oracle_infer_b2(processor):
         assert torch.equal(out[key], oracle[key]), key
     assert out["input_ids"][0, :4].tolist() == [500] * 4  # left padding with <|endoftext|>
     assert out["feature_attention_mask"].sum(-1).tolist() == [174, 257]
-    assert out["input_features"].shape == (2, 128, 257)
+    assert out["input_features"].shape == (2, 128, 3000)  # Whisper's 30 s window, as the official processor
     assert out["speech_ids"].shape[1] % 5 == 0
 
 

@@ -20,7 +20,9 @@ Model inputs returned by ``processor(text=..., audio=...)`` and by
 ``input_ids``              (B, L) prompts with each ``<|AUDIO|>`` expanded to ``ceil(int(duration*25)/5)`` copies
                            between ``<|audio_bos|>`` and ``<|audio_eos|>``; left padded by default (generation)
 ``attention_mask``         (B, L)
-``input_features``         (N_audio, 128, T) log-mel features of every audio, covering the whole clip (no 30 s cut)
+``input_features``         (N_audio, 128, T) log-mel features of every audio, covering the whole clip (no 30 s cut);
+                           T = 3000 (Whisper's 30 s window, as the official processor) or the longest clip's frames
+                           when longer; ``audio_kwargs={"padding": "longest"}`` gives the longest clip's frames
 ``feature_attention_mask`` (N_audio, T), ``ceil(num_samples / 160)`` valid frames per clip
 ``feature_exist_mask``     (N_audio,) bool, True for every audio with continuous features (all user audio)
 ``speech_ids``             (N_audio, S) speech pad id x ``int(duration*25)``, padded to a multiple of 5
@@ -84,8 +86,15 @@ SPEECH_FRAME_RATE = 25
 # The official training context is 2048 LLM positions; audio alone at 5 positions per second fills it in 409.6 s.
 DEFAULT_MAX_AUDIO_SECONDS = 2048 / 5
 
+# Whisper's window: the official processor pads every clip's features to 30 s (3000 mel frames).
+WHISPER_WINDOW_SAMPLES = 30 * TARGET_SAMPLING_RATE
+
 _OFFICIAL_CONFIG_KEYS = ("audio_bos_token", "audio_eos_token", "audio_group_size", "audio_pad_token", "audio_token")
-_EXTRA_CONFIG_DEFAULTS = {"max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS, "text_sil_token": "<|sil|>"}
+_EXTRA_CONFIG_DEFAULTS = {
+    "max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS,
+    "text_sil_token": "<|sil|>",
+    "keep_chat_template": False,
+}
 
 
 class FunAudioChatAudioKwargs(AudioKwargs, total=False):
@@ -116,6 +125,9 @@ class FunAudioChatProcessor(ProcessorMixin):
         max_audio_seconds: longest accepted clip (default 409.6 s = the 2048-position training context at 5 Hz);
             ``None`` disables the check. Longer audio raises instead of being truncated.
         text_sil_token: the text silence token that pads transcripts.
+        keep_chat_template: written to ``processor_config.json`` by ``save_pretrained`` when the processor's chat
+            template was chosen by its user (not the built-in one): ``from_pretrained`` then loads that template as
+            it is instead of rendering with the built-in one (see :meth:`from_pretrained`).
 
     Audio sources: ``processor.audio_loading_policy`` (an :class:`~fun_audio_chat.processing.AudioLoadingPolicy`)
     says whether audio given as a local path or an URL may be opened, for ``processor(audio=...)`` and for the
@@ -124,9 +136,14 @@ class FunAudioChatProcessor(ProcessorMixin):
     """
 
     valid_processor_kwargs = FunAudioChatProcessorKwargs
-    # Defaults of __call__ (lowest priority in ProcessorMixin._merge_kwargs): left padding for generation; the chat
-    # template writes every special token itself.
+    # Defaults of __call__ as processor attributes (the lowest priority of ProcessorMixin._merge_kwargs, the place
+    # transformers recommends over ProcessingKwargs._defaults): left padding for generation; the chat template writes
+    # every special token itself.
     text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False}
+    # The feature extractor settings the processor uses, so that calling the feature extractor with the processor's
+    # merged kwargs gives the processor's features: padded to Whisper's 30 s window like the official processor,
+    # never truncated (longer clips keep all their frames; max_audio_seconds bounds them).
+    audio_kwargs = {"padding": "max_length", "max_length": WHISPER_WINDOW_SAMPLES, "truncation": False}
     audio_loading_policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY
 
     def __init__(
@@ -142,6 +159,7 @@ class FunAudioChatProcessor(ProcessorMixin):
         audio_group_size: int = 5,
         max_audio_seconds: float | None = DEFAULT_MAX_AUDIO_SECONDS,
         text_sil_token: str = "<|sil|>",
+        keep_chat_template: bool = False,
     ):
         if tokenizer is None or feature_extractor is None:
             raise ValueError("FunAudioChatProcessor needs a feature_extractor and a tokenizer.")
@@ -154,6 +172,7 @@ class FunAudioChatProcessor(ProcessorMixin):
         self.text_sil_token = getattr(tokenizer, "text_sil_token", None) or text_sil_token
         self.audio_group_size = int(audio_group_size)
         self.max_audio_seconds = max_audio_seconds
+        self.keep_chat_template = bool(keep_chat_template)
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token)
         if speech_tokenizer is None or not _is_speech_tokenizer(speech_tokenizer):
             found = "none was given" if speech_tokenizer is None else "the one given has no [AU0000] … vocabulary"
@@ -179,12 +198,13 @@ class FunAudioChatProcessor(ProcessorMixin):
         processor, which renders typed audio items as ``Audio N: ...`` lines and ignores ``tools=`` and
         ``speech_output=``) is kept as ``processor.checkpoint_chat_template`` and the built-in template renders
         instead. An explicit ``chat_template=`` (here, in the constructor or in ``apply_chat_template``) is always
-        used exactly as given.
+        used exactly as given, and so is a template its user set on a processor this library saved
+        (``processor.chat_template = ...`` then ``save_pretrained``, which records ``keep_chat_template``).
         """
         if chat_template is not None:
             return super().from_pretrained(pretrained_model_name_or_path, *args, chat_template=chat_template, **kwargs)
         processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if not is_fun_audio_chat_template(processor.chat_template):
+        if not processor.keep_chat_template and not is_fun_audio_chat_template(processor.chat_template):
             if processor.chat_template:
                 logger.info(
                     "The chat template saved with this processor does not render typed audio items, tools and "
@@ -297,14 +317,19 @@ class FunAudioChatProcessor(ProcessorMixin):
                     "processor.max_audio_seconds if your model handles longer inputs."
                 )
 
-    def extract_features(self, waveforms: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-        """Log-mel features of 16 kHz clips, each covering its whole clip (no 30 s window).
+    def extract_features(self, waveforms: Sequence[np.ndarray], max_length: int | None = None) -> dict[str, np.ndarray]:
+        """Log-mel features of 16 kHz clips, each covering its whole clip (never truncated).
 
-        Each clip is featurized on its own, zero-padded far enough that its valid frames are the ones the official
-        processor computes (it pads to 30 s), so features do not depend on the other clips of the batch. Returns
-        ``input_features`` (N, 128, T) float32 (zeros after each clip) and ``feature_attention_mask`` (N, T) int64
-        with ``ceil(num_samples / 160)`` ones, T = the longest clip's frame count.
+        Each clip is featurized on its own, zero-padded to at least ``max_length`` samples and far enough past its
+        end that its valid frames are the ones the official processor computes (it pads to 30 s), so features do not
+        depend on the other clips of the batch. Returns ``input_features`` (N, 128, T) float32 and
+        ``feature_attention_mask`` (N, T) int64 with ``ceil(num_samples / 160)`` ones.
+
+        ``max_length=None`` (training batches): T = the longest clip's frame count, zeros after each clip.
+        ``max_length=480000`` (``processor(audio=...)``'s default): T = 3000 or the longest clip's frames, each clip's
+        frames as ``WhisperFeatureExtractor(clip, padding="max_length", max_length=480000)`` computes them.
         """
+        window = 0 if max_length is None else int(max_length) // HOP_LENGTH
         frames, feats = [], []
         for waveform in waveforms:
             num_samples = len(waveform)
@@ -314,19 +339,21 @@ class FunAudioChatProcessor(ProcessorMixin):
                 np.asarray(waveform, dtype=np.float32),
                 sampling_rate=TARGET_SAMPLING_RATE,
                 padding="max_length",
-                max_length=padded,
+                max_length=max(padded, window * HOP_LENGTH),
                 truncation=False,
                 return_attention_mask=False,
                 return_tensors="np",
             )
-            feats.append(np.asarray(out["input_features"][0][:, :valid], dtype=np.float32))
+            # Inside the window the feature extractor's own padding frames are kept (what it returns when called
+            # directly); past a clip's end outside it, zeros.
+            feats.append(np.asarray(out["input_features"][0][:, : max(valid, window)], dtype=np.float32))
             frames.append(valid)
-        longest = max(frames) if frames else 0
+        width = max([window, *(feat.shape[-1] for feat in feats)]) if feats else 0
         num_mel = self.feature_extractor.feature_size
-        input_features = np.zeros((len(feats), num_mel, longest), dtype=np.float32)
-        feature_attention_mask = np.zeros((len(feats), longest), dtype=np.int64)
+        input_features = np.zeros((len(feats), num_mel, width), dtype=np.float32)
+        feature_attention_mask = np.zeros((len(feats), width), dtype=np.int64)
         for row, (feat, valid) in enumerate(zip(feats, frames)):
-            input_features[row, :, :valid] = feat
+            input_features[row, :, : feat.shape[-1]] = feat
             feature_attention_mask[row, :valid] = 1
         return {"input_features": input_features, "feature_attention_mask": feature_attention_mask}
 
@@ -371,7 +398,11 @@ class FunAudioChatProcessor(ProcessorMixin):
 
             An argument this processor does not know is reported by transformers' logger and ignored.
         """
-        output_kwargs = self._merge_kwargs(FunAudioChatProcessorKwargs, **kwargs)
+        # The tokenizer's own init-time settings (padding="max_length", max_length=... given when it was built) rank
+        # above the processor's defaults and below call-time arguments, as for every in-tree processor.
+        output_kwargs = self._merge_kwargs(
+            FunAudioChatProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         text_kwargs = output_kwargs["text_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         return_text_replacement_offsets = bool(output_kwargs.get("return_text_replacement_offsets"))
@@ -380,7 +411,8 @@ class FunAudioChatProcessor(ProcessorMixin):
         if text is None and audio is None:
             raise ValueError("Provide `text` and/or `audio`.")
 
-        waveforms = self._load_audio_list(audio, output_kwargs["audio_kwargs"].get("sampling_rate"))
+        audio_kwargs = output_kwargs["audio_kwargs"]
+        waveforms = self._load_audio_list(audio, audio_kwargs.get("sampling_rate"))
         data: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
@@ -398,10 +430,25 @@ class FunAudioChatProcessor(ProcessorMixin):
             if return_text_replacement_offsets:
                 data["text_replacement_offsets"] = offsets
         if waveforms:
-            data.update(self.extract_features(waveforms))
+            data.update(self.extract_features(waveforms, max_length=self._feature_window(audio_kwargs)))
             data["feature_exist_mask"] = np.ones(len(waveforms), dtype=bool)
             data.update(self.user_speech_ids([self.num_speech_frames(len(w)) for w in waveforms]))
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    @staticmethod
+    def _feature_window(audio_kwargs: dict) -> int | None:
+        """The ``max_length`` (samples) features are padded to: the feature extractor's padding setting read as it
+        reads it (``"max_length"``: up to ``max_length``, default 30 s; ``"longest"``/``True``: the longest clip;
+        ``"do_not_pad"``/``False`` has no meaning for a batch of clips and is refused). Audio is never truncated."""
+        padding = audio_kwargs.get("padding", "longest")
+        if padding in (True, "longest"):
+            return None
+        if padding == "max_length":
+            return int(audio_kwargs.get("max_length") or WHISPER_WINDOW_SAMPLES)
+        raise ValueError(
+            f"audio padding={padding!r} is not supported: clips are batched into one (N, 128, T) tensor; pass "
+            'audio_kwargs={"padding": "longest"} for the longest clip\'s frames or "max_length" (the default, 30 s).'
+        )
 
     def _load_audio_list(self, audio: Any, sampling_rate: int | None) -> list[np.ndarray]:
         if audio is None:
@@ -568,6 +615,9 @@ class FunAudioChatProcessor(ProcessorMixin):
         output = {key: getattr(self, key) for key in _OFFICIAL_CONFIG_KEYS}
         for key, default in _EXTRA_CONFIG_DEFAULTS.items():
             value = getattr(self, key)
+            if key == "keep_chat_template":
+                # Chosen by the user when it is not the built-in one: saved templates of that kind load as they are.
+                value = self.chat_template is not None and not is_fun_audio_chat_template(self.chat_template)
             if value != default:
                 output[key] = value
         output["processor_class"] = self.__class__.__name__
