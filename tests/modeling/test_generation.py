@@ -389,30 +389,37 @@ def test_speech_repetition_penalty_follows_transformers_rule_over_reply_codes():
     assert not torch.equal(greedy[1], out.speech_ids), "penalty must change this reply's codes"
 
 
-def test_speech_head_decode_step_equals_the_backbone_forward():
-    """The SRH decode step (transformers' Qwen3 layers with precomputed rotary and mask) computes what
-    ``crq_transformer.forward`` computes for that position, padded or not."""
-    from transformers.cache_utils import Cache, DynamicCache
+@pytest.mark.parametrize("static", [False, True])
+def test_speech_head_decoder_step_equals_the_backbone_forward(static):
+    """The SRH decoder's step (transformers' Qwen3 layers with precomputed rotary and mask, on the preallocated or
+    the static cache) computes what ``crq_transformer.forward`` computes for that position, padded or not."""
+    from transformers.cache_utils import DynamicCache
 
-    from fun_audio_chat.modeling.generation import PreallocatedKVLayer
+    from fun_audio_chat.modeling.speech_head import SpeechHeadDecoder
 
     model = oracle.load_model("gen_force_abos_b1")
     head = model.audio_invert_tower
-    backbone = head.crq_transformer
     torch.manual_seed(0)
     prompt, step = torch.randn(2, 7, 64), torch.randn(2, 1, 64)
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
     positions = (torch.arange(8)[None, :] - (8 - mask.sum(-1))[:, None]).clamp(min=0)
     with torch.no_grad():
         reference_cache = DynamicCache()
-        head.run_backbone(prompt, mask[:, :7], positions[:, :7], past_key_values=reference_cache, use_cache=True)
+        _, reference_prompt = head.run_backbone(
+            prompt, mask[:, :7], positions[:, :7], past_key_values=reference_cache, use_cache=True
+        )
         _, reference = head.run_backbone(step, mask, positions[:, 7:], past_key_values=reference_cache, use_cache=True)
-        cache = Cache(layers=[PreallocatedKVLayer(16) for _ in backbone.layers])
-        head.run_backbone(prompt, mask[:, :7], positions[:, :7], past_key_values=cache, use_cache=True)
-        bias = torch.zeros(2, 1, 1, 8).masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
-        rotary = backbone.rotary_emb(step, positions[:, 7:])
-        found = head.decode_step(step, cache, positions[:, 7:], rotary, bias)
-    torch.testing.assert_close(found, reference, atol=1e-5, rtol=1e-5)
+        capacity = 16
+        layout_positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, 9)], dim=1)
+        layout_mask = torch.cat([mask, torch.ones(2, 8, dtype=torch.long)], dim=1)
+        decoder = SpeechHeadDecoder(head, layout_positions, layout_mask, static=static)
+        assert decoder.capacity == capacity
+        found_prompt = decoder.prefill(prompt)
+        found = decoder.step(step)
+    real = mask[:, :7, None].bool()  # padded queries' logits are never used
+    torch.testing.assert_close(found_prompt * real, reference_prompt * real, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(found, reference[:, -1], atol=1e-5, rtol=1e-5)
+    assert decoder.length == 8
 
 
 def test_over_long_context_is_a_clear_error():

@@ -41,7 +41,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
 from ..transformers_compat import CACHE_NAME
-from .generation import _PROMPT_AUDIO_INPUTS, SpeechDecoder, SpeechSamplingSettings
+from .generation import _PROMPT_AUDIO_INPUTS
+from .speech_decoding import SpeechDecoder
+from .speech_sampling import SpeechSamplingSettings
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..configuration_fun_audio_chat import IGNORE_INDEX, FunAudioChatConfig, refuse_missing_local_path
@@ -22,7 +22,8 @@ from .audio_encoder import FunAudioChatAudioEncoder
 from .context_length import ContextFit, context_fit
 from .generation import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
-from .speech_head import FunAudioChatSpeechHead
+from .speech_head import FunAudioChatSpeechHead, SpeechHeadDecoder
+from .speech_sampling import GREEDY_SPEECH
 
 
 @dataclass
@@ -443,8 +444,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
 
     def teacher_forcing_embeddings(self, speech_labels: torch.Tensor) -> torch.Tensor:
         """Embedding of the code preceding each sub-position's target in the 25 Hz stream (B, L·k, H)."""
-        codes = speech_labels.masked_fill(speech_labels == IGNORE_INDEX, self.config.audio_config.pad_token_id)
-        return torch.roll(self.audio_invert_tower.code_embeddings(codes), shifts=-(self.group_size - 1), dims=1)
+        return self.audio_invert_tower.code_embeddings(self.teacher_forcing_codes(speech_labels))
 
     def teacher_forcing_codes(self, speech_labels: torch.Tensor) -> torch.Tensor:
         """Id of the code preceding each sub-position's target in the 25 Hz stream (B, L·k); the speech pad id
@@ -498,45 +498,39 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 module.training = mode
 
     def _decode_prompt_codes(self, codes, states, starts, prefilled, decoding, sub_mask, sub_positions):
-        """The k greedy SRH sub-steps of each row's last prompt position, written into ``codes`` (see above)."""
+        """The k greedy SRH sub-steps of each row's last prompt position, written into ``codes`` (see above), with
+        the head's own decoder (the one ``generate()`` uses)."""
         k = self.group_size
         batch, total = codes.shape
-        index = torch.arange(total, device=codes.device)
-        rows = torch.arange(batch, device=codes.device)
+        device = codes.device
+        rows = torch.arange(batch, device=device)
         head = self.audio_invert_tower
         width = int(prefilled[decoding].max())
         sub_states = head.ungroup(states[:, : int(starts[decoding].max())])
-        prefix_mask = torch.ones(batch, width, dtype=torch.long, device=codes.device)
+        prefix_mask = torch.ones(batch, width, dtype=torch.long, device=device)
         if sub_mask is not None:
             prefix_mask = prefix_mask * sub_mask[:, :width].long()
-        cache = DynamicCache()
-        _, logits = head.run_backbone(
-            sub_states[:, :width] + head.code_embeddings(codes[:, :width]),
-            attention_mask=prefix_mask,
-            position_ids=None if sub_positions is None else sub_positions[:, :width],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        last = (prefilled - 1).clamp(min=0, max=width - 1)
-        decoded = logits[rows, last].argmax(-1)
+        # Cache columns: the prefix, then one per decoded sub-step, each at the row's own target sub-position.
+        step_targets = (prefilled[:, None] + torch.arange(k - 1, device=device)[None, :]).clamp(max=total - 1)
+        if sub_positions is None:
+            positions = torch.cat([torch.arange(width, device=device).expand(batch, -1), step_targets], dim=1)
+        else:
+            positions = torch.cat([sub_positions[:, :width], sub_positions.gather(1, step_targets)], dim=1)
         # Rows with a shorter prompt must not see the prefix entries past their own (P-1, 0): mask them out.
-        key_mask = prefix_mask * (index[None, :width] < prefilled[:, None]).long()
+        own_prefix = prefix_mask * (torch.arange(width, device=device)[None, :] < prefilled[:, None]).long()
+        key_mask = torch.cat([own_prefix, torch.ones_like(step_targets)], dim=1)
+        decoder = SpeechHeadDecoder(head, positions, key_mask, static=False)
+        logits = decoder.prefill(sub_states[:, :width] + head.code_embeddings(codes[:, :width]), prefix_mask)
+        last = (prefilled - 1).clamp(min=0, max=width - 1)
+        decoded = decoder.select(logits[rows, last].float(), None, GREEDY_SPEECH)
         for sub_step in range(1, k + 1):
             target = (prefilled + sub_step - 1).clamp(max=total - 1)
             codes[decoding, target[decoding]] = decoded[decoding]
             if sub_step == k:
                 break
             step_states = sub_states[rows, target.clamp(max=sub_states.shape[1] - 1)][:, None]
-            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-            positions = target[:, None] if sub_positions is None else sub_positions[rows, target][:, None]
-            _, logits = head.run_backbone(
-                step_states + head.code_embeddings(decoded)[:, None],
-                attention_mask=key_mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            decoded = logits[:, -1].argmax(-1)
+            logits = decoder.step(step_states + head.code_embeddings(decoded)[:, None])
+            decoded = decoder.select(logits, None, GREEDY_SPEECH)
         return codes
 
     def teacher_forced_speech_logits(
