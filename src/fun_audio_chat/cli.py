@@ -8,7 +8,9 @@ Commands (``fun-audio-chat COMMAND --help`` for each):
   reply text, the speech codes (JSON) and, when a detokenizer is available, a wav.
 * ``tokenize-speech`` — batch S3Tokenizer over a folder of audio files or a dataset → JSON lines of codes.
 * ``merge`` — Core-Cocktail merge ``alpha * tuned + (1 - alpha) * base`` of checkpoints on disk.
-* ``convert-detokenizer`` — an official CosyVoice 3 folder (or Hub id) → our safetensors detokenizer folder.
+* ``convert-detokenizer`` — an official CosyVoice 3 folder (or Hub id) → our safetensors detokenizer folder (and the
+  released speakers, when a ``spk2info.pt`` comes with it, as ``voices/<name>.safetensors``).
+* ``clone-voice`` — a 3-30 s clip of one speaker → a voice file for ``chat --voice`` / ``serve --voice``.
 * ``serve`` — a voice chat page and an OpenAI-compatible audio API (``/v1/chat/completions``) over one model.
 
 Errors the user can fix (a missing file, a directory that is not a checkpoint, a model that cannot be fetched)
@@ -281,7 +283,9 @@ def _find_detokenizer(args):
     return _load_native_detokenizer(model_dir, "--cosyvoice-dir")
 
 
-def _write_reply(out_dir: Path, text: str, codes: list[int], *, model_name: str, audio: str, detokenizer) -> list[str]:
+def _write_reply(
+    out_dir: Path, text: str, codes: list[int], *, model_name: str, audio: str, detokenizer, voice=None
+) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     (out_dir / "reply.txt").write_text(text + "\n", encoding="utf-8")
@@ -301,9 +305,26 @@ def _write_reply(out_dir: Path, text: str, codes: list[int], *, model_name: str,
         if detokenizer is not None and codes:
             from .processing import save_audio
 
-            save_audio(out_dir / "reply.wav", detokenizer(codes), detokenizer.sampling_rate)
+            spoken = detokenizer(codes) if voice is None else detokenizer(codes, voice=voice)
+            save_audio(out_dir / "reply.wav", spoken, detokenizer.sampling_rate)
             written.append("reply.wav")
     return written
+
+
+def _chat_voice(args, detokenizer):
+    """``--voice``: a voice file, or the name of a voice of the detokenizer folder (``voices/``); None = default."""
+    if args.voice is None:
+        return None
+    if detokenizer is None or not hasattr(detokenizer, "config"):
+        raise CLIError(f"--voice {args.voice}: needs a CosyVoice 3 detokenizer for reply.wav (pass --detokenizer).")
+    from .voices import UnknownVoiceError, choose_voice
+
+    folder = args.detokenizer or args.cosyvoice_dir or os.environ.get("FUN_AUDIO_CHAT_COSYVOICE_DIR")
+    folder = Path(folder).expanduser() if folder and Path(folder).expanduser().is_dir() else None
+    try:
+        return choose_voice(args.voice, detokenizer.config, folder)
+    except (UnknownVoiceError, ValueError, OSError) as err:
+        raise CLIError(f"--voice {args.voice}: {_first_line(err)}") from err
 
 
 def cmd_chat(args) -> int:
@@ -317,6 +338,7 @@ def cmd_chat(args) -> int:
     _set_threads(args.threads)
     device = _resolve_device(args.device)
     detokenizer = None if args.text_only else _find_detokenizer(args)
+    voice = _chat_voice(args, detokenizer)
     t0 = time.perf_counter()
     model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     t_load = time.perf_counter() - t0
@@ -355,7 +377,13 @@ def cmd_chat(args) -> int:
     _say(summary + "]", file=sys.stderr)
     if args.out:
         written = _write_reply(
-            Path(args.out), result.text, result.codes, model_name=args.model, audio=str(audio), detokenizer=detokenizer
+            Path(args.out),
+            result.text,
+            result.codes,
+            model_name=args.model,
+            audio=str(audio),
+            detokenizer=detokenizer,
+            voice=voice,
         )
         _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
         if speech and detokenizer is None:
@@ -564,6 +592,58 @@ def cmd_convert_detokenizer(args) -> int:
         f"wrote {out}/config.json and model.safetensors (flow {flow:,} + HiFT {hift:,} parameters) in "
         f"{time.perf_counter() - t0:.1f} s; load it with CosyVoice3Detokenizer.from_pretrained({str(out)!r})"
     )
+    _convert_speakers(args, out, detokenizer.config)
+    return 0
+
+
+def _convert_speakers(args, out: Path, config) -> None:
+    """The released speakers (``--speakers FILE``, else a spk2info.pt in SRC) as ``OUT/voices/<name>.safetensors``."""
+    from .voices import convert_official_speakers, find_official_speakers
+
+    source = args.speakers or (args.source if Path(args.source).expanduser().is_dir() else None)
+    if args.speakers is None and (source is None or find_official_speakers(source) is None):
+        return
+    try:
+        written = convert_official_speakers(Path(source).expanduser(), out, config=config)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"--speakers {source}: {_first_line(err)}") from err
+    names = ", ".join(path.stem for path in written)
+    _say(f"wrote {len(written)} voice(s) with their prompts to {out}/voices/: {names} (chat/serve --voice NAME)")
+
+
+# ------------------------------------------------------------------------------------------------ clone-voice
+def cmd_clone_voice(args) -> int:
+    out = Path(args.out).expanduser()
+    if not out.name.endswith(".safetensors"):
+        raise CLIError(f"OUT {args.out}: a voice file ends in .safetensors (e.g. {out.stem or 'voice'}.safetensors).")
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"OUT {args.out}: file exists (pass --overwrite to replace it).")
+    encoders = args.encoders or os.environ.get("FUN_AUDIO_CHAT_COSYVOICE_DIR")
+    if not encoders:
+        raise CLIError(
+            "--encoders: pass the official CosyVoice 3 folder (it holds campplus.onnx and speech_tokenizer_v3.onnx), "
+            "or 'tiny' for the tiny built-in detokenizer."
+        )
+    _set_threads(args.threads)
+    from .voices import VoiceCloningError, load_voice_cloner
+
+    try:
+        cloner = load_voice_cloner(encoders)
+    except (ImportError, ValueError, OSError) as err:
+        raise CLIError(f"--encoders {encoders}: {_first_line(err)}") from err
+    t0 = time.perf_counter()
+    try:
+        voice = cloner.clone(args.clip, name=args.name)
+    except VoiceCloningError as err:
+        raise CLIError(str(err)) from err
+    seconds = time.perf_counter() - t0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    voice.save(out)
+    _say(
+        f"wrote voice {voice.name!r} to {out}: {voice.prompt_tokens} prompt codes "
+        f"({voice.prompt_tokens / SPEECH_FRAME_RATE:.1f} s), {voice.prompt_mel.shape[0]} mel frames, a "
+        f"{voice.speaker_embedding.numel()}-value speaker embedding; cloned in {seconds:.2f} s"
+    )
     return 0
 
 
@@ -709,6 +789,12 @@ def build_parser() -> argparse.ArgumentParser:
         "convert-detokenizer), a Hub id of one, 'tiny' (random weights), or MODULE:FACTORY for "
         "another codes-to-wave object with sampling_rate",
     )
+    chat.add_argument(
+        "--voice",
+        metavar="NAME_OR_FILE",
+        help="speak reply.wav in this voice: a .safetensors voice file (clone-voice) or the name of a voice in the "
+        "detokenizer folder's voices/ (default: the detokenizer's own speaker)",
+    )
     chat.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     chat.set_defaults(func=cmd_chat)
 
@@ -726,8 +812,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="safetensors file with one 192-value speaker embedding to make the default voice",
     )
+    convert.add_argument(
+        "--speakers",
+        metavar="FILE",
+        help="the released speaker table (Fun-Audio-Chat's utils/new_spk2info.pt) to write as voices/ with their "
+        "full prompts (default: a spk2info.pt found in SRC)",
+    )
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     convert.set_defaults(func=cmd_convert_detokenizer)
+
+    clone = commands.add_parser(
+        "clone-voice",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="a 3-30 s clip of one speaker -> a voice file",
+        description="Clone a voice from a 3-30 s clip of one speaker (any common format and sampling rate): its S3 "
+        "speech codes and CosyVoice 3 mel become the prompt the flow continues from, CAM++ gives its speaker "
+        "embedding. The voice file (safetensors) is used with chat --voice FILE and serve --voice NAME=FILE.",
+        epilog="examples:\n  fun-audio-chat clone-voice anna.wav anna.safetensors --encoders CosyVoice3-0.5B/\n"
+        "  fun-audio-chat clone-voice anna.wav anna.safetensors --encoders tiny",
+    )
+    clone.add_argument("clip", metavar="CLIP", help="audio file of one speaker, 3 to 30 s")
+    clone.add_argument("out", metavar="OUT", help="voice file to write (.safetensors)")
+    clone.add_argument(
+        "--encoders",
+        metavar="DIR",
+        help="official CosyVoice 3 folder with campplus.onnx and speech_tokenizer_v3.onnx, or 'tiny' (random, for "
+        "the tiny detokenizer) (default: $FUN_AUDIO_CHAT_COSYVOICE_DIR)",
+    )
+    clone.add_argument("--name", help="the voice's name (default: the clip's file name)")
+    clone.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    clone.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    clone.set_defaults(func=cmd_clone_voice)
 
     tok = commands.add_parser(
         "tokenize-speech",

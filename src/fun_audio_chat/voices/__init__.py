@@ -10,10 +10,10 @@ Cloning needs the optional ``voice-cloning`` extra (onnxruntime, kaldi-native-fb
 (``speech-tokenizer`` extra); loading, saving and choosing voices need neither.
 """
 
-from .cloning import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS, VoiceCloner, VoiceCloningError
+from .cloning import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS, VoiceCloner, VoiceCloningError, load_voice_cloner
 from .features import COSYVOICE3_MEL, MelSettings, prompt_mel, speaker_fbank
 from .official import VOICES_FOLDER, convert_official_speakers, find_official_speakers, read_official_speakers
-from .registry import DEFAULT_VOICE, UnknownVoiceError, VoiceRegistry, load_voice_file
+from .registry import DEFAULT_VOICE, UnknownVoiceError, VoiceRegistry, choose_voice, load_voice_file
 from .speaker_encoder import OnnxSpeakerEncoder, tiny_speaker_encoder_model
 from .tiny import tiny_voice_cloner
 
@@ -29,8 +29,10 @@ __all__ = [
     "VoiceCloner",
     "VoiceCloningError",
     "VoiceRegistry",
+    "choose_voice",
     "convert_official_speakers",
     "find_official_speakers",
+    "load_voice_cloner",
     "load_voice_file",
     "prompt_mel",
     "read_official_speakers",

@@ -136,11 +136,33 @@ class VoiceRegistry:
         return f"VoiceRegistry({self.names})"
 
 
+def choose_voice(choice: str | None, config=None, folder: str | os.PathLike | None = None):
+    """The voice object for a user's ``--voice``: a ``.safetensors`` voice file, or the name of a voice in the
+    detokenizer folder's ``voices/``, or ``default``/None (the detokenizer's own speaker, returned as None)."""
+    if choice is None:
+        return None
+    if is_voice_file(choice):
+        if not Path(choice).expanduser().is_file():
+            raise FileNotFoundError(f"voice file {choice} not found.")
+        voice = load_voice_file(choice)
+        return voice.validate(config) if config is not None else voice
+    if Path(choice).expanduser().is_file():
+        raise ValueError(
+            f"{choice} is not a voice file (.safetensors); if it is a recording, clone it first: "
+            f"fun-audio-chat clone-voice {choice} VOICE.safetensors"
+        )
+    registry = VoiceRegistry(config=config)
+    if folder is not None:
+        registry.add_folder(folder)
+    return registry.resolve(choice)
+
+
 __all__ = [
     "DEFAULT_VOICE",
     "OPENAI_VOICE_NAMES",
     "UnknownVoiceError",
     "VoiceRegistry",
+    "choose_voice",
     "is_voice_file",
     "load_voice_file",
 ]
