@@ -674,7 +674,9 @@ def cmd_serve(args) -> int:
 
         from .serving import ServingEngine, create_app
     except ImportError as err:
-        raise CLIError(f"serve needs FastAPI and uvicorn ({err}): pip install 'fun-audio-chat[serve]'.") from err
+        raise CLIError(
+            f"serve needs FastAPI, uvicorn and prometheus_client ({err}): pip install 'fun-audio-chat[serve]'."
+        ) from err
     import socket
 
     probe = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

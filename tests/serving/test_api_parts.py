@@ -126,5 +126,9 @@ def test_metrics_summary_and_prometheus():
     assert summary["summaries"]["first_text_seconds"]["median"] == pytest.approx(0.25)
     assert summary["summaries"]["real_time_factor"]["median"] == pytest.approx(0.5)
     text = metrics.prometheus(queue_depth=3)
-    assert 'fun_audio_chat_turn_first_audio_seconds{quantile="0.5"} 0.35' in text
-    assert "fun_audio_chat_queue_depth 3" in text
+    # prometheus_client's exposition: cumulative buckets (first audio 0.3, 0.35, 0.4, 0.45 s)
+    assert 'fun_audio_chat_turn_first_audio_seconds_bucket{le="0.3"} 1.0' in text
+    assert 'fun_audio_chat_turn_first_audio_seconds_bucket{le="0.5"} 4.0' in text
+    assert "fun_audio_chat_turn_first_audio_seconds_count 4.0" in text
+    assert "fun_audio_chat_turns_failed_total 1.0" in text
+    assert "fun_audio_chat_queue_depth 3.0" in text

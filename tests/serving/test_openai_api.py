@@ -407,8 +407,8 @@ def test_metrics_endpoint(server, client):
 
     client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
     text = httpx.get(f"{server.url}/metrics").text
-    assert "# TYPE fun_audio_chat_turn_first_text_seconds summary" in text
-    assert 'fun_audio_chat_turn_first_text_seconds{quantile="0.5"}' in text
+    assert "# TYPE fun_audio_chat_turn_first_text_seconds histogram" in text
+    assert 'fun_audio_chat_turn_first_text_seconds_bucket{le="+Inf"}' in text
     assert "fun_audio_chat_turns_completed_total" in text
     data = httpx.get(f"{server.url}/metrics", params={"format": "json"}).json()
     assert data["summaries"]["first_text_seconds"]["count"] >= 1

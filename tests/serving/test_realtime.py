@@ -716,13 +716,13 @@ def test_realtime_latency_histograms_are_cumulative():
         metrics.record_realtime_turn("completed", {"queue_prefill": seconds, "vad_wait": None})
     metrics.record_realtime_turn("cancelled", {"queue_prefill": 20.0})
     text = metrics.prometheus()
-    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="0.05"} 1' in text
-    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="0.5"} 2' in text
-    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="5"} 3' in text
-    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="+Inf"} 4' in text
-    assert "fun_audio_chat_realtime_queue_prefill_seconds_count 4" in text
-    assert "fun_audio_chat_realtime_vad_wait_seconds_count 0" in text  # None is not an observation
-    assert "fun_audio_chat_realtime_responses_cancelled_total 1" in text
+    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="0.05"} 1.0' in text
+    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="0.5"} 2.0' in text
+    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="5.0"} 3.0' in text
+    assert 'fun_audio_chat_realtime_queue_prefill_seconds_bucket{le="+Inf"} 4.0' in text
+    assert "fun_audio_chat_realtime_queue_prefill_seconds_count 4.0" in text
+    assert "fun_audio_chat_realtime_vad_wait_seconds_count 0.0" in text  # None is not an observation
+    assert "fun_audio_chat_realtime_responses_cancelled_total 1.0" in text
     with pytest.raises(ValueError, match="unknown realtime latency field"):
         metrics.record_realtime_turn("completed", {"prefill": 0.1})
 

@@ -14,7 +14,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from .engine import ServingEngine
@@ -124,7 +124,7 @@ def create_app(
             return JSONResponse(metrics.summary())
         if format != "prometheus":
             raise APIError(400, f"format {format!r}: use 'prometheus' (default) or 'json'.", "format")
-        return PlainTextResponse(metrics.prometheus(engine.queue_depth()), media_type="text/plain; version=0.0.4")
+        return Response(metrics.prometheus(engine.queue_depth()), media_type=metrics.content_type)
 
     @app.get("/health")
     async def health():
