@@ -19,7 +19,7 @@ import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-EXPECTED = {"quickstart", "lora_finetuning", "core_cocktail", "dpo", "push_to_hub", "function_calling"}
+EXPECTED = {"quickstart", "lora_finetuning", "core_cocktail", "dpo", "push_to_hub", "function_calling", "voices"}
 CELL_TIMEOUT = 180  # seconds per cell; the whole notebook should take well under a minute
 NOTEBOOK_BUDGET = 90  # seconds for a whole notebook on the tiny model (a loaded CI machine included)
 
