@@ -51,6 +51,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..framework_compat import checkpoint_keys_to_ignore
 from .merging import SafetensorsCheckpoint, merge_weights, read_manifest, remove_stale_partial_dirs, save_merged_model
 from .sft import FunAudioChatTrainer
 
@@ -272,7 +273,7 @@ def load_weights_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
     reader = SafetensorsCheckpoint(checkpoint)
     named = model.state_dict(keep_vars=True)
     unexpected = [k for k in reader.keys() if k not in named]
-    ignore = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    ignore = checkpoint_keys_to_ignore(model)
     import re
 
     unexpected = [k for k in unexpected if not any(re.search(p, k) for p in ignore)]

@@ -20,6 +20,14 @@ from typing import Any
 
 from torch import nn
 
+from ..framework_compat import (
+    disable_fsdp_on_cpu_processes,
+    enable_fsdp_on_cpu_processes,
+    layer_classes_not_to_split,
+    process_state_is_configured,
+    reset_accelerator_state,
+)
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,7 +39,7 @@ def fsdp_wrap_classes(model: nn.Module) -> list[str]:
         base = base.module
     if hasattr(base, "get_base_model"):
         base = base.get_base_model()
-    wanted = list(getattr(base, "_no_split_modules", None) or [])
+    wanted = layer_classes_not_to_split(base)
     present = {type(module).__name__ for module in base.modules()}
     found = [name for name in wanted if name in present]
     if not found:
@@ -103,7 +111,7 @@ def deepspeed_training_arguments(stage: int, **overrides: Any) -> dict[str, Any]
     if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         from accelerate import PartialState
 
-        if not PartialState._shared_state:
+        if not process_state_is_configured():
             previous = os.environ.get("ACCELERATE_USE_DEEPSPEED")
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
             try:
@@ -117,20 +125,12 @@ def deepspeed_training_arguments(stage: int, **overrides: Any) -> dict[str, Any]
     return arguments
 
 
-#: set while FSDP2 runs on CPU processes with accelerate's process state marked FSDP (undone by the release below)
-_cpu_fsdp_enabled = [False]
-
-
 def release_distributed_engine(trainer) -> None:
     """After ``trainer`` has finished: reset accelerate's shared state so that the next Trainer of this process sets up
     its own engine (accelerate refuses a second DeepSpeed plugin otherwise, and would keep the first FSDP plugin)."""
     if not (getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False)):
         return
-    from accelerate import PartialState
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-
-    AcceleratorState._reset_state()  # the process group itself stays up
+    reset_accelerator_state()  # the process group itself stays up
     if getattr(trainer, "is_deepspeed_enabled", False):
         # TrainingArguments(deepspeed=...) also leaves transformers' global DeepSpeed config and accelerate's
         # environment switch behind: without undoing both, the next Trainer would start DeepSpeed whatever it asks.
@@ -138,9 +138,7 @@ def release_distributed_engine(trainer) -> None:
 
         unset_hf_deepspeed_config()
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
-    if _cpu_fsdp_enabled[0]:
-        PartialState().distributed_type = DistributedType.MULTI_CPU
-        _cpu_fsdp_enabled[0] = False
+    disable_fsdp_on_cpu_processes()
 
 
 def resolve_distributed_engine(trainer) -> None:
@@ -170,17 +168,10 @@ def resolve_distributed_engine(trainer) -> None:
                 "FSDP1 does not run on CPU processes (accelerate would silently fall back to DDP); use FSDP2: "
                 "fsdp_config={'fsdp_version': 2, ...} (see fsdp2_training_arguments)."
             )
-        from accelerate import PartialState
         from accelerate.utils import FullyShardedDataParallelPlugin
 
-        plugin = FullyShardedDataParallelPlugin(**plugin_args)
-        # Every later AcceleratorState() (the optimizer and scheduler wrappers create one) copies the process state's
-        # fields over its own: record FSDP in both, or accelerate forgets it after prepare (and then, e.g.,
-        # get_state_dict returns the shards instead of full tensors). release_distributed_engine undoes it.
-        PartialState().distributed_type = DistributedType.FSDP
-        _cpu_fsdp_enabled[0] = True
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = plugin
+        # release_distributed_engine undoes it
+        enable_fsdp_on_cpu_processes(state, FullyShardedDataParallelPlugin(**plugin_args))
         trainer.is_fsdp_enabled = True
         logger.info("FSDP2 on %d CPU processes (gloo)", state.num_processes)
     if args.fsdp_plugin_args is not None and trainer.is_fsdp_enabled:

@@ -38,6 +38,13 @@ import torch
 from torch import nn
 from trl import DPOTrainer
 
+from ..framework_compat import (
+    DPOTrainerPrivateHooks,
+    count_trained_tokens,
+    prepare_trainer_inputs,
+    remove_trl_fused_lm_head_patch,
+    trl_metric_store,
+)
 from ..modeling.modeling_fun_audio_chat import gather_stream_log_probs
 from .dpo_config import FunAudioChatDPOConfig
 from .dpo_losses import (
@@ -81,22 +88,14 @@ MODEL_INPUT_KEYS = (
 @contextlib.contextmanager
 def _checkpointing_disabled(model: nn.Module, kwargs: dict | None):
     """Turn activation (gradient) checkpointing off for a no-grad reference pass, then restore it."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x names
-        flag, off, on = (
-            "is_activation_checkpointing",
-            "activation_checkpointing_disable",
-            "activation_checkpointing_enable",
-        )
-    else:
-        flag, off, on = "is_gradient_checkpointing", "gradient_checkpointing_disable", "gradient_checkpointing_enable"
-    enabled = bool(getattr(model, flag, False))
+    enabled = bool(getattr(model, "is_activation_checkpointing", False))
     if enabled:
-        getattr(model, off)()
+        model.activation_checkpointing_disable()
     try:
         yield
     finally:
         if enabled:
-            getattr(model, on)(kwargs)
+            model.activation_checkpointing_enable(kwargs)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -125,10 +124,10 @@ def remove_fused_lm_head_patch(model: nn.Module) -> None:
     frozen reference made for a second trainer) would run the original model, and every new trainer would wrap the
     previous patch again.
     """
-    _base_model(model).__dict__.pop("forward", None)
+    remove_trl_fused_lm_head_patch(_base_model(model))
 
 
-class FunAudioChatDPOTrainer(DPOTrainer):
+class FunAudioChatDPOTrainer(DPOTrainerPrivateHooks, DPOTrainer):
     """``trl.DPOTrainer`` that scores whole spoken answers: ``text + speech_logp_weight * speech`` log-probs.
 
     Args (as ``trl.DPOTrainer``, plus):
@@ -148,7 +147,7 @@ class FunAudioChatDPOTrainer(DPOTrainer):
     and ``loss/<task>`` (the unweighted pair loss).
     """
 
-    _tag_names = ["trl", "dpo", "fun-audio-chat"]
+    model_card_tags = ("trl", "dpo", "fun-audio-chat")
 
     def __init__(
         self,
@@ -254,19 +253,19 @@ class FunAudioChatDPOTrainer(DPOTrainer):
                     found.update(t for t in part.unique("task") if t is not None)
         return names + sorted(found - set(names))
 
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        """Rows are built by the collator (on the fly) or ahead of time by ``prepare_preference_dataset``."""
+    def prepare_dataset(self, dataset, name: str):
+        """Checks the rows only: they are built by the collator (on the fly) or ahead of time by
+        ``prepare_preference_dataset``, not tokenized here as TRL would."""
         first = next(iter(dataset))
         if "chosen_input_ids" not in first and not {"prompt", "chosen", "rejected"} <= set(first):
             raise ValueError(
-                f"The {dataset_name} dataset must hold preference rows with 'prompt', 'chosen' and 'rejected' (see "
+                f"The {name} dataset must hold preference rows with 'prompt', 'chosen' and 'rejected' (see "
                 f"docs/dpo.md) or rows built by prepare_preference_dataset; got columns {sorted(first)}."
             )
         return dataset
 
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = list(dict.fromkeys(RAW_COLUMNS + BUILT_COLUMNS + REF_COLUMNS))
+    def signature_columns(self) -> list[str]:
+        return list(dict.fromkeys(RAW_COLUMNS + BUILT_COLUMNS + REF_COLUMNS))
 
     # ---------------------------------------------------------------------------------------- log-probs
     @staticmethod
@@ -316,7 +315,7 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         both = torch.stack([streams[stream] for stream in STREAMS], dim=-1).float()
         return both.chunk(2, dim=0)
 
-    def _precompute_ref_logps(self, dataset, name: str, batch_size: int):
+    def precompute_reference_log_probs(self, dataset, name: str, batch_size: int):
         """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` (``[text, speech]``) columns, computed over all processes.
 
         Replaces TRL's version, which caches through a file path that in-memory datasets draw at random per process.
@@ -374,7 +373,9 @@ class FunAudioChatDPOTrainer(DPOTrainer):
             return self._answers(dict(zip(STREAMS, both.unbind(-1))), inputs)
         return self._answers(self.reference_stream_log_probs(inputs), inputs)
 
-    def _compute_loss(self, model, inputs, return_outputs):
+    def preference_loss(self, model, inputs, return_outputs: bool):
+        """The multi-task DPO loss of a collated batch (what TRL's ``compute_loss`` returns), with the metrics
+        logged; with ``return_outputs`` also the per-pair ``[chosen, rejected]`` rewards as ``"logits"``."""
         mode = "train" if self.model.training else "eval"
         policy = self.answer_log_probs(model, inputs)
         reference = {k: v.to(policy["chosen"]) for k, v in self.reference_answer_log_probs(inputs).items()}
@@ -400,12 +401,13 @@ class FunAudioChatDPOTrainer(DPOTrainer):
         columns = {**metrics, "loss/pair": per_pair.detach(), "task_id": task_ids.to(per_pair)}
         gathered = self.accelerator.gather_for_metrics(torch.stack(list(columns.values()), dim=-1).float())
         gathered = dict(zip(columns, gathered.unbind(-1)))
+        logged = trl_metric_store(self, mode)
         for name in LOGGED_PAIR_METRICS:
-            self._metrics[mode][name].append(gathered[name].mean().item())
+            logged[name].append(gathered[name].mean().item())
+        num_tokens = 0
         if mode == "train":
             num_tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
-            self._total_train_tokens += num_tokens // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        logged["num_tokens"] = [count_trained_tokens(self, num_tokens)]
         self._accumulate_task_stats(mode, gathered)
 
         if return_outputs:
@@ -455,16 +457,17 @@ class FunAudioChatDPOTrainer(DPOTrainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
+        logged = trl_metric_store(self, mode)
         for key, value in self._task_metrics(mode).items():
-            self._metrics[mode][key] = [value]
+            logged[key] = [value]
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys: list[str] | None = None):
         """Evaluation step. For ``compute_metrics``, ``EvalPrediction.predictions`` are the (N, 2) ``[chosen, rejected]``
         rewards and ``label_ids`` the (N,) task indices into ``trainer.task_names`` (-1: no task)."""
-        inputs = self._prepare_inputs(inputs)
+        inputs = prepare_trainer_inputs(self, inputs)
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss, outputs = self._compute_loss(model, inputs, return_outputs=True)
+            loss, outputs = self.preference_loss(model, inputs, return_outputs=True)
         if prediction_loss_only:
             return loss.detach(), None, None
         rewards = outputs["logits"]
@@ -473,8 +476,10 @@ class FunAudioChatDPOTrainer(DPOTrainer):
             task_ids = torch.full((rewards.shape[0],), -1, dtype=torch.long, device=rewards.device)
         return loss.detach(), rewards, task_ids
 
-    def _get_num_items_in_batch(self, batch_samples, device):
-        return None  # the DPO loss is a mean over pairs; nothing to count
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        # The DPO loss is a mean over pairs: no item count (Trainer then averages it over accumulation steps).
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batch_samples, None
 
 
 __all__ = [

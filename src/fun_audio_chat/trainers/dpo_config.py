@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from ..framework_compat import dict_fields_parsed_from_json
 from .dpo_losses import LOG_PROB_LOSS_TYPES, SORTING_LOSS_TYPES
 
 
+@dict_fields_parsed_from_json("task_weights", "task_speech_logp_weights")
 @dataclass
 class FunAudioChatDPOConfig(DPOConfig):
     r"""``trl.DPOConfig`` plus the speech and multi-task settings of Fun-Audio-Chat DPO.
@@ -45,8 +47,6 @@ class FunAudioChatDPOConfig(DPOConfig):
     Defaults that differ from ``trl.DPOConfig``: ``max_length=2048``. ``ld_alpha`` and ``use_weighting`` (WPO) need
     per-token probabilities of a single stream and are not supported (they raise).
     """
-
-    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS + ["task_weights", "task_speech_logp_weights"]
 
     max_length: int | None = field(
         default=2048,

@@ -155,7 +155,7 @@ class FunAudioChatTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # As in TRL's trainers: one value per loss computation, averaged and emitted when logging.
-        self._metrics: dict[str, defaultdict[str, list[float]]] = {
+        self.stream_loss_values: dict[str, defaultdict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
         }
@@ -170,7 +170,18 @@ class FunAudioChatTrainer(Trainer):
     def _fun_audio_chat_config(self):
         return getattr(_unwrap_to_base_model(self.model), "config", None)
 
-    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The next accumulated batch, as ``Trainer`` collects it, with its text and speech target counts as
+        ``num_items_in_batch`` (``{"text": n, "speech": n}``) when the model is a Fun-Audio-Chat model trained on its
+        own loss; otherwise Trainer's count."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        stream_counts = self.count_stream_targets(batch_samples, device)
+        return batch_samples, (num_items_in_batch if stream_counts is None else stream_counts)
+
+    def count_stream_targets(self, batch_samples: list, device: torch.device) -> dict[str, torch.Tensor] | None:
+        """``{"text": n_text, "speech": n_speech}`` over the accumulated batch (and, with
+        ``average_tokens_across_devices``, all processes); ``None`` when the model's own per-stream loss is not the
+        one trained (a custom ``compute_loss_func``, label smoothing, another model, no labels)."""
         config = self._fun_audio_chat_config()
         if (
             self.compute_loss_func is not None
@@ -180,7 +191,7 @@ class FunAudioChatTrainer(Trainer):
             or not batch_samples
             or "labels" not in batch_samples[0]
         ):
-            return super()._get_num_items_in_batch(batch_samples, device)
+            return None
         counts = torch.zeros(2, dtype=torch.long)
         for batch in batch_samples:
             n_text, n_speech = count_loss_items(batch, self.model)
@@ -219,7 +230,7 @@ class FunAudioChatTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _store_stream_losses(self, outputs, training: bool, scale: float, global_share: bool) -> None:
-        """Store this batch's text and speech losses (all processes') under ``self._metrics[mode]``.
+        """Store this batch's text and speech losses (all processes') under ``self.stream_loss_values[mode]``.
 
         ``global_share``: each process's losses are its share of the all-process mean (summed over processes);
         otherwise they are per-process means (averaged).
@@ -235,11 +246,11 @@ class FunAudioChatTrainer(Trainer):
             values = per_process.sum(0) if global_share else per_process.mean(0)
         mode = "train" if training else "eval"
         for name, value in zip(self.STREAM_LOSSES, (values * scale).tolist()):
-            self._metrics[mode][name].append(value)
+            self.stream_loss_values[mode][name].append(value)
 
     def _averaged_metrics(self, mode: str) -> dict[str, float]:
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
-        self._metrics[mode].clear()
+        metrics = {name: sum(values) / len(values) for name, values in self.stream_loss_values[mode].items() if values}
+        self.stream_loss_values[mode].clear()
         return metrics
 
     # --- logging ------------------------------------------------------------------------------------
@@ -248,15 +259,21 @@ class FunAudioChatTrainer(Trainer):
             logs.update({name: round(value, 6) for name, value in self._averaged_metrics("train").items()})
         super().log(logs, start_time)
 
-    def evaluation_loop(self, *args, **kwargs):
+    def evaluation_loop(
+        self,
+        dataloader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
         # Emitted here rather than in ``log`` so that they carry the loop's metric prefix (``eval``, ``eval_<name>``,
         # ``test``) and ``predict()``, which does not log, leaves none behind.
-        self._metrics["eval"].clear()
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        self.stream_loss_values["eval"].clear()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
         metrics = self._averaged_metrics("eval")
         if output.metrics is not None:
-            output.metrics.update({f"{prefix}_{name}": value for name, value in metrics.items()})
+            output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in metrics.items()})
         return output
 
 
