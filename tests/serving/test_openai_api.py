@@ -356,6 +356,20 @@ def test_bad_requests_get_4xx_json_errors_and_the_server_keeps_serving(server, c
         },
     )
 
+    assert "content 'str'" not in _bad(server, path_part)  # union members' labels stay out of the location
+    assert "messages.0.content.0: content type 'audio'" in _bad(server, path_part)
+    assert "messages.0.name: Input should be a valid string" in _bad(
+        server, {**ok, "messages": [{"role": "user", "content": "hi", "name": 3}]}
+    )
+    # the accepted shapes are in the OpenAPI document, one schema per role and content part
+    import httpx2 as httpx
+
+    schemas = httpx.get(f"{server.url}/openapi.json").json()["components"]["schemas"]
+    assert {"UserMessage", "AssistantMessage", "ToolMessage", "SystemMessage", "InputAudioPart", "TextPart"} <= set(
+        schemas
+    )
+    assert schemas["InputAudio"]["additionalProperties"] is False
+
     with pytest.raises(openai.BadRequestError, match="unknown field 'frequency'"):
         client.chat.completions.create(model="tiny", messages=ok["messages"], extra_body={"frequency": 1})
     with pytest.raises(openai.NotFoundError, match="not served here"):

@@ -25,18 +25,55 @@ from .realtime import RealtimeAPI, RealtimeLimits
 logger = logging.getLogger("fun_audio_chat.serving")
 
 
+# pydantic locates an error inside a union member with the member's label ("str", "list[...]") and, for the
+# request's discriminated unions (messages by role, content parts by type), with the chosen member's tag
+_UNION_TAGS = {"system", "developer", "user", "assistant", "tool", "text", "refusal", "input_audio"}
+# errors that only say "the value is not this union member's shape" (reported for every member that did not match)
+_MEMBER_MISMATCHES = {"string_type", "list_type", "none_required", "dict_type", "model_type", "model_attributes_type"}
+_AUDIO_PART_HINT = (
+    " An audio part is {'type': 'input_audio', 'input_audio': {'data': <base64 file bytes>, 'format': 'wav'}}; "
+    "paths and URLs are refused."
+)
+
+
+def _error_location(loc) -> str | None:
+    parts, previous = [], None
+    for part in loc:
+        is_label = isinstance(part, str) and ("[" in part or part == "str")
+        is_tag = isinstance(previous, int) and part in _UNION_TAGS
+        if part != "body" and not is_label and not is_tag:
+            parts.append(str(part))
+        previous = part
+    return ".".join(parts) or None
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
-    first = err.errors()[0] if err.errors() else {}
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    where = ".".join(location) or None
-    kind = first.get("type", "")
+    errors = err.errors()
+    if not errors:
+        return "the request is not valid.", None
+    specific = [error for error in errors if error.get("type") not in _MEMBER_MISMATCHES] or errors
+    first = max(specific, key=lambda error: len(error.get("loc", ())))  # the deepest: inside the matching member
+    where = _error_location(first.get("loc", ()))
+    kind, ctx = first.get("type", ""), first.get("ctx") or {}
+    hint = _AUDIO_PART_HINT if where and "input_audio" in where.split(".") else ""
     if kind == "json_invalid":
-        return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))}).", None
+        return f"the request body is not valid JSON ({ctx.get('error', first.get('msg'))}).", None
+    if kind == "union_tag_invalid":
+        discriminator = str(ctx.get("discriminator", "")).strip("'")
+        name = "content type" if discriminator == "type" else discriminator
+        if discriminator == "type":
+            hint = _AUDIO_PART_HINT
+        return (
+            f"{where}: {name} {ctx.get('tag')!r} is not supported; use one of {ctx.get('expected_tags')}.{hint}",
+            where,
+        )
+    if kind == "union_tag_not_found":
+        return f"{where}: missing {str(ctx.get('discriminator', '')).strip(chr(39))!r}.", where
     if kind == "extra_forbidden":
-        return f"unknown field {where!r}; this server refuses fields it does not know (see the API docs).", where
+        return f"unknown field {where!r}; this server refuses fields it does not know (see the API docs).{hint}", where
     if kind == "missing":
-        return f"missing required field {where!r}.", where
-    return f"{where or 'request'}: {first.get('msg', 'invalid value')}.", where
+        return f"missing required field {where!r}.{hint}", where
+    return f"{where or 'request'}: {first.get('msg', 'invalid value')}.{hint}", where
 
 
 def create_app(

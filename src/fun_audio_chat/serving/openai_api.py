@@ -22,7 +22,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
@@ -66,6 +66,77 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# messages: one model per role and per content part, so the request schema (and /docs) says what is accepted
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class RefusalPart(_Strict):
+    type: Literal["refusal"]
+    refusal: str
+
+
+class InputAudio(_Strict):
+    data: str = Field(description="the clip's file bytes (wav, flac, mp3, ogg ...), base64-encoded")
+    format: str | None = Field(default=None, description="the clip's container: wav, flac, mp3, ogg ...")
+
+
+class InputAudioPart(_Strict):
+    type: Literal["input_audio"]
+    input_audio: InputAudio
+
+
+UserContentPart = Annotated[TextPart | InputAudioPart, Field(discriminator="type")]
+AssistantContentPart = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+
+
+class SystemMessage(_Strict):
+    role: Literal["system", "developer"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class UserMessage(_Strict):
+    role: Literal["user"]
+    content: str | Annotated[list[UserContentPart], Field(min_length=1)]
+    name: str | None = None
+
+
+class AssistantAudioReference(_Strict):
+    id: str = Field(description="the audio.id of an earlier reply of this server")
+
+
+class ToolCallFunction(_Strict):
+    name: str
+    arguments: str = "{}"
+
+
+class AssistantToolCall(_Strict):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class AssistantMessage(_Strict):
+    role: Literal["assistant"]
+    content: str | list[AssistantContentPart] | None = None
+    name: str | None = None
+    audio: AssistantAudioReference | None = None
+    tool_calls: list[AssistantToolCall] | None = None
+    refusal: str | None = None
+
+
+class ToolMessage(_Strict):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+ChatMessage = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
 class AudioOutputOptions(_Strict):
     voice: str | dict | None = None
     format: str = "wav"
@@ -90,7 +161,7 @@ class ToolDefinition(_Strict):
 
 class ChatCompletionRequest(_Strict):
     model: str
-    messages: list[dict[str, Any]] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
     modalities: list[Literal["text", "audio"]] | None = None
     audio: AudioOutputOptions | None = None
     stream: bool = False
@@ -210,142 +281,68 @@ class ChatCompletionsAPI:
         self._remembered = remembered_replies
 
     # ------------------------------------------------------------------ request → turn
-    def _content_text(self, content, where: str) -> str:
-        if content is None:
-            return ""
-        if isinstance(content, str):
-            return content
-        if not isinstance(content, list):
-            raise APIError(400, f"{where} must be a string or a list of content parts.", where)
-        texts = []
-        for index, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") not in ("text", "refusal"):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise APIError(400, f"{where}[{index}]: only text parts are allowed here, got {kind!r}.", where)
-            texts.append(str(part.get("text", part.get("refusal", ""))))
-        return "\n".join(texts)
+    @staticmethod
+    def _text(content) -> str:
+        if content is None or isinstance(content, str):
+            return content or ""
+        return "\n".join(part.text if isinstance(part, TextPart) else part.refusal for part in content)
 
     def _user_content(self, content, where: str) -> list[dict]:
         if isinstance(content, str):
             return [{"type": "text", "text": content}]
-        if not isinstance(content, list) or not content:
-            raise APIError(400, f"{where} must be a string or a non-empty list of content parts.", where)
         items = []
         for index, part in enumerate(content):
-            at = f"{where}[{index}]"
-            if not isinstance(part, dict):
-                raise APIError(400, f"{at} must be an object with a 'type'.", at)
-            kind = part.get("type")
-            if kind == "text":
-                extra = set(part) - {"type", "text"}
-                if extra or not isinstance(part.get("text"), str):
-                    raise APIError(
-                        400, f"{at}: a text part is {{'type': 'text', 'text': str}} (got keys {sorted(part)}).", at
-                    )
-                items.append({"type": "text", "text": part["text"]})
-            elif kind == "input_audio":
-                audio = part.get("input_audio")
-                if set(part) - {"type", "input_audio"} or not isinstance(audio, dict):
-                    raise APIError(
-                        400,
-                        f"{at}: an audio part is {{'type': 'input_audio', 'input_audio': "
-                        "{'data': <base64>, 'format': 'wav'}}.",
-                        at,
-                    )
-                unknown = set(audio) - {"data", "format"}
-                if unknown:
-                    raise APIError(
-                        400,
-                        f"{at}.input_audio: unknown field(s) {sorted(unknown)}; only 'data' "
-                        "(base64) and 'format' are accepted (paths and URLs are refused).",
-                        at,
-                    )
-                try:
-                    waveform = decode_input_audio(
-                        audio.get("data"),
-                        audio.get("format"),
-                        where=f"{at}.input_audio",
-                        processor=self.engine.processor,
-                        max_seconds=self.max_audio_seconds,
-                    )
-                except AudioRequestError as err:
-                    raise APIError(400, str(err), f"{at}.input_audio", "invalid_audio") from err
-                items.append({"type": "audio", "audio": waveform, "sampling_rate": 16000})
-            else:
-                raise APIError(
-                    400,
-                    f"{at}: content type {kind!r} is not supported; use 'text' or 'input_audio' with inline "
-                    "base64 audio (audio paths and URLs are refused).",
-                    at,
+            if isinstance(part, TextPart):
+                items.append({"type": "text", "text": part.text})
+                continue
+            at = f"{where}[{index}].input_audio"
+            try:
+                waveform = decode_input_audio(
+                    part.input_audio.data,
+                    part.input_audio.format,
+                    where=at,
+                    processor=self.engine.processor,
+                    max_seconds=self.max_audio_seconds,
                 )
+            except AudioRequestError as err:
+                raise APIError(400, str(err), at, "invalid_audio") from err
+            items.append({"type": "audio", "audio": waveform, "sampling_rate": 16000})
         return items
 
-    def _messages(self, messages: list[dict]) -> list[dict]:
-        allowed = {
-            "system": {"role", "content", "name"},
-            "developer": {"role", "content", "name"},
-            "user": {"role", "content", "name"},
-            "assistant": {"role", "content", "name", "audio", "tool_calls", "refusal"},
-            "tool": {"role", "content", "tool_call_id", "name"},
-        }
+    def _messages(self, messages: list) -> list[dict]:
+        """The conversation in the processor's chat format (the request's shapes were checked by its schema)."""
         out = []
         for index, message in enumerate(messages):
             where = f"messages[{index}]"
-            if not isinstance(message, dict):
-                raise APIError(400, f"{where} must be an object with a 'role'.", where)
-            role = message.get("role")
-            if role not in allowed:
-                raise APIError(400, f"{where}.role {role!r} is not one of {sorted(allowed)}.", f"{where}.role")
-            unknown = set(message) - allowed[role]
-            if unknown:
-                raise APIError(400, f"{where}: unknown field(s) {sorted(unknown)} for a {role} message.", where)
-            content = message.get("content")
-            if role in ("system", "developer"):
+            if isinstance(message, SystemMessage):
                 if index != 0:
                     raise APIError(400, f"{where}: the system message must be the first message.", where)
-                out.append({"role": "system", "content": self._content_text(content, f"{where}.content")})
-            elif role == "user":
-                out.append({"role": "user", "content": self._user_content(content, f"{where}.content")})
-            elif role == "tool":
-                out.append({"role": "tool", "content": self._content_text(content, f"{where}.content")})
+                out.append({"role": "system", "content": self._text(message.content)})
+            elif isinstance(message, UserMessage):
+                out.append({"role": "user", "content": self._user_content(message.content, f"{where}.content")})
+            elif isinstance(message, ToolMessage):
+                out.append({"role": "tool", "content": self._text(message.content)})
             else:
-                text = self._content_text(content, f"{where}.content")
-                audio = message.get("audio")
-                if audio is not None:
-                    audio_id = audio.get("id") if isinstance(audio, dict) else None
-                    transcript = self._transcripts.get(audio_id) if isinstance(audio_id, str) else None
+                text = self._text(message.content)
+                if message.audio is not None:
+                    transcript = self._transcripts.get(message.audio.id)
                     if transcript is None:
                         raise APIError(
                             400,
-                            f"{where}.audio.id {audio_id!r} is not a recent reply of this server (expired or "
+                            f"{where}.audio.id {message.audio.id!r} is not a recent reply of this server (expired or "
                             "unknown); send the reply's transcript as 'content' instead.",
                             f"{where}.audio",
                         )
                     text = text or transcript
                 entry: dict[str, Any] = {"role": "assistant", "content": text}
-                if message.get("tool_calls"):
-                    entry["tool_calls"] = self._tool_calls_in(message["tool_calls"], f"{where}.tool_calls")
+                if message.tool_calls:
+                    entry["tool_calls"] = [
+                        {"type": "function", "function": call.function.model_dump()} for call in message.tool_calls
+                    ]
                 out.append(entry)
         if not any(message["role"] == "user" for message in out):
             raise APIError(400, "messages: the conversation needs at least one user message.", "messages")
         return out
-
-    @staticmethod
-    def _tool_calls_in(tool_calls, where: str) -> list[dict]:
-        if not isinstance(tool_calls, list):
-            raise APIError(400, f"{where} must be a list.", where)
-        calls = []
-        for index, call in enumerate(tool_calls):
-            function = call.get("function") if isinstance(call, dict) else None
-            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-                raise APIError(
-                    400,
-                    f"{where}[{index}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}}}.",
-                    where,
-                )
-            arguments = function.get("arguments", "{}")
-            calls.append({"type": "function", "function": {"name": function["name"], "arguments": arguments}})
-        return calls
 
     def _turn(self, body: ChatCompletionRequest) -> tuple[TurnRequest, str | None]:
         """The engine request and the output audio format (None for text replies)."""
@@ -598,4 +595,4 @@ class ChatCompletionsAPI:
         return router
 
 
-__all__ = ["APIError", "ChatCompletionRequest", "ChatCompletionsAPI", "ToolCallSplitter"]
+__all__ = ["APIError", "ChatCompletionRequest", "ChatCompletionsAPI", "ChatMessage", "ToolCallSplitter"]
