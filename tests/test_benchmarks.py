@@ -32,6 +32,7 @@ SMALL_RUNS = [
         ["--codes", "10", "--batch", "0", "--streams", "2", "--patterns", "official"],
         ["RTF", "push_streams"],
     ),
+    ("bench_voice_cloning.py", ["--seconds", "3", "--repeats", "1"], ["S3 speech codes", "clone time"]),
 ]
 
 
