@@ -1,9 +1,12 @@
-"""LoRA presets: scoping (LLM / SRH / both), save-reload-merge round trips, training and generate on PEFT."""
+"""LoRA on Fun-Audio-Chat, the way PEFT tests custom models: one table of configurations (:data:`CASES`) crossed
+with one battery of checks (targets, only adapters trainable, save/load, merge-and-unload equality, generate), plus
+the regex options and a training run."""
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -11,87 +14,145 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from fun_audio_chat.trainers import FunAudioChatTrainer, fun_audio_chat_lora_config, lora_target_regex
+from fun_audio_chat.trainers.lora import AUDIO_ADAPTER_MODULES, SRH_MODULES_TO_SAVE
 
 from .helpers import ORACLE, collate, oracle_examples, oracle_model, train_dataset, training_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LLM = "language_model.model.layers."
+SRH = "audio_invert_tower.crq_transformer.layers."
 
 
-def adapted_modules(peft_model):
+@dataclass(frozen=True)
+class LoraCase:
+    """A ``fun_audio_chat_lora_config`` call and what it must adapt: the projections of ``stacks`` (layer-name
+    prefixes) named in ``projections`` in ``layers`` (all when ``None``), plus ``modules_to_save`` trained in full."""
+
+    name: str
+    config: dict
+    stacks: tuple[str, ...]
+    projections: tuple[str, ...] = PROJECTIONS
+    layers: tuple[int, ...] | None = None
+    modules_to_save: tuple[str, ...] = field(default=())
+
+    def adapts(self, module_name: str) -> bool:
+        for stack in self.stacks:
+            if module_name.startswith(stack):
+                layer, _, rest = module_name.removeprefix(stack).partition(".")
+                in_layers = self.layers is None or int(layer) in self.layers
+                return in_layers and rest.rsplit(".", 1)[-1] in self.projections and rest.count(".") == 1
+        return False
+
+
+CASES = [
+    LoraCase("llm", {"scope": "llm"}, (LLM,)),
+    LoraCase("srh", {"scope": "srh"}, (SRH,), modules_to_save=SRH_MODULES_TO_SAVE),
+    LoraCase("both", {"scope": "both"}, (LLM, SRH), modules_to_save=SRH_MODULES_TO_SAVE),
+    LoraCase(
+        "llm-q-v-layer-1",
+        {"scope": "llm", "projections": ("q", "v_proj"), "layers": [1]},
+        (LLM,),
+        projections=("q_proj", "v_proj"),
+        layers=(1,),
+    ),
+    LoraCase(
+        "llm-mlp-with-audio-adapters",
+        {"scope": "llm", "projections": ("gate", "up", "down"), "train_audio_adapters": True},
+        (LLM,),
+        projections=("gate_proj", "up_proj", "down_proj"),
+        modules_to_save=AUDIO_ADAPTER_MODULES,
+    ),
+    LoraCase("srh-without-modules-to-save", {"scope": "srh", "modules_to_save": None}, (SRH,)),
+]
+by_case = pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+
+
+def adapted_modules(peft_model) -> list[str]:
     return sorted(
-        n.removeprefix("base_model.model.").removesuffix(".lora_A")
-        for n, _ in peft_model.named_modules()
-        if n.endswith(".lora_A")
+        name.removeprefix("base_model.model.").removesuffix(".lora_A")
+        for name, _ in peft_model.named_modules()
+        if name.endswith(".lora_A")
     )
 
 
-@pytest.mark.parametrize("scope", ["llm", "srh", "both"])
-def test_scopes_target_exactly_their_projections(scope):
+def peft_model_of(case: LoraCase, random_adapter: bool = True):
+    """The oracle model with the case's adapter; ``random_adapter``: non-zero B (``init_lora_weights=False``) and
+    perturbed full-trained modules, so the adapter changes the outputs."""
+    torch.manual_seed(0)
+    config = fun_audio_chat_lora_config(r=4, init_lora_weights=not random_adapter, **case.config)
+    peft_model = get_peft_model(oracle_model(), config)
+    if random_adapter:
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+    return peft_model.eval()
+
+
+def outputs_of(model, batch):
+    with torch.no_grad():
+        out = model(**batch)
+    return {"logits": out.logits, "speech_logits": out.speech_logits, "loss": out.loss}
+
+
+# ---------------------------------------------------------------------------------------------------- battery
+@by_case
+def test_targets_exactly_the_cases_projections(case):
     model = oracle_model()
-    prefixes = {"llm": ("language_model.model.layers.",), "srh": ("audio_invert_tower.crq_transformer.layers.",)}
-    prefixes["both"] = prefixes["llm"] + prefixes["srh"]
-    want = sorted(
-        n for n, _ in model.named_modules() if n.startswith(prefixes[scope]) and n.rsplit(".", 1)[-1] in PROJECTIONS
-    )
-    assert len(want) == 14 * len(prefixes[scope])  # 2 layers x 7 projections per stack
-    peft_model = get_peft_model(model, fun_audio_chat_lora_config(scope, r=4))
+    want = sorted(name for name, _ in model.named_modules() if case.adapts(name))
+    assert want  # the table names modules that exist
+    peft_model = get_peft_model(model, fun_audio_chat_lora_config(r=4, **case.config))
     assert adapted_modules(peft_model) == want
     # the Whisper-style encoder's own q/k/v projections are never adapted
-    assert not any(n.startswith("continuous_audio_tower") for n in adapted_modules(peft_model))
-    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
-    saved = any("modules_to_save" in n for n in trainable)
-    assert saved == (scope != "llm")  # SRH in/out matching layers train in full with an SRH adapter
+    assert not any(name.startswith("continuous_audio_tower") for name in adapted_modules(peft_model))
 
 
-def test_target_regex_options():
-    regex = lora_target_regex("llm", projections=("q_proj", "down"), layers=[1])
-    assert re.fullmatch(regex, "language_model.model.layers.1.self_attn.q_proj")
-    assert re.fullmatch(regex, "language_model.model.layers.1.mlp.down_proj")
-    assert not re.fullmatch(regex, "language_model.model.layers.0.self_attn.q_proj")
-    assert not re.fullmatch(regex, "language_model.model.layers.1.self_attn.k_proj")
-    assert not re.fullmatch(regex, "audio_invert_tower.crq_transformer.layers.1.self_attn.q_proj")
-    with pytest.raises(ValueError):
-        lora_target_regex("encoder")
-    config = fun_audio_chat_lora_config("llm", r=8, train_audio_adapters=True)
-    assert config.r == 8 and config.lora_alpha == 16 and "audio_tower.output_matching" in config.modules_to_save
+@by_case
+def test_only_the_adapter_and_the_modules_to_save_train(case):
+    peft_model = peft_model_of(case, random_adapter=False)
+    trainable = [name.removeprefix("base_model.model.") for name, p in peft_model.named_parameters() if p.requires_grad]
+    lora = [name for name in trainable if ".lora_" in name]
+    full = sorted({name.split(".modules_to_save.")[0] for name in trainable if ".modules_to_save." in name})
+    assert sorted(lora + [n for n in trainable if ".modules_to_save." in n]) == sorted(trainable)
+    assert len(lora) == 2 * len(adapted_modules(peft_model))  # A and B of every adapted projection
+    assert full == sorted(case.modules_to_save)
 
 
-def _random_adapter(scope):
-    torch.manual_seed(0)
-    # init_lora_weights=False: non-zero B, so the adapter really changes the outputs
-    return get_peft_model(oracle_model(), fun_audio_chat_lora_config(scope, r=4, init_lora_weights=False)).eval()
-
-
-@pytest.mark.parametrize("scope", ["llm", "both"])
-def test_save_reload_merge_round_trip(tmp_path, scope):
+@by_case
+def test_save_load_round_trip_gives_identical_outputs(case, tmp_path):
     batch = collate(oracle_examples())
-    peft_model = _random_adapter(scope)
-    with torch.no_grad():
-        base_out = oracle_model()(**batch)
-        out = peft_model(**batch)
-    assert (out.logits - base_out.logits).abs().max() > 1e-2  # the adapter matters
+    peft_model = peft_model_of(case)
+    out, base = outputs_of(peft_model, batch), outputs_of(oracle_model(), batch)
+    changed = [key for key in ("logits", "speech_logits") if (out[key] - base[key]).abs().max() > 1e-3]
+    assert changed  # the adapter matters, so the comparisons below can fail
     peft_model.save_pretrained(tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["target_modules"] == lora_target_regex(scope)
+    assert config["target_modules"] == lora_target_regex(
+        case.config["scope"], case.config.get("projections", PROJECTIONS), case.config.get("layers")
+    )
     saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
-    assert all(("lora_" in k) or ("audio_invert_tower" in k) for k in saved)
-
+    assert saved and all(".lora_" in key or any(m in key for m in case.modules_to_save) for key in saved)
     reloaded = PeftModel.from_pretrained(oracle_model(), tmp_path / "adapter").eval()
-    with torch.no_grad():
-        out_reloaded = reloaded(**batch)
-        merged = reloaded.merge_and_unload()
-        out_merged = merged(**batch)
+    for key, value in outputs_of(reloaded, batch).items():
+        assert torch.equal(value, out[key]), key
+
+
+@by_case
+def test_merge_and_unload_equals_the_adapted_model(case):
+    batch = collate(oracle_examples())
+    peft_model = peft_model_of(case)
+    out = outputs_of(peft_model, batch)
+    merged = peft_model.merge_and_unload()
     assert type(merged).__name__ == "FunAudioChatForConditionalGeneration"
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
-    assert torch.equal(out_reloaded.logits, out.logits) and torch.equal(out_reloaded.speech_logits, out.speech_logits)
-    torch.testing.assert_close(out_merged.logits, out.logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out_merged.speech_logits, out.speech_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(out_merged.loss, out.loss, atol=1e-5, rtol=1e-5)
+    assert not any("lora_" in name or "modules_to_save" in name for name, _ in merged.named_parameters())
+    for key, value in outputs_of(merged, batch).items():
+        torch.testing.assert_close(value, out[key], atol=1e-4, rtol=1e-4, msg=key)
 
 
-def test_generate_on_the_peft_model():
+@by_case
+def test_generate_on_the_peft_model_equals_the_merged_model(case):
     inputs = load_file(str(ORACLE / "gen_force_abos_b1" / "inputs.safetensors"))
     meta = json.loads((ORACLE / "gen_force_abos_b1" / "meta.json").read_text())
     inputs = {k: inputs[k] for k in meta["input_keys"]}
@@ -104,16 +165,30 @@ def test_generate_on_the_peft_model():
         speech_do_sample=False,
         return_dict_in_generate=True,
     )
-    peft_model = _random_adapter("both")
+    peft_model = peft_model_of(case)
     with torch.no_grad():
         out = peft_model.generate(**inputs, **controls)
-        merged = peft_model.merge_and_unload()
-        out_merged = merged.generate(**inputs, **controls)
-        out_base = oracle_model().generate(**inputs, **controls)
+        out_merged = peft_model.merge_and_unload().generate(**inputs, **controls)
     assert out.speech_ids.shape[-1] > 0
     assert torch.equal(out.sequences, out_merged.sequences)
     assert torch.equal(out.speech_ids, out_merged.speech_ids)
-    assert not (torch.equal(out.sequences, out_base.sequences) and torch.equal(out.speech_ids, out_base.speech_ids))
+
+
+# ---------------------------------------------------------------------------------------------- the rest
+def test_target_regex_options():
+    regex = lora_target_regex("llm", projections=("q_proj", "down"), layers=[1])
+    assert re.fullmatch(regex, "language_model.model.layers.1.self_attn.q_proj")
+    assert re.fullmatch(regex, "language_model.model.layers.1.mlp.down_proj")
+    assert not re.fullmatch(regex, "language_model.model.layers.0.self_attn.q_proj")
+    assert not re.fullmatch(regex, "language_model.model.layers.1.self_attn.k_proj")
+    assert not re.fullmatch(regex, "audio_invert_tower.crq_transformer.layers.1.self_attn.q_proj")
+    for bad in ({"scope": "encoder"}, {"projections": ("qkv",)}, {"projections": ()}):
+        with pytest.raises(ValueError):
+            lora_target_regex(**bad)
+    config = fun_audio_chat_lora_config("llm", r=8, train_audio_adapters=True)
+    assert config.r == 8 and config.lora_alpha == 16 and "audio_tower.output_matching" in config.modules_to_save
+    with pytest.raises(ValueError, match="both a LoRA target"):
+        fun_audio_chat_lora_config("llm", modules_to_save=["language_model.model.layers.0.self_attn.q_proj"])
 
 
 def test_lora_training_with_the_trainer(tmp_path):
