@@ -179,6 +179,12 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         return self.language_model.get_decoder()
 
     @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """What ``generate`` can reply with (transformers' ``any-to-any`` pipeline checks its ``generation_mode``
+        against it): text, and audio (25 Hz speech codes) when the model has the Speech Refined Head."""
+        return ("text", "audio") if self.audio_invert_tower is not None else ("text",)
+
+    @property
     def group_size(self) -> int:
         return self.config.audio_config.group_size
 

@@ -38,7 +38,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,11 @@ DEFAULT_MAX_AUDIO_SECONDS = 2048 / 5
 # Whisper's window: the official processor pads every clip's features to 30 s (3000 mel frames).
 WHISPER_WINDOW_SAMPLES = 30 * TARGET_SAMPLING_RATE
 
+# Where a folder keeps its speech detokenizer (codes -> 24 kHz audio), next to the model and processor files.
+DETOKENIZER_SUBFOLDER = "token2wav"
+# The processor's from_pretrained arguments that also apply to loading the detokenizer of the same folder or repo.
+_DETOKENIZER_LOADING_KWARGS = ("cache_dir", "force_download", "proxies", "token", "local_files_only", "revision")
+
 _OFFICIAL_CONFIG_KEYS = ("audio_bos_token", "audio_eos_token", "audio_group_size", "audio_pad_token", "audio_token")
 _EXTRA_CONFIG_DEFAULTS = {
     "max_audio_seconds": DEFAULT_MAX_AUDIO_SECONDS,
@@ -129,6 +134,13 @@ class FunAudioChatProcessor(ProcessorMixin):
             template was chosen by its user (not the built-in one): ``from_pretrained`` then loads that template as
             it is instead of rendering with the built-in one (see :meth:`from_pretrained`).
 
+    Speech replies to audio: :meth:`post_process_multimodal_output` (what transformers' ``any-to-any`` pipeline calls)
+    turns generated speech ids into waveforms with ``processor.detokenizer``, a codes -> waveform model such as
+    :class:`~fun_audio_chat.CosyVoice3Detokenizer`. ``from_pretrained`` finds it in the folder's (or Hub repo's)
+    ``token2wav/`` subfolder and loads it on first use; ``from_pretrained(..., detokenizer=model)`` or
+    ``processor.detokenizer = model`` passes one in, and ``save_pretrained`` writes the one it holds to
+    ``token2wav/``. It is a model, not a processor part: ``processor_config.json`` never names it.
+
     Audio sources: ``processor.audio_loading_policy`` (an :class:`~fun_audio_chat.processing.AudioLoadingPolicy`)
     says whether audio given as a local path or an URL may be opened, for ``processor(audio=...)`` and for the
     audio items of ``apply_chat_template``. The default allows both; a server taking conversations from users sets
@@ -145,6 +157,9 @@ class FunAudioChatProcessor(ProcessorMixin):
     # never truncated (longer clips keep all their frames; max_audio_seconds bounds them).
     audio_kwargs = {"padding": "max_length", "max_length": WHISPER_WINDOW_SAMPLES, "truncation": False}
     audio_loading_policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY
+    # The detokenizer, or where to load it from on first use (see the class docstring).
+    _detokenizer = None
+    _detokenizer_source: tuple[str, dict] | None = None
 
     def __init__(
         self,
@@ -190,30 +205,67 @@ class FunAudioChatProcessor(ProcessorMixin):
                 raise ValueError(f"The text tokenizer has no {token} token ({name}); add the audio special tokens.")
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, chat_template=None, **kwargs):
-        """``ProcessorMixin.from_pretrained``, with one rule about the chat template.
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, chat_template=None, detokenizer=None, **kwargs):
+        """``ProcessorMixin.from_pretrained``, plus the folder's detokenizer and one rule about the chat template.
 
-        Conversations render in the Fun-Audio-Chat prompt layout whatever template the folder carries: a template
-        written by this library is used as it is; any other one (e.g. the Qwen2-Audio style default of the official
-        processor, which renders typed audio items as ``Audio N: ...`` lines and ignores ``tools=`` and
-        ``speech_output=``) is kept as ``processor.checkpoint_chat_template`` and the built-in template renders
-        instead. An explicit ``chat_template=`` (here, in the constructor or in ``apply_chat_template``) is always
-        used exactly as given, and so is a template its user set on a processor this library saved
-        (``processor.chat_template = ...`` then ``save_pretrained``, which records ``keep_chat_template``).
+        Detokenizer: ``detokenizer=`` (a codes -> waveform model) is used as given; otherwise a ``token2wav/``
+        subfolder of the folder or Hub repo is remembered and loaded with ``AutoModel`` the first time
+        ``processor.detokenizer`` is needed (text-only use never loads it). ``cache_dir``, ``token``, ``revision``,
+        ``local_files_only``, ``force_download`` and ``proxies`` apply to it too.
+
+        Chat template: conversations render in the Fun-Audio-Chat prompt layout whatever template the folder
+        carries: a template written by this library is used as it is; any other one (e.g. the Qwen2-Audio style
+        default of the official processor, which renders typed audio items as ``Audio N: ...`` lines and ignores
+        ``tools=`` and ``speech_output=``) is kept as ``processor.checkpoint_chat_template`` and the built-in
+        template renders instead. An explicit ``chat_template=`` (here, in the constructor or in
+        ``apply_chat_template``) is always used exactly as given, and so is a template its user set on a processor
+        this library saved (``processor.chat_template = ...`` then ``save_pretrained``, which records
+        ``keep_chat_template``).
         """
         if chat_template is not None:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, chat_template=chat_template, **kwargs)
-        processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if not processor.keep_chat_template and not is_fun_audio_chat_template(processor.chat_template):
-            if processor.chat_template:
-                logger.info(
-                    "The chat template saved with this processor does not render typed audio items, tools and "
-                    "speech_output= in the Fun-Audio-Chat layout; the built-in template renders conversations "
-                    "(the saved one is processor.checkpoint_chat_template; pass chat_template= to use it)."
-                )
-            processor.checkpoint_chat_template = processor.chat_template
-            processor.chat_template = CHAT_TEMPLATE
+            processor = super().from_pretrained(
+                pretrained_model_name_or_path, *args, chat_template=chat_template, **kwargs
+            )
+        else:
+            processor = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            if not processor.keep_chat_template and not is_fun_audio_chat_template(processor.chat_template):
+                if processor.chat_template:
+                    logger.info(
+                        "The chat template saved with this processor does not render typed audio items, tools and "
+                        "speech_output= in the Fun-Audio-Chat layout; the built-in template renders conversations "
+                        "(the saved one is processor.checkpoint_chat_template; pass chat_template= to use it)."
+                    )
+                processor.checkpoint_chat_template = processor.chat_template
+                processor.chat_template = CHAT_TEMPLATE
+        if detokenizer is not None:
+            processor.detokenizer = detokenizer
+        else:
+            source = os.fspath(pretrained_model_name_or_path)
+            loading = {key: kwargs[key] for key in _DETOKENIZER_LOADING_KWARGS if key in kwargs}
+            if _holds_detokenizer(source, loading):
+                processor._detokenizer_source = (source, loading)
         return processor
+
+    # ------------------------------------------------------------------ detokenizer
+    @property
+    def detokenizer(self):
+        """The codes -> waveform model of :meth:`post_process_multimodal_output` (``None`` when there is none)."""
+        if self._detokenizer is None and self._detokenizer_source is not None:
+            from transformers import AutoModel
+
+            source, loading = self._detokenizer_source
+            self._detokenizer = AutoModel.from_pretrained(_detokenizer_folder(source, loading)).eval()
+            self._detokenizer_source = None
+        return self._detokenizer
+
+    @detokenizer.setter
+    def detokenizer(self, model) -> None:
+        if model is not None and not callable(model):
+            raise TypeError(
+                f"detokenizer must be a codes -> waveform model (e.g. fun_audio_chat.CosyVoice3Detokenizer), got "
+                f"{type(model).__name__}."
+            )
+        self._detokenizer, self._detokenizer_source = model, None
 
     # ------------------------------------------------------------------ ids
     @property
@@ -590,6 +642,53 @@ class FunAudioChatProcessor(ProcessorMixin):
             decoded.append(real_speech_codes(row, layout)[0])
         return decoded
 
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens: bool = True, generation_mode: str | None = None, **kwargs
+    ) -> list:
+        """What transformers' ``any-to-any`` pipeline calls on ``generate``'s output: one entry per row.
+
+        ``generated_outputs`` is what ``generate`` returned: the ids (B, L), the tuple ``(sequences, speech_ids)``
+        or a :class:`~fun_audio_chat.modeling.generation.FunAudioChatGenerateOutput`.
+
+        * ``generation_mode="text"`` (or ``None``): the decoded sequences (``tokenizer.batch_decode``; ``kwargs`` go
+          to it), decoded the way the pipeline decodes the prompt so that it can cut the prompt off.
+        * ``generation_mode="audio"``: float32 waveforms at ``processor.detokenizer.sampling_rate`` (24 kHz), the
+          real speech codes of each row (:meth:`decode_speech`) rendered by :attr:`detokenizer`; a row without
+          speech codes gives an empty array.
+        """
+        sequences, speech_ids, speech_attention_mask = _generated_parts(generated_outputs)
+        if generation_mode in (None, "text"):
+            rows, _ = _as_rows(sequences)
+            return self.tokenizer.batch_decode(rows, skip_special_tokens=skip_special_tokens, **kwargs)
+        if generation_mode != "audio":
+            raise ValueError(
+                f"generation_mode={generation_mode!r} is not an output of Fun-Audio-Chat; use 'text' or 'audio'."
+            )
+        if speech_ids is None:
+            raise ValueError(
+                "generation_mode='audio' needs the speech ids generate() returns with speech on; call generate with "
+                "generation_mode='audio' (the any-to-any pipeline does) and pass its whole output here."
+            )
+        detokenizer = self.detokenizer
+        if detokenizer is None:
+            raise ValueError(
+                "Turning speech codes into audio needs a detokenizer: save one next to the model "
+                "(detokenizer.save_pretrained(folder / 'token2wav')), or pass it in with "
+                "FunAudioChatProcessor.from_pretrained(folder, detokenizer=fun_audio_chat.CosyVoice3Detokenizer"
+                ".from_pretrained(...)) or processor.detokenizer = ... ."
+            )
+        waveforms = []
+        for codes in self.decode_speech(speech_ids, speech_attention_mask):
+            if not codes:
+                waveforms.append(np.zeros(0, dtype=np.float32))
+                continue
+            with _no_grad():
+                audio = detokenizer(codes)
+            if hasattr(audio, "detach"):
+                audio = audio.detach().float().cpu().numpy()
+            waveforms.append(np.asarray(audio, dtype=np.float32).reshape(-1))
+        return waveforms
+
     def parse_tool_calls(self, text_or_ids, strict: bool = False) -> list[dict]:
         """Tool calls in a generated reply (text or ids): ``[{"name": str, "arguments": dict}, ...]``.
         See :func:`fun_audio_chat.processing.tool_calling.parse_tool_calls`."""
@@ -625,13 +724,18 @@ class FunAudioChatProcessor(ProcessorMixin):
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
         """Write the official layout: processor_config.json, preprocessor_config.json, the text tokenizer files,
-        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer).
+        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer); and the
+        detokenizer the processor holds (given, or found where it was loaded from) in token2wav/.
 
         With ``push_to_hub=True`` the folder is then uploaded by transformers' ``push_to_hub`` (``repo_id`` defaults
         to the folder's name; ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
         ``create_pr`` and ``tags`` are passed on), so saving and pushing write the same files."""
         files = super().save_pretrained(save_directory)
         self.feature_extractor.save_pretrained(save_directory)
+        source = self._detokenizer_source
+        saving_over_its_source = source is not None and os.path.abspath(source[0]) == os.path.abspath(save_directory)
+        if not saving_over_its_source and self.detokenizer is not None and hasattr(self.detokenizer, "save_pretrained"):
+            self.detokenizer.save_pretrained(os.path.join(save_directory, DETOKENIZER_SUBFOLDER))
         _write_special_tokens_map(self.tokenizer, os.path.join(save_directory, "special_tokens_map.json"))
         speech_dir = os.path.join(save_directory, "speech_tokenizer")
         _write_special_tokens_map(self.speech_tokenizer, os.path.join(speech_dir, "special_tokens_map.json"))
@@ -659,6 +763,37 @@ class FunAudioChatProcessor(ProcessorMixin):
             )
             self.push_to_hub(repo_id, **{key: kwargs[key] for key in push_arguments if key in kwargs})
         return files
+
+
+def _holds_detokenizer(source: str, loading: dict) -> bool:
+    """Whether a folder or Hub repo has a ``token2wav/config.json`` (a Hub lookup, answered from the cache offline)."""
+    if os.path.isdir(source):
+        return os.path.isfile(os.path.join(source, DETOKENIZER_SUBFOLDER, "config.json"))
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(
+            source,
+            "config.json",
+            subfolder=DETOKENIZER_SUBFOLDER,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **loading,
+        )
+    except OSError:
+        return False
+    return found is not None
+
+
+def _detokenizer_folder(source: str, loading: dict) -> str:
+    """The local ``token2wav/`` folder of a folder or Hub repo (only that subfolder is downloaded)."""
+    if os.path.isdir(source):
+        return os.path.join(source, DETOKENIZER_SUBFOLDER)
+    from huggingface_hub import snapshot_download
+
+    hub = {key: value for key, value in loading.items() if key != "proxies"}
+    root = snapshot_download(source, allow_patterns=[f"{DETOKENIZER_SUBFOLDER}/*"], **hub)
+    return os.path.join(root, DETOKENIZER_SUBFOLDER)
 
 
 def _write_special_tokens_map(tokenizer, path: str) -> None:
@@ -714,6 +849,22 @@ def _is_speech_tokenizer(tokenizer) -> bool:
         return "[AU0000]" in tokenizer.get_vocab()
     except Exception:
         return False
+
+
+def _generated_parts(generated_outputs) -> tuple[Any, Any, Any]:
+    """``(sequences, speech_ids, speech_attention_mask)`` of any form ``generate`` returns (absent parts ``None``)."""
+    if isinstance(generated_outputs, Mapping):  # a ModelOutput is a dict
+        return tuple(generated_outputs.get(key) for key in ("sequences", "speech_ids", "speech_attention_mask"))
+    if isinstance(generated_outputs, tuple):
+        sequences, speech_ids = (*generated_outputs, None)[:2]
+        return sequences, speech_ids, None
+    return generated_outputs, None, None
+
+
+def _no_grad():
+    import torch
+
+    return torch.inference_mode()
 
 
 def _as_rows(token_ids) -> tuple[list[list[int]], bool]:
