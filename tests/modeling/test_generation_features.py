@@ -246,6 +246,38 @@ def test_compiled_static_cache_decoding_equals_eager(model_and_inputs, attention
     assert compiled.speech_attention_mask.sum() > 0
 
 
+@pytest.mark.slow
+def test_compiled_sampled_speech_is_reproducible_per_seed(model_and_inputs):
+    """Compiled decoding samples speech codes on the device inside the compiled SRH group: a seed repeats them, and
+    the group compiles once for the call's shapes (no recompilation from one step to the next)."""
+    from transformers import CompileConfig
+
+    model, inputs = model_and_inputs
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True
+    controls = {
+        **GREEDY,
+        "speech_do_sample": True,
+        "speech_repetition_penalty": 1.2,
+        "max_new_tokens": 5,
+        "min_new_tokens": 5,
+        "force_audio_bos": True,
+        "cache_implementation": "static",
+        "compile_config": compile_config,
+        "return_dict_in_generate": True,
+    }
+    runs = []
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=False):
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            runs.append(model.generate(**inputs, **controls).speech_ids)
+            if seed == 0 and len(runs) == 1:
+                torch._dynamo.config.error_on_recompile = True  # the later calls reuse the compiled graphs
+    assert runs[0].shape[1] > 0
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
 # ------------------------------------------------------------------------------------------ synced gpus
 def test_synced_gpus_keeps_a_finished_peer_stepping(model_and_inputs, monkeypatch):
     """Under ZeRO-3/FSDP a finished rank must keep running forward passes until every rank is done."""

@@ -131,7 +131,7 @@ class SpeechDecoder:
             )
             if self.logits is not None:
                 self.logits.extend(logits.unbind(1))
-            self.previous_code = codes[:, -1]
+            self.previous_code = codes[:, -1].contiguous()  # a strided view would recompile the group next step
             self._pending_seen = seen
             return codes
         return self._decode_group_by_sub_step(conditioned)
