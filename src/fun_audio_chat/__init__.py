@@ -1,12 +1,17 @@
 """fun_audio_chat: Hugging Face-native Fun-Audio-Chat (speech in; text and 25 Hz speech tokens out).
 
-The package registers the configs with ``AutoConfig``, the model with ``AutoModelForSeq2SeqLM`` (what the official
-model card uses) and ``AutoModelForMultimodalLM``, and the processor with ``AutoProcessor``, so after
-``import fun_audio_chat`` the Auto classes load Fun-Audio-Chat checkpoints.
+The package registers the configs with ``AutoConfig``, the model with ``AutoModelForMultimodalLM`` (its Auto class)
+and with ``AutoModelForSeq2SeqLM`` (kept only because the released model card loads it that way; the model is not
+an encoder-decoder), the processor with ``AutoProcessor`` and the CosyVoice 3 detokenizer with ``AutoModel``, so
+after ``import fun_audio_chat`` the Auto classes load Fun-Audio-Chat checkpoints.
 
 Importing the package itself is light: torch and transformers load when first needed, so the ``fun-audio-chat``
 command answers ``--help`` and argument errors at once. The classes below load on first access; the registration
 runs then, or as soon as transformers is imported (right away if it already is), whichever comes first.
+
+Why an import hook rather than plain registration here (docs/architecture.md#auto-class-registration): registering
+needs transformers' Auto classes, and touching ``transformers.AutoConfig`` imports torch (measured on transformers
+5.23 and 5.25; ``tests/test_auto_registration.py`` fails once it no longer does, and then this becomes a plain call).
 """
 
 from __future__ import annotations
@@ -67,8 +72,9 @@ def register_auto_classes() -> None:
 
         AutoConfig.register(FunAudioChatConfig.model_type, FunAudioChatConfig, exist_ok=True)
         AutoConfig.register(FunAudioChatAudioEncoderConfig.model_type, FunAudioChatAudioEncoderConfig, exist_ok=True)
-        AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
         AutoModelForMultimodalLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
+        # only the released model card's entry point (`AutoModelForSeq2SeqLM.from_pretrained(...)`)
+        AutoModelForSeq2SeqLM.register(FunAudioChatConfig, FunAudioChatForConditionalGeneration, exist_ok=True)
         # the CosyVoice 3 detokenizer (speech codes → 24 kHz audio) loads with AutoConfig / AutoModel too
         from transformers import AutoModel
 
@@ -86,9 +92,13 @@ class _RegisterOnTransformersImport(importlib.abc.MetaPathFinder):
     """Runs :func:`register_auto_classes` once transformers is imported, so that ``import fun_audio_chat`` followed
     by ``AutoModel...from_pretrained`` works without importing torch up front.
 
-    It wraps the execution of ``transformers`` and of this package's submodules, counting how many are running:
-    registration needs our modules whole, so when one of them is what imports transformers, it waits until the
-    outermost of them has finished."""
+    What it buys over plain registration: ``import fun_audio_chat`` stays free of torch and transformers (a plain
+    ``AutoConfig.register`` call here would import both, several seconds, on every ``fun-audio-chat --help``), and
+    the Auto classes still know Fun-Audio-Chat whichever of ``transformers`` and ``fun_audio_chat`` is imported
+    first. It wraps the execution of ``transformers`` and of this package's submodules, counting how many are
+    running: registration needs our modules whole, so when one of them is what imports transformers, it waits until
+    the outermost of them has finished. It removes itself after registering; a failure never breaks the user's
+    ``import transformers`` (a warning names :func:`register_auto_classes` to see the error)."""
 
     def __init__(self):
         self.depth = 0
