@@ -135,3 +135,39 @@ def test_render_rows_takes_one_voice_per_row(tiny):
         assert torch.allclose(wave, tiny(row, voice=voice), atol=1e-5)
     with pytest.raises(ValueError, match="one voice"):
         tiny.render_rows(rows, voices=voices[:2])
+
+
+def test_rows_with_different_prompts_in_one_batch_equal_their_solo_runs(tiny):
+    voices = [random_voice("a", 12, seed=1), random_voice("b", 31, seed=2), None, random_voice("d", 5, seed=4)]
+    rows = [codes(20, 1), codes(33, 2), codes(12, 3), codes(20, 4)]
+    together = tiny.render_rows(rows, voices=voices)
+    for row, voice, wave in zip(rows, voices, together):
+        solo = tiny(row, voice=voice)
+        assert wave.shape == solo.shape == (len(row) * 960,)
+        torch.testing.assert_close(wave, solo, atol=1e-4, rtol=0)
+    # each prompt changes its row
+    assert not torch.allclose(together[0], tiny(rows[0], speaker_embedding=voices[0].speaker_embedding), atol=1e-3)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["full-attention", "chunk-causal"])
+def test_push_streams_sessions_with_different_voices_equal_their_solo_streams(tiny, chunked):
+    voices = {"a": random_voice("a", 12, seed=1), "b": random_voice("b", 31, seed=2), "c": None}
+    replies = {"a": codes(45, 5), "b": codes(35, 6), "c": codes(20, 7)}
+
+    def solo(name):
+        session = tiny.streaming_session(voice=voices[name], chunked=chunked)
+        pieces = [session.push(replies[name][i : i + 10]) for i in range(0, len(replies[name]), 10)]
+        return torch.cat(pieces + [session.finish()])
+
+    sessions = {name: tiny.streaming_session(voice=voices[name], chunked=chunked) for name in replies}
+    streamed = {name: [] for name in replies}
+    for start in range(0, 45, 10):
+        entries = [
+            (sessions[name], reply[start : start + 10], start + 10 >= len(reply))
+            for name, reply in replies.items()
+            if start < len(reply)
+        ]
+        for (session, *_), audio in zip(entries, tiny.push_streams(entries)):
+            streamed[next(name for name in sessions if sessions[name] is session)].append(audio)
+    for name in replies:
+        torch.testing.assert_close(torch.cat(streamed[name]), solo(name), atol=1e-4, rtol=0)
