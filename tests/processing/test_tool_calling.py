@@ -201,6 +201,15 @@ def test_parse_malformed_is_reported_not_dropped():
     assert "not valid JSON" in calls[1]["error"]
     assert calls[2]["name"] is None and 'string "name"' in calls[2]["error"]
     assert calls[3]["name"] == "cut" and "no closing </tool_call>" in calls[3]["error"]
+    # one policy: what is not a call stays in the visible text, tags included; well-formed calls leave it
+    assert strip_tool_calls(text) == text[len('<tool_call>{"name": "ok", "arguments": {}}</tool_call>') :]
+    parser = StreamingToolCallParser()
+    shown = []
+    for piece in (text[i : i + 7] for i in range(0, len(text), 7)):
+        parser.feed(piece)
+        shown.append(parser.take_content())
+    parser.finish()
+    assert "".join(shown) + parser.take_content() == strip_tool_calls(text)
     with pytest.raises(ToolCallParseError, match="not valid JSON") as info:
         parse_tool_calls(text, strict=True)
     assert info.value.raw.startswith('{"name": "broken"')

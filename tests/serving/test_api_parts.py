@@ -1,5 +1,6 @@
-"""Pieces of the HTTP API without a server: tool-call splitting of streamed text, request audio decoding, reply
-audio encoding, the per-turn metrics."""
+"""Pieces of the HTTP API without a server: what the servers show and call from streamed text with tool calls
+(the library's parser under the servers' use), request audio decoding, reply audio encoding, the per-turn
+metrics."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fun_audio_chat.processing import example_audio_path
+from fun_audio_chat.processing import StreamingToolCallParser, example_audio_path
 from fun_audio_chat.serving.audio import AudioRequestError, decode_input_audio, encode_audio, to_pcm16
-from fun_audio_chat.serving.openai_api import ToolCallSplitter
+from fun_audio_chat.serving.openai_api import well_formed_calls
 
 REPLY = (
     'Sure.<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call> and <tool_call>{"name": "b"}</tool_call>'
@@ -22,12 +23,16 @@ REPLY = (
 
 
 def _split(pieces):
-    splitter = ToolCallSplitter()
-    shown = "".join(splitter.feed(piece) for piece in pieces) + splitter.finish()
-    return shown, splitter.calls
+    parser = StreamingToolCallParser()
+    shown = []
+    for piece in pieces:
+        parser.feed(piece)
+        shown.append(parser.take_content())
+    parser.finish()
+    return "".join(shown) + parser.take_content(), well_formed_calls(parser)
 
 
-def test_tool_call_splitter_is_the_same_whole_or_streamed_at_any_cut():
+def test_shown_text_and_calls_are_the_same_whole_or_streamed_at_any_cut():
     whole = _split([REPLY])
     assert whole == (
         "Sure. and <tool_call>not json</tool_call> bye <tool",
@@ -38,12 +43,13 @@ def test_tool_call_splitter_is_the_same_whole_or_streamed_at_any_cut():
     assert _split(list(REPLY)) == whole
 
 
-def test_tool_call_splitter_holds_back_only_a_possible_tag():
-    splitter = ToolCallSplitter()
-    assert splitter.feed("Hello <to") == "Hello "
-    assert splitter.feed("day") == "<today"
-    assert splitter.feed(' <tool_call>{"name"') == " "
-    assert splitter.finish() == '<tool_call>{"name"'  # a cut-off call stays visible
+def test_shown_text_holds_back_only_a_possible_tag():
+    parser = StreamingToolCallParser()
+    for piece, shown in (("Hello <to", "Hello "), ("day", "<today"), (' <tool_call>{"name"', " ")):
+        parser.feed(piece)
+        assert parser.take_content() == shown
+    parser.finish()
+    assert parser.take_content() == '<tool_call>{"name"'  # a cut-off call stays visible
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,13 @@ The chat template asks the model for one JSON object per call inside ``<tool_cal
 * an opening tag without a closing tag at the end of the text (cut-off generation) is reported the same way.
 
 :class:`StreamingToolCallParser` does the same on text that arrives in pieces (a streamer), yielding each call as
-soon as its closing tag arrives; feeding the pieces of a text gives the same calls as parsing the whole text.
+soon as its closing tag arrives; feeding the pieces of a text gives the same calls as parsing the whole text. It
+also gives the reply's visible content as it settles (:meth:`~StreamingToolCallParser.take_content`).
+
+One policy for a block that is not a well-formed call (bad JSON, no name, cut off): it is reported among the calls
+with ``arguments=None`` *and* stays in the visible content (:func:`strip_tool_calls`, ``take_content``), tags
+included, so nothing the model said disappears. The OpenAI-compatible and Realtime servers use this parser, so
+they show such a block as text (an OpenAI tool call must name a function and carry JSON arguments).
 
 A spoken request → tool call → tool result → spoken answer loop::
 
@@ -120,19 +126,20 @@ def parse_tool_calls(text: str, strict: bool = False) -> list[dict[str, Any]]:
 
 
 def strip_tool_calls(text: str) -> str:
-    """The text of a reply without its ``<tool_call>`` blocks (what to show or speak to the user)."""
-    kept, position = [], 0
-    while True:
-        start = text.find(TOOL_CALL_START, position)
-        if start == -1:
-            kept.append(text[position:])
-            break
-        kept.append(text[position:start])
-        end = text.find(TOOL_CALL_END, start + len(TOOL_CALL_START))
-        if end == -1:  # cut-off call: drop the rest
-            break
-        position = end + len(TOOL_CALL_END)
-    return "".join(kept).strip()
+    """The text of a reply without its well-formed ``<tool_call>`` blocks (what to show or speak to the user); a
+    block that is not a call stays, as the module docstring's policy says."""
+    parser = StreamingToolCallParser()
+    parser.feed(text)
+    parser.finish()
+    return parser.take_content().strip()
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest end of ``text`` that begins ``tag`` (a tag may arrive split across pieces)."""
+    for size in range(min(len(text), len(tag) - 1), 0, -1):
+        if tag.startswith(text[-size:]):
+            return size
+    return 0
 
 
 def tool_calls_to_message(calls: list[dict[str, Any]], content: str = "") -> dict[str, Any]:
@@ -158,7 +165,8 @@ class StreamingToolCallParser:
     >>> leftover_calls = parser.finish()
 
     Each piece is scanned once (plus a carry shorter than a tag), so the total work is linear in the text fed,
-    whatever the piece sizes.
+    whatever the piece sizes. :meth:`take_content` returns the visible text settled since its last call: text
+    outside well-formed calls, holding back only what may be the start of a tag.
     """
 
     def __init__(self, strict: bool = False):
@@ -168,6 +176,7 @@ class StreamingToolCallParser:
         self._carry = ""  # tail that may hold the start of a tag split across pieces
         self._in_block = False
         self._block: list[str] = []  # text of the open block, without the carry
+        self._content: list[str] = []  # settled visible text not taken yet
 
     @property
     def text(self) -> str:
@@ -179,6 +188,12 @@ class StreamingToolCallParser:
     @property
     def calls(self) -> list[dict[str, Any]]:
         return list(self._calls)
+
+    def take_content(self) -> str:
+        """The visible text settled since the last call (all of it once :meth:`finish` ran)."""
+        content = "".join(self._content)
+        self._content = []
+        return content
 
     def feed(self, piece: str) -> list[dict[str, Any]]:
         """Add streamed text; returns the calls completed by it."""
@@ -192,8 +207,11 @@ class StreamingToolCallParser:
             if not self._in_block:
                 start = data.find(TOOL_CALL_START)
                 if start == -1:
-                    self._carry = data[-(len(TOOL_CALL_START) - 1) :]
+                    keep = _partial_tag(data, TOOL_CALL_START)
+                    self._content.append(data[: len(data) - keep])
+                    self._carry = data[len(data) - keep :]
                     break
+                self._content.append(data[:start])
                 self._in_block = True
                 self._block = []
                 data = data[start + len(TOOL_CALL_START) :]
@@ -209,7 +227,11 @@ class StreamingToolCallParser:
                 self._block.append(data[:end])
                 data = data[end + len(TOOL_CALL_END) :]
                 self._in_block = False
-                done.append(parse_tool_call_block("".join(self._block), strict=self.strict))
+                raw = "".join(self._block)
+                call = parse_tool_call_block(raw, strict=self.strict)
+                if call.get("arguments") is None:  # not a call: it stays visible
+                    self._content.append(TOOL_CALL_START + raw + TOOL_CALL_END)
+                done.append(call)
                 self._block = []
         self._calls.extend(done)
         return done
@@ -226,6 +248,9 @@ class StreamingToolCallParser:
                 self._carry = ""
                 raise ToolCallParseError(message, raw)
             done.append(_unparsed(raw, message))
+            self._content.append(TOOL_CALL_START + raw)
+        else:
+            self._content.append(self._carry)
         self._carry = ""
         self._calls.extend(done)
         return done

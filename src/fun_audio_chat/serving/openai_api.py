@@ -29,7 +29,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..processing.tool_calling import TOOL_CALL_END, TOOL_CALL_START, parse_tool_call_block
+from ..processing import StreamingToolCallParser
 from .audio import (
     OUTPUT_FORMATS,
     STREAM_OUTPUT_FORMATS,
@@ -187,59 +187,9 @@ class ChatCompletionRequest(_Strict):
 
 
 # ------------------------------------------------------------------------------------------------ tool calls
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of ``text`` that is a beginning of ``tag`` (a tag may arrive in pieces)."""
-    for size in range(min(len(text), len(tag) - 1), 0, -1):
-        if tag.startswith(text[-size:]):
-            return size
-    return 0
-
-
-class ToolCallSplitter:
-    """Splits reply text (whole or streamed) into what the user reads and the ``<tool_call>`` blocks.
-
-    ``feed`` returns the content that is safe to show now (text outside blocks, holding back a possible partial
-    tag); ``finish`` returns the rest. Blocks that do not parse as a call stay in the content, so nothing the
-    model said disappears.
-    """
-
-    def __init__(self):
-        self._pending = ""
-        self._inside = False
-        self.calls: list[dict] = []
-
-    def feed(self, piece: str) -> str:
-        self._pending += piece
-        shown = []
-        while True:
-            if not self._inside:
-                start = self._pending.find(TOOL_CALL_START)
-                if start == -1:
-                    keep = _partial_suffix(self._pending, TOOL_CALL_START)
-                    shown.append(self._pending[: len(self._pending) - keep])
-                    self._pending = self._pending[len(self._pending) - keep :]
-                    break
-                shown.append(self._pending[:start])
-                self._pending = self._pending[start + len(TOOL_CALL_START) :]
-                self._inside = True
-            else:
-                end = self._pending.find(TOOL_CALL_END)
-                if end == -1:
-                    break
-                raw = self._pending[:end]
-                self._pending = self._pending[end + len(TOOL_CALL_END) :]
-                self._inside = False
-                call = parse_tool_call_block(raw)
-                if call.get("arguments") is None:
-                    shown.append(TOOL_CALL_START + raw + TOOL_CALL_END)
-                else:
-                    self.calls.append(call)
-        return "".join(shown)
-
-    def finish(self) -> str:
-        rest = (TOOL_CALL_START if self._inside else "") + self._pending
-        self._pending, self._inside = "", False
-        return rest
+def well_formed_calls(parser: StreamingToolCallParser) -> list[dict]:
+    """The calls an OpenAI client can run; a block that is not a call stays in the content (the parser's policy)."""
+    return [call for call in parser.calls if call.get("arguments") is not None]
 
 
 def _openai_tool_calls(calls: list[dict], with_index: bool = False) -> list[dict]:
@@ -481,8 +431,10 @@ class ChatCompletionsAPI:
         return headers
 
     def _completion(self, completion_id: str, turn: TurnRequest, result, audio_format: str | None) -> dict:
-        splitter = ToolCallSplitter()
-        text = splitter.feed(result.text) + splitter.finish()
+        parser = StreamingToolCallParser()
+        parser.feed(result.text)
+        parser.finish()
+        text = parser.take_content()
         message: dict[str, Any] = {"role": "assistant", "content": None if audio_format else text, "refusal": None}
         if audio_format:
             audio_id = "audio_" + secrets.token_hex(12)
@@ -495,8 +447,9 @@ class ChatCompletionsAPI:
             }
             self._remember(audio_id, text)
         finish_reason = result.finish_reason if result.finish_reason != "cancelled" else "stop"
-        if splitter.calls:
-            message["tool_calls"] = _openai_tool_calls(splitter.calls)
+        calls = well_formed_calls(parser)
+        if calls:
+            message["tool_calls"] = _openai_tool_calls(calls)
             finish_reason = "tool_calls"
         return {
             "id": completion_id,
@@ -522,7 +475,7 @@ class ChatCompletionsAPI:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def _sse(self, handle, first, completion_id: str, turn: TurnRequest, audio_format, include_usage: bool):
-        splitter = ToolCallSplitter()
+        parser = StreamingToolCallParser()
         audio_id = "audio_" + secrets.token_hex(12) if audio_format else None
         transcript: list[str] = []
 
@@ -535,7 +488,8 @@ class ChatCompletionsAPI:
             event = first
             while True:
                 if isinstance(event, TextDelta):
-                    shown = splitter.feed(event.text)
+                    parser.feed(event.text)
+                    shown = parser.take_content()
                     if shown:
                         yield self._chunk(completion_id, text_delta(shown))
                 elif isinstance(event, AudioDelta):
@@ -546,12 +500,14 @@ class ChatCompletionsAPI:
                     yield f"data: {json.dumps({'error': {'message': error.message, 'code': error.code}})}\n\n"
                     break
                 elif isinstance(event, TurnDone):
-                    rest = splitter.finish()
+                    parser.finish()
+                    rest = parser.take_content()
                     if rest:
                         yield self._chunk(completion_id, text_delta(rest))
                     finish_reason = event.result.finish_reason
-                    if splitter.calls:
-                        yield self._chunk(completion_id, {"tool_calls": _openai_tool_calls(splitter.calls, True)})
+                    calls = well_formed_calls(parser)
+                    if calls:
+                        yield self._chunk(completion_id, {"tool_calls": _openai_tool_calls(calls, True)})
                         finish_reason = "tool_calls"
                     last = (
                         {"audio": {"id": audio_id, "expires_at": int(time.time()) + AUDIO_EXPIRY_SECONDS}}
@@ -595,4 +551,4 @@ class ChatCompletionsAPI:
         return router
 
 
-__all__ = ["APIError", "ChatCompletionRequest", "ChatCompletionsAPI", "ChatMessage", "ToolCallSplitter"]
+__all__ = ["APIError", "ChatCompletionRequest", "ChatCompletionsAPI", "ChatMessage", "well_formed_calls"]

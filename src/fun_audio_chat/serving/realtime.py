@@ -50,9 +50,10 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
+from ..processing import StreamingToolCallParser
 from .audio import to_pcm16
 from .engine import AudioDelta, TextDelta, TurnDone, TurnFailed, TurnRequest
-from .openai_api import ToolCallSplitter  # splits streamed text into what is said and <tool_call> blocks
+from .openai_api import well_formed_calls
 from .realtime_events import (
     CLIENT_EVENTS,
     AudioOutputConfig,
@@ -965,28 +966,31 @@ class RealtimeSession:
 
     async def _stream(self, response: _Response) -> None:
         """Engine events → server events, until the turn ends or the response is cancelled."""
-        splitter = ToolCallSplitter()
+        parser = StreamingToolCallParser()  # streamed text -> what is said and the <tool_call> blocks
         handle = response.handle
         status, details, error = "completed", None, None
         calls_sent = 0
 
         def new_calls():
             nonlocal calls_sent
-            for call in splitter.calls[calls_sent:]:
+            calls = well_formed_calls(parser)
+            for call in calls[calls_sent:]:
                 self._call(response, call)
-            calls_sent = len(splitter.calls)
+            calls_sent = len(calls)
 
         try:
             while True:
                 event = await handle.next_event()
                 if isinstance(event, TextDelta):
-                    self._say(response, splitter.feed(event.text))
+                    parser.feed(event.text)
+                    self._say(response, parser.take_content())
                     new_calls()
                 elif isinstance(event, AudioDelta):
                     if response.speech:
                         self._play(response, event.samples)
                 elif isinstance(event, TurnDone):
-                    self._say(response, splitter.finish())
+                    parser.finish()
+                    self._say(response, parser.take_content())
                     new_calls()
                     if response.resampler is not None:
                         self._play(response, np.zeros(0, dtype=np.float32), last=True)
