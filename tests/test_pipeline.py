@@ -126,3 +126,11 @@ def _save_processor(folder):
 
     tiny_processor().save_pretrained(folder)
     return folder
+
+
+def test_model_card_declares_the_pipeline_task():
+    from fun_audio_chat.hub import model_card_text
+
+    card = model_card_text("me/my-model")
+    assert "\npipeline_tag: any-to-any\n" in card
+    assert 'pipeline("any-to-any", model="me/my-model")' in card
