@@ -17,8 +17,15 @@ codes per tick (one LLM step each), advanced one after the other with ``session.
 ``det.push_streams`` call per tick (one batched flow call, batched vocoder windows); then the same with N
 ``cached`` sessions (their cached chunk-causal flow calls batched too).
 
+A voice with a prompt (``--prompt-seconds S``, default 10; 0 skips it): the same reply spoken in a
+``CosyVoice3Voice`` with S seconds of prompt codes + prompt mel vs the default speaker (embedding only), offline,
+``windowed`` and ``cached``. The flow runs over prompt + reply, so a full-attention call pays for the prompt's
+frames every time; a ``cached`` session starts from the voice's cached prompt chunks, computed once per voice (the
+first session of a voice pays for them, shown on its own line) and then shared by every reply in that voice.
+
 Prints seconds and the ratios side by side. Usage:
     python benchmarks/bench_token2wav.py [--codes 50] [--batch 4] [--streams 8] [--threads 2] [--patterns official,cached]
+        [--prompt-seconds 10] [--voice-only]
 
 On two idle cores the default run takes a few minutes (the official pattern dominates); on a shared machine the
 ratios hold but the seconds grow with the load.
@@ -33,6 +40,7 @@ import torch
 
 from fun_audio_chat.token2wav.configuration import CosyVoice3Config
 from fun_audio_chat.token2wav.detokenizer import random_detokenizer
+from fun_audio_chat.token2wav.voice import CosyVoice3Voice
 
 
 def timed(fn):
@@ -71,6 +79,10 @@ def main():
         default="official,cached",
         help="streaming patterns to time, from official, windowed, cached, cached15",
     )
+    parser.add_argument(
+        "--prompt-seconds", type=float, default=10.0, help="prompt length of the voice comparison (0 to skip)"
+    )
+    parser.add_argument("--voice-only", action="store_true", help="run only the voice (prompt) comparison")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -85,6 +97,9 @@ def main():
     codes = torch.randint(0, 6561, (args.codes,), generator=torch.Generator().manual_seed(0)).tolist()
     audio_seconds = args.codes / 25
     model(codes[:4])  # warm-up
+    if args.voice_only:
+        voice_report(model, codes, args.prompt_seconds)
+        return
 
     offline, _ = timed(lambda: model(codes))
     print(f"\n{args.codes} codes = {audio_seconds:.2f} s of audio")
@@ -120,6 +135,8 @@ def main():
         )
     if args.streams:
         streams_report(model, args.codes, args.streams)
+    if args.prompt_seconds:
+        voice_report(model, codes, args.prompt_seconds)
     print("\nx offline = cost relative to one offline call on the same codes; RTF = seconds per second of audio.")
 
 
@@ -167,6 +184,41 @@ def streams_report(model, num_codes: int, num_streams: int) -> None:
     print(
         f"the same {num_streams} streams cached chunked (chunked=True): one by one {alone_s:.2f} s, "
         f"push_streams {batched_s:.2f} s -> {alone_s / batched_s:.2f}x (largest sample difference {worst:.1e})"
+    )
+
+
+def voice_report(model, codes: list[int], prompt_seconds: float) -> None:
+    """The same reply with a voice carrying ``prompt_seconds`` of prompt vs the default speaker: offline,
+    ``windowed`` and ``cached`` streaming; for ``cached`` the voice's one-time prompt encoding on its own line."""
+    prompt_codes = round(prompt_seconds * 25)
+    generator = torch.Generator().manual_seed(7)
+    voice = CosyVoice3Voice(
+        "bench",
+        speaker_embedding=torch.randn(192, generator=generator),
+        prompt_codes=torch.randint(0, 6561, (prompt_codes,), generator=generator),
+        prompt_mel=torch.randn(2 * prompt_codes, 80, generator=generator) * 2 - 5,
+    )
+    reply_seconds = len(codes) / 25
+    print(
+        f"\nvoice with a {prompt_seconds:.1f} s prompt ({prompt_codes} codes) vs the default speaker, reply "
+        f"{len(codes)} codes = {reply_seconds:.2f} s of audio"
+    )
+    print(f"{'pattern':<34}{'no prompt s':>12}{'prompt s':>10}{'ratio':>8}{'first chunk s (no/with)':>26}")
+    plain, _ = timed(lambda: model(codes))
+    prompted, _ = timed(lambda: model(codes, voice=voice))
+    print(f"{'offline (one call)':<34}{plain:>12.2f}{prompted:>10.2f}{prompted / plain:>8.2f}")
+    for name, kwargs in (("web-demo, windowed vocoder", {}), ("cached chunked (hop 25)", {"chunked": True})):
+        if kwargs.get("chunked"):
+            # the voice's prompt chunks are encoded on its first chunked session, once
+            encode, _ = timed(lambda: model.streaming_session(voice=voice, chunked=True))
+            print(f"{'  voice prompt cache (once/voice)':<34}{'':>12}{encode:>10.2f}")
+        total_plain, first_plain = stream(model, codes, **kwargs)
+        total_voice, first_voice = stream(model, codes, voice=voice, **kwargs)
+        firsts = f"{first_plain[0]:.2f} / {first_voice[0]:.2f}"
+        print(f"{name:<34}{total_plain:>12.2f}{total_voice:>10.2f}{total_voice / total_plain:>8.2f}{firsts:>26}")
+    print(
+        "ratio = reply cost with the prompt / without. Full-attention calls (offline, web-demo) run the flow over "
+        "prompt + reply every call; the cached chunked session reuses the voice's prompt chunks."
     )
 
 
