@@ -51,6 +51,11 @@ def test_the_released_speakers_become_voices_with_their_full_prompts(tmp_path, t
     registry = VoiceRegistry(config=tiny_detokenizer.config)
     assert registry.add_folder(tmp_path / "out") == ["中文女", "中文男"]
     assert registry.names == [DEFAULT_VOICE, "中文女", "中文男"]
+    # an official folder that was not converted offers its speakers too (the table read the same way)
+    official = VoiceRegistry(config=tiny_detokenizer.config)
+    assert official.add_folder(tmp_path / "official") == ["中文女", "中文男"]
+    assert torch.equal(official.get("中文男").prompt_mel, registry.get("中文男").prompt_mel)
+    assert VoiceRegistry().add_folder(tmp_path / "official" / "utils" / "nothing") == []
 
 
 def test_speakers_saved_by_add_zero_shot_spk_and_embedding_only_speakers_are_read(tmp_path):

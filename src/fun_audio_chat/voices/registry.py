@@ -73,14 +73,23 @@ class VoiceRegistry:
         return voice
 
     def add_folder(self, folder: str | os.PathLike) -> list[str]:
-        """Register every voice file of ``folder`` (or of ``folder/voices``, the layout a converted detokenizer
-        folder has); returns the names added (none when there is no such folder)."""
+        """Register the voices of a detokenizer folder: its voice files (``folder/voices/*.safetensors``, the layout
+        ``convert-detokenizer`` writes; ``folder`` may be that ``voices/`` itself), else the speakers of an official
+        folder's ``spk2info.pt``. Returns the names added (none when there are none)."""
+        from .official import find_official_speakers, read_official_speakers
+
         folder = Path(folder).expanduser()
-        if (folder / VOICES_FOLDER).is_dir():
-            folder = folder / VOICES_FOLDER
         if not folder.is_dir():
             return []
-        return [self.add(load_voice_file(path)).name for path in sorted(folder.glob("*" + VOICE_SUFFIX))]
+        # a model folder's other safetensors (weights, noise tables) are not voices: only a voices/ folder is read
+        voice_folder = folder if folder.name == VOICES_FOLDER else folder / VOICES_FOLDER
+        files = sorted(voice_folder.glob("*" + VOICE_SUFFIX)) if voice_folder.is_dir() else []
+        if files:
+            return [self.add(load_voice_file(path)).name for path in files]
+        speaker_file = find_official_speakers(folder)
+        if speaker_file is None:
+            return []
+        return [self.add(voice).name for voice in read_official_speakers(speaker_file)]
 
     def add_spec(self, spec: str, cloner=None):
         """Register ``NAME=CLIP_OR_VOICE_FILE`` (what ``serve --voice`` takes): a ``.safetensors`` voice file is
