@@ -43,7 +43,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from accelerate import PartialState
@@ -386,27 +386,19 @@ class ResumePoint(enum.Enum):
     DONE = "both stages done: the final weights to reload"
 
 
-@dataclass(frozen=True)
-class CoreCocktailLayout:
-    """The folders of a Core-Cocktail run under ``output_dir``."""
+class CoreCocktailLayout(NamedTuple):
+    """The folders of a Core-Cocktail run (:meth:`under` an output directory)."""
 
     output_dir: Path
+    stage1_dir: Path
+    merged_dir: Path
+    stage2_dir: Path
+    final_dir: Path
 
-    @property
-    def stage1_dir(self) -> Path:
-        return self.output_dir / "stage1"
-
-    @property
-    def merged_dir(self) -> Path:
-        return self.output_dir / "merged"
-
-    @property
-    def stage2_dir(self) -> Path:
-        return self.output_dir / "stage2"
-
-    @property
-    def final_dir(self) -> Path:
-        return self.output_dir / "final"
+    @classmethod
+    def under(cls, output_dir: str | os.PathLike) -> CoreCocktailLayout:
+        root = Path(output_dir)
+        return cls(root, root / "stage1", root / "merged", root / "stage2", root / "final")
 
 
 def find_resume_point(layout: CoreCocktailLayout, resume: bool = True) -> ResumePoint:
@@ -626,7 +618,7 @@ def run_core_cocktail(
             "run_core_cocktail merges full weights with the base LLM, and a PEFT model trains (and saves) only its "
             "adapter; call merge_and_unload() on the PEFT model first."
         )
-    layout = CoreCocktailLayout(Path(output_dir))
+    layout = CoreCocktailLayout.under(output_dir)
     args1 = core_cocktail_training_arguments(1, layout.stage1_dir, stage1_args)
     args2 = core_cocktail_training_arguments(2, layout.stage2_dir, stage2_args)
     _parameter_sharding(args1)  # refuses sharded settings whose save_model writes no full weights
