@@ -397,3 +397,24 @@ def test_composite_attention_dispatch_reaches_every_tower(tmp_path, attn_impleme
     for tower in (model.audio_tower, model.continuous_audio_tower, model.language_model):
         assert tower._supports_sdpa
         assert tower.config._attn_implementation == expected
+
+
+def test_hub_kernels_are_off_unless_asked_for(tmp_path):
+    """transformers >= 5.25 kernelizes by default; our loads stay on torch modules (parity, offline, compile) and an
+    explicit ``use_kernels=True`` still reaches transformers. On CPU a kernelized model computes the same logits."""
+    import transformers
+    from packaging import version
+
+    FunAudioChatForConditionalGeneration(tiny_config()).save_pretrained(tmp_path)
+    plain = FunAudioChatForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert plain.use_kernels is False
+    try:
+        kernelized = FunAudioChatForConditionalGeneration.from_pretrained(tmp_path, use_kernels=True).eval()
+    except ValueError as error:  # the installed `kernels` release does not match this transformers
+        assert "Kernels are not available" in str(error)
+        assert version.parse(transformers.__version__) < version.parse("5.25")
+        return
+    assert kernelized.use_kernels is True
+    inputs = {"input_ids": torch.tensor([[501, 11, 104, 105, 502, 501, 12]])}
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs).logits, kernelized(**inputs).logits)

@@ -116,7 +116,13 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """``PreTrainedModel.from_pretrained`` restricted to safetensors (pickle checkpoints are refused), with the
-        speech generation fields added to a generation config that lacks them (official checkpoints)."""
+        speech generation fields added to a generation config that lacks them (official checkpoints).
+
+        Hub kernels are off unless asked for (``use_kernels=True``): transformers >= 5.25 turns them on by default,
+        swapping the LLM's and the speech head's RMSNorm/SiLU/rotary for kernels fetched from the Hub at load time
+        on CUDA. Off, a load needs no network, decoding keeps the numerics the parity tests pin, and compiled
+        decoding compiles plain torch modules (docs/architecture.md#hub-kernels)."""
+        kwargs.setdefault("use_kernels", False)
         if kwargs.get("use_safetensors") is False:
             raise ValueError("Fun-Audio-Chat loads safetensors checkpoints only; pickle (.bin) files are refused.")
         refuse_missing_local_path(pretrained_model_name_or_path)
