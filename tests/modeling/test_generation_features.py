@@ -296,19 +296,26 @@ def test_synced_gpus_keeps_a_finished_peer_stepping(model_and_inputs, monkeypatc
         finished_calls.append(1)
         return len(finished_calls) <= extra_steps  # the other ranks need this many more forward passes
 
-    forward_calls = []
+    forward_calls, speech_head_calls = [], []
     hook = model.language_model.model.register_forward_hook(lambda *_: forward_calls.append(1))
+    head_layer = model.audio_invert_tower.crq_transformer.layers[0]
+    head_hook = head_layer.register_forward_hook(lambda *_: speech_head_calls.append(1))
     monkeypatch.setattr(type(model), "_has_unfinished_sequences", other_peers_still_running)
     try:
         with torch.no_grad():
             found = model.generate(**inputs, **controls, synced_gpus=True, return_dict_in_generate=True)
     finally:
         hook.remove()
+        head_hook.remove()
     assert all(calls)
     assert torch.equal(found.sequences, expected.sequences)
     assert torch.equal(found.speech_ids, expected.speech_ids)
     generated = expected.sequences.shape[1] - inputs["input_ids"].shape[1]
     assert len(forward_calls) == generated + extra_steps
+    # the speech head too (its layers are sharded as well): one prefill call, then k sub-steps per step, even
+    # for the steps past this rank's own max_new_tokens (its dropped groups reuse the same cache columns)
+    k = model.group_size
+    assert len(speech_head_calls) == k * (generated + extra_steps)
 
 
 # ------------------------------------------------------------------------------------- refused clearly

@@ -327,6 +327,11 @@ class FunAudioChatGenerationMixin:
             prefill_consumed = True
             model_kwargs = self._update_model_kwargs_for_generation(outputs, model_kwargs)
             if synced_gpus and this_peer_finished:
+                # <fun_audio_chat: a finished rank also runs the SRH group (output dropped): under ZeRO-3 / FSDP the
+                # head's layers are sharded, and the running ranks wait in their gathers for every rank to join>
+                if return_speech:
+                    speech.decode_dropped_group(outputs.last_hidden_state, step_text_embeds)
+                # </fun_audio_chat>
                 continue
 
             next_token_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)

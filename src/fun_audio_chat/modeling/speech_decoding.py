@@ -136,6 +136,21 @@ class SpeechDecoder:
             return codes
         return self._decode_group_by_sub_step(conditioned)
 
+    def decode_dropped_group(self, states: torch.Tensor, text_embeds: torch.Tensor) -> None:
+        """Run one SRH group whose result is dropped and leave no trace of it (cache, codes, logits).
+
+        Under ``synced_gpus`` a rank whose reply has ended keeps stepping until every rank is done, because the
+        head's sharded layers gather their weights from all ranks. Its groups overwrite the same k cache columns,
+        so a finished rank never needs more room than its own reply, however long the others run.
+        """
+        previous_code, pending_seen, logits = self.previous_code, self._pending_seen, self.logits
+        self.logits = None
+        try:
+            self.decode_group(states, text_embeds)
+        finally:
+            self.decoder.rewind(self.k)
+            self.previous_code, self._pending_seen, self.logits = previous_code, pending_seen, logits
+
     def _decode_group_by_sub_step(self, conditioned: torch.Tensor) -> torch.Tensor:
         head, k, decoder = self.head, self.k, self.decoder
         sub_states = head.ungroup(conditioned)  # (B, n·k, H)

@@ -238,6 +238,15 @@ class SpeechHeadDecoder:
         self.length += self.head.group_size
         return result
 
+    def rewind(self, columns: int) -> None:
+        """Forget the last ``columns`` columns; the next calls write over them."""
+        self.length -= columns
+        for layer in self.cache.layers:
+            if self.static:
+                layer.cumulative_length.sub_(columns)
+            else:
+                layer.truncate(self.length)
+
     def load(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Fill the first columns with given per-layer keys and values (B, heads, n, head_dim) (rows re-laid out)."""
         for layer, layer_keys, layer_values in zip(self.cache.layers, keys, values):

@@ -47,6 +47,13 @@ class PreallocatedKVLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :end]
         return self.keys, self.values
 
+    def truncate(self, length: int) -> None:
+        """Forget every column from ``length`` on (they are overwritten by the next update)."""
+        self.length = length
+        if self.is_initialized:
+            self.keys = self._key_buffer[:, :, :length]
+            self.values = self._value_buffer[:, :, :length]
+
     def get_seq_length(self, *args, **kwargs) -> int:
         return self.length
 

@@ -1,0 +1,40 @@
+"""``synced_gpus=True`` in two real processes (torchrun, gloo on CPU) with the decoder layers sharded by FSDP2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..markers import two_processes
+
+WORKER = Path(__file__).with_name("synced_generation_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _torchrun() -> list[str]:
+    exe = Path(sys.executable).with_name("torchrun")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
+
+
+@pytest.mark.slow
+@two_processes
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_a_rank_whose_reply_ended_keeps_running_the_sharded_speech_head(tmp_path):
+    """Rank 0's reply ends after 3 steps, rank 1's runs 8: rank 0 keeps running the LLM step and the SRH group (its
+    output dropped), so rank 1's gathers of the sharded SRH layers find their peer. Each rank's reply equals its
+    solo run. (When the finished rank skipped the SRH, the running rank waited in a gather until the timeout.)"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
+    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+    assert results[0]["new_tokens"] < results[1]["new_tokens"], "rank 0 must finish first"
+    for result in results:
+        assert torch.equal(result["synced_sequences"], result["solo_sequences"])
+        assert torch.equal(result["synced_speech"], result["solo_speech"])
+        assert result["solo_speech"].shape[1] > 0
