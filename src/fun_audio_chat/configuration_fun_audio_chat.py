@@ -1,3 +1,16 @@
+# Copyright 2026 The fun_audio_chat authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """Configurations of Fun-Audio-Chat.
 
 The on-disk layout is the official one (``config.json`` of ``FunAudioLLM/Fun-Audio-Chat-8B``): a top-level
@@ -11,8 +24,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+from transformers.utils import auto_docstring
 
 # Special text ids of the released tokenizer (docs/official-format.md#special-ids); used when a text_config does not carry them.
 DEFAULT_AUDIO_BOS_INDEX = 151670
@@ -57,19 +72,34 @@ _TEXT_MODEL_DEFAULTS = {
 }
 
 
+@auto_docstring(
+    checkpoint="FunAudioLLM/Fun-Audio-Chat-8B",
+    custom_intro=(
+        "Configuration of the audio side of Fun-Audio-Chat (``audio_config``): the Whisper-style continuous encoder, "
+        "the discrete speech-token encoder (DRSR grouping of ``group_size`` codes into one LLM position) and the "
+        "Speech Refined Head. ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` are the speech-BOS, speech-EOS "
+        "and speech-pad ids inside the codebook."
+    ),
+)
+@strict(accept_kwargs=True)
 class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
-    r"""Configuration of the audio side: the Whisper-style continuous encoder, the discrete speech-token
-    encoder (DRSR grouping of ``group_size`` codes into one LLM position) and the Speech Refined Head.
-
-    Args:
-        codebook_size: number of speech ids (6561 S3Tokenizer codes + 4 special ids in the release).
-        bos_token_id / eos_token_id / pad_token_id: speech-BOS, speech-EOS and speech-pad ids inside the codebook.
-        group_size: DRSR group size k (25 Hz codes per 5 Hz LLM position).
-        continuous_features_mode: ``"replace"`` (audio with continuous features uses them instead of the
-            codes) or ``"add"`` (sum of both).
-        crq_transformer_config: Qwen3 config of the SRH backbone.
-        enable_audio_invert_tower: build the SRH; without it the model is speech-to-text only.
-        output_dim: width of the audio embeddings fed to the LLM; must equal the LLM hidden size.
+    r"""
+    max_source_positions (`int`, *optional*, defaults to 1500):
+        Longest mel sequence (after the convolutions) of one encoder window.
+    n_window (`int`, *optional*, defaults to 100):
+        Half the number of mel frames of one independent encoder chunk (chunks of ``2 * n_window`` frames).
+    output_dim (`int`, *optional*, defaults to 4096):
+        Width of the audio embeddings fed to the LLM; must equal the LLM hidden size.
+    codebook_size (`int`, *optional*, defaults to 6565):
+        Number of speech ids (6561 S3Tokenizer codes + 4 special ids in the release).
+    group_size (`int`, *optional*, defaults to 5):
+        DRSR group size k: 25 Hz speech codes per 5 Hz LLM position.
+    continuous_features_mode (`str`, *optional*, defaults to `"replace"`):
+        ``"replace"``: audio with continuous features uses them instead of its codes; ``"add"``: the sum of both.
+    enable_audio_invert_tower (`bool`, *optional*, defaults to `True`):
+        Build the Speech Refined Head; without it the model is speech-to-text only.
+    crq_transformer_config (`dict | PreTrainedConfig`, *optional*):
+        Qwen3 config of the Speech Refined Head's backbone.
     """
 
     model_type = "funaudiochat_audio_encoder"
@@ -152,20 +182,28 @@ def refuse_missing_local_path(source: str | os.PathLike | None) -> None:
         raise OSError(f"{text}: no such directory (a local path, not a Hub repo id); check the path.")
 
 
+@auto_docstring(
+    checkpoint="FunAudioLLM/Fun-Audio-Chat-8B",
+    custom_intro=(
+        "Configuration of Fun-Audio-Chat (``FunAudioChatForConditionalGeneration``): a Qwen3 ``text_config`` (which "
+        "keeps ``audio_bos_index``, ``audio_eos_index`` and ``sil_index``) and a ``FunAudioChatAudioEncoderConfig`` "
+        "``audio_config``; ``audio_token_index`` is the id of the ``<|AUDIO|>`` placeholder."
+    ),
+)
+@strict(accept_kwargs=True)
 class FunAudioChatConfig(PreTrainedConfig):
-    r"""Configuration of :class:`FunAudioChatForConditionalGeneration`.
-
-    Args:
-        audio_config: :class:`FunAudioChatAudioEncoderConfig` (or its dict).
-        text_config: Qwen3 config of the LLM; keeps ``audio_bos_index``, ``audio_eos_index`` and ``sil_index``.
-        audio_token_index: id of the ``<|AUDIO|>`` placeholder.
-        training_recipe: what the training forward feeds (see ``docs/training.md``). ``"consistent"`` (default)
-            trains what ``generate()`` does: the pad tail of a reply's last speech group is a target (the speech
-            pad id), and the Speech Refined Head gets generation's previous-code embeddings (speech-BOS over the
-            prompt, the greedily decoded prompt codes before the reply) and text conditioning (the ``<|AUDIO|>``
-            embedding at audio without a transcript); user-audio features are never halved. ``"official"``
-            reproduces the official training forward bit for bit.
-        halve_unpaired_audio_features: older spelling of ``training_recipe="official"``; True selects it.
+    r"""
+    ignore_index (`int`, *optional*, defaults to -100):
+        Label value the losses skip; kept because the official ``config.json`` carries it (the model always skips
+        ``IGNORE_INDEX``).
+    training_recipe (`str`, *optional*, defaults to `"consistent"`):
+        What the training forward feeds (see ``docs/training.md``). ``"consistent"`` trains what ``generate()`` does:
+        the pad tail of a reply's last speech group is a target (the speech pad id), and the Speech Refined Head
+        gets generation's previous-code embeddings (speech-BOS over the prompt, the greedily decoded prompt codes
+        before the reply) and text conditioning (the ``<|AUDIO|>`` embedding at audio without a transcript);
+        user-audio features are never halved. ``"official"`` reproduces the official training forward bit for bit.
+    halve_unpaired_audio_features (`bool`, *optional*, defaults to `False`):
+        Older spelling of ``training_recipe="official"``; True selects it.
     """
 
     model_type = "funaudiochat"
