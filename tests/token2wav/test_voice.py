@@ -58,6 +58,10 @@ def test_official_layouts_are_accepted():
         (dict(prompt_codes=torch.tensor([1, 2, -1])), rf"speech codes in \[0, {TINY_VOCAB}\)"),
         (dict(prompt_mel=torch.randn(5, 80)), "need 6 prompt mel frames.*align_prompt"),
         (dict(prompt_mel=torch.randn(6, 40)), "40 mel bins"),
+        (
+            dict(prompt_codes=torch.zeros(7000, dtype=torch.long), prompt_mel=torch.zeros(14000, 80)),
+            "prompt clip of at most 30 s",
+        ),
     ],
 )
 def test_validate_names_the_problem(tiny, change, message):
@@ -171,3 +175,22 @@ def test_push_streams_sessions_with_different_voices_equal_their_solo_streams(ti
             streamed[next(name for name in sessions if sessions[name] is session)].append(audio)
     for name in replies:
         torch.testing.assert_close(torch.cat(streamed[name]), solo(name), atol=1e-4, rtol=0)
+
+
+def test_chunked_voice_session_past_the_window_trim_equals_recomputing():
+    """After the code window is trimmed the cached stream restarts from the voice's prompt cache: still equal to
+    the official recompute-everything calls (prompt + window each call)."""
+    from fun_audio_chat.tiny import tiny_detokenizer
+
+    det = tiny_detokenizer()
+    det.config.max_stream_tokens = 50  # trim early so a short reply crosses it
+    voice = random_voice("a", 30, seed=1)  # first hop 25 + 20 codes of pad
+    reply = codes(100, 8)
+    outs = []
+    for use_cache in (False, True):
+        session = det.streaming_session(voice=voice, chunked=True, use_cache=use_cache)
+        pieces = [session.push(reply[i : i + 9]) for i in range(0, len(reply), 9)]
+        outs.append(torch.cat(pieces + [session.finish()]))
+        assert session.trimmed_tokens == 50
+    assert outs[1].shape == (100 * 960,)
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=0)

@@ -128,6 +128,13 @@ class CosyVoice3Voice:
                 f"voice {self.name!r}: prompt_mel has {mel.shape[1]} mel bins per frame; this detokenizer uses "
                 f"{bins} (layout (frames, {bins}), not ({bins}, frames))."
             )
+        segment_frames = ratio * getattr(config, "segment_tokens", 750)
+        if ratio * codes.shape[0] + segment_frames > flow.max_frames:
+            seconds = codes.shape[0] * ratio / 50
+            raise ValueError(
+                f"voice {self.name!r}: its {seconds:.0f} s prompt leaves too little of the flow's "
+                f"{flow.max_frames // 50} s noise table for a reply; use a prompt clip of at most 30 s."
+            )
         if mel.shape[0] != ratio * codes.shape[0]:
             raise ValueError(
                 f"voice {self.name!r}: {codes.shape[0]} prompt codes need {ratio * codes.shape[0]} prompt mel "
