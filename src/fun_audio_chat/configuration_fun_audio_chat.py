@@ -81,7 +81,7 @@ _TEXT_MODEL_DEFAULTS = {
         "and speech-pad ids inside the codebook."
     ),
 )
-@strict(accept_kwargs=True)
+@strict
 class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
     r"""
     max_source_positions (`int`, *optional*, defaults to 1500):
@@ -190,7 +190,7 @@ def refuse_missing_local_path(source: str | os.PathLike | None) -> None:
         "``audio_config``; ``audio_token_index`` is the id of the ``<|AUDIO|>`` placeholder."
     ),
 )
-@strict(accept_kwargs=True)
+@strict
 class FunAudioChatConfig(PreTrainedConfig):
     r"""
     ignore_index (`int`, *optional*, defaults to -100):

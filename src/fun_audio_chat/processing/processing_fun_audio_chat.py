@@ -1,3 +1,16 @@
+# Copyright 2026 The fun_audio_chat authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """``FunAudioChatProcessor``: Whisper features + Qwen text tokenizer + speech tokenizer, in the official file layout.
 
 On disk (the official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout)::
@@ -44,7 +57,7 @@ from typing import Any
 import numpy as np
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
-from transformers.utils import logging
+from transformers.utils import auto_docstring, logging
 
 from ._values import to_list
 from .audio_io import (
@@ -116,37 +129,23 @@ class FunAudioChatProcessorKwargs(ProcessingKwargs, total=False):
     audio_kwargs: FunAudioChatAudioKwargs
 
 
-class FunAudioChatProcessor(ProcessorMixin):
-    r"""Processor of Fun-Audio-Chat.
+@auto_docstring(
+    custom_intro="""Processor of Fun-Audio-Chat: a Whisper feature extractor, the Qwen text tokenizer and the speech tokenizer.
 
-    Args:
-        feature_extractor: :class:`~transformers.WhisperFeatureExtractor` with 128 mel bins at 16 kHz.
-        tokenizer: the Qwen text tokenizer with the audio special tokens.
-        speech_tokenizer: the speech tokenizer (``speech_tokenizer/`` subfolder): ids ``0 .. codes-1`` are the
-            S3 speech codes ``[AU0000]`` …, followed by ``<|audio_bos|>``, ``<|audio_eos|>``, ``<|audio_pad|>``.
-        chat_template: Jinja chat template; the built-in Fun-Audio-Chat template when not given.
-        audio_token / audio_bos_token / audio_eos_token / audio_pad_token: text special tokens.
-        audio_group_size: speech codes per LLM position (5).
-        max_audio_seconds: longest accepted clip (default 409.6 s = the 2048-position training context at 5 Hz);
-            ``None`` disables the check. Longer audio raises instead of being truncated.
-        text_sil_token: the text silence token that pads transcripts.
-        keep_chat_template: written to ``processor_config.json`` by ``save_pretrained`` when the processor's chat
-            template was chosen by its user (not the built-in one): ``from_pretrained`` then loads that template as
-            it is instead of rendering with the built-in one (see :meth:`from_pretrained`).
+    Speech replies to audio: `post_process_multimodal_output` (what transformers' `any-to-any` pipeline calls) turns
+    generated speech ids into waveforms with `processor.detokenizer`, a codes -> waveform model such as
+    `fun_audio_chat.CosyVoice3Detokenizer`. `from_pretrained` finds it in the folder's (or Hub repo's) `token2wav/`
+    subfolder and loads it on first use; `from_pretrained(..., detokenizer=model)` or `processor.detokenizer = model`
+    passes one in, and `save_pretrained` writes the one it holds to `token2wav/`. It is a model, not a processor part:
+    `processor_config.json` never names it.
 
-    Speech replies to audio: :meth:`post_process_multimodal_output` (what transformers' ``any-to-any`` pipeline calls)
-    turns generated speech ids into waveforms with ``processor.detokenizer``, a codes -> waveform model such as
-    :class:`~fun_audio_chat.CosyVoice3Detokenizer`. ``from_pretrained`` finds it in the folder's (or Hub repo's)
-    ``token2wav/`` subfolder and loads it on first use; ``from_pretrained(..., detokenizer=model)`` or
-    ``processor.detokenizer = model`` passes one in, and ``save_pretrained`` writes the one it holds to
-    ``token2wav/``. It is a model, not a processor part: ``processor_config.json`` never names it.
-
-    Audio sources: ``processor.audio_loading_policy`` (an :class:`~fun_audio_chat.processing.AudioLoadingPolicy`)
-    says whether audio given as a local path or an URL may be opened, for ``processor(audio=...)`` and for the
-    audio items of ``apply_chat_template``. The default allows both; a server taking conversations from users sets
-    ``AudioLoadingPolicy.in_memory_only()``. It is a runtime setting, not saved with the processor.
+    Audio sources: `processor.audio_loading_policy` (a `fun_audio_chat.processing.AudioLoadingPolicy`) says whether
+    audio given as a local path or an URL may be opened, for `processor(audio=...)` and for the audio items of
+    `apply_chat_template`. The default allows both; a server taking conversations from users sets
+    `AudioLoadingPolicy.in_memory_only()`. It is a runtime setting, not saved with the processor.
     """
-
+)
+class FunAudioChatProcessor(ProcessorMixin):
     valid_processor_kwargs = FunAudioChatProcessorKwargs
     # Defaults of __call__ as processor attributes (the lowest priority of ProcessorMixin._merge_kwargs, the place
     # transformers recommends over ProcessingKwargs._defaults): left padding for generation; the chat template writes
@@ -176,6 +175,31 @@ class FunAudioChatProcessor(ProcessorMixin):
         text_sil_token: str = "<|sil|>",
         keep_chat_template: bool = False,
     ):
+        r"""
+        speech_tokenizer (`PreTrainedTokenizerFast`):
+            The speech tokenizer (`speech_tokenizer/` subfolder): ids `0 .. codes-1` are the S3 speech codes
+            `[AU0000]` ..., followed by `<|audio_bos|>`, `<|audio_eos|>`, `<|audio_pad|>`. The built-in Fun-Audio-Chat
+            chat template renders conversations when `chat_template` is not given.
+        audio_token (`str`, *optional*, defaults to `"<|AUDIO|>"`):
+            The placeholder of one 5 Hz audio position in the text.
+        audio_bos_token (`str`, *optional*, defaults to `"<|audio_bos|>"`):
+            The text token opening an audio span.
+        audio_eos_token (`str`, *optional*, defaults to `"<|audio_eos|>"`):
+            The text token closing an audio span.
+        audio_pad_token (`str`, *optional*, defaults to `"<|audio_pad|>"`):
+            The text audio-padding token.
+        audio_group_size (`int`, *optional*, defaults to 5):
+            Speech codes (25 Hz) per LLM position (5 Hz).
+        max_audio_seconds (`float`, *optional*, defaults to 409.6):
+            Longest accepted clip (the 2048-position training context at 5 Hz); `None` disables the check. Longer
+            audio raises instead of being truncated.
+        text_sil_token (`str`, *optional*, defaults to `"<|sil|>"`):
+            The text silence token that pads transcripts.
+        keep_chat_template (`bool`, *optional*, defaults to `False`):
+            Written to `processor_config.json` by `save_pretrained` when the processor's chat template was chosen by
+            its user (not the built-in one): `from_pretrained` then loads that template as it is instead of rendering
+            with the built-in one.
+        """
         if tokenizer is None or feature_extractor is None:
             raise ValueError("FunAudioChatProcessor needs a feature_extractor and a tokenizer.")
         if chat_template is None:
@@ -424,32 +448,25 @@ class FunAudioChatProcessor(ProcessorMixin):
         return {"speech_ids": speech_ids, "speech_attention_mask": speech_attention_mask}
 
     # ------------------------------------------------------------------ main call
+    @auto_docstring(
+        custom_intro="""Tokenize prompts and featurize their audio.
+
+        `text` holds one `<|AUDIO|>` placeholder per audio (usually from the chat template; a bare `<|AUDIO|>` gets
+        `<|audio_bos|>`/`<|audio_eos|>` added around it), each expanded to the clip's number of 5 Hz positions;
+        `audio` is one audio or a list of audios for all prompts, in placeholder order, in any form
+        `fun_audio_chat.processing.audio_io.load_audio` accepts. Raw arrays given without `sampling_rate` are taken at
+        the feature extractor's rate (16 kHz), as the official processor does (with a one-time warning); other rates
+        are resampled. Text is left padded by default (generation). Audio features cover Whisper's 30 s window (longer
+        clips all their frames; `audio_kwargs={"padding": "longest"}` for the longest clip's frames) and are never
+        truncated. An argument this processor does not know is reported by transformers' logger and ignored.
+        """
+    )
     def __call__(
         self,
         text: str | list[str] | None = None,
         audio: Any = None,
         **kwargs: Unpack[FunAudioChatProcessorKwargs],
     ) -> BatchFeature:
-        """Tokenize prompts and featurize their audio.
-
-        Args:
-            text: prompt(s) containing one ``<|AUDIO|>`` placeholder per audio (usually from the chat template; a
-                bare ``<|AUDIO|>`` gets ``<|audio_bos|>``/``<|audio_eos|>`` added around it).
-            audio: one audio or a list of audios for all prompts, in placeholder order. Any form
-                :func:`~fun_audio_chat.processing.audio_io.load_audio` accepts.
-            kwargs: transformers' processor keyword arguments, flat or per modality (``text_kwargs=``,
-                ``audio_kwargs=``), merged by ``ProcessorMixin._merge_kwargs``. The ones that matter here:
-
-                * ``sampling_rate``: rate of raw sample arrays (files and datasets dicts carry their own). Raw arrays
-                  given without it are taken at the feature extractor's rate (16 kHz), as the official processor and
-                  transformers' audio processors do (with a one-time warning); other rates are resampled.
-                * ``padding`` / ``padding_side`` / ``truncation`` / ``max_length`` …: text tokenizer settings;
-                  ``padding_side`` defaults to ``"left"`` (generation).
-                * ``return_tensors``: ``"pt"``, ``"np"`` or ``None`` (lists for text, numpy arrays for audio).
-                * ``return_text_replacement_offsets``: also return where each placeholder was expanded.
-
-            An argument this processor does not know is reported by transformers' logger and ignored.
-        """
         # The tokenizer's own init-time settings (padding="max_length", max_length=... given when it was built) rank
         # above the processor's defaults and below call-time arguments, as for every in-tree processor.
         output_kwargs = self._merge_kwargs(
