@@ -66,6 +66,16 @@ def test_checkpoint_keys_to_ignore_is_what_from_pretrained_skips():
     assert compat.checkpoint_keys_to_ignore(_tiny_pretrained_model()) == [r"rotary\.inv_freq"]
 
 
+def test_compile_on_every_device_sets_the_flag_generate_reads():
+    from transformers import CompileConfig
+    from transformers.generation import utils
+
+    config = compat.compile_on_every_device(CompileConfig())
+    assert config._compile_all_devices is True
+    assert "compile_config._compile_all_devices" in inspect.getsource(utils)  # what generate() checks off GPU
+    assert "_compile_all_devices" not in config.to_dict()  # not saved with the generation config
+
+
 # --------------------------------------------------------------------------------- transformers: Trainer internals
 
 

@@ -188,6 +188,8 @@ KNOWN_REACHES_TO_MOVE = {
     ("fun_audio_chat/modeling/generation.py", "config._from_model_config"),
     # PretrainedConfig has the public `name_or_path` for this
     ("fun_audio_chat/token2wav/detokenizer.py", "model.config._name_or_path"),
+    # compiled decoding off GPU (new work at the time): framework_compat.compile_on_every_device does it
+    ("fun_audio_chat/modeling/compiled_decoding.py", "compile_config._compile_all_devices"),
 }
 
 

@@ -9,7 +9,7 @@ library           versions     workarounds in this module
 ================  ===========  ================================================================================
 transformers      5.23 - 5.25  the cache's name (5.24 rename); ``Trainer``'s input preparation and dataset
                                column hook; ``TrainingArguments``' JSON-dict fields; ``PreTrainedModel``'s layer
-                               and checkpoint-key class attributes
+                               and checkpoint-key class attributes; compiled decoding off GPU
 accelerate        1.15 - 1.16  whether the process state exists; resetting the shared state between two Trainers
                                of one process; FSDP2 on CPU processes
 TRL               1.16         ``DPOTrainer``'s private extension points (dataset preparation, reference
@@ -80,6 +80,13 @@ def checkpoint_keys_to_ignore(model: Any) -> list[str]:
     """``model._keys_to_ignore_on_load_unexpected``: regexes of checkpoint keys ``from_pretrained`` skips without a
     warning (a ``PreTrainedModel`` class attribute; no public accessor exists)."""
     return list(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+
+
+def compile_on_every_device(compile_config: Any) -> Any:
+    """Let ``generate()`` compile decode steps off GPU too: transformers compiles them on CPU only when the
+    ``CompileConfig``'s ``_compile_all_devices`` is set, which its constructor does not take. Returns the config."""
+    compile_config._compile_all_devices = True
+    return compile_config
 
 
 def prepare_trainer_inputs(trainer: Any, inputs: MutableMapping) -> MutableMapping:
@@ -240,6 +247,7 @@ __all__ = [
     "TrainerPrivateHooks",
     "cache_of",
     "checkpoint_keys_to_ignore",
+    "compile_on_every_device",
     "count_trained_tokens",
     "dict_fields_parsed_from_json",
     "disable_fsdp_on_cpu_processes",
