@@ -144,9 +144,11 @@ def test_the_prompt_is_encoded_once_per_voice(official_model):
     is reply-independent); replies never change the voice's cache."""
     inputs, _, _ = load_prompt_case("flow_prompt_chunked")
     voice = oracle_voice(inputs)
-    first = official_model.streaming_session(voice=voice, chunked=True)
-    assert first.flow_cache.frames == 50
+    official_model.prepare_voice(voice)  # at registration: the prompt chunks are encoded here, once
     cached = official_model._conditioning(voice=voice)._prompt_cache
+    assert cached.frames == 50
+    first = official_model.streaming_session(voice=voice, chunked=True)
+    assert first.flow_cache.frames == 50 and first.flow_cache.steps[0].layers[0][0] is cached.steps[0].layers[0][0]
     keys_before = [layer[0].clone() for layer in cached.steps[0].layers]
     frames = []
     hook = official_model.flow.estimator.register_forward_hook(lambda m, args, out: frames.append(args[0].shape[2]))

@@ -242,6 +242,13 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         self._voice_conditioning[voice] = (key, conditioning)
         return conditioning
 
+    def prepare_voice(self, voice: CosyVoice3Voice) -> None:
+        """Check ``voice`` against this detokenizer and encode its prompt's reply-independent chunks now (what its
+        first ``chunked=True`` session would otherwise do), e.g. when a server registers its voices at start-up.
+        Raises ``ValueError`` naming the problem for a voice that does not fit."""
+        self.ensure_noise()
+        self._conditioning(voice=voice).chunked_cache(self.flow)
+
     # -- offline ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, codes, speaker_embedding=None, voice: CosyVoice3Voice | None = None):
