@@ -230,6 +230,14 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path):
     assert not (out / "keep.txt").exists() and read_manifest(out)["alpha"] == 0.5
 
 
+def test_manifest_extra_entries_in_every_kind_of_merge(tmp_path):
+    tuned, base, tuned_dir, base_dir = save_pair(tmp_path, torch.float32)
+    _, on_disk = merge_weights(tuned_dir, base_dir, 0.5, output_dir=tmp_path / "m", manifest_extra={"global_step": 7})
+    assert on_disk["global_step"] == read_manifest(tmp_path / "m")["global_step"] == 7
+    _, in_memory = merge_weights(tuned, base, 0.5, manifest_extra={"global_step": 3}, show_progress=False)
+    assert in_memory["global_step"] == 3
+
+
 def _leftovers(parent: Path) -> list[str]:
     return [p.name for p in parent.iterdir() if p.name.startswith(".merged")]
 

@@ -457,13 +457,13 @@ class _CoreCocktailRun:
         finished = _finished_checkpoint(self.layout.stage1_dir)
         logger.info("Core-Cocktail: stage 1 finished at %s; merging it", finished)
         self.result.log_history["stage1"] = _completed_stage_history(finished)
+        step = _checkpoint_step(finished)  # the manifest records what an uninterrupted run's state would
         if _parameter_sharding(self.args1):
-            self.merge_on_disk(finished)
+            self.merge_on_disk(finished, step)
             self.after_merge()
             load_weights_into(model, self.layout.merged_dir)
             return
         load_weights_into(model, finished)
-        step = _checkpoint_step(finished)  # the manifest records what an uninterrupted run's state would
         manifest = self.merger().merge(model, args=self.args1, processing_class=self.processing_class, global_step=step)
         self.after_merge(manifest)
 
@@ -478,7 +478,7 @@ class _CoreCocktailRun:
             trainer = self.train_stage(model, 1, [])
             stage1_weights = self.layout.stage1_dir / "final"
             trainer.save_model(str(stage1_weights))  # every process takes part in gathering the full weights
-            self.merge_on_disk(stage1_weights)
+            self.merge_on_disk(stage1_weights, trainer.state.global_step)
             self.after_merge()
         else:
             merger = self.merger()
@@ -496,7 +496,7 @@ class _CoreCocktailRun:
             self.base, alpha=self.alpha, save_dir=self.layout.merged_dir, merge_kwargs=self.merge_kwargs
         )
 
-    def merge_on_disk(self, stage1_weights: Path) -> None:
+    def merge_on_disk(self, stage1_weights: Path, global_step: int | None) -> None:
         """The merge after a stage whose engine sharded the parameters: no process holds whole tensors, so process 0
         merges the saved checkpoint on disk while the others wait."""
         if PartialState().is_main_process:
@@ -507,6 +507,7 @@ class _CoreCocktailRun:
                 output_dir=self.layout.merged_dir,
                 overwrite=True,
                 show_progress=not self.args1.disable_tqdm,
+                manifest_extra={"global_step": global_step},
                 **self.merge_kwargs,
             )
             logger.info("Core-Cocktail: merged %d tensors with the base on disk", len(manifest["merged"]))

@@ -64,6 +64,7 @@ def merge_weights(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     copy_extra_files: bool = True,
     base_from_hub: bool = False,
+    manifest_extra: Mapping[str, Any] | None = None,
 ) -> MergeResult:
     """Core-Cocktail merge ``M = alpha * tuned + (1 - alpha) * base`` over the tensors the two share.
 
@@ -89,6 +90,7 @@ def merge_weights(
         copy_extra_files: copy config/generation/processor/tokenizer files of a tuned checkpoint directory.
         base_from_hub: ``base`` is a Hub repo id to download. Off by default: a local path that does not exist is
             an error, never a Hub lookup.
+        manifest_extra: more entries for the manifest (e.g. the training step the tuned weights come from).
 
     An ``output_dir`` that is, contains or lies inside the tuned or base checkpoint is refused (``ValueError``)
     before anything is written.
@@ -115,6 +117,7 @@ def merge_weights(
         result, manifest = _merge_module(
             tuned, source, alpha, key_map, on_shape_mismatch, tie, chunk_elements, show_progress
         )
+        manifest.update(manifest_extra or {})
         if output_dir is not None:
             manifest["output_dir"] = str(output_dir)
             save_merged_model(tuned, output_dir, manifest, overwrite=overwrite)
@@ -124,6 +127,7 @@ def merge_weights(
         result, manifest = _merge_state_dict(
             tuned, source, alpha, key_map, on_shape_mismatch, tie, chunk_elements, show_progress
         )
+        manifest.update(manifest_extra or {})
     elif isinstance(tuned, (str, os.PathLike)):
         if output_dir is None:
             raise ValueError("merging a checkpoint on disk needs output_dir")
@@ -139,6 +143,7 @@ def merge_weights(
             show_progress,
             overwrite,
             copy_extra_files,
+            dict(manifest_extra or {}),
         )
     else:
         raise TypeError(f"tuned must be a model, a state dict or a checkpoint path, got {type(tuned).__name__}")
@@ -236,6 +241,7 @@ def _merge_on_disk(
     show_progress,
     overwrite,
     copy_extra_files,
+    manifest_extra,
 ):
     reader = SafetensorsCheckpoint(tuned_path)
     refuse_output_overlapping_inputs(output_dir, [("tuned", tuned_path)] + [("tuned", f) for f in reader.files])
@@ -298,7 +304,13 @@ def _merge_on_disk(
                 shutil.copy2(reader.dir / rel, tmp / rel)
                 copied.append(str(rel))
         manifest = build_manifest(
-            alpha, str(tuned_path), source.description, plan, copied_files=copied, shards=[f.name for f in reader.files]
+            alpha,
+            str(tuned_path),
+            source.description,
+            plan,
+            copied_files=copied,
+            shards=[f.name for f in reader.files],
+            **manifest_extra,
         )
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     manifest["output_dir"] = str(output_dir)
