@@ -7,7 +7,11 @@ rows of different lengths are batched through the flow and each equals its solo 
 Streaming (:meth:`CosyVoice3Detokenizer.streaming_session`) offers the official per-call token-to-wave
 (``step``) and the official web-demo schedule (``push``/``finish``); with ``chunked=True`` the flow uses
 chunk-causal attention and keeps the attention cache of earlier chunks, and the vocoder always renders only a
-window around the new frames instead of the whole history. See ``docs/token2wav.md``.
+window around the new frames instead of the whole history.
+
+Every entry point speaks in a voice (:class:`~fun_audio_chat.token2wav.CosyVoice3Voice`, ``voice=``): its
+embedding conditions the flow and its prompt (codes + mel) goes before the codes of every flow call, as CosyVoice 3's
+own ``token2wav`` takes it; rows and sessions with different voices share batches. See ``docs/token2wav.md``.
 """
 
 from __future__ import annotations
