@@ -42,6 +42,7 @@ from transformers.generation import (
 )
 
 from ..transformers_compat import CACHE_NAME, cache_of
+from .compiled_decoding import warm_up_compiled_decoding
 from .speech_decoding import SpeechDecoder
 from .speech_sampling import SpeechSamplingSettings
 
@@ -88,6 +89,11 @@ class FunAudioChatGenerateOutput(GenerateDecoderOnlyOutput):
 
 class FunAudioChatGenerationMixin:
     """Speech-aware ``generate``; mixed into :class:`FunAudioChatForConditionalGeneration`."""
+
+    def warm_up_compiled_decoding(self, **kwargs) -> dict[int, float]:
+        """Compile the decode graphs at start-up (and load/save torch's compile caches with ``cache_path``); see
+        :func:`fun_audio_chat.modeling.compiled_decoding.warm_up_compiled_decoding`."""
+        return warm_up_compiled_decoding(self, **kwargs)
 
     # ------------------------------------------------------------------------------ configuration
     def _speech_generation_defaults(self) -> dict[str, Any]:

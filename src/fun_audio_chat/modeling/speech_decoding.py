@@ -67,6 +67,9 @@ class SpeechDecoder:
             # Left-padded rows count positions from their first real sub-position, as they would alone.
             padding = (k * (new_positions - segment_mask.sum(-1))).long()[:, None]
             positions = (positions - padding).clamp(min=0)
+        if sub_mask is None and self.compile_config is not None:
+            # One compiled group for padded and unpadded batches: the static decoder always masks by a tensor.
+            sub_mask = torch.ones(batch, total, dtype=torch.long, device=device)
         self.decoder = SpeechHeadDecoder(
             self.head, positions.contiguous(), sub_mask, static=self.compile_config is not None
         )
