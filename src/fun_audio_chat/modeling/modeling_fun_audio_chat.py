@@ -1,3 +1,16 @@
+# Copyright 2026 The fun_audio_chat authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """FunAudioChatForConditionalGeneration: audio merged into a Qwen3 LLM, plus the Speech Refined Head.
 
 Parameter names equal the official state dict (docs/official-format.md#state-dict), so official ``model.safetensors`` files load as they are.
@@ -15,6 +28,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import auto_docstring, can_return_tuple
 
 from ..configuration_fun_audio_chat import IGNORE_INDEX, FunAudioChatConfig, refuse_missing_local_path
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
@@ -26,26 +40,31 @@ from .speech_head import FunAudioChatSpeechHead, SpeechHeadDecoder
 from .speech_sampling import GREEDY_SPEECH
 
 
+@auto_docstring(
+    custom_intro="""
+    Forward output: the causal-LM fields (`loss` = `text_loss + speech_loss`, text `logits`, the LLM cache,
+    `hidden_states`, `attentions`) plus the speech stream's. `gather_sequence_log_probs` turns a logits/targets pair
+    into per-row summed log-probabilities (preference training scores answers that way). The cache field is named as
+    the installed transformers names it (see `fun_audio_chat.transformers_compat`); `output.past_key_values` reads it
+    on every supported release.
+    """
+)
 @dataclass
 class FunAudioChatOutputWithPast(CausalLMOutputWithPast):
-    """Forward output: the causal-LM fields (``loss``, ``logits``, the LLM cache, ``hidden_states``,
-    ``attentions``) plus the speech stream's.
-
-    Args:
-        loss: ``text_loss + speech_loss`` when ``labels`` are given.
-        text_loss / speech_loss: the two streams' cross-entropies.
-        logits: text logits (B, L, V) (or the last ``logits_to_keep`` positions).
-        speech_logits: SRH logits (B, L·k, codebook) from the teacher-forced head.
-        shift_labels: when ``labels`` are given, the text targets the loss used, aligned with ``logits``
-            (``logits[:, t]`` predicts ``shift_labels[:, t]``; -100 where nothing is scored).
-        speech_shift_labels: likewise the speech targets, aligned with ``speech_logits`` (B, L·k).
-        last_hidden_state: final (post-norm) LLM states, when ``return_last_hidden_state=True``.
-
-    :func:`gather_sequence_log_probs` turns a logits/targets pair into per-row summed log-probabilities
-    (preference training scores answers that way).
-
-    The cache field is named as the installed transformers names it (see :mod:`fun_audio_chat.transformers_compat`);
-    ``output.past_key_values`` reads it on every supported release.
+    r"""
+    text_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Text stream cross-entropy, when `labels` are given.
+    speech_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Speech stream cross-entropy, when `labels` are given.
+    speech_logits (`torch.FloatTensor` of shape `(batch_size, sequence_length * group_size, codebook_size)`, *optional*):
+        Speech Refined Head logits from the teacher-forced head.
+    shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+        When `labels` are given, the text targets the loss used, aligned with `logits` (`logits[:, t]` predicts
+        `shift_labels[:, t]`; -100 where nothing is scored).
+    speech_shift_labels (`torch.LongTensor` of shape `(batch_size, sequence_length * group_size)`, *optional*):
+        Likewise the speech targets, aligned with `speech_logits`.
+    last_hidden_state (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden_size)`, *optional*):
+        Final (post-norm) LLM states, when `return_last_hidden_state=True`.
     """
 
     text_loss: torch.FloatTensor | None = None
@@ -73,14 +92,17 @@ class MergedAudioInputs:
     text_embeds: torch.Tensor | None = None  # SRH conditioning: token embeddings, transcripts at <|AUDIO|> slots
 
 
+@auto_docstring
 class FunAudioChatPreTrainedModel(PreTrainedModel):
     config_class = FunAudioChatConfig
     config: FunAudioChatConfig
+    # trf-ignore: TRF002 (official state-dict keys carry no prefix and the model has no single base model to strip)
     base_model_prefix = ""
     main_input_name = "input_ids"
     input_modalities = ("audio", "text")
     supports_gradient_checkpointing = True
-    _no_split_modules = ["Qwen2_5OmniAudioEncoderLayer", "Qwen3DecoderLayer"]
+    # No _no_split_modules of our own: post_init collects the LLM's, the audio encoder's and the speech head's layer
+    # classes from those submodels.
     _skip_keys_device_placement = [CACHE_NAME, LEGACY_CACHE_NAME]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -95,6 +117,12 @@ class FunAudioChatPreTrainedModel(PreTrainedModel):
     _modules_not_quantized = ["continuous_audio_tower", "audio_tower", "audio_invert_tower", "language_model.lm_head"]
 
 
+@auto_docstring(
+    custom_intro="""
+    Fun-Audio-Chat: audio merged into a Qwen3 LLM (continuous Whisper-style features and 25 Hz speech codes grouped
+    five to one LLM position), plus the Speech Refined Head that decodes five speech codes per LLM step.
+    """
+)
 class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudioChatPreTrainedModel, GenerationMixin):
     # The SRH output head is the speech embedding table (official `tie_weights` always ties it); the LLM head
     # follows text_config.tie_word_embeddings (False for the release).
@@ -440,6 +468,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         batch, length = labels.shape
         rows = merged.padded_speech_ids.shape[0]
         tail_value = IGNORE_INDEX
+        # CODEPATH: training_recipe="consistent" (default; checkpoints trained by this library) scores the pad tail
+        # of a reply's last speech group; "official" (the released Fun-Audio-Chat-8B's recipe) does not.
         if not self.config.uses_official_training_recipe:
             tail_value = self.config.audio_config.pad_token_id
         per_group = merged.padded_speech_ids.masked_fill(merged.padded_speech_mask == 0, tail_value)
@@ -560,6 +590,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         sub_mask, sub_positions = self.speech_head_positions(attention_mask, position_ids)
         previous = None
         if speech_labels is not None:
+            # CODEPATH: training_recipe="official" (the released Fun-Audio-Chat-8B's recipe) teacher-forces the
+            # previous codes; "consistent" (default) feeds what generate() feeds.
             if self.config.uses_official_training_recipe or labels is None:
                 previous = self.teacher_forcing_embeddings(speech_labels)
             else:
@@ -580,6 +612,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         return sub_mask, sub_positions
 
     # ------------------------------------------------------------------------------------------ forward
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -596,9 +630,6 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         num_items_in_batch: torch.Tensor | int | dict | None = None,
         compute_speech_logits: bool | None = None,
@@ -607,26 +638,41 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         **kwargs,
     ) -> FunAudioChatOutputWithPast | tuple:
         r"""
-        Args:
-            input_features (`(num_feature_audios, num_mel_bins, frames)`): log-mel features of the audios that
-                have continuous features (rows where ``feature_exist_mask`` is True).
-            feature_attention_mask (`(num_feature_audios, frames)`): valid mel frames.
-            feature_exist_mask (`(num_audios,)` bool): which audios have continuous features (user audio).
-            speech_ids / speech_attention_mask (`(num_audios, S)`): 25 Hz speech codes of every audio, in the
-                order of the ``<|AUDIO|>`` spans of ``input_ids`` (user audio: all speech-pad ids).
-            text_ids / text_attention_mask: per-audio transcripts (training); rows without a transcript have
-                ``text_attention_mask`` False.
-            labels: LM labels (-100 on the prompt, ``input_ids`` on the assistant span).
-            num_items_in_batch: token counts for loss normalisation under gradient accumulation: an int/tensor
-                for the text stream, or ``{"text": n, "speech": m}`` for both.
-            compute_speech_logits: run the teacher-forced SRH (default: whenever the model has one).
-            return_last_hidden_state: also return the final LLM states (used by generation).
-            return_loss: with ``labels``, compute the text and speech losses. ``False`` returns only the targets
-                (``shift_labels``, ``speech_shift_labels``), for callers that score the logits themselves (DPO):
-                it saves a log-softmax over each vocabulary.
+        input_features (`torch.FloatTensor` of shape `(num_feature_audios, num_mel_bins, frames)`, *optional*):
+            Log-mel features of the audios that have continuous features (rows where `feature_exist_mask` is True).
+        feature_attention_mask (`torch.Tensor` of shape `(num_feature_audios, frames)`, *optional*):
+            Valid mel frames.
+        feature_exist_mask (`torch.Tensor` of shape `(num_audios,)`, *optional*):
+            Which audios have continuous features (user audio).
+        speech_ids (`torch.LongTensor` of shape `(num_audios, speech_length)`, *optional*):
+            25 Hz speech codes of every audio, in the order of the `<|AUDIO|>` spans of `input_ids` (user audio: all
+            speech-pad ids).
+        speech_attention_mask (`torch.Tensor` of shape `(num_audios, speech_length)`, *optional*):
+            Valid positions of `speech_ids`.
+        text_ids (`torch.LongTensor` of shape `(num_audios, text_length)`, *optional*):
+            Per-audio transcripts (training).
+        text_attention_mask (`torch.Tensor` of shape `(num_audios,)`, *optional*):
+            False for the audio rows without a transcript.
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            LM labels (-100 on the prompt, `input_ids` on the assistant span); unshifted.
+        num_items_in_batch (`int`, `torch.Tensor` or `dict`, *optional*):
+            Token counts for loss normalisation under gradient accumulation: an int/tensor for the text stream, or
+            `{"text": n, "speech": m}` for both.
+        compute_speech_logits (`bool`, *optional*):
+            Run the teacher-forced Speech Refined Head (default: whenever the model has one).
+        return_last_hidden_state (`bool`, *optional*, defaults to `False`):
+            Also return the final LLM states (used by generation).
+        return_loss (`bool`, *optional*, defaults to `True`):
+            With `labels`, compute the text and speech losses. `False` returns only the targets (`shift_labels`,
+            `speech_shift_labels`), for callers that score the logits themselves (DPO): it saves a log-softmax over
+            each vocabulary.
         """
         past_key_values = pop_cache_argument(past_key_values, kwargs)
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        # The inner Qwen3's output capture resolves output_attentions / output_hidden_states (they reach it through
+        # kwargs); our config decides when the caller does not, or it would read its own text_config.
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag) is None:
+                kwargs[flag] = getattr(self.config, flag)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if input_ids is not None:
@@ -634,6 +680,8 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         merged = None
         text_embeds = None
         if inputs_embeds is None:
+            # CODEPATH: every Fun-Audio-Chat checkpoint; prompts with <|AUDIO|> spans merge their audio, text-only
+            # prompts (and decode steps) embed their tokens.
             if speech_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
                 merged = self.merge_audio(
                     input_ids,
@@ -660,12 +708,6 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=use_cache,
-            # Our config decides when the caller does not: the inner Qwen3 would otherwise read its own.
-            output_attentions=self.config.output_attentions if output_attentions is None else output_attentions,
-            output_hidden_states=(
-                self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-            ),
-            return_dict=True,
             **{CACHE_NAME: past_key_values},
             **kwargs,
         )
@@ -681,11 +723,15 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         speech_labels = shift_labels = speech_shift_labels = None
         if labels is not None:
             text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
-            shift_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)[:, 1:][:, keep]
+            # The shifted targets are an output (DPO scores logits against them); the loss takes them as they are
+            # (shift_labels=), so they are shifted here only and scored exactly where they are returned.
+            next_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)
+            shift_labels = next_labels[:, 1:][:, keep]  # trf-ignore: TRF053
             if return_loss:
-                text_loss = self.language_model.loss_function(
+                text_loss = self.loss_function(
                     logits=logits,
-                    labels=text_labels,
+                    labels=None,
+                    shift_labels=shift_labels.contiguous(),
                     vocab_size=self.config.text_config.vocab_size,
                     num_items_in_batch=text_counts,
                 )
@@ -729,7 +775,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             last_hidden_state=hidden if return_last_hidden_state else None,
             **{CACHE_NAME: cache_of(llm_output)},
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
     def sequence_log_probs(self, include_speech: bool = True, **inputs) -> dict[str, torch.Tensor]:
         """Per-row summed log-probabilities of the labelled reply, text and speech streams separately.
