@@ -11,6 +11,8 @@ LLM step with their code selection and cache writes, traced as one graph.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 from transformers import AutoModel
@@ -92,7 +94,8 @@ class FunAudioChatSpeechHead(nn.Module):
         """
         backbone = self.crq_transformer
         hidden = self.input_matching(sub_state)
-        for layer in backbone.layers[: backbone.config.num_hidden_layers]:
+        # islice, not backbone.layers[:n]: slicing a ModuleList builds a new ModuleList, at every sub-step.
+        for layer in itertools.islice(backbone.layers, backbone.config.num_hidden_layers):
             hidden = layer(
                 hidden,
                 attention_mask=attention_mask,
