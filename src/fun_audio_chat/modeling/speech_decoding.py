@@ -163,8 +163,10 @@ class SpeechDecoder:
         codes = []
         for sub_step in range(k):
             previous = head.code_embeddings(self.previous_code)[:, None, :]
-            if sub_step == 0:
+            if sub_step == 0 and leading > 1:
                 logits = decoder.prefill(sub_states[:, :leading] + previous)[:, -1].float()
+            elif sub_step == 0:  # a decode step's first sub-position: no backbone forward (mask, rotary) per step
+                logits = decoder.step(sub_states[:, :1] + previous)
             else:
                 index = leading + sub_step - 1
                 logits = decoder.step(sub_states[:, index : index + 1] + previous)
