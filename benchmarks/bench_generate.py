@@ -16,20 +16,25 @@ and with ``attn_implementation="eager"``; (e) the compiled paths' first-call tim
 peak memory that loading the bench model from disk adds to a process (torch already imported) and the bytes its
 weights hold afterwards, in full precision and with the LLM quantized to int8 weights (optimum-quanto; audio
 encoders, speech head and speech embeddings stay full precision); (g) the compiled decode step with SDPA over the
-same step with eager attention.
+same step with eager attention; (h) the first compiled call of a fresh process, cold (empty compile caches) over
+warm (torch's compile cache artifacts saved by the cold process loaded first, as ``warm_up_compiled_decoding(...,
+cache_path=...)`` does).
 
 Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2] [--skip-compiled]
+    [--skip-eager-attention] [--skip-warm-start]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_configs import ABOS, AEOS, AUDIO, bench_model_config
@@ -205,12 +210,57 @@ def load_peak_megabytes(folder: str, mode: str) -> tuple[float, float] | None:
     return int(peak_kb) / 1024, int(held_bytes) / 2**20
 
 
+FIRST_COMPILED_CALL = """
+import sys, time, torch
+sys.path.insert(0, sys.argv[1])
+from bench_configs import bench_model_config
+from bench_generate import compiled_decoding, run
+from fun_audio_chat import FunAudioChatForConditionalGeneration
+from fun_audio_chat.modeling.compiled_decoding import load_compile_cache, save_compile_cache
+
+torch.set_num_threads(int(sys.argv[3]))
+torch.manual_seed(0)
+model = FunAudioChatForConditionalGeneration(bench_model_config()).eval()
+start = time.perf_counter()
+loaded = load_compile_cache(sys.argv[2])
+run(model, 1, int(sys.argv[4]), True, None, compiled_decoding())
+elapsed = time.perf_counter() - start
+if not loaded:
+    save_compile_cache(sys.argv[2])
+print(elapsed)
+"""
+
+
+def first_compiled_call_seconds(threads: int, new_tokens: int) -> tuple[float, float] | None:
+    """(cold, warm) seconds of a fresh process's first compiled S2S call (cache loading included). Each process
+    gets its own empty inductor cache directory, so only the saved artifacts file carries compiled code over."""
+    here = str(Path(__file__).resolve().parent)
+    seconds = []
+    with tempfile.TemporaryDirectory() as folder:
+        artifacts = os.path.join(folder, "compile-cache.bin")
+        for attempt in ("cold", "warm"):
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": os.path.join(folder, f"inductor-{attempt}")}
+            done = subprocess.run(
+                [sys.executable, "-c", FIRST_COMPILED_CALL, here, artifacts, str(threads), str(new_tokens)],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if done.returncode != 0:
+                print(done.stderr[-2000:], file=sys.stderr)
+                return None
+            seconds.append(float(done.stdout.split()[-1]))
+    return seconds[0], seconds[1]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-compiled", action="store_true", help="measure the default path only")
+    parser.add_argument("--skip-eager-attention", action="store_true", help="compiled path with SDPA only")
+    parser.add_argument("--skip-warm-start", action="store_true", help="skip (h), the cold vs warm first call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -223,12 +273,13 @@ def main():
         # The same weights with eager attention (the default is SDPA), for the comparison (g).
         eager_model = copy.deepcopy(model)
         eager_model.set_attn_implementation("eager")
-        for name, compiled_model in (("compiled", model), ("compiled, eager attention", eager_model)):
+        compiled_models = [("compiled", model), ("compiled, eager attention", eager_model)]
+        for name, compiled_model in compiled_models[: 1 if args.skip_eager_attention else 2]:
             # Compiled code is cached per function, not per model, and both models share `forward`: start each from
             # an empty cache so the second does not run into the first one's entries (torch's recompile limit).
             torch._dynamo.reset()
             start = time.perf_counter()
-            # First calls: compile the LLM step and the SRH sub-step for each shape measured. They generate as many
+            # First calls: compile the LLM step and the SRH group for each shape measured. They generate as many
             # tokens as the measured calls, because the static caches' length is part of the compiled shapes.
             run(compiled_model, 1, args.new_tokens, True, None, compiled_decoding())
             run(compiled_model, 1, args.new_tokens, False, None, compiled_decoding())
@@ -253,7 +304,7 @@ def main():
             f"{found['s2t'] / found['s2t_floor']:.2f}x"
         )
     if compile_seconds:
-        default, compiled, eager = paths["default"], paths["compiled"], paths["compiled, eager attention"]
+        default, compiled = paths["default"], paths["compiled"]
         print(
             f"(e) compiled first calls (b1 S2S, b1 S2T, b8 S2S; {args.new_tokens} tokens each, compilation included) "
             + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in compile_seconds.items())
@@ -262,10 +313,20 @@ def main():
             f"    default / compiled decode step: S2S {default['s2s'] / compiled['s2s']:.2f}x, "
             f"S2T {default['s2t'] / compiled['s2t']:.2f}x"
         )
-        print(
-            f"(g) compiled decode step, SDPA / eager attention: S2S {compiled['s2s'] / eager['s2s']:.2f}x, "
-            f"S2T {compiled['s2t'] / eager['s2t']:.2f}x"
-        )
+        eager = paths.get("compiled, eager attention")
+        if eager is not None:
+            print(
+                f"(g) compiled decode step, SDPA / eager attention: S2S {compiled['s2s'] / eager['s2s']:.2f}x, "
+                f"S2T {compiled['s2t'] / eager['s2t']:.2f}x"
+            )
+    if not args.skip_compiled and not args.skip_warm_start:
+        first_calls = first_compiled_call_seconds(args.threads, 10)
+        if first_calls is not None:
+            cold, warm = first_calls
+            print(
+                f"(h) first compiled call of a fresh process (b1 S2S, 10 tokens): cold {cold:.1f} s / warm (compile "
+                f"cache artifacts loaded) {warm:.1f} s = {cold / warm:.2f}x"
+            )
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         full, int8 = load_peak_megabytes(folder, "full"), load_peak_megabytes(folder, "int8")
