@@ -90,3 +90,17 @@ def test_tokenizer_init_defaults_reach_the_text(processor, tmp_path):
     assert inputs["input_ids"][0, 0] == processor.text_pad_token_id  # still left padding
     shorter = custom(text=PROMPT, audio=clip, sampling_rate=16000, return_tensors="pt", max_length=120)
     assert shorter["input_ids"].shape[-1] == 120
+
+
+def test_audio_defaults_only_say_what_the_feature_extractor_does_not(processor):
+    """The processor's own audio defaults differ from the feature extractor's (the rest comes from it), and its
+    frame mask is the feature extractor's, under the official name ``feature_attention_mask``."""
+    import inspect
+
+    call_defaults = inspect.signature(processor.feature_extractor.__call__).parameters
+    for name, value in processor.audio_kwargs.items():
+        assert name not in call_defaults or call_defaults[name].default != value, name
+    clip = noise(5000, seed=6)
+    direct = processor.feature_extractor(clip, sampling_rate=16000, return_attention_mask=True, return_tensors="np")
+    ours = processor(audio=clip, sampling_rate=16000, return_tensors="np")
+    np.testing.assert_array_equal(ours["feature_attention_mask"], direct["attention_mask"])

@@ -151,10 +151,11 @@ class FunAudioChatProcessor(ProcessorMixin):
     # transformers recommends over ProcessingKwargs._defaults): left padding for generation; the chat template writes
     # every special token itself.
     text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False}
-    # The feature extractor settings the processor uses, so that calling the feature extractor with the processor's
-    # merged kwargs gives the processor's features: padded to Whisper's 30 s window like the official processor,
-    # never truncated (longer clips keep all their frames; max_audio_seconds bounds them).
-    audio_kwargs = {"padding": "max_length", "max_length": WHISPER_WINDOW_SAMPLES, "truncation": False}
+    # Feature extraction follows the feature extractor's own defaults (Whisper: padding="max_length" to its 30 s
+    # window, as the official processor), so calling it with the processor's merged kwargs gives the processor's
+    # features; the one setting of ours: never truncate (longer clips keep all their frames; max_audio_seconds
+    # bounds them).
+    audio_kwargs = {"truncation": False}
     audio_loading_policy: AudioLoadingPolicy = DEFAULT_AUDIO_LOADING_POLICY
     # The detokenizer, or where to load it from on first use (see the class docstring).
     _detokenizer = None
@@ -504,16 +505,17 @@ class FunAudioChatProcessor(ProcessorMixin):
             data.update(self.user_speech_ids([self.num_speech_frames(len(w)) for w in waveforms]))
         return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
 
-    @staticmethod
-    def _feature_window(audio_kwargs: dict) -> int | None:
-        """The ``max_length`` (samples) features are padded to: the feature extractor's padding setting read as it
-        reads it (``"max_length"``: up to ``max_length``, default 30 s; ``"longest"``/``True``: the longest clip;
-        ``"do_not_pad"``/``False`` has no meaning for a batch of clips and is refused). Audio is never truncated."""
-        padding = audio_kwargs.get("padding", "longest")
+    def _feature_window(self, audio_kwargs: dict) -> int | None:
+        """The ``max_length`` (samples) features are padded to: the padding setting read as the feature extractor
+        reads it (``"max_length"``, its default: up to ``max_length``, default its 30 s window; ``"longest"``/``True``:
+        the longest clip; ``"do_not_pad"``/``False`` has no meaning for a batch of clips and is refused). Audio is
+        never truncated."""
+        padding = audio_kwargs.get("padding", "max_length")
         if padding in (True, "longest"):
             return None
         if padding == "max_length":
-            return int(audio_kwargs.get("max_length") or WHISPER_WINDOW_SAMPLES)
+            window = getattr(self.feature_extractor, "n_samples", None) or WHISPER_WINDOW_SAMPLES
+            return int(audio_kwargs.get("max_length") or window)
         raise ValueError(
             f"audio padding={padding!r} is not supported: clips are batched into one (N, 128, T) tensor; pass "
             'audio_kwargs={"padding": "longest"} for the longest clip\'s frames or "max_length" (the default, 30 s).'
