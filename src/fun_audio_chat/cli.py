@@ -668,6 +668,41 @@ def _serve_detokenizer(spec: str | None, model_spec: str):
         raise CLIError(f"--detokenizer {spec}: could not load it: {err}") from err
 
 
+def _serve_voices(args, detokenizer):
+    """The voices both APIs offer by name: the detokenizer folder's ``voices/`` (or the speakers of an official
+    folder's spk2info.pt) and every ``--voice NAME=CLIP_OR_VOICE_FILE`` (clips are cloned now, once)."""
+    if detokenizer is None:
+        if args.voice:
+            raise CLIError("--voice: this server has no detokenizer (text replies only); pass --detokenizer DIR.")
+        return None
+    from .voices import VoiceRegistry, load_voice_cloner
+
+    registry = VoiceRegistry(config=getattr(detokenizer, "config", None))
+    folder = args.detokenizer if args.detokenizer not in (None, "tiny", "none") else None
+    try:
+        if folder:
+            registry.add_folder(folder)
+    except (ValueError, OSError) as err:
+        raise CLIError(f"--detokenizer {folder}: its voices: {_first_line(err)}") from err
+    encoders = args.voice_encoders or folder or "tiny"
+
+    def cloner():  # built only when a --voice names a clip
+        try:
+            return load_voice_cloner(encoders, num_codes=detokenizer.config.flow.vocab_size)
+        except (ImportError, ValueError, OSError) as err:
+            raise CLIError(f"--voice-encoders {encoders}: {_first_line(err)}") from err
+
+    for spec in args.voice or []:
+        try:
+            registry.add_spec(spec, cloner)
+        except (ValueError, OSError) as err:
+            raise CLIError(f"--voice {spec}: {_first_line(err)}") from err
+    if getattr(args, "chunked_synthesis", False) and hasattr(detokenizer, "prepare_voice"):
+        for name in registry.names[1:]:  # each voice's prompt chunks encoded now, not by its first reply
+            detokenizer.prepare_voice(registry.get(name))
+    return registry
+
+
 def cmd_serve(args) -> int:
     try:
         import uvicorn
@@ -694,6 +729,7 @@ def cmd_serve(args) -> int:
     device = _resolve_device(args.device)
     model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
     detokenizer = _serve_detokenizer(args.detokenizer, args.model)
+    voices = _serve_voices(args, detokenizer)
     engine = ServingEngine(
         model,
         processor,
@@ -704,8 +740,16 @@ def cmd_serve(args) -> int:
         synthesis_workers=args.synthesis_workers,
     )
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
-    app = create_app(engine, model_id, default_max_tokens=args.max_new_tokens, max_audio_seconds=args.max_audio_seconds)
+    app = create_app(
+        engine,
+        model_id,
+        default_max_tokens=args.max_new_tokens,
+        max_audio_seconds=args.max_audio_seconds,
+        voices=voices,
+    )
     mode = "text + speech" if engine.can_speak else "text only (no detokenizer: pass --detokenizer DIR)"
+    if voices is not None and len(voices):
+        mode += f" in voices {', '.join(voices.names)}"
     _say(
         f"fun-audio-chat serve: model {model_id!r}, {mode}; voice page http://{args.host}:{args.port}/ , "
         f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics",
@@ -942,6 +986,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="CosyVoice 3 token-to-wave directory for spoken replies; 'none' for text only "
         "(default: a tiny random one with --model tiny, none otherwise)",
+    )
+    serve.add_argument(
+        "--voice",
+        action="append",
+        metavar="NAME=CLIP_OR_VOICE_FILE",
+        help="offer a voice by name (repeatable): a .safetensors voice file, or a 3-30 s clip cloned at start-up; the "
+        "detokenizer folder's voices/ are offered too (audio.voice / session.audio.output.voice pick one)",
+    )
+    serve.add_argument(
+        "--voice-encoders",
+        metavar="DIR",
+        help="CosyVoice 3 folder with campplus.onnx and speech_tokenizer_v3.onnx for cloning --voice clips "
+        "(default: the --detokenizer folder; the tiny cloner with the tiny detokenizer)",
     )
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")

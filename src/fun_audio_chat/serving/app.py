@@ -84,16 +84,28 @@ def create_app(
     max_audio_seconds: float = 120.0,
     max_body_bytes: int = 64 * 2**20,
     realtime_limits: RealtimeLimits | None = None,
+    voices=None,
 ) -> FastAPI:
     """The app serving ``engine``; the engine's threads start with the app and stop with it.
 
     ``realtime_limits`` bounds the Realtime API sessions at ``/v1/realtime`` (default: input buffer of
-    ``max_audio_seconds``, ``max_output_tokens: "inf"`` meaning ``default_max_tokens``).
+    ``max_audio_seconds``, ``max_output_tokens: "inf"`` meaning ``default_max_tokens``). ``voices`` (a
+    :class:`~fun_audio_chat.voices.VoiceRegistry`) are the voices both APIs offer by name; by default only
+    ``default``, the detokenizer's own speaker.
     """
+    from ..voices import VoiceRegistry
+
+    if voices is None:
+        voices = VoiceRegistry(config=getattr(engine.detokenizer, "config", None))
     metrics = ServingMetrics()
     engine.on_turn_end = metrics.record
     api = ChatCompletionsAPI(
-        engine, model_id, metrics, default_max_tokens=default_max_tokens, max_audio_seconds=max_audio_seconds
+        engine,
+        model_id,
+        metrics,
+        default_max_tokens=default_max_tokens,
+        max_audio_seconds=max_audio_seconds,
+        voices=voices,
     )
 
     @contextlib.asynccontextmanager
@@ -106,6 +118,7 @@ def create_app(
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.api = api
+    app.state.voices = voices
 
     @app.middleware("http")
     async def limit_body_size(request: Request, call_next):
@@ -143,6 +156,7 @@ def create_app(
         model_id,
         metrics,
         realtime_limits or RealtimeLimits(max_buffer_seconds=max_audio_seconds, max_output_tokens=default_max_tokens),
+        voices=voices,
     )
     app.state.realtime = realtime
     app.include_router(realtime.router())

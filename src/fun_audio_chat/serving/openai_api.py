@@ -9,7 +9,10 @@ Requests follow OpenAI's chat completions with audio: user content parts ``{"typ
 ``message.tool_calls``; streamed replies are server-sent events whose deltas carry ``content`` or
 ``audio.transcript`` pieces and base64 ``audio.data`` pieces (raw 16-bit PCM at the detokenizer's rate).
 
-Differences from OpenAI: the model has one voice (``audio.voice`` is accepted and ignored); ``n`` must be 1;
+``audio.voice`` picks one of the voices the server registered (``GET /v1/voices``; ``serve --voice``); OpenAI's own
+voice names select the default voice, any other unknown name is a 400 that lists the voices there are.
+
+Differences from OpenAI: ``n`` must be 1;
 ``stop``, ``logprobs``, penalties and ``response_format`` other than text are refused; earlier assistant audio is
 referred to by its ``audio.id`` (this server keeps the transcripts of its recent replies) or given as text.
 Unknown fields are refused (400) rather than ignored, so a typo never silently changes a reply.
@@ -30,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..processing import StreamingToolCallParser
+from ..voices.registry import UnknownVoiceError, VoiceRegistry
 from .audio import (
     OUTPUT_FORMATS,
     STREAM_OUTPUT_FORMATS,
@@ -220,8 +224,10 @@ class ChatCompletionsAPI:
         default_max_tokens: int = 256,
         max_audio_seconds: float = 120.0,
         remembered_replies: int = 1024,
+        voices: VoiceRegistry | None = None,
     ):
         self.engine = engine
+        self.voices = voices if voices is not None else VoiceRegistry()
         self.model_id = model_id
         self.metrics = metrics
         self.default_max_tokens = default_max_tokens
@@ -340,6 +346,7 @@ class ChatCompletionsAPI:
                 )
         elif body.audio is not None:
             raise APIError(400, "audio options were given but modalities does not include 'audio'.", "audio")
+        voice = self._voice(body.audio.voice) if speech and body.audio is not None else None
         tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
         choice = body.tool_choice
         if choice not in (None, "auto", "none"):
@@ -358,8 +365,20 @@ class ChatCompletionsAPI:
             top_p=1.0 if body.top_p is None else body.top_p,
             seed=body.seed,
             tools=tools,
+            voice=voice,
         )
         return request, audio_format
+
+    def _voice(self, requested):
+        """The voice object for ``audio.voice`` (a name, or OpenAI's ``{"id": name}``); None = the default voice."""
+        if isinstance(requested, dict):
+            requested = requested.get("id")
+        if requested is not None and not isinstance(requested, str):
+            raise APIError(400, "audio.voice must be a voice name (GET /v1/voices lists them).", "audio.voice")
+        try:
+            return self.voices.resolve(requested)
+        except UnknownVoiceError as err:
+            raise APIError(400, f"audio.voice: {err}", "audio.voice", "voice_not_found") from err
 
     # ------------------------------------------------------------------ responses
     def _remember(self, audio_id: str, transcript: str) -> None:
@@ -529,6 +548,15 @@ class ChatCompletionsAPI:
     async def models(self) -> dict:
         return {"object": "list", "data": [self._model_card()]}
 
+    async def list_voices(self) -> dict:
+        """The voices ``audio.voice`` can name, ``default`` first."""
+        data = []
+        for name in self.voices.names:
+            voice = None if name == "default" else self.voices.get(name)
+            seconds = voice.prompt_tokens / 25 if voice is not None else 0.0
+            data.append({"id": name, "object": "voice", "default": voice is None, "prompt_seconds": seconds})
+        return {"object": "list", "data": data}
+
     def _model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "fun-audio-chat"}
 
@@ -536,6 +564,7 @@ class ChatCompletionsAPI:
         router = APIRouter()
         router.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
         router.add_api_route("/v1/models", self.models, methods=["GET"])
+        router.add_api_route("/v1/voices", self.list_voices, methods=["GET"])
 
         async def model(model_id: str):
             if model_id != self.model_id:

@@ -203,8 +203,13 @@ class _Response:
 class RealtimeSession:
     """One Realtime connection (see the module docstring). ``await session.run()`` serves it until it closes."""
 
-    def __init__(self, websocket, engine, *, model_id: str, metrics=None, limits: RealtimeLimits | None = None):
+    def __init__(
+        self, websocket, engine, *, model_id: str, metrics=None, limits: RealtimeLimits | None = None, voices=None
+    ):
+        from ..voices.registry import VoiceRegistry
+
         self.websocket = websocket
+        self.voices = voices if voices is not None else VoiceRegistry()
         self.engine = engine
         self.model_id = model_id
         self.metrics = metrics
@@ -441,6 +446,7 @@ class RealtimeSession:
             settings.turn_detection = turn_detection_from(audio.input.turn_detection)
             detection_changed = True
         if audio is not None and audio.output is not None and audio.output.voice is not None:
+            self._voice(audio.output.voice, "session.audio.output.voice")
             settings.voice = audio.output.voice
         if detection_changed and settings.turn_detection is not None:
             await self._load_detector(settings.turn_detection)
@@ -458,6 +464,16 @@ class RealtimeSession:
                 where,
             )
         return list(modalities)
+
+    def _voice(self, name: str, where: str):
+        """The registered voice called ``name`` (None for the default voice); unknown names become an error event
+        that lists the voices there are."""
+        from ..voices.registry import UnknownVoiceError
+
+        try:
+            return self.voices.resolve(name)
+        except UnknownVoiceError as err:
+            raise RealtimeError(f"{where}: {err}", "voice_not_found", where) from err
 
     @staticmethod
     def _max_tokens(value, where: str) -> int | str:
@@ -827,6 +843,7 @@ class RealtimeSession:
                 message, param = validation_message("response.create", err)
                 raise RealtimeError(message, "invalid_request", f"response.audio.output.{param}") from err
             voice = output.voice or voice
+        voice_object = self._voice(voice, "response.audio.output.voice") if "audio" in modalities else None
         instructions = params.instructions if params.instructions is not None else settings.instructions
         messages = self._messages(instructions)
         speech = "audio" in modalities
@@ -847,6 +864,7 @@ class RealtimeSession:
             max_new_tokens=self.limits.max_output_tokens if max_tokens == "inf" else int(max_tokens),
             temperature=0.0,
             tools=chat_tools,
+            voice=voice_object,
         )
         try:
             handle = self.engine.submit(request)
@@ -1090,16 +1108,17 @@ def _between(start: float | None, end: float | None) -> float | None:
 class RealtimeAPI:
     """The ``/v1/realtime`` WebSocket route over one engine."""
 
-    def __init__(self, engine, model_id: str, metrics=None, limits: RealtimeLimits | None = None):
+    def __init__(self, engine, model_id: str, metrics=None, limits: RealtimeLimits | None = None, voices=None):
         self.engine = engine
         self.model_id = model_id
         self.metrics = metrics
         self.limits = limits or RealtimeLimits()
+        self.voices = voices
         self.sessions: set[RealtimeSession] = set()
 
     async def serve(self, websocket) -> None:
         session = RealtimeSession(
-            websocket, self.engine, model_id=self.model_id, metrics=self.metrics, limits=self.limits
+            websocket, self.engine, model_id=self.model_id, metrics=self.metrics, limits=self.limits, voices=self.voices
         )
         self.sessions.add(session)
         try:

@@ -67,6 +67,7 @@ function settings() {
   const number = (id) => ($(id).value === "" ? null : Number($(id).value));
   return {
     speech: $("speech").checked && state.canSpeak,
+    voice: $("voice").value || "default",
     bargeIn: $("barge-in").checked,
     system: $("system-prompt").value.trim(),
     temperature: number("temperature") ?? 0.8,
@@ -284,7 +285,7 @@ async function sendTurn(userMessage, startedAt, userTurn) {
     top_p: options.topP,
   };
   if (options.maxTokens !== null) body.max_tokens = options.maxTokens;
-  if (options.speech) body.audio = { voice: "default", format: "pcm16" };
+  if (options.speech) body.audio = { voice: options.voice, format: "pcm16" };
   if (options.seed !== null) body.seed = options.seed;
 
   const turn = addTurn("assistant", "");
@@ -400,6 +401,21 @@ function finishReply(reply) {
 }
 
 // ------------------------------------------------------------------------------------------ page wiring
+// The voice picker lists the server's voices (GET /v1/voices), the default speaker first.
+async function loadVoices() {
+  const response = await fetch("/v1/voices");
+  if (!response.ok) return;
+  const picker = $("voice");
+  picker.replaceChildren();
+  for (const voice of (await response.json()).data) {
+    const option = document.createElement("option");
+    option.value = voice.id;
+    option.textContent = voice.default ? `${voice.id} (the detokenizer's own speaker)` : voice.id;
+    picker.append(option);
+  }
+  picker.value = "default";
+}
+
 async function init() {
   try {
     const models = await (await fetch("/v1/models")).json();
@@ -408,7 +424,8 @@ async function init() {
     state.canSpeak = Boolean(health.speech);
     state.sampleRate = health.sample_rate || 24000;
     $("model").textContent = `model: ${state.model}${state.canSpeak ? "" : " (text replies only: no detokenizer)"}`;
-    if (!state.canSpeak) { $("speech").checked = false; $("speech").disabled = true; }
+    if (!state.canSpeak) { $("speech").checked = false; $("speech").disabled = true; $("voice").disabled = true; }
+    await loadVoices();
   } catch (error) {
     setStatus("server unreachable", "error");
   }
