@@ -10,8 +10,9 @@ Cloning needs the optional ``voice-cloning`` extra (onnxruntime, kaldi-native-fb
 (``speech-tokenizer`` extra); loading, saving and choosing voices need neither.
 """
 
-from .cloning import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS, VoiceCloner, VoiceCloningError, load_voice_cloner
+from .cloning import MAX_CLIP_SECONDS, MIN_CLIP_SECONDS, VoiceCloner, VoiceCloningError
 from .features import COSYVOICE3_MEL, MelSettings, prompt_mel, speaker_fbank
+from .loading import load_voice_cloner
 from .official import VOICES_FOLDER, convert_official_speakers, find_official_speakers, read_official_speakers
 from .registry import DEFAULT_VOICE, UnknownVoiceError, VoiceRegistry, choose_voice, load_voice_file
 from .speaker_encoder import OnnxSpeakerEncoder, tiny_speaker_encoder_model
