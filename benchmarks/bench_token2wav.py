@@ -17,7 +17,7 @@ codes per tick (one LLM step each), advanced one after the other with ``session.
 ``det.push_streams`` call per tick (one batched flow call, batched vocoder windows); then the same with N
 ``cached`` sessions (their cached chunk-causal flow calls batched too).
 
-A voice with a prompt (``--prompt-seconds S``, default 10; 0 skips it): the same reply spoken in a
+A voice with a prompt (``--voice-only``, or ``--prompt-seconds S`` after the other parts): the same reply spoken in a
 ``CosyVoice3Voice`` with S seconds of prompt codes + prompt mel vs the default speaker (embedding only), offline,
 ``windowed`` and ``cached``. The flow runs over prompt + reply, so a full-attention call pays for the prompt's
 frames every time; a ``cached`` session starts from the voice's cached prompt chunks, computed once per voice (the
@@ -80,10 +80,15 @@ def main():
         help="streaming patterns to time, from official, windowed, cached, cached15",
     )
     parser.add_argument(
-        "--prompt-seconds", type=float, default=10.0, help="prompt length of the voice comparison (0 to skip)"
+        "--prompt-seconds",
+        type=float,
+        default=None,
+        help="prompt length of the voice comparison (default: 10 with --voice-only, otherwise not run)",
     )
     parser.add_argument("--voice-only", action="store_true", help="run only the voice (prompt) comparison")
     args = parser.parse_args()
+    if args.voice_only and args.prompt_seconds is None:
+        args.prompt_seconds = 10.0
     torch.set_num_threads(args.threads)
 
     build, model = timed(lambda: random_detokenizer(CosyVoice3Config(), seed=0))
