@@ -200,7 +200,7 @@ def voice_report(model, codes: list[int], prompt_seconds: float) -> None:
     voice = CosyVoice3Voice(
         "bench",
         speaker_embedding=torch.randn(192, generator=generator),
-        prompt_codes=torch.randint(0, 6561, (prompt_codes,), generator=generator),
+        prompt_codes=torch.randint(0, model.config.flow.vocab_size, (prompt_codes,), generator=generator),
         prompt_mel=torch.randn(2 * prompt_codes, 80, generator=generator) * 2 - 5,
     )
     reply_seconds = len(codes) / 25
@@ -219,7 +219,8 @@ def voice_report(model, codes: list[int], prompt_seconds: float) -> None:
             print(f"{'  voice prompt cache (once/voice)':<34}{'':>12}{encode:>10.2f}")
         total_plain, first_plain = stream(model, codes, **kwargs)
         total_voice, first_voice = stream(model, codes, voice=voice, **kwargs)
-        firsts = f"{first_plain[0]:.2f} / {first_voice[0]:.2f}"
+        # a reply shorter than the first hop has no chunk before finish(): "-"
+        firsts = " / ".join("-" if first is None else f"{first[0]:.2f}" for first in (first_plain, first_voice))
         print(f"{name:<34}{total_plain:>12.2f}{total_voice:>10.2f}{total_voice / total_plain:>8.2f}{firsts:>26}")
     print(
         "ratio = reply cost with the prompt / without. Full-attention calls (offline, web-demo) run the flow over "
