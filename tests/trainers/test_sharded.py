@@ -268,6 +268,7 @@ def test_core_cocktail_under_deepspeed_resumes_after_sigkill_in_each_stage(
     _run(tmp_path, *args)
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
     assert (run / "final" / "config.json").is_file()
+    assert json.loads((run / "merged" / "merge_manifest.json").read_text())["global_step"] == 2
     _assert_equals_one_process(run, single_process_core_cocktail)
 
 
@@ -287,7 +288,9 @@ def test_core_cocktail_with_sharded_parameters(engine, tmp_path, core_cocktail_b
     _run(tmp_path, *args)
     assert json.loads((run / "core_cocktail_state.json").read_text())["status"] == "done"
     assert (run / "stage1" / "final" / "model.safetensors").is_file()
-    assert json.loads((run / "merged" / "merge_manifest.json").read_text())["tuned"] == str(run / "stage1" / "final")
+    manifest = json.loads((run / "merged" / "merge_manifest.json").read_text())
+    assert manifest["tuned"] == str(run / "stage1" / "final")
+    assert manifest["global_step"] == 2  # stage 1's last step, as the in-place merge records it
     _assert_equals_one_process(run, single_process_core_cocktail)
 
 
