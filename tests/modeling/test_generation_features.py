@@ -344,8 +344,13 @@ def test_assistant_model_is_refused(model_and_inputs):
 
 
 def test_greedy_speech_with_zero_temperature_is_accepted(model_and_inputs):
+    """Greedy speech ignores the temperature: 0 is accepted and gives the reply of the default temperature."""
     model, inputs = model_and_inputs
-    model.generate(**inputs, max_new_tokens=2, speech_do_sample=False, speech_temperature=0.0)
+    controls = dict(max_new_tokens=6, do_sample=False, speech_do_sample=False, force_audio_bos=True)
+    zero = model.generate(**inputs, speech_temperature=0.0, return_dict_in_generate=True, **controls)
+    default = model.generate(**inputs, return_dict_in_generate=True, **controls)
+    assert zero.speech_ids.shape[-1] > 0
+    assert torch.equal(zero.sequences, default.sequences) and torch.equal(zero.speech_ids, default.speech_ids)
 
 
 def test_malformed_inputs_are_refused_before_indexing(model_and_inputs):
