@@ -54,17 +54,11 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..framework_compat import checkpoint_keys_to_ignore
 from .merging import SafetensorsCheckpoint, merge_weights, read_manifest, remove_stale_partial_dirs, save_merged_model
 from .sft import FunAudioChatTrainer
+from .unwrapping import unwrap_model
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "core_cocktail_state.json"
-
-
-def _unwrap_distributed(model: nn.Module) -> nn.Module:
-    """The module inside DDP/DataParallel-style ``.module`` wrappers (a PEFT model stays a PEFT model)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 class CoreCocktailCallback(TrainerCallback):
@@ -138,7 +132,7 @@ class CoreCocktailCallback(TrainerCallback):
         checkpoint's weights, outside training) give that checkpoint's ``global_step``."""
         if model is None:
             raise ValueError("CoreCocktailCallback needs the model (Trainer passes it to callbacks)")
-        model = _unwrap_distributed(model)
+        model = unwrap_model(model, through_peft=False)
         if hasattr(model, "peft_config"):
             raise TypeError(
                 "Core-Cocktail merges full weights; call merge_and_unload() on the PEFT model first, or merge on disk."
@@ -269,7 +263,7 @@ def load_weights_into(model: nn.Module, checkpoint: str | os.PathLike) -> None:
 
     Keys missing from the checkpoint must be tied weights; unknown keys are an error.
     """
-    model = _unwrap_distributed(model)
+    model = unwrap_model(model, through_peft=False)
     reader = SafetensorsCheckpoint(checkpoint)
     named = model.state_dict(keep_vars=True)
     unexpected = [k for k in reader.keys() if k not in named]
@@ -356,7 +350,7 @@ def _reload_for_stage2(
 
     Loaded with ``from_pretrained`` (under ZeRO-3 transformers partitions it while loading). ``settings`` maps each
     parameter name to ``(requires_grad, dtype)`` as ``model`` had them before stage 1; the new model gets the same."""
-    base = _unwrap_distributed(model)
+    base = unwrap_model(model, through_peft=False)
     # FSDP2 swaps the module's class for a generated subclass named FSDP<Class>: load with the original class
     model_cls = next(cls for cls in type(base).__mro__ if not cls.__name__.startswith("FSDP"))
     dtype = next(iter(settings.values()))[1]
@@ -473,7 +467,9 @@ class _CoreCocktailRun:
         trains a model reloaded from the merge)."""
         sharding = _parameter_sharding(self.args1)
         # whether each parameter trains and its dtype, for a stage-2 model reloaded after a sharded stage 1
-        settings = {n: (p.requires_grad, p.dtype) for n, p in _unwrap_distributed(model).named_parameters()}
+        settings = {
+            n: (p.requires_grad, p.dtype) for n, p in unwrap_model(model, through_peft=False).named_parameters()
+        }
         if sharding:
             trainer = self.train_stage(model, 1, [])
             stage1_weights = self.layout.stage1_dir / "final"
@@ -544,7 +540,7 @@ class _CoreCocktailRun:
             load_weights_into(model, finished)
             self.result.log_history["stage2"] = _completed_stage_history(finished)
             if PartialState().is_main_process:  # no engine was started: save the plain module
-                _unwrap_distributed(model).save_pretrained(str(self.layout.final_dir))
+                unwrap_model(model, through_peft=False).save_pretrained(str(self.layout.final_dir))
                 if self.processing_class is not None:
                     self.processing_class.save_pretrained(str(self.layout.final_dir))
             PartialState().wait_for_everyone()
@@ -614,7 +610,7 @@ def run_core_cocktail(
         stage 2 trains a new model loaded from ``merged/``: ``result.model`` is then that model as the engine leaves
         it (sharded over the processes) and ``final/`` holds the whole final weights.
     """
-    if hasattr(_unwrap_distributed(model), "peft_config"):
+    if hasattr(unwrap_model(model, through_peft=False), "peft_config"):
         raise TypeError(
             "run_core_cocktail merges full weights with the base LLM, and a PEFT model trains (and saves) only its "
             "adapter; call merge_and_unload() on the PEFT model first."

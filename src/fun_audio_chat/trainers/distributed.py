@@ -27,6 +27,7 @@ from ..framework_compat import (
     process_state_is_configured,
     reset_accelerator_state,
 )
+from .unwrapping import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +35,7 @@ logger = logging.getLogger(__name__)
 def fsdp_wrap_classes(model: nn.Module) -> list[str]:
     """Names of the layer classes to shard individually (from the model's ``_no_split_modules``), keeping only
     those that occur in ``model``."""
-    base = model
-    while hasattr(base, "module") and isinstance(base.module, nn.Module):
-        base = base.module
-    if hasattr(base, "get_base_model"):
-        base = base.get_base_model()
+    base = unwrap_model(model)
     wanted = layer_classes_not_to_split(base)
     present = {type(module).__name__ for module in base.modules()}
     found = [name for name in wanted if name in present]

@@ -66,6 +66,7 @@ from .preference_data import (
     REF_COLUMNS,
     FunAudioChatPreferenceCollator,
 )
+from .unwrapping import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +99,11 @@ def _checkpointing_disabled(model: nn.Module, kwargs: dict | None):
             model.activation_checkpointing_enable(kwargs)
 
 
-def _base_model(model: nn.Module) -> nn.Module:
-    from accelerate.utils import is_peft_model
-
-    return model.get_base_model() if is_peft_model(model) else model
-
-
 def require_fun_audio_chat_model(model: nn.Module) -> None:
     """Raise unless ``model`` is a :class:`FunAudioChatForConditionalGeneration` (optionally wrapped by PEFT)."""
     from ..modeling import FunAudioChatForConditionalGeneration
 
-    base = _base_model(model)
+    base = unwrap_model(model)
     if not isinstance(base, FunAudioChatForConditionalGeneration):
         raise TypeError(
             f"FunAudioChatDPOTrainer trains FunAudioChatForConditionalGeneration models (optionally wrapped by PEFT), "
@@ -124,7 +119,7 @@ def remove_fused_lm_head_patch(model: nn.Module) -> None:
     frozen reference made for a second trainer) would run the original model, and every new trainer would wrap the
     previous patch again.
     """
-    remove_trl_fused_lm_head_patch(_base_model(model))
+    remove_trl_fused_lm_head_patch(unwrap_model(model))
 
 
 class FunAudioChatDPOTrainer(DPOTrainerPrivateHooks, DPOTrainer):

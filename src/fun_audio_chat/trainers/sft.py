@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .unwrapping import unwrap_model
+
 logger = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,22 +125,11 @@ def count_loss_items(batch: Mapping[str, Any], model) -> tuple[int, int]:
     inputs = {key: torch.as_tensor(value) for key, value in batch.items() if isinstance(value, (torch.Tensor, list))}
     if "input_ids" not in inputs:
         return 0, 0
-    return _unwrap_to_base_model(model).count_loss_targets(**inputs)
+    return unwrap_model(model).count_loss_targets(**inputs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer
-
-
-def _unwrap_to_base_model(model: nn.Module) -> nn.Module:
-    """The Fun-Audio-Chat model itself: inside ``.module`` wrappers and PEFT's ``get_base_model()``."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
 
 
 class FunAudioChatTrainer(Trainer):
@@ -168,7 +159,7 @@ class FunAudioChatTrainer(Trainer):
 
     # --- counting -----------------------------------------------------------------------------------
     def _fun_audio_chat_config(self):
-        return getattr(_unwrap_to_base_model(self.model), "config", None)
+        return getattr(unwrap_model(self.model), "config", None)
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         """The next accumulated batch, as ``Trainer`` collects it, with its text and speech target counts as
