@@ -31,7 +31,7 @@ Two bounds explain the throughput ratio, and are printed with it:
 
 Usage: python benchmarks/bench_serve.py [--clients 1 4 8] [--rounds 3] [--max-tokens 40] [--threads 1]
            [--arrivals staggered simultaneous] [--interval 0.25] [--realtime-clients 1 4] [--chunked-synthesis]
-           [--synthesis-workers 1] [--no-capacity]
+           [--synthesis-workers 1] [--synthesis-hop-growth 1] [--no-capacity]
 """
 
 from __future__ import annotations
@@ -167,7 +167,10 @@ def stage_capacity(args, replies: int) -> dict:
     detokenizer = tiny_detokenizer(0)
     generator = torch.Generator().manual_seed(0)
     codes = [torch.randint(0, TINY_SPEECH_CODES, (5 * args.max_tokens,), generator=generator).tolist()] * replies
-    sessions = [detokenizer.streaming_session(chunked=args.chunked_synthesis) for _ in range(replies)]
+    sessions = [
+        detokenizer.streaming_session(chunked=args.chunked_synthesis, hop_growth=args.synthesis_hop_growth)
+        for _ in range(replies)
+    ]
     samples, start = 0, time.perf_counter()
     with torch.inference_mode():
         for first in range(0, len(codes[0]), 5):
@@ -292,6 +295,7 @@ def _start_server(args) -> tuple[subprocess.Popen, str, dict]:
     if args.chunked_synthesis:
         command.append("--chunked-synthesis")
     command += ["--synthesis-workers", str(args.synthesis_workers)]
+    command += ["--synthesis-hop-growth", str(args.synthesis_hop_growth)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
     deadline = time.monotonic() + 180
     while True:
@@ -322,6 +326,7 @@ def main() -> int:
         "--realtime-clients", type=int, nargs="*", default=[1, 4], help="concurrent Realtime sessions (none: skip)"
     )
     parser.add_argument("--synthesis-workers", type=int, default=1, help="serve with --synthesis-workers N")
+    parser.add_argument("--synthesis-hop-growth", type=int, default=1, help="serve with --synthesis-hop-growth N")
     parser.add_argument(
         "--no-capacity", action="store_true", help="skip the in-process stage capacities (LLM, one speech worker)"
     )
@@ -364,7 +369,7 @@ def main() -> int:
     capacity = None if args.no_capacity else {n: stage_capacity(args, n) for n in (1, max(args.clients))}
     print(
         f"fun-audio-chat serve via the openai client, tiny model + tiny detokenizer, CPU, {args.threads} torch "
-        f"thread(s), {args.synthesis_workers} synthesis worker(s), "
+        f"thread(s), {args.synthesis_workers} synthesis worker(s), hop growth {args.synthesis_hop_growth}, "
         f"{'chunked' if args.chunked_synthesis else 'official-schedule'} synthesis; {args.rounds} round(s) per "
         f"level of streamed spoken replies to the bundled question, {args.max_tokens} LLM steps each"
     )

@@ -738,6 +738,7 @@ def cmd_serve(args) -> int:
         batch_window=args.batch_window_ms / 1000,
         chunked_synthesis=args.chunked_synthesis,
         synthesis_workers=args.synthesis_workers,
+        synthesis_hop_growth=args.synthesis_hop_growth,
     )
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
     app = create_app(
@@ -1027,6 +1028,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         help="speech threads rendering reply audio side by side; more use idle cores under load (default: 1)",
+    )
+    serve.add_argument(
+        "--synthesis-hop-growth",
+        type=_positive_int,
+        default=1,
+        help="multiply each reply's synthesis hop by this after every call (1: the official fixed 15 codes; 2: "
+        "first audio as early, several times less synthesis work per reply; docs/serve.md)",
     )
     serve.add_argument(
         "--max-audio-seconds",

@@ -127,6 +127,8 @@ class SpokenTurn:
         voice: the voice to speak in (a voice object of the detokenizer, e.g. a ``CosyVoice3Voice``), passed to
             ``detokenizer.streaming_session(voice=...)`` (or to the detokenizer call of a non-streaming one); None =
             the detokenizer's default speaker.
+        hop_growth: passed to ``detokenizer.streaming_session`` when not 1 (the official fixed hop): later
+            synthesis calls cover more codes (see :class:`~fun_audio_chat.token2wav.StreamingSession`).
         prompt_tokens: size of the prompt, reported in the metrics.
         started_at: ``clock()`` value the timings count from (default: now).
         clock: the time source (``time.perf_counter``).
@@ -147,6 +149,7 @@ class SpokenTurn:
         speaker_embedding=None,
         chunked: bool = False,
         voice=None,
+        hop_growth: int = 1,
         prompt_tokens: int = 0,
         started_at: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
@@ -174,7 +177,8 @@ class SpokenTurn:
         self.voice = voice
         self._session = None
         if speech and detokenizer is not None and hasattr(detokenizer, "streaming_session"):
-            self._session = detokenizer.streaming_session(speaker_embedding, chunked=chunked, **self._voice_kwargs())
+            options = self._voice_kwargs() | ({"hop_growth": hop_growth} if hop_growth != 1 else {})
+            self._session = detokenizer.streaming_session(speaker_embedding, chunked=chunked, **options)
 
     def _voice_kwargs(self) -> dict:
         # Only a chosen voice is passed on, so detokenizers without voices keep working with the default speaker.

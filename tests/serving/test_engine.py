@@ -229,8 +229,8 @@ def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pai
         engine.close()
 
 
-@pytest.mark.parametrize(("chunked", "workers"), [(False, 1), (True, 1), (False, 2)])
-def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_pair, chunked, workers):
+@pytest.mark.parametrize(("chunked", "workers", "growth"), [(False, 1, 1), (True, 1, 1), (False, 2, 2)])
+def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_pair, chunked, workers, growth):
     """The speech thread renders all replies in one batched call per tick (with two workers, each its own share,
     side by side): each reply's audio equals its own codes streamed through a session of the same kind alone."""
     import torch
@@ -240,7 +240,13 @@ def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_
     model, processor = tiny_pair
     detokenizer = tiny_detokenizer()
     engine = ServingEngine(
-        model, processor, detokenizer, batch_window=0.3, chunked_synthesis=chunked, synthesis_workers=workers
+        model,
+        processor,
+        detokenizer,
+        batch_window=0.3,
+        chunked_synthesis=chunked,
+        synthesis_workers=workers,
+        synthesis_hop_growth=growth,
     ).start()
     try:
         requests = [
@@ -256,7 +262,7 @@ def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_
     assert [r.metrics.batch_size for r in results] == [3, 3, 3]
     for result in results:
         assert len(result.codes) > 0
-        session = detokenizer.streaming_session(chunked=chunked)
+        session = detokenizer.streaming_session(chunked=chunked, hop_growth=growth)
         alone = torch.cat([session.push(result.codes), session.finish()]).numpy()
         assert result.audio.shape == alone.shape == (len(result.codes) * 960,)
         np.testing.assert_allclose(result.audio, alone, atol=1e-4, rtol=0)

@@ -235,6 +235,10 @@ class ServingEngine:
         synthesis_workers: speech threads; each renders its own share of the speaking turns in batched calls. One
             worker uses one core's worth of synthesis (with ``torch.set_num_threads(1)``); on a machine with idle
             cores, more workers synthesise more concurrent replies per second (a single reply is not split).
+        synthesis_hop_growth: each reply's synthesis hop is multiplied by this after every call (1: the official
+            fixed hop of 15 codes; 2: 15, 30, 60, 100 codes): the first audio comes as early, and a reply costs
+            about linear instead of quadratic flow work, so more replies fit per second
+            (``streaming_session(hop_growth=...)``).
         generate_kwargs: extra ``generate`` keyword arguments for every turn (e.g. ``logits_processor``).
         chunked_synthesis: render audio with ``streaming_session(chunked=True)`` (CosyVoice's cached chunk-causal
             flow: each call computes only the new frames, so more replies fit per second; the first audio needs
@@ -253,6 +257,7 @@ class ServingEngine:
         generate_kwargs: dict | None = None,
         chunked_synthesis: bool = False,
         synthesis_workers: int = 1,
+        synthesis_hop_growth: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
@@ -265,6 +270,7 @@ class ServingEngine:
         self.batch_window = batch_window
         self.extra_generate_kwargs = dict(generate_kwargs or {})
         self.chunked_synthesis = chunked_synthesis
+        self.synthesis_hop_growth = synthesis_hop_growth
         self.on_turn_end = None  # callable(TurnHandle, TurnResult | None, BaseException | None), e.g. metrics
         self._pending: deque[TurnHandle] = deque()
         self._pending_lock = threading.Condition()
@@ -470,6 +476,7 @@ class ServingEngine:
             render_audio=False,
             chunked=self.chunked_synthesis,
             voice=request.voice,
+            hop_growth=self.synthesis_hop_growth,
         )
         handle.row_id = row_id
         if handle.turn.audio_session is not None:

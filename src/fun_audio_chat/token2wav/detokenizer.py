@@ -336,12 +336,21 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         use_cache: bool = True,
         hop_tokens: int | None = None,
         voice: CosyVoice3Voice | None = None,
+        hop_growth: int = 1,
+        max_hop_tokens: int | None = None,
     ):
         """A stateful stream for one utterance, spoken in ``voice`` (or with ``speaker_embedding``, or the
         default speaker); see :class:`StreamingSession`."""
         self.ensure_noise()
         return StreamingSession(
-            self, speaker_embedding, chunked=chunked, use_cache=use_cache, hop_tokens=hop_tokens, voice=voice
+            self,
+            speaker_embedding,
+            chunked=chunked,
+            use_cache=use_cache,
+            hop_tokens=hop_tokens,
+            voice=voice,
+            hop_growth=hop_growth,
+            max_hop_tokens=max_hop_tokens,
         )
 
     # -- many streams at once ------------------------------------------------------------------------------------
@@ -589,6 +598,12 @@ class StreamingSession:
       With ``chunked=True`` the flow is chunk-causal and the hop defaults to one attention chunk (25 codes);
       ``hop_tokens`` changes it (e.g. 15 for a first chunk after 18 codes: a partial chunk is recomputed
       by the next call, as the official chunked calls would).
+    * ``hop_growth`` (1: the official fixed hop) multiplies the hop after every call, up to ``max_hop_tokens``
+      (default: half the token window, 100 codes): the first audio comes as early as with the fixed hop, and
+      the later calls, made while the listener still has audio queued, each cover more codes. With the official
+      recompute-everything flow that cuts the work of a reply from quadratic to about linear in its length (a
+      server synthesising many replies at once fits several times more); the audio differs from the fixed-hop
+      stream where the official one does between schedules (frames first rendered with more right context).
     * ``use_cache=False`` recomputes everything each call exactly as the official code does (for comparisons).
     * ``voice``: every call runs the flow over the voice's prompt + the codes, as CosyVoice 3's own streaming
       does. A chunked session's first hop is lengthened so that prompt + first hop ends on a chunk boundary (the
@@ -605,6 +620,8 @@ class StreamingSession:
         use_cache: bool = True,
         hop_tokens: int | None = None,
         voice: CosyVoice3Voice | None = None,
+        hop_growth: int = 1,
+        max_hop_tokens: int | None = None,
     ):
         self.model = model
         self.config = model.config
@@ -618,6 +635,19 @@ class StreamingSession:
         self.hop = hop_tokens or default_hop
         if self.hop <= 0:
             raise ValueError(f"hop_tokens must be positive, got {hop_tokens}.")
+        if not isinstance(hop_growth, int) or hop_growth < 1:
+            raise ValueError(
+                f"hop_growth must be a whole number >= 1 (1 = the official fixed hop), got {hop_growth!r}; a whole "
+                "factor keeps a chunked session's calls on chunk boundaries."
+            )
+        self.hop_growth = hop_growth
+        # a hop beyond half the token window would let one call step over a window trim
+        self.max_hop = max_hop_tokens or max(self.hop, self.config.max_stream_tokens // 2)
+        if not self.hop <= self.max_hop <= self.config.max_stream_tokens // 2 and max_hop_tokens is not None:
+            raise ValueError(
+                f"max_hop_tokens must lie between the first hop ({self.hop}) and half the token window "
+                f"({self.config.max_stream_tokens // 2}), got {max_hop_tokens}."
+            )
         chunk_tokens = flow.chunk_frames // flow.token_mel_ratio
         # the official chunked streaming pads the first hop so prompt + first hop fills whole chunks
         self.first_hop_pad = (-self.conditioning.prompt_tokens) % chunk_tokens if chunked else 0
@@ -790,6 +820,7 @@ class StreamingSession:
 
     def _advance(self):
         self.offset += self._hop_now
+        self.hop = min(self.max_hop, self.hop * self.hop_growth)
         if self.offset >= self.config.max_stream_tokens:
             window = self.config.max_stream_tokens
             self.offset -= window
