@@ -54,6 +54,19 @@ def test_conversion_script_writes_the_same_folder_as_the_cli(official_model, tmp
     assert state.keys() == official_model.state_dict().keys()
     for key, value in official_model.state_dict().items():
         assert torch.equal(state[key], value), key
+    # an official folder with the released speakers' table: the script writes them as voices too
+    import shutil
+
+    from fun_audio_chat.token2wav import CosyVoice3Voice
+
+    from ..voices.test_official_and_registry import official_table
+
+    shutil.copytree(OFFICIAL_DIR, tmp_path / "with_speakers")
+    torch.save(official_table(vocab=6561), tmp_path / "with_speakers" / "new_spk2info.pt")
+    assert convert_main([str(tmp_path / "with_speakers"), str(tmp_path / "script2")]) == 0
+    voices = sorted(path.stem for path in (tmp_path / "script2" / "voices").glob("*.safetensors"))
+    assert voices == ["中文女", "中文男"]
+    assert CosyVoice3Voice.load(tmp_path / "script2" / "voices" / "中文男.safetensors").prompt_codes.numel() == 40
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ load with ``from_pretrained``.
 * ``flow.pt`` / ``hift.pt`` are read with ``torch.load(weights_only=True)`` and their keys renamed by the table in
   :mod:`.loading` (``_FLOW_RENAMES`` / ``_HIFT_RENAMES``, summarised in ``docs/token2wav.md``); the renaming is one
   to one and every key must land on a parameter of the model, or the conversion stops;
-* the speaker embedding stored with the weights is Fun-Audio-Chat's default CAM++ voice, or the one given.
+* the speaker embedding stored with the weights is Fun-Audio-Chat's default CAM++ voice, or the one given;
+* the released speakers of a local SRC (``new_spk2info.pt`` / ``spk2info.pt``, also under ``utils/``) become voices
+  with their full prompts in ``OUT/voices/<name>.safetensors`` (:func:`fun_audio_chat.voices.convert_official_speakers`).
 """
 
 from __future__ import annotations
@@ -49,10 +51,18 @@ def main(argv: list[str] | None = None) -> int:
 
         speaker = next(iter(load_file(args.speaker_embedding).values()))
     try:
-        convert_official_checkpoint(args.source, args.out, speaker)
+        model = convert_official_checkpoint(args.source, args.out, speaker)
     except (CheckpointFormatError, OSError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(f"wrote {args.out}/config.json and model.safetensors")
+    from ..voices import convert_official_speakers, find_official_speakers  # voices build on this package
+
+    if Path(args.source).is_dir() and find_official_speakers(args.source) is not None:
+        try:
+            written = convert_official_speakers(args.source, args.out, config=model.config)
+        except (ValueError, OSError) as err:
+            parser.exit(2, f"{parser.prog}: error: speakers of {args.source}: {err}\n")
+        print(f"wrote {len(written)} voice(s) to {args.out}/voices/: {', '.join(path.stem for path in written)}")
     return 0
 
 
