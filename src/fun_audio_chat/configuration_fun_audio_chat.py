@@ -118,7 +118,7 @@ class FunAudioChatAudioEncoderConfig(PreTrainedConfig):
     encoder_layers: int = 32
     encoder_attention_heads: int = 20
     encoder_ffn_dim: int = 5120
-    d_model: int = 1280  # trf-ignore: TRF023 (the official config.json and Qwen2.5-Omni's audio encoder spell it d_model)
+    d_model: int = 1280  # trf-ignore: TRF023 (the official config.json and Qwen2.5-Omni name it d_model)
     dropout: float = 0.0
     attention_dropout: float = 0.0
     activation_function: str = "gelu"
