@@ -71,17 +71,8 @@ def test_speech_group_traces_as_one_graph_without_breaks(model, settings):
     previous_code, seen, uniforms = _group_inputs(model, settings)
     torch._dynamo.reset()
     with torch.no_grad():
-        explanation = torch._dynamo.explain(decode_static_group)(
-            decoder.head,
-            decoder.cache,
-            states,
-            previous_code,
-            seen,
-            uniforms,
-            decoder.positions,
-            decoder.rotary,
-            decoder.key_mask,
-            settings,
+        explanation = _run_group(
+            decoder, states, previous_code, seen, uniforms, settings, group=torch._dynamo.explain(decode_static_group)
         )
     torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -13,20 +13,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import soundfile as sf
 
-from .conftest import free_port
+from .conftest import free_port, speech_like
 from .test_browser import CHROMEDRIVER, CHROMIUM, _counter, _require_browser, _wait
 
 pytestmark = pytest.mark.slow
-
-
-def speech_like(seconds: float, pitch: float, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
-    return (0.2 * wave).astype(np.float32)
 
 
 @pytest.fixture(scope="module")

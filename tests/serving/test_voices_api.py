@@ -12,25 +12,18 @@ import base64
 import json
 import urllib.request
 
-import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
 from fun_audio_chat.serving import ServingEngine
 
-from .conftest import LocalServer, tiny_detokenizer_or_none
+from .conftest import LocalServer, speech_like, tiny_detokenizer_or_none
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("kaldi_native_fbank")
 pytestmark = pytest.mark.slow
-
-
-def speech_like(seconds: float, pitch: float, rate: int = 16000) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    wave = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
-    return (0.2 * wave).astype(np.float32)
 
 
 @pytest.fixture(scope="module")
