@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from ..markers import two_processes
+from ..markers import torchrun, two_processes
 
 WORKER = Path(__file__).with_name("synced_generation_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.mark.slow
@@ -29,7 +23,7 @@ def test_a_rank_whose_reply_ended_keeps_running_the_sharded_speech_head(tmp_path
     output dropped), so rank 1's gathers of the sharded SRH layers find their peer. Each rank's reply equals its
     solo run. (When the finished rank skipped the SRH, the running rank waited in a gather until the timeout.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONPATH": str(REPO)}
-    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
+    cmd = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,11 @@ from safetensors.torch import load_file
 
 from fun_audio_chat.trainers import FunAudioChatTrainer
 
-from ..markers import two_processes
+from ..markers import torchrun, two_processes
 from .helpers import base_llm_checkpoint, collate, equivalence_dataset, oracle_model, training_args
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _torchrun() -> list[str]:
-    exe = Path(sys.executable).with_name("torchrun")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
 
 
 @pytest.mark.slow
@@ -39,7 +33,7 @@ def test_two_process_sft_and_core_cocktail(tmp_path):
         "PYTHONPATH": str(REPO),
         "TRANSFORMERS_VERBOSITY": "error",
     }
-    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "out"), str(base)]
+    cmd = [*torchrun(), "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path / "out"), str(base)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
