@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import socket
 import threading
 import time
@@ -109,3 +110,39 @@ def speech_like(seconds: float, pitch: float, rate: int = 16000):
     t = np.arange(int(seconds * rate)) / rate
     wave = sum(np.sin(2 * np.pi * pitch * k * t) / k for k in range(1, 8)) * (0.55 + 0.45 * np.sin(2 * np.pi * 4 * t))
     return (0.2 * wave).astype(np.float32)
+
+
+@contextlib.contextmanager
+def serve_subprocess(extra_args: list[str], log, timeout: float = 180):
+    """``fun-audio-chat serve`` (tiny model) on a free port, its output in ``log``; yields (url, /health answer) once
+    it answers, and stops it after."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    command = [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), *extra_args]
+    process = subprocess.Popen(command + ["--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    health = None
+    try:
+        while health is None:
+            if process.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"fun-audio-chat serve {' '.join(extra_args)} did not start:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    health = json.loads(response.read())
+            except OSError:
+                time.sleep(0.3)
+        yield url, health
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()

@@ -9,13 +9,9 @@ selenium from the test extra. Without them the test skips, saying how to enable 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ import soundfile as sf
 
 from fun_audio_chat.processing import example_audio_path
 
-from .conftest import free_port
+from .conftest import serve_subprocess
 
 pytestmark = pytest.mark.slow
 
@@ -53,48 +49,11 @@ def _require_browser():
 
 
 @pytest.fixture(scope="module")
-def served():
+def served(tmp_path_factory):
     """``fun-audio-chat serve`` with its defaults (tiny model, tiny detokenizer) on a free port."""
-    port = free_port()
-    log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"fun-audio-chat-serve-{port}.log", "w+")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fun_audio_chat.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--max-new-tokens",
-            "16",
-            "--log-level",
-            "warning",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    health = None
-    while health is None:
-        if process.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            process.kill()
-            pytest.fail(f"fun-audio-chat serve did not start:\n{log.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                health = json.loads(response.read())
-        except OSError:
-            time.sleep(0.3)
-    yield url, health
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    with open(tmp_path_factory.mktemp("serve") / "serve.log", "w+") as log:
+        with serve_subprocess(["--max-new-tokens", "16"], log, timeout=120) as (url, health):
+            yield url, health
 
 
 @pytest.fixture

@@ -9,14 +9,13 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import soundfile as sf
 
-from .conftest import free_port, speech_like
+from .conftest import free_port, serve_subprocess, speech_like
 from .test_browser import CHROMEDRIVER, CHROMIUM, _counter, _require_browser, _wait
 
 pytestmark = pytest.mark.slow
@@ -31,31 +30,10 @@ def served_with_voices(tmp_path_factory):
     work = tmp_path_factory.mktemp("voice_picker")
     sf.write(work / "anna.wav", speech_like(3.5, 150), 16000)
     tiny_voice_cloner().clone(speech_like(3.0, 230), name="bert", sampling_rate=16000).save(work / "bert.safetensors")
-    port = free_port()
-    log = open(work / "serve.log", "w+")
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
-    command = [sys.executable, "-m", "fun_audio_chat.cli", "serve", "--port", str(port), "--max-new-tokens", "12"]
-    command += ["--voice", f"anna={work / 'anna.wav'}", "--voice", f"bert={work / 'bert.safetensors'}"]
-    process = subprocess.Popen(command + ["--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if process.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            process.kill()
-            pytest.fail(f"fun-audio-chat serve --voice did not start:\n{log.read()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2):
-                break
-        except OSError:
-            time.sleep(0.3)
-    yield url, log
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
-    log.close()
+    voices = ["--voice", f"anna={work / 'anna.wav'}", "--voice", f"bert={work / 'bert.safetensors'}"]
+    with open(work / "serve.log", "w+") as log:
+        with serve_subprocess(["--max-new-tokens", "12", *voices], log) as (url, _):
+            yield url, log
 
 
 def test_serve_registers_the_voices_given(served_with_voices):
