@@ -100,6 +100,10 @@ def _counter(driver, name: str) -> int:
     return int(driver.execute_script(f"return document.body.dataset.{name} || '0'"))
 
 
+def _status(driver) -> str:
+    return driver.execute_script("return document.body.dataset.status || ''")
+
+
 def _wait(driver, what: str, condition, timeout: float = 90):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -147,7 +151,9 @@ def test_voice_page_turn_detection_reply_audio_barge_in_and_typed_turn(served, b
     assert health["speech"], "fun-audio-chat serve with no arguments must answer with speech"
     _wait(browser, "a played audio chunk", lambda: _counter(browser, "chunksPlayed") >= 1)
 
-    # typed turn (voice detection off so the looping microphone does not interrupt it), once the reply has played
+    # typed turn (voice detection off so the looping microphone does not interrupt it), once the reply has played.
+    # Switch while the looping microphone is mid-utterance: the page must close that turn, not stay "hearing" forever.
+    _wait(browser, "the microphone hearing a turn", lambda: _status(browser) == "hearing")
     browser.execute_script("document.getElementById('mode').value = 'ptt'")
     _wait(browser, "the end of the reply's audio", lambda: browser.find_element(By.ID, "status").text == "listening")
     turns_before = _counter(browser, "turns")

@@ -192,7 +192,11 @@ function onFrame(frame) {
     if (state.recording) state.recording.push(frame);
     return;
   }
-  if ($("mode").value !== "vad") return;
+  if ($("mode").value !== "vad") {
+    // voice detection was switched off mid-utterance: end the turn as heard so far, not leave it open forever
+    if (state.recording) endUtterance();
+    return;
+  }
 
   state.recent.push(voiced);
   if (state.recent.length > ONSET_WINDOW) state.recent.shift();
