@@ -29,6 +29,17 @@ def test_auto_classes_load_a_saved_detokenizer(tiny, tmp_path):
     torch.testing.assert_close(model(CODES), tiny(CODES), atol=1e-6, rtol=0)
 
 
+def test_subfolder_loads_the_detokenizer_beside_a_model_at_the_root(tiny, tmp_path):
+    # a released model folder: the LLM's config.json + model.safetensors at the root, the detokenizer in token2wav/
+    tiny.save_pretrained(tmp_path / "release" / "token2wav")
+    (tmp_path / "release" / "config.json").write_text(json.dumps({"model_type": "fun_audio_chat"}))
+    (tmp_path / "release" / "model.safetensors").write_bytes(b"not the detokenizer")
+    model = CosyVoice3Detokenizer.from_pretrained(tmp_path / "release", subfolder="token2wav")
+    torch.testing.assert_close(model(CODES), tiny(CODES), atol=1e-6, rtol=0)
+    with pytest.raises(CheckpointFormatError, match="subfolder='vocoder'"):
+        CosyVoice3Detokenizer.from_pretrained(tmp_path / "release", subfolder="vocoder")
+
+
 def test_config_round_trip_keeps_every_field(tmp_path):
     config = CosyVoice3Config(flow={"vocab_size": 296, "num_layers": 3}, hift={"upsample_rates": [8, 5, 3]})
     config.save_pretrained(tmp_path)

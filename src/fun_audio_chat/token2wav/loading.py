@@ -387,6 +387,11 @@ def _find_official_yaml(folder: Path) -> Path | None:
 def resolve_checkpoint(name_or_path: str | os.PathLike, revision: str | None = None, **hub_kwargs) -> tuple[str, Path]:
     """('converted' | 'official', local folder). A Hub id is fetched file by file (only what is needed)."""
     path = Path(os.fspath(name_or_path))
+    if path.is_dir() and hub_kwargs.get("subfolder"):
+        # transformers' convention: the files live in <path>/<subfolder>, for local folders as for Hub repos
+        path = path / hub_kwargs["subfolder"]
+        if not path.is_dir():
+            raise CheckpointFormatError(f"{path}: no such folder (from subfolder={hub_kwargs['subfolder']!r}).")
     if path.is_dir():
         if (path / CONVERTED_CONFIG).is_file() and (path / CONVERTED_WEIGHTS).is_file():
             return "converted", path
