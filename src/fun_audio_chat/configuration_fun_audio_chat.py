@@ -36,6 +36,18 @@ DEFAULT_SIL_INDEX = 151673
 DEFAULT_AUDIO_TOKEN_INDEX = 151669
 # Label value that losses skip (PyTorch's cross-entropy default); the one definition the package uses.
 IGNORE_INDEX = -100
+# The model's audio inputs besides input_ids/attention_mask (the continuous encoder's features and their masks, the
+# discrete speech tokens and their mask): the processor returns them, generate's prefill consumes them, trainers batch
+# them. One list, so a new input cannot be forgotten by one of them.
+AUDIO_INPUT_NAMES = (
+    "input_features",
+    "feature_attention_mask",
+    "feature_exist_mask",
+    "speech_ids",
+    "speech_attention_mask",
+)
+# The transcript of a spoken target (the speech head's text-side conditioning in training and in the prompt's audio).
+TRANSCRIPT_INPUT_NAMES = ("text_ids", "text_attention_mask")
 TRAINING_RECIPES = ("consistent", "official")
 
 _SRH_BACKBONE_DEFAULTS = {

@@ -19,6 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+#: Speech codes per second of speech (the S3 tokenizer's 25 Hz; the LLM sees them grouped by 5, at 5 Hz).
+SPEECH_FRAME_RATE = 25
+
 
 @dataclass(frozen=True)
 class SpeechCodeLayout:
