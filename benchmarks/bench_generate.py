@@ -6,7 +6,8 @@ intermediate 768; codebook 6565, group 5; a 4 s user clip (41-token prompt); 100
 greedy. Prints, from one run:
 
 (a) speech-to-speech decode step time / the time of that step's weight matmuls alone (the floor);
-(b) batch-8 speech tokens/s / batch-1 speech tokens/s;
+(b) batch-8 speech tokens/s / batch-1 speech tokens/s, beside the most the weight matmuls allow (8 x the batch-1
+    step's matmul floor / the batch-8 step's: where batching stops being free on this CPU);
 (c) decode steps after the prefill before the first speech group reaches the streamer;
 (d) speech-to-text decode step time / its floor;
 
@@ -147,7 +148,7 @@ def measure(model, new_tokens, repeats, decoding=None) -> dict:
     """Median step times and rates over ``repeats`` runs. The floors are measured between those runs, so a ratio
     compares times taken side by side (on a shared machine a floor measured once drifts by tens of percent)."""
     s2s_steps, s2t_steps, first_speech, b1_rates, b8_rates = [], [], [], [], []
-    s2s_floors, s2t_floors = [], []
+    s2s_floors, s2t_floors, b8_floors = [], [], []
     for _ in range(repeats):
         clock = StepClock()
         out, elapsed = run(model, 1, new_tokens, True, clock, decoding)
@@ -156,6 +157,7 @@ def measure(model, new_tokens, repeats, decoding=None) -> dict:
         first_speech.append(clock.first_speech_step)
         b1_rates.append(int(out.speech_attention_mask.sum()) / elapsed)
         out8, elapsed8 = run(model, 8, new_tokens, True, None, decoding)
+        b8_floors.append(matmul_floor_seconds(model, 8, with_speech=True))
         b8_rates.append(int(out8.speech_attention_mask.sum()) / elapsed8)
         clock = StepClock()
         run(model, 1, new_tokens, False, clock, decoding)
@@ -166,6 +168,7 @@ def measure(model, new_tokens, repeats, decoding=None) -> dict:
         "s2t": statistics.median(s2t_steps),
         "s2s_floor": statistics.median(s2s_floors),
         "s2t_floor": statistics.median(s2t_floors),
+        "b8_floor": statistics.median(b8_floors),
         "b1": statistics.median(b1_rates),
         "b8": statistics.median(b8_rates),
         "first_speech": min(first_speech),
@@ -296,7 +299,8 @@ def main():
         )
         print(
             f"(b) speech tokens/s batch 8 {found['b8']:.0f} / batch 1 {found['b1']:.0f} = "
-            f"{found['b8'] / found['b1']:.2f}x"
+            f"{found['b8'] / found['b1']:.2f}x; the weight matmuls alone allow 8 x floor(b1) / floor(b8) = "
+            f"{8 * found['s2s_floor'] / found['b8_floor']:.2f}x"
         )
         print(f"(c) first speech group reaches the streamer {found['first_speech']} decode step(s) after the prefill")
         print(
