@@ -191,26 +191,61 @@ def _take(args: dict, where: str, mapping: dict, ignored: tuple = (), fixed: dic
     return {ours: args[theirs] for theirs, ours in mapping.items() if theirs in args}
 
 
+# official argument name -> our config field, per CosyVoice 3 class
+_FLOW_ARGUMENTS = {
+    "input_size": "mel_bins",
+    "spk_embed_dim": "speaker_embedding_dim",
+    "vocab_size": "vocab_size",
+    "token_mel_ratio": "token_mel_ratio",
+    "pre_lookahead_len": "pre_lookahead_tokens",
+}
+_DIT_ARGUMENTS = {
+    "dim": "hidden_size",
+    "depth": "num_layers",
+    "heads": "num_heads",
+    "dim_head": "head_dim",
+    "ff_mult": "ff_mult",
+    "static_chunk_size": "chunk_frames",
+}
+_HIFT_ARGUMENTS = {
+    "in_channels": "mel_bins",
+    "base_channels": "base_channels",
+    "nb_harmonics": "num_harmonics",
+    "sampling_rate": "sample_rate",
+    "nsf_alpha": "sine_amplitude",
+    "nsf_sigma": "noise_std",
+    "nsf_voiced_threshold": "voiced_threshold",
+    "upsample_rates": "upsample_rates",
+    "upsample_kernel_sizes": "upsample_kernel_sizes",
+    "resblock_kernel_sizes": "resblock_kernel_sizes",
+    "resblock_dilation_sizes": "resblock_dilations",
+    "source_resblock_kernel_sizes": "source_resblock_kernel_sizes",
+    "source_resblock_dilation_sizes": "source_resblock_dilations",
+    "lrelu_slope": "lrelu_slope",
+    "audio_limit": "audio_limit",
+    "conv_pre_look_right": "conv_pre_lookahead",
+}
+_HIFT_FLOAT_FIELDS = ("sine_amplitude", "noise_std", "voiced_threshold", "lrelu_slope", "audio_limit")
+
+
 def config_from_official_yaml(text: str) -> CosyVoice3Config:
     """Interpret the flow and hift sections of an official CosyVoice 3 yaml (as data) into our config."""
     top = read_yaml_as_data(text)
     for section in ("flow", "hift"):
         if section not in top:
             raise CheckpointFormatError(f"the yaml has no {section}: section (is this a CosyVoice 3 model folder?).")
-    flow_args = _resolve(top["flow"], top)
-    hift_args = _resolve(top["hift"], top)
+    return CosyVoice3Config(
+        flow=_flow_config(_resolve(top["flow"], top)), hift=_hift_config(_resolve(top["hift"], top))
+    )
 
-    flow = _constructor(flow_args, _FLOW, "flow")
+
+def _flow_config(node) -> CosyVoice3FlowConfig:
+    """The flow section: the flow's own arguments, its pre-lookahead layer and its decoder (CFM + DiT)."""
+    flow = _constructor(node, _FLOW, "flow")
     values = _take(
         flow,
         "flow",
-        {
-            "input_size": "mel_bins",
-            "spk_embed_dim": "speaker_embedding_dim",
-            "vocab_size": "vocab_size",
-            "token_mel_ratio": "token_mel_ratio",
-            "pre_lookahead_len": "pre_lookahead_tokens",
-        },
+        _FLOW_ARGUMENTS,
         ignored=("input_frame_rate", "only_mask_loss", "pre_lookahead_layer", "decoder", "output_size"),
         fixed={"output_type": "mel"},
     )
@@ -222,12 +257,22 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
         {"channels": "pre_lookahead_channels"},
         ignored=("in_channels", "pre_lookahead_len"),
     )
-    decoder = _constructor(flow.get("decoder"), _CFM, "flow.decoder")
+    flow_values = {**values, **pre, **_flow_decoder_values(flow.get("decoder"))}
+    # yaml numbers arrive as whatever the literal or the !ref arithmetic gave (2 vs 2.0): the config is typed
+    if "cfg_rate" in flow_values:
+        flow_values["cfg_rate"] = float(flow_values["cfg_rate"])
+    if "chunk_frames" in flow_values:
+        flow_values["chunk_frames"] = int(flow_values["chunk_frames"])
+    return CosyVoice3FlowConfig(**flow_values)
+
+
+def _flow_decoder_values(node) -> dict:
+    """The flow's decoder: the flow-matching solver settings (``cfm_params``) and the DiT estimator's sizes."""
+    decoder = _constructor(node, _CFM, "flow.decoder")
     _take(decoder, "flow.decoder", {}, ignored=("in_channels", "n_spks", "spk_emb_dim", "cfm_params", "estimator"))
-    cfm_node = decoder.get("cfm_params")
     cfm = {}
-    if cfm_node is not None:
-        content = _constructor(cfm_node, _DICTCONFIG, "flow.decoder.cfm_params").get("content", {})
+    if decoder.get("cfm_params") is not None:
+        content = _constructor(decoder["cfm_params"], _DICTCONFIG, "flow.decoder.cfm_params").get("content", {})
         cfm = _take(
             content,
             "flow.decoder.cfm_params",
@@ -238,50 +283,18 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
     dit = _take(
         _constructor(decoder.get("estimator"), _DIT, "flow.decoder.estimator"),
         "flow.decoder.estimator",
-        {
-            "dim": "hidden_size",
-            "depth": "num_layers",
-            "heads": "num_heads",
-            "dim_head": "head_dim",
-            "ff_mult": "ff_mult",
-            "static_chunk_size": "chunk_frames",
-        },
+        _DIT_ARGUMENTS,
         ignored=("mel_dim", "mu_dim", "spk_dim", "out_channels", "dropout"),
         fixed={"num_decoding_left_chunks": -1},
     )
-    flow_values = {**values, **pre, **dit, **cfm}
-    # yaml numbers arrive as whatever the literal or the !ref arithmetic gave (2 vs 2.0): the config is typed
-    if "cfg_rate" in flow_values:
-        flow_values["cfg_rate"] = float(flow_values["cfg_rate"])
-    if "chunk_frames" in flow_values:
-        flow_values["chunk_frames"] = int(flow_values["chunk_frames"])
-    flow_config = CosyVoice3FlowConfig(**flow_values)
+    return {**dit, **cfm}
 
-    hift = _constructor(hift_args, _HIFT, "hift")
+
+def _hift_config(node) -> CosyVoice3HiFTConfig:
+    """The hift section: the vocoder's arguments, its iSTFT sizes and its F0 predictor."""
+    hift = _constructor(node, _HIFT, "hift")
     istft = hift.get("istft_params", {})
-    h = _take(
-        hift,
-        "hift",
-        {
-            "in_channels": "mel_bins",
-            "base_channels": "base_channels",
-            "nb_harmonics": "num_harmonics",
-            "sampling_rate": "sample_rate",
-            "nsf_alpha": "sine_amplitude",
-            "nsf_sigma": "noise_std",
-            "nsf_voiced_threshold": "voiced_threshold",
-            "upsample_rates": "upsample_rates",
-            "upsample_kernel_sizes": "upsample_kernel_sizes",
-            "resblock_kernel_sizes": "resblock_kernel_sizes",
-            "resblock_dilation_sizes": "resblock_dilations",
-            "source_resblock_kernel_sizes": "source_resblock_kernel_sizes",
-            "source_resblock_dilation_sizes": "source_resblock_dilations",
-            "lrelu_slope": "lrelu_slope",
-            "audio_limit": "audio_limit",
-            "conv_pre_look_right": "conv_pre_lookahead",
-        },
-        ignored=("istft_params", "f0_predictor"),
-    )
+    values = _take(hift, "hift", _HIFT_ARGUMENTS, ignored=("istft_params", "f0_predictor"))
     if set(istft) - {"n_fft", "hop_len"}:
         raise CheckpointFormatError(f"hift.istft_params: unknown keys {sorted(set(istft) - {'n_fft', 'hop_len'})}.")
     f0 = _take(
@@ -291,13 +304,12 @@ def config_from_official_yaml(text: str) -> CosyVoice3Config:
         ignored=("in_channels",),
         fixed={"num_class": 1},
     )
-    for name in ("sine_amplitude", "noise_std", "voiced_threshold", "lrelu_slope", "audio_limit"):
-        if name in h:
-            h[name] = float(h[name])
-    hift_config = CosyVoice3HiFTConfig(
-        **h, **f0, n_fft=int(istft.get("n_fft", 16)), hop_length=int(istft.get("hop_len", 4))
+    for name in _HIFT_FLOAT_FIELDS:
+        if name in values:
+            values[name] = float(values[name])
+    return CosyVoice3HiFTConfig(
+        **values, **f0, n_fft=int(istft.get("n_fft", 16)), hop_length=int(istft.get("hop_len", 4))
     )
-    return CosyVoice3Config(flow=flow_config, hift=hift_config)
 
 
 # ------------------------------------------------------------------------------------------------ state dicts
