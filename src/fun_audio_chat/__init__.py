@@ -22,6 +22,8 @@ import importlib.machinery
 import sys
 import warnings
 
+from . import _lazy_exports
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -53,7 +55,6 @@ _EXPORTS = {
         "VoiceChat",
     ),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _registration = {"done": False, "running": False}
 
 
@@ -155,18 +156,5 @@ elif not any(isinstance(finder, _RegisterOnTransformersImport) for finder in sys
     sys.meta_path.insert(0, _RegisterOnTransformersImport())
 
 
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    register_auto_classes()
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
-
-
-__all__ = sorted(_WHERE)
+# the classes load on first access, after the Auto classes know them (see the module docstring)
+__getattr__, __dir__, __all__ = _lazy_exports.lazy_exports(__name__, _EXPORTS, before_import=register_auto_classes)

@@ -11,38 +11,22 @@
 * ``static/`` — the voice page.
 """
 
-from .engine import (
-    AudioDelta,
-    ServingEngine,
-    TextDelta,
-    TurnCancelled,
-    TurnDone,
-    TurnFailed,
-    TurnHandle,
-    TurnMetrics,
-    TurnRequest,
-    TurnResult,
-)
+from .. import _lazy_exports
 
-
-def __getattr__(name):
-    if name == "create_app":  # imported on use: FastAPI is an optional dependency
-        from .app import create_app
-
-        return create_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = [
-    "AudioDelta",
-    "ServingEngine",
-    "TextDelta",
-    "TurnCancelled",
-    "TurnDone",
-    "TurnFailed",
-    "TurnHandle",
-    "TurnMetrics",
-    "TurnRequest",
-    "TurnResult",
-    "create_app",
-]
+# Loaded on first use, so importing the package needs neither FastAPI (the `serve` extra) nor the engine's numpy.
+_EXPORTS = {
+    "engine": (
+        "AudioDelta",
+        "ServingEngine",
+        "TextDelta",
+        "TurnCancelled",
+        "TurnDone",
+        "TurnFailed",
+        "TurnHandle",
+        "TurnMetrics",
+        "TurnRequest",
+        "TurnResult",
+    ),
+    "app": ("create_app",),
+}
+__getattr__, __dir__, __all__ = _lazy_exports.lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ Submodules load on first use (``merging`` needs only torch; ``sft``/``core_cockt
 
 from __future__ import annotations
 
-import importlib
+from .. import _lazy_exports
 
 _EXPORTS = {
     "merging": (
@@ -42,20 +42,4 @@ _EXPORTS = {
         "prepare_preference_dataset",
     ),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_WHERE))
-
-
-__all__ = sorted(_WHERE)
+__getattr__, __dir__, __all__ = _lazy_exports.lazy_exports(__name__, _EXPORTS)
