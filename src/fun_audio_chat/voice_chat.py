@@ -29,10 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from .speech_codes import SpeechCodeFilter, SpeechCodeLayout
+from .processing import TARGET_SAMPLING_RATE
+from .speech_codes import SPEECH_FRAME_RATE, SpeechCodeFilter, SpeechCodeLayout
 
-SPEECH_FRAME_RATE = 25  # speech codes per second of speech
-INPUT_SAMPLING_RATE = 16000  # what the processor's audio encoder takes
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif")
 
 
@@ -390,7 +389,7 @@ class VoiceChat:
 
     # -------------------------------------------------------------------------------------- input
     @staticmethod
-    def turn_messages(user_input, sampling_rate: int = INPUT_SAMPLING_RATE) -> list[dict]:
+    def turn_messages(user_input, sampling_rate: int = TARGET_SAMPLING_RATE) -> list[dict]:
         """The new messages of a turn: from a string (text), a ``pathlib.Path`` (an audio file), a waveform (numpy
         array or tensor at ``sampling_rate``), a list of content items (one user message), or a ``user``/``tool``
         message or a list of them (e.g. the results of the tool calls of the previous reply)."""
@@ -440,7 +439,7 @@ class VoiceChat:
         *,
         speech: bool | None = None,
         max_new_tokens: int | None = None,
-        sampling_rate: int = INPUT_SAMPLING_RATE,
+        sampling_rate: int = TARGET_SAMPLING_RATE,
         seed: int | None = None,
         voice=None,
         **generate_kwargs,

@@ -45,21 +45,21 @@ def decode_input_audio(data: str, audio_format: str | None, *, where: str, proce
             ) from err
         raise AudioRequestError(f"{where}.data is not valid base64 ({err}).") from err
     from ..processing import AudioInputError
-    from ..processing.audio_io import load_audio
+    from ..processing.audio_io import TARGET_SAMPLING_RATE, load_audio
 
     try:
         waveform = load_audio(raw, name=f"{where}.data")
     except AudioInputError as err:
         reason = re.sub(r"Error opening <[^>]*>: ", "", str(err))  # soundfile names its in-memory buffer
         raise AudioRequestError(f"{reason} Send {'/'.join(INPUT_FORMATS)} audio as base64.") from err
-    seconds = len(waveform) / 16000
+    seconds = len(waveform) / TARGET_SAMPLING_RATE
     if seconds > max_seconds:
         raise AudioRequestError(
             f"{where} lasts {seconds:.1f} s, longer than this server's limit of {max_seconds:g} s per clip; "
             "send a shorter clip."
         )
     try:
-        processor.load_audio((waveform, 16000), name=f"{where}.data")  # the model's own length rules
+        processor.load_audio((waveform, TARGET_SAMPLING_RATE), name=f"{where}.data")  # the model's own length rules
     except AudioInputError as err:
         raise AudioRequestError(str(err)) from err
     return waveform

@@ -32,7 +32,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..processing import StreamingToolCallParser
+from ..processing import TARGET_SAMPLING_RATE, StreamingToolCallParser
+from ..speech_codes import SPEECH_FRAME_RATE
 from ..voices.registry import UnknownVoiceError, VoiceRegistry
 from .audio import (
     OUTPUT_FORMATS,
@@ -262,7 +263,7 @@ class ChatCompletionsAPI:
                 )
             except AudioRequestError as err:
                 raise APIError(400, str(err), at, "invalid_audio") from err
-            items.append({"type": "audio", "audio": waveform, "sampling_rate": 16000})
+            items.append({"type": "audio", "audio": waveform, "sampling_rate": TARGET_SAMPLING_RATE})
         return items
 
     def _messages(self, messages: list) -> list[dict]:
@@ -553,7 +554,7 @@ class ChatCompletionsAPI:
         data = []
         for name in self.voices.names:
             voice = None if name == "default" else self.voices.get(name)
-            seconds = voice.prompt_tokens / 25 if voice is not None else 0.0
+            seconds = voice.prompt_tokens / SPEECH_FRAME_RATE if voice is not None else 0.0
             data.append({"id": name, "object": "voice", "default": voice is None, "prompt_seconds": seconds})
         return {"object": "list", "data": data}
 

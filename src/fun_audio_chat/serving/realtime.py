@@ -50,7 +50,7 @@ import numpy as np
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 
-from ..processing import StreamingToolCallParser
+from ..processing import TARGET_SAMPLING_RATE, StreamingToolCallParser
 from .audio import to_pcm16
 from .engine import AudioDelta, TextDelta, TurnDone, TurnFailed, TurnRequest
 from .openai_api import well_formed_calls
@@ -79,7 +79,8 @@ from .realtime_events import (
 logger = logging.getLogger("fun_audio_chat.serving")
 
 PCM_RATE = 24000  # the Realtime API's PCM rate, in and out
-MODEL_RATE = 16000  # what the model's audio encoder takes
+# Input audio is resampled once, to the model's TARGET_SAMPLING_RATE; silero-vad takes that same 16 kHz
+# (vad.SAMPLE_RATE), so the detector is fed the buffer's own samples and its positions are buffer positions.
 MIN_COMMIT_MS = 100  # a shorter buffer is refused on commit, as OpenAI does
 
 
@@ -240,7 +241,7 @@ class RealtimeSession:
     def _new_input_resampler():
         import soxr
 
-        return soxr.ResampleStream(PCM_RATE, MODEL_RATE, 1, dtype="float32", quality="HQ")
+        return soxr.ResampleStream(PCM_RATE, TARGET_SAMPLING_RATE, 1, dtype="float32", quality="HQ")
 
     def send(self, event_type: str, **payload) -> None:
         if self._closing:
@@ -499,12 +500,12 @@ class RealtimeSession:
     # input audio buffer ----------------------------------------------------------------------
     @property
     def _max_buffer_samples(self) -> int:
-        return int(self.limits.max_buffer_seconds * MODEL_RATE)
+        return int(self.limits.max_buffer_seconds * TARGET_SAMPLING_RATE)
 
     async def on_input_audio_buffer_append(self, event: InputAudioBufferAppend) -> None:
         arrived = time.perf_counter()
         samples = decode_pcm16(event.audio, "audio")
-        if self._buffer_samples + len(samples) * MODEL_RATE // PCM_RATE > self._max_buffer_samples:
+        if self._buffer_samples + len(samples) * TARGET_SAMPLING_RATE // PCM_RATE > self._max_buffer_samples:
             raise RealtimeError(
                 f"the input audio buffer is full ({self.limits.max_buffer_seconds:g} s); commit or clear it "
                 "(input_audio_buffer.commit / clear) before appending more. This append was dropped.",
@@ -545,7 +546,7 @@ class RealtimeSession:
         events = await detector.feed_async(chunk, arrived) if len(chunk) else []
         if self._detector is not detector:  # turned off or replaced meanwhile
             return
-        prefix = config.prefix_padding_ms * MODEL_RATE // 1000
+        prefix = config.prefix_padding_ms * TARGET_SAMPLING_RATE // 1000
         for vad_event in events:
             position = self._detector_origin + vad_event.sample
             if isinstance(vad_event, SpeechStarted):
@@ -553,7 +554,7 @@ class RealtimeSession:
                 self._speech_item_id = _new_id("item")
                 self.send(
                     "input_audio_buffer.speech_started",
-                    audio_start_ms=position * 1000 // MODEL_RATE,
+                    audio_start_ms=position * 1000 // TARGET_SAMPLING_RATE,
                     item_id=self._speech_item_id,
                 )
                 if config.interrupt_response and self.response is not None:
@@ -562,10 +563,12 @@ class RealtimeSession:
                 item_id = self._speech_item_id or _new_id("item")
                 self._speech_item_id = None
                 self.send(
-                    "input_audio_buffer.speech_stopped", audio_end_ms=position * 1000 // MODEL_RATE, item_id=item_id
+                    "input_audio_buffer.speech_stopped",
+                    audio_end_ms=position * 1000 // TARGET_SAMPLING_RATE,
+                    item_id=item_id,
                 )
                 audio = self._buffer_audio(position)
-                if len(audio) < MIN_COMMIT_MS * MODEL_RATE // 1000:
+                if len(audio) < MIN_COMMIT_MS * TARGET_SAMPLING_RATE // 1000:
                     continue  # a click, not a turn (possible with prefix_padding_ms near 0)
                 self._commit_audio(audio, item_id)
                 await self._settle_cancelled_response()
@@ -581,16 +584,17 @@ class RealtimeSession:
             self._drop_buffer_before(self._stream_samples - prefix - 1024)
 
     def _commit_audio(self, audio: np.ndarray, item_id: str | None = None) -> Item | None:
-        if len(audio) < MIN_COMMIT_MS * MODEL_RATE // 1000:
+        if len(audio) < MIN_COMMIT_MS * TARGET_SAMPLING_RATE // 1000:
             raise RealtimeError(
                 f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, got "
-                f"{len(audio) * 1000 / MODEL_RATE:.0f} ms; append more audio before committing.",
+                f"{len(audio) * 1000 / TARGET_SAMPLING_RATE:.0f} ms; append more audio before committing.",
                 "input_audio_buffer_commit_empty",
             )
         from ..processing import AudioInputError
 
         try:
-            self.engine.processor.load_audio((audio, MODEL_RATE), name="input audio buffer")  # the model's rules
+            # checked against the model's own length rules
+            self.engine.processor.load_audio((audio, TARGET_SAMPLING_RATE), name="input audio buffer")
         except AudioInputError as err:
             raise RealtimeError(str(err), "invalid_audio") from err
         item = Item(id=item_id or _new_id("item"), type="message", role="user")
@@ -702,9 +706,9 @@ class RealtimeSession:
                         "invalid_audio",
                         where,
                     )
-                audio = resample(samples, PCM_RATE, MODEL_RATE)
+                audio = resample(samples, PCM_RATE, TARGET_SAMPLING_RATE)
                 try:
-                    self.engine.processor.load_audio((audio, MODEL_RATE), name=f"{where}.audio")
+                    self.engine.processor.load_audio((audio, TARGET_SAMPLING_RATE), name=f"{where}.audio")
                 except AudioInputError as err:
                     raise RealtimeError(str(err), "invalid_audio", where) from err
                 parts.append({"type": "input_audio", "audio": audio})
@@ -790,7 +794,7 @@ class RealtimeSession:
                 system.append("\n".join(part["text"] for part in item.parts))
             elif item.type == "message" and item.role == "user":
                 content = [
-                    {"type": "audio", "audio": part["audio"], "sampling_rate": MODEL_RATE}
+                    {"type": "audio", "audio": part["audio"], "sampling_rate": TARGET_SAMPLING_RATE}
                     if part["type"] == "input_audio"
                     else {"type": "text", "text": part["text"]}
                     for part in item.parts

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# silero-vad's own input rate (the model takes 8 or 16 kHz, in 256- or 512-sample frames), not the chat model's:
+# the two happen to agree, which lets the Realtime session feed the model's 16 kHz buffer to the detector unchanged.
 SAMPLE_RATE = 16000
 FRAME_SAMPLES = 512  # the frame size silero-vad takes at 16 kHz
 EXIT_MARGIN = 0.15  # a frame counts as silence below threshold - EXIT_MARGIN

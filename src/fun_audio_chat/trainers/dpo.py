@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from trl import DPOTrainer
 
+from ..configuration_fun_audio_chat import AUDIO_INPUT_NAMES, TRANSCRIPT_INPUT_NAMES
 from ..framework_compat import (
     DPOTrainerPrivateHooks,
     count_trained_tokens,
@@ -71,18 +72,7 @@ from .unwrapping import unwrap_model
 logger = logging.getLogger(__name__)
 
 #: Batch keys the model takes (everything else in a preference batch is bookkeeping).
-MODEL_INPUT_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "labels",
-    "speech_ids",
-    "speech_attention_mask",
-    "text_ids",
-    "text_attention_mask",
-    "input_features",
-    "feature_attention_mask",
-    "feature_exist_mask",
-)
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", *AUDIO_INPUT_NAMES, *TRANSCRIPT_INPUT_NAMES)
 
 
 # -------------------------------------------------------------------------------------------------------- trainer

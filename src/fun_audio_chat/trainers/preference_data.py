@@ -19,7 +19,7 @@ One preference row (a ``datasets`` row or a plain dict; see ``docs/dpo.md`` for 
     }
 
 Each side is turned into a training example exactly as supervised fine-tuning builds one
-(:func:`fun_audio_chat.processing.build_training_example`: prompt with ``-100`` labels, a spoken reply as
+(:func:`fun_audio_chat.processing.build_training_example`: prompt labelled ``IGNORE_INDEX`` (-100), a spoken reply as
 ``<|audio_bos|> <|AUDIO|> x n <|audio_eos|> <|im_end|>\\n`` with the transcript at 5 Hz and ``10 x speech-BOS + codes``
 as its speech row). :class:`FunAudioChatPreferenceCollator` pads the chosen examples and then the rejected ones into
 **one** batch of ``2B`` rows (chosen first), the layout ``FunAudioChatDPOTrainer`` scores in a single forward.
@@ -38,11 +38,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..configuration_fun_audio_chat import AUDIO_INPUT_NAMES, IGNORE_INDEX, TRANSCRIPT_INPUT_NAMES
 from ..processing import FunAudioChatDataCollator, build_training_example
 from ..processing.prompts import SPEECH_DELAY_TOKENS
 
-#: Keys of one side's example (as :func:`build_training_example` returns them; the prompt features are shared).
-EXAMPLE_KEYS = ("input_ids", "labels", "speech_ids", "text_ids", "text_attention_mask", "feature_exist_mask")
+#: Model inputs a side's example does not carry: the prompt's features are shared by both sides (stored once, as
+#: ``input_features``), and the collator makes the attention masks of the padded features and speech rows.
+_NOT_PER_SIDE = ("input_features", "feature_attention_mask", "speech_attention_mask")
+#: Keys of one side's example (as :func:`build_training_example` returns them): the ids, the labels and the model's
+#: audio and transcript inputs, except those above.
+EXAMPLE_KEYS = ("input_ids", "labels") + tuple(
+    name for name in AUDIO_INPUT_NAMES + TRANSCRIPT_INPUT_NAMES if name not in _NOT_PER_SIDE
+)
 #: Columns of a raw preference row the collator reads.
 RAW_COLUMNS = ("prompt", "chosen", "rejected", "system", "task", "tools", "chat_template_kwargs")
 #: Columns of a built (prepared) preference row.
@@ -150,7 +157,7 @@ def build_preference_example(
             out[f"{side}_{key}"] = example[key]
         if side == "chosen":
             out["input_features"] = [np.asarray(f, dtype=np.float32) for f in example["input_features"]]
-    prompt_len = sum(1 for label in out["chosen_labels"] if label == -100)
+    prompt_len = sum(1 for label in out["chosen_labels"] if label == IGNORE_INDEX)
     if out["chosen_input_ids"][:prompt_len] != out["rejected_input_ids"][:prompt_len]:  # pragma: no cover - guard
         raise ValueError("chosen and rejected were built with different prompts.")
     out["task"] = row.get("task")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 PROMPT_SAMPLE_RATE = 24000
+# The CAM++ speaker encoder's own input rate (its Kaldi fbank: 400-sample windows every 160 samples), a fact of that
+# model rather than of the chat model's audio input, though CosyVoice chose the same 16 kHz for both.
 SPEAKER_SAMPLE_RATE = 16000
 SPEAKER_FBANK_BINS = 80
 
