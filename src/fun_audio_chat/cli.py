@@ -16,6 +16,10 @@ Commands (``fun-audio-chat COMMAND --help`` for each):
 Errors the user can fix (a missing file, a directory that is not a checkpoint, a model that cannot be fetched)
 print one ``fun-audio-chat <command>: error: ...`` line on stderr and exit with status 2.
 Heavy imports (torch, transformers) happen inside the commands, so ``--help`` is instant.
+
+This module parses arguments, checks the user's input and prints: a spoken turn is
+:class:`~fun_audio_chat.voice_chat.VoiceChat`'s (``demo`` and ``chat`` print its events), the rest is the library's
+(loading, merging, tokenizing, converting, cloning, serving).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import os
 import sys
 import time
 import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
+
+from .speech_codes import SPEECH_FRAME_RATE
 
 EXIT_USAGE = 2
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".mp3", ".m4a", ".aiff", ".aif")
-SPEECH_FRAME_RATE = 25
 
 
 class CLIError(Exception):
@@ -135,21 +141,38 @@ def _load_audio_or_fail(processor, path: str):
 # ------------------------------------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
     startup = _process_age()  # python start-up + importing torch/transformers/fun_audio_chat
-    from . import AudioPiece, SpeechPiece, TextPiece, TurnEnd, VoiceChat
-    from .processing import EXAMPLE_AUDIO_TEXT, example_audio_path
+    from . import VoiceChat  # imports torch, transformers and the model code before the timed steps
+    from .processing import example_audio_path
 
     _set_threads(args.threads)
-    t_import = time.perf_counter()
-    from .tiny import tiny_detokenizer, tiny_model_and_processor
-
-    model, processor = tiny_model_and_processor(args.seed)
-    tokenizer = processor.tokenizer
-    special_ids = set(tokenizer.all_special_ids)
-    t_model = time.perf_counter()
-    detokenizer = tiny_detokenizer(args.seed)
-    t_detokenizer = time.perf_counter()
+    model, processor, detokenizer, build_times = _build_tiny_pipeline(args.seed)
     audio_path = args.audio or example_audio_path()
     waveform = _load_audio_or_fail(processor, audio_path)
+    _print_demo_header(model, audio_path, waveform, bundled=args.audio is None)
+    chat = VoiceChat(model, processor, detokenizer, max_new_tokens=args.max_new_tokens, do_sample=False)
+    result, groups = _stream_demo_reply(chat, waveform, args.seed)
+    _print_demo_reply(result, groups)
+    if args.out:
+        _save_demo_reply(Path(args.out), result, audio_path)
+    _print_demo_timings(startup, build_times, result.metrics)
+    return 0
+
+
+def _build_tiny_pipeline(seed: int):
+    """The tiny built-in model, processor and detokenizer, and how long the model and the detokenizer took."""
+    from .tiny import tiny_detokenizer, tiny_model_and_processor
+
+    t_import = time.perf_counter()
+    model, processor = tiny_model_and_processor(seed)
+    t_model = time.perf_counter()
+    detokenizer = tiny_detokenizer(seed)
+    t_detokenizer = time.perf_counter()
+    return model, processor, detokenizer, (t_model - t_import, t_detokenizer - t_model)
+
+
+def _print_demo_header(model, audio_path, waveform, bundled: bool) -> None:
+    from .processing import EXAMPLE_AUDIO_TEXT, TARGET_SAMPLING_RATE
+
     n_params = sum(p.numel() for p in model.parameters())
     text_cfg = model.config.text_config
     _say("Fun-Audio-Chat demo: speech in -> text + 25 Hz speech codes + 24 kHz audio out, streamed")
@@ -159,14 +182,20 @@ def cmd_demo(args) -> int:
         f"{model.config.audio_config.crq_transformer_config.num_hidden_layers} layers). Its words are noise; "
         "the pipeline is the real one."
     )
-    heard = f' ("{EXAMPLE_AUDIO_TEXT}")' if args.audio is None else ""
-    _say(f"  audio   {Path(audio_path).name}, {len(waveform) / 16000:.2f} s{heard}")
+    heard = f' ("{EXAMPLE_AUDIO_TEXT}")' if bundled else ""
+    _say(f"  audio   {Path(audio_path).name}, {len(waveform) / TARGET_SAMPLING_RATE:.2f} s{heard}")
     _say("")
     _say("Streaming reply (each speech group = up to 5 codes = 0.2 s of speech):")
 
-    chat = VoiceChat(model, processor, detokenizer, max_new_tokens=args.max_new_tokens, do_sample=False)
+
+def _stream_demo_reply(chat, waveform, seed: int):
+    """Print each event of the spoken turn as it comes; returns the turn's result and its number of speech groups."""
+    from .voice_chat import AudioPiece, SpeechPiece, TextPiece, TurnEnd
+
+    tokenizer = chat.processor.tokenizer
+    special_ids = set(tokenizer.all_special_ids)
     result, groups = None, 0
-    for event in chat.respond(waveform, seed=args.seed):
+    for event in chat.respond(waveform, seed=seed):
         if isinstance(event, TextPiece):
             if event.token_id in special_ids:
                 piece = tokenizer.convert_ids_to_tokens(event.token_id)  # control tokens by name
@@ -180,27 +209,34 @@ def cmd_demo(args) -> int:
             _say(f"  audio  {event.audio.numel() / event.sample_rate:.2f} s ready (24 kHz)")
         elif isinstance(event, TurnEnd):
             result = event.result
-    metrics = result.metrics
+    return result, groups
 
+
+def _print_demo_reply(result, groups: int) -> None:
     _say("")
     _say(f"Reply text: {_printable(result.text)!r}")
     _say(
-        f"Speech: {len(result.codes)} codes = {metrics.speech_seconds:.2f} s of speech at 25 Hz "
-        f"(streamed in {groups} groups; first codes {result.codes[:10]}); prompt {metrics.prompt_tokens} tokens"
+        f"Speech: {len(result.codes)} codes = {result.metrics.speech_seconds:.2f} s of speech at 25 Hz "
+        f"(streamed in {groups} groups; first codes {result.codes[:10]}); prompt {result.metrics.prompt_tokens} tokens"
     )
-    if args.out:
-        out_dir = Path(args.out)
-        _write_reply(out_dir, result.text, result.codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
-        from .processing import save_audio
 
-        save_audio(out_dir / "reply.wav", result.audio, result.sample_rate)
-        _say(f"Saved reply.txt, speech_codes.json and reply.wav (the streamed audio) to {out_dir}")
+
+def _save_demo_reply(out_dir: Path, result, audio_path) -> None:
+    from .processing import save_audio
+
+    _write_reply(out_dir, result.text, result.codes, model_name="tiny", audio=str(audio_path), detokenizer=None)
+    save_audio(out_dir / "reply.wav", result.audio, result.sample_rate)
+    _say(f"Saved reply.txt, speech_codes.json and reply.wav (the streamed audio) to {out_dir}")
+
+
+def _print_demo_timings(startup: float | None, build_times: tuple[float, float], metrics) -> None:
+    build_model, build_detokenizer = build_times
     _say("")
     _say("Timings (from the start of the turn)")
     if startup is not None:
         _say(f"  start-up, imports   {startup:6.2f} s (python, torch, transformers)")
-    _say(f"  build tiny model    {t_model - t_import:6.2f} s")
-    _say(f"  build detokenizer   {t_detokenizer - t_model:6.2f} s (tiny CosyVoice 3 flow + HiFT, random weights)")
+    _say(f"  build tiny model    {build_model:6.2f} s")
+    _say(f"  build detokenizer   {build_detokenizer:6.2f} s (tiny CosyVoice 3 flow + HiFT, random weights)")
     for label, seconds in (
         ("first text token", metrics.first_text_seconds),
         ("first speech group", metrics.first_speech_seconds),
@@ -219,7 +255,6 @@ def cmd_demo(args) -> int:
             f"  real-time factor    {metrics.real_time_factor:6.2f} (turn time / {metrics.audio_seconds:.2f} s of "
             "reply audio)"
         )
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ chat
@@ -242,45 +277,46 @@ def _find_detokenizer(args):
     ``tiny``, or ``MODULE:FACTORY`` for any object with ``sampling_rate`` that maps codes to a waveform, see
     ``fun_audio_chat.processing.SpeechDetokenizer``), else ``--cosyvoice-dir`` (or $FUN_AUDIO_CHAT_COSYVOICE_DIR),
     else None."""
-    from .processing import SpeechDetokenizer
-
     spec = args.detokenizer
     if spec and (spec == "tiny" or ":" not in spec or Path(spec).expanduser().exists()):
         return _load_native_detokenizer(spec, "--detokenizer")
-    if args.detokenizer:
-        module_name, _, attribute = args.detokenizer.partition(":")
-        if not module_name or not attribute:
-            raise CLIError(f"--detokenizer {args.detokenizer}: expected MODULE:FACTORY, e.g. my_vocoder:build.")
-        import importlib
-
-        try:
-            factory = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError) as err:
-            raise CLIError(f"--detokenizer {args.detokenizer}: {err}") from err
-        except Exception as err:  # the user's module failed while importing
-            raise CLIError(
-                f"--detokenizer {args.detokenizer}: importing {module_name} failed: {type(err).__name__}: {err}"
-            ) from err
-        if isinstance(factory, SpeechDetokenizer):
-            detokenizer = factory
-        elif callable(factory):
-            try:
-                detokenizer = factory()
-            except Exception as err:  # the user's factory: reported, not traced
-                raise CLIError(
-                    f"--detokenizer {args.detokenizer}: {attribute}() failed: {type(err).__name__}: {err}"
-                ) from err
-        else:
-            detokenizer = None
-        if not isinstance(detokenizer, SpeechDetokenizer):
-            raise CLIError(f"--detokenizer {args.detokenizer}: the object has no sampling_rate or is not callable.")
-        return detokenizer
+    if spec:
+        return _detokenizer_from_factory(spec)
     model_dir = args.cosyvoice_dir or os.environ.get("FUN_AUDIO_CHAT_COSYVOICE_DIR")
     if not model_dir:
         return None
     if not Path(model_dir).is_dir():
         raise CLIError(f"--cosyvoice-dir {model_dir}: directory not found.")
     return _load_native_detokenizer(model_dir, "--cosyvoice-dir")
+
+
+def _detokenizer_from_factory(spec: str):
+    """``--detokenizer MODULE:FACTORY``: the object itself, or what calling it returns, if it is a detokenizer."""
+    import importlib
+
+    from .processing import SpeechDetokenizer
+
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise CLIError(f"--detokenizer {spec}: expected MODULE:FACTORY, e.g. my_vocoder:build.")
+    try:
+        factory = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise CLIError(f"--detokenizer {spec}: {err}") from err
+    except Exception as err:  # the user's module failed while importing
+        raise CLIError(f"--detokenizer {spec}: importing {module_name} failed: {type(err).__name__}: {err}") from err
+    if isinstance(factory, SpeechDetokenizer):
+        detokenizer = factory
+    elif callable(factory):
+        try:
+            detokenizer = factory()
+        except Exception as err:  # the user's factory: reported, not traced
+            raise CLIError(f"--detokenizer {spec}: {attribute}() failed: {type(err).__name__}: {err}") from err
+    else:
+        detokenizer = None
+    if not isinstance(detokenizer, SpeechDetokenizer):
+        raise CLIError(f"--detokenizer {spec}: the object has no sampling_rate or is not callable.")
+    return detokenizer
 
 
 def _write_reply(
@@ -328,12 +364,9 @@ def _chat_voice(args, detokenizer):
 
 
 def cmd_chat(args) -> int:
-    audio = Path(args.audio).expanduser()
-    if not audio.exists():
-        raise CLIError(f"--audio {args.audio}: audio file not found.")
-    if audio.is_dir():
-        raise CLIError(f"--audio {args.audio}: expected an audio file, got a directory.")
-    from . import TextPiece, TurnEnd, VoiceChat
+    audio = _existing_audio_file(args.audio)
+    from . import VoiceChat
+    from .processing import TARGET_SAMPLING_RATE
 
     _set_threads(args.threads)
     device = _resolve_device(args.device)
@@ -346,9 +379,6 @@ def cmd_chat(args) -> int:
     speech = not args.text_only
     if speech and model.audio_invert_tower is None:
         raise CLIError(f"--model {args.model} has no Speech Refined Head (speech-to-text only); pass --text-only.")
-    content = [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]
-    if args.prompt:
-        content.append({"type": "text", "text": args.prompt})
     # reply.wav is rendered offline from the codes (the official offline schedule), so the turn streams no audio
     chat = VoiceChat(
         model,
@@ -359,10 +389,39 @@ def cmd_chat(args) -> int:
         **({"do_sample": False} if args.greedy else {}),
     )
     _say(
-        f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / 16000:.1f} s of audio; "
+        f"[{args.model}: loaded in {t_load:.1f} s; {len(waveform) / TARGET_SAMPLING_RATE:.1f} s of audio; "
         f"{'text + speech' if speech else 'text only'}]",
         file=sys.stderr,
     )
+    result = _stream_chat_reply(chat, _chat_content(waveform, args.prompt), args)
+    if args.out:
+        _write_chat_outputs(args, audio, result, detokenizer, voice)
+    return 0
+
+
+def _existing_audio_file(spec: str) -> Path:
+    audio = Path(spec).expanduser()
+    if not audio.exists():
+        raise CLIError(f"--audio {spec}: audio file not found.")
+    if audio.is_dir():
+        raise CLIError(f"--audio {spec}: expected an audio file, got a directory.")
+    return audio
+
+
+def _chat_content(waveform, prompt: str | None) -> list[dict]:
+    """The user turn: the loaded audio, then ``--prompt`` as a text item."""
+    from .processing import TARGET_SAMPLING_RATE
+
+    content = [{"type": "audio", "audio": waveform, "sampling_rate": TARGET_SAMPLING_RATE}]
+    if prompt:
+        content.append({"type": "text", "text": prompt})
+    return content
+
+
+def _stream_chat_reply(chat, content: list[dict], args):
+    """Stream the reply text to stdout (or print it at the end with --no-stream), then a summary on stderr."""
+    from .voice_chat import TextPiece, TurnEnd
+
     result = None
     for event in chat.respond(content, seed=args.seed):
         if isinstance(event, TextPiece) and event.text and not args.no_stream:
@@ -375,24 +434,26 @@ def cmd_chat(args) -> int:
     if result.codes is not None:
         summary += f"; {len(result.codes)} speech codes = {result.metrics.speech_seconds:.1f} s of speech"
     _say(summary + "]", file=sys.stderr)
-    if args.out:
-        written = _write_reply(
-            Path(args.out),
-            result.text,
-            result.codes,
-            model_name=args.model,
-            audio=str(audio),
-            detokenizer=detokenizer,
-            voice=voice,
+    return result
+
+
+def _write_chat_outputs(args, audio: Path, result, detokenizer, voice) -> None:
+    written = _write_reply(
+        Path(args.out),
+        result.text,
+        result.codes,
+        model_name=args.model,
+        audio=str(audio),
+        detokenizer=detokenizer,
+        voice=voice,
+    )
+    _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
+    if not args.text_only and detokenizer is None:
+        _say(
+            "no detokenizer: reply.wav not written (pass --detokenizer with a CosyVoice 3 folder, a converted "
+            "detokenizer or a Hub id to get audio from the speech codes)",
+            file=sys.stderr,
         )
-        _say(f"wrote {', '.join(written)} to {args.out}", file=sys.stderr)
-        if speech and detokenizer is None:
-            _say(
-                "no detokenizer: reply.wav not written (pass --detokenizer with a CosyVoice 3 folder, a converted "
-                "detokenizer or a Hub id to get audio from the speech codes)",
-                file=sys.stderr,
-            )
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ tokenize-speech
@@ -438,18 +499,7 @@ def _speech_tokenizer(args):
 
 
 def cmd_tokenize_speech(args) -> int:
-    source = Path(args.input).expanduser()
-    if args.dataset:
-        items = _dataset_rows(args.input, args.split, args.audio_column, args.id_column)
-    else:
-        if not source.exists():
-            raise CLIError(f"{args.input}: no such file or folder.")
-        extensions = tuple(e if e.startswith(".") else "." + e for e in args.extensions.lower().split(","))
-        files = _audio_files(source, extensions)
-        root = source if source.is_dir() else source.parent
-        items = [(str(f.relative_to(root)), str(f)) for f in files]
-    if not items:
-        raise CLIError(f"{args.input}: no audio found (extensions {args.extensions}).")
+    items = _tokenize_speech_items(args)
     out_path = Path(args.out)
     if out_path.exists() and not args.overwrite:
         raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
@@ -460,74 +510,94 @@ def cmd_tokenize_speech(args) -> int:
     # hidden and unique, so it never replaces a file of the user's; removed whatever stops the run
     tmp_path = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     try:
-        done, skipped, total_codes, total_seconds, elapsed = _tokenize_into(args, items, tokenizer, tmp_path)
+        totals = _tokenize_into(args, items, tokenizer, tmp_path)
         os.replace(tmp_path, out_path)
     finally:
         tmp_path.unlink(missing_ok=True)
     _say(
-        f"tokenized {done} clip(s), {total_seconds:.1f} s of audio -> {total_codes} codes in {elapsed:.1f} s; "
-        f"wrote {out_path}" + (f" ({skipped} skipped)" if skipped else "")
+        f"tokenized {totals.done} clip(s), {totals.seconds:.1f} s of audio -> {totals.codes} codes in "
+        f"{totals.elapsed:.1f} s; wrote {out_path}" + (f" ({totals.skipped} skipped)" if totals.skipped else "")
     )
     return 0
 
 
-def _tokenize_into(args, items, tokenizer, tmp_path: Path):
+def _tokenize_speech_items(args) -> list[tuple[str, object]]:
+    """``(id, audio)`` of every clip to tokenize: the dataset's rows, or the audio files under INPUT."""
+    if args.dataset:
+        items = _dataset_rows(args.input, args.split, args.audio_column, args.id_column)
+    else:
+        source = Path(args.input).expanduser()
+        if not source.exists():
+            raise CLIError(f"{args.input}: no such file or folder.")
+        extensions = tuple(e if e.startswith(".") else "." + e for e in args.extensions.lower().split(","))
+        files = _audio_files(source, extensions)
+        root = source if source.is_dir() else source.parent
+        items = [(str(f.relative_to(root)), str(f)) for f in files]
+    if not items:
+        raise CLIError(f"{args.input}: no audio found (extensions {args.extensions}).")
+    return items
+
+
+@dataclass
+class _TokenizeTotals:
+    done: int = 0
+    skipped: int = 0
+    codes: int = 0
+    seconds: float = 0.0
+    elapsed: float = 0.0
+
+
+def _tokenize_into(args, items, tokenizer, tmp_path: Path) -> _TokenizeTotals:
+    """Tokenize ``items`` batch by batch into ``tmp_path``, one JSON line per clip."""
     from tqdm.auto import tqdm
 
-    from .processing import AudioInputError, load_audio
+    from .processing import TARGET_SAMPLING_RATE
 
-    done = skipped = total_codes = 0
-    total_seconds = 0.0
+    totals = _TokenizeTotals()
     t0 = time.perf_counter()
     with open(tmp_path, "w", encoding="utf-8") as handle, tqdm(total=len(items), desc="tokenizing", unit="clip") as bar:
         for start in range(0, len(items), args.batch_size):
             batch = items[start : start + args.batch_size]
-            waveforms, kept = [], []
-            for item_id, audio in batch:
-                try:
-                    waveforms.append(load_audio(audio, name=str(item_id)))
-                    kept.append(item_id)
-                except AudioInputError as err:
-                    if not args.skip_errors:
-                        raise CLIError(f"{err} (pass --skip-errors to skip unreadable audio)") from err
-                    skipped += 1
-                    tqdm.write(f"skipped {item_id}: {err}", file=sys.stderr)
-            if waveforms:
-                codes = tokenizer(waveforms, sampling_rate=16000)
-                for item_id, waveform, clip_codes in zip(kept, waveforms, codes):
-                    seconds = len(waveform) / 16000
-                    record = {
-                        "id": item_id,
-                        "num_codes": len(clip_codes),
-                        "duration_s": round(seconds, 4),
-                        "codes": clip_codes,
-                    }
-                    handle.write(json.dumps(record) + "\n")
-                    done += 1
-                    total_codes += len(clip_codes)
-                    total_seconds += seconds
+            kept, waveforms = _load_batch(batch, args.skip_errors, totals, tqdm.write)
+            codes = tokenizer(waveforms, sampling_rate=TARGET_SAMPLING_RATE) if waveforms else []
+            for item_id, waveform, clip_codes in zip(kept, waveforms, codes):
+                seconds = len(waveform) / TARGET_SAMPLING_RATE
+                record = {
+                    "id": item_id,
+                    "num_codes": len(clip_codes),
+                    "duration_s": round(seconds, 4),
+                    "codes": clip_codes,
+                }
+                handle.write(json.dumps(record) + "\n")
+                totals.done += 1
+                totals.codes += len(clip_codes)
+                totals.seconds += seconds
             bar.update(len(batch))
-    return done, skipped, total_codes, total_seconds, time.perf_counter() - t0
+    totals.elapsed = time.perf_counter() - t0
+    return totals
+
+
+def _load_batch(batch, skip_errors: bool, totals: _TokenizeTotals, report) -> tuple[list, list]:
+    """The ids and waveforms of the batch's readable clips; an unreadable one stops the run, or with --skip-errors
+    is counted in ``totals`` and reported through ``report``."""
+    from .processing import AudioInputError, load_audio
+
+    kept, waveforms = [], []
+    for item_id, audio in batch:
+        try:
+            waveforms.append(load_audio(audio, name=str(item_id)))
+            kept.append(item_id)
+        except AudioInputError as err:
+            if not skip_errors:
+                raise CLIError(f"{err} (pass --skip-errors to skip unreadable audio)") from err
+            totals.skipped += 1
+            report(f"skipped {item_id}: {err}", file=sys.stderr)
+    return kept, waveforms
 
 
 # ------------------------------------------------------------------------------------------------ merge
 def cmd_merge(args) -> int:
-    tuned = Path(args.tuned).expanduser()
-    if not tuned.exists():
-        raise CLIError(f"--tuned {args.tuned}: checkpoint not found.")
-    base_path = Path(args.base).expanduser()
-    if args.base_from_hub:
-        if args.base.startswith((".", "/", "~")) or args.base.count("/") != 1:
-            raise CLIError(f"--base {args.base}: --base-from-hub needs a Hub repo id like 'org/name'.")
-    elif not base_path.exists():
-        hint = " (to download a Hub repo, add --base-from-hub)" if args.base.count("/") == 1 else ""
-        raise CLIError(f"--base {args.base}: checkpoint not found{hint}.")
-    out = Path(args.out).expanduser()
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
-    if not 0.0 <= args.alpha <= 1.0:
-        raise CLIError(f"--alpha {args.alpha}: must be between 0 and 1.")
-
+    tuned, base, out = _merge_paths(args)
     from .hub import write_model_card
     from .trainers.merging import PickleCheckpointError, merge_weights
 
@@ -535,7 +605,7 @@ def cmd_merge(args) -> int:
     try:
         result, manifest = merge_weights(
             str(tuned),
-            args.base if args.base_from_hub else str(base_path),
+            base,
             args.alpha,
             output_dir=str(out),
             on_shape_mismatch=args.on_shape_mismatch,
@@ -563,23 +633,33 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _merge_paths(args) -> tuple[Path, str, Path]:
+    """The checked inputs of ``merge``: the tuned checkpoint, the base (a local path or a Hub id) and the output."""
+    tuned = Path(args.tuned).expanduser()
+    if not tuned.exists():
+        raise CLIError(f"--tuned {args.tuned}: checkpoint not found.")
+    base_path = Path(args.base).expanduser()
+    if args.base_from_hub:
+        if args.base.startswith((".", "/", "~")) or args.base.count("/") != 1:
+            raise CLIError(f"--base {args.base}: --base-from-hub needs a Hub repo id like 'org/name'.")
+    elif not base_path.exists():
+        hint = " (to download a Hub repo, add --base-from-hub)" if args.base.count("/") == 1 else ""
+        raise CLIError(f"--base {args.base}: checkpoint not found{hint}.")
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise CLIError(f"--out {args.out} exists; pass --overwrite to replace it.")
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CLIError(f"--alpha {args.alpha}: must be between 0 and 1.")
+    return tuned, args.base if args.base_from_hub else str(base_path), out
+
+
 # ------------------------------------------------------------------------------------------------ convert-detokenizer
 def cmd_convert_detokenizer(args) -> int:
     out = Path(args.out).expanduser()
     if out.exists() and any(out.iterdir()) and not args.overwrite:
         raise CLIError(f"{args.out}: folder exists and is not empty (pass --overwrite to replace its files).")
     t0 = time.perf_counter()
-    speaker = None
-    if args.speaker_embedding:
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(Path(args.speaker_embedding).expanduser()))
-        except Exception as err:  # noqa: BLE001 - reported as one line
-            raise CLIError(f"--speaker-embedding {args.speaker_embedding}: {_first_line(err)}") from err
-        if len(tensors) != 1 or next(iter(tensors.values())).numel() != 192:
-            raise CLIError(f"--speaker-embedding {args.speaker_embedding}: expected one tensor of 192 values.")
-        speaker = next(iter(tensors.values()))
+    speaker = _read_speaker_embedding(args.speaker_embedding) if args.speaker_embedding else None
     from .token2wav.convert_official import convert_official_checkpoint
 
     try:
@@ -594,6 +674,19 @@ def cmd_convert_detokenizer(args) -> int:
     )
     _convert_speakers(args, out, detokenizer.config)
     return 0
+
+
+def _read_speaker_embedding(path: str):
+    """``--speaker-embedding FILE``: the one 192-value tensor of a safetensors file."""
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(Path(path).expanduser()))
+    except Exception as err:  # noqa: BLE001 - reported as one line
+        raise CLIError(f"--speaker-embedding {path}: {_first_line(err)}") from err
+    if len(tensors) != 1 or next(iter(tensors.values())).numel() != 192:
+        raise CLIError(f"--speaker-embedding {path}: expected one tensor of 192 values.")
+    return next(iter(tensors.values()))
 
 
 def _convert_speakers(args, out: Path, config) -> None:
@@ -613,11 +706,7 @@ def _convert_speakers(args, out: Path, config) -> None:
 
 # ------------------------------------------------------------------------------------------------ clone-voice
 def cmd_clone_voice(args) -> int:
-    out = Path(args.out).expanduser()
-    if not out.name.endswith(".safetensors"):
-        raise CLIError(f"OUT {args.out}: a voice file ends in .safetensors (e.g. {out.stem or 'voice'}.safetensors).")
-    if out.exists() and not args.overwrite:
-        raise CLIError(f"OUT {args.out}: file exists (pass --overwrite to replace it).")
+    out = _voice_file_to_write(args.out, args.overwrite)
     encoders = args.encoders or os.environ.get("FUN_AUDIO_CHAT_COSYVOICE_DIR")
     if not encoders:
         raise CLIError(
@@ -645,6 +734,15 @@ def cmd_clone_voice(args) -> int:
         f"{voice.speaker_embedding.numel()}-value speaker embedding; cloned in {seconds:.2f} s"
     )
     return 0
+
+
+def _voice_file_to_write(spec: str, overwrite: bool) -> Path:
+    out = Path(spec).expanduser()
+    if not out.name.endswith(".safetensors"):
+        raise CLIError(f"OUT {spec}: a voice file ends in .safetensors (e.g. {out.stem or 'voice'}.safetensors).")
+    if out.exists() and not overwrite:
+        raise CLIError(f"OUT {spec}: file exists (pass --overwrite to replace it).")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ serve
@@ -712,19 +810,7 @@ def cmd_serve(args) -> int:
         raise CLIError(
             f"serve needs FastAPI, uvicorn and prometheus_client ({err}): pip install 'fun-audio-chat[serve]'."
         ) from err
-    import socket
-
-    probe = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        probe.bind((args.host, args.port))
-    except OSError as err:
-        raise CLIError(
-            f"--port {args.port}: cannot listen on {args.host}:{args.port} ({err.strerror}); "
-            "pick another --port or --host."
-        ) from err
-    finally:
-        probe.close()
+    _check_port_is_free(args.host, args.port)
     _set_threads(args.threads)
     device = _resolve_device(args.device)
     model, processor = _load_model_or_fail(args.model, device, _resolve_dtype(args.dtype, device))
@@ -748,6 +834,28 @@ def cmd_serve(args) -> int:
         max_audio_seconds=args.max_audio_seconds,
         voices=voices,
     )
+    _print_serve_banner(args, model_id, engine, voices)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _check_port_is_free(host: str, port: int) -> None:
+    """Fail with one line before the model loads, rather than after, when the address is taken."""
+    import socket
+
+    probe = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind((host, port))
+    except OSError as err:
+        raise CLIError(
+            f"--port {port}: cannot listen on {host}:{port} ({err.strerror}); pick another --port or --host."
+        ) from err
+    finally:
+        probe.close()
+
+
+def _print_serve_banner(args, model_id: str, engine, voices) -> None:
     mode = "text + speech" if engine.can_speak else "text only (no detokenizer: pass --detokenizer DIR)"
     if voices is not None and len(voices):
         mode += f" in voices {', '.join(voices.names)}"
@@ -756,8 +864,6 @@ def cmd_serve(args) -> int:
         f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics",
         file=sys.stderr,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ parser
@@ -770,6 +876,26 @@ def _version() -> str:
         return "unknown"
 
 
+def _add_device_options(parser) -> None:
+    """``--device`` and ``--dtype``, for the commands that load the model."""
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
+
+
+def _add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+
+
+def _examples(*command_lines: str) -> str:
+    """An ``examples:`` epilog (for a parser with ``RawDescriptionHelpFormatter``), one command a line."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in command_lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="fun-audio-chat",
@@ -778,11 +904,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fun-audio-chat {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    _add_demo_parser(commands)
+    _add_chat_parser(commands)
+    _add_convert_detokenizer_parser(commands)
+    _add_clone_voice_parser(commands)
+    _add_tokenize_speech_parser(commands)
+    _add_merge_parser(commands)
+    _add_serve_parser(commands)
+    return parser
 
+
+def _add_demo_parser(commands) -> None:
     demo = commands.add_parser(
         "demo",
-        formatter_class=fmt,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="streaming speech-to-speech on a tiny built-in model (no downloads)",
         description="Speech-to-speech on a tiny built-in model with the bundled speech clip: the text pieces and the "
         "25 Hz speech-code groups are printed as they are generated, then timings. The tiny model has random "
@@ -797,16 +932,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_chat_parser(commands) -> None:
     chat = commands.add_parser(
         "chat",
-        formatter_class=fmt,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="answer one audio file (text, speech codes, wav)",
         description="Answer a spoken question. Streams the reply text to stdout and, with --out, writes reply.txt, "
         "speech_codes.json (25 Hz S3 codes) and reply.wav (only when a detokenizer is given: --detokenizer).",
-        epilog="examples:\n  fun-audio-chat chat --model FunAudioLLM/Fun-Audio-Chat-8B --audio question.wav --out reply/\n"
-        "  fun-audio-chat chat --model tiny --audio question.wav --text-only",
+        epilog=_examples(
+            "fun-audio-chat chat --model FunAudioLLM/Fun-Audio-Chat-8B --audio question.wav --out reply/",
+            "fun-audio-chat chat --model tiny --audio question.wav --text-only",
+        ),
     )
-    chat.formatter_class = argparse.RawDescriptionHelpFormatter
     chat.add_argument("--model", required=True, help="checkpoint directory, Hub repo id, or 'tiny' (built-in)")
     chat.add_argument("--audio", required=True, help="audio file (wav, flac, ogg, mp3 ...), any sampling rate")
     chat.add_argument("--text-only", action="store_true", help="answer with text only (speech-to-text prompt)")
@@ -817,13 +955,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--greedy", action="store_true", help="greedy text decoding (speech codes stay sampled)")
     chat.add_argument("--seed", type=int, default=None, help="sampling seed")
     chat.add_argument("--no-stream", action="store_true", help="print the reply at the end instead of streaming")
-    chat.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    chat.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
-    )
+    _add_device_options(chat)
     chat.add_argument(
         "--cosyvoice-dir",
         help="official CosyVoice 3 folder for reply.wav (same as --detokenizer DIR; "
@@ -842,9 +974,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="speak reply.wav in this voice: a .safetensors voice file (clone-voice) or the name of a voice in the "
         "detokenizer folder's voices/ (default: the detokenizer's own speaker)",
     )
-    chat.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    _add_threads_option(chat)
     chat.set_defaults(func=cmd_chat)
 
+
+def _add_convert_detokenizer_parser(commands) -> None:
     convert = commands.add_parser(
         "convert-detokenizer",
         help="official CosyVoice 3 folder -> safetensors detokenizer folder",
@@ -868,6 +1002,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
     convert.set_defaults(func=cmd_convert_detokenizer)
 
+
+def _add_clone_voice_parser(commands) -> None:
     clone = commands.add_parser(
         "clone-voice",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -875,8 +1011,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Clone a voice from a 3-30 s clip of one speaker (any common format and sampling rate): its S3 "
         "speech codes and CosyVoice 3 mel become the prompt the flow continues from, CAM++ gives its speaker "
         "embedding. The voice file (safetensors) is used with chat --voice FILE and serve --voice NAME=FILE.",
-        epilog="examples:\n  fun-audio-chat clone-voice anna.wav anna.safetensors --encoders CosyVoice3-0.5B/\n"
-        "  fun-audio-chat clone-voice anna.wav anna.safetensors --encoders tiny",
+        epilog=_examples(
+            "fun-audio-chat clone-voice anna.wav anna.safetensors --encoders CosyVoice3-0.5B/",
+            "fun-audio-chat clone-voice anna.wav anna.safetensors --encoders tiny",
+        ),
     )
     clone.add_argument("clip", metavar="CLIP", help="audio file of one speaker, 3 to 30 s")
     clone.add_argument("out", metavar="OUT", help="voice file to write (.safetensors)")
@@ -888,9 +1026,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clone.add_argument("--name", help="the voice's name (default: the clip's file name)")
     clone.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    clone.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    _add_threads_option(clone)
     clone.set_defaults(func=cmd_clone_voice)
 
+
+def _add_tokenize_speech_parser(commands) -> None:
     tok = commands.add_parser(
         "tokenize-speech",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -899,8 +1039,10 @@ def build_parser() -> argparse.ArgumentParser:
         "build training data for spoken replies. Writes one JSON object per clip: "
         '{"id", "num_codes", "duration_s", "codes"}. Needs the optional s3tokenizer package '
         "(pip install --no-deps s3tokenizer==0.3.0 && pip install onnx einops).",
-        epilog="examples:\n  fun-audio-chat tokenize-speech wavs/ --out codes.jsonl --tokenizer speech_tokenizer_v3.onnx\n"
-        "  fun-audio-chat tokenize-speech my_dataset/ --dataset --split train --audio-column audio --out codes.jsonl",
+        epilog=_examples(
+            "fun-audio-chat tokenize-speech wavs/ --out codes.jsonl --tokenizer speech_tokenizer_v3.onnx",
+            "fun-audio-chat tokenize-speech my_dataset/ --dataset --split train --audio-column audio --out codes.jsonl",
+        ),
     )
     tok.add_argument("input", help="audio folder (searched recursively), one audio file, or with --dataset a dataset")
     tok.add_argument("--out", required=True, help="output .jsonl file")
@@ -936,9 +1078,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--device", default=None, help="torch device of the tokenizer (default: cpu)")
     tok.add_argument("--skip-errors", action="store_true", help="skip unreadable audio instead of stopping")
     tok.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    tok.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
+    _add_threads_option(tok)
     tok.set_defaults(func=cmd_tokenize_speech)
 
+
+def _add_merge_parser(commands) -> None:
     merge = commands.add_parser(
         "merge",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -947,8 +1091,10 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoint with its base text LLM (a Qwen3 causal-LM checkpoint, or a Hub id). Merges shard by shard with "
         "bounded memory, keeps the audio encoders and the Speech Refined Head from the tuned model, copies the config "
         "and processor files, and writes merge_manifest.json and a model card. Safetensors only.",
-        epilog="examples:\n  fun-audio-chat merge --tuned runs/stage1/final --base runs/base-llm --alpha 0.5 --out merged/\n"
-        "  fun-audio-chat merge --tuned runs/stage1/final --base Qwen/Qwen3-8B --base-from-hub --out merged/",
+        epilog=_examples(
+            "fun-audio-chat merge --tuned runs/stage1/final --base runs/base-llm --alpha 0.5 --out merged/",
+            "fun-audio-chat merge --tuned runs/stage1/final --base Qwen/Qwen3-8B --base-from-hub --out merged/",
+        ),
     )
     merge.add_argument("--tuned", required=True, help="fine-tuned Fun-Audio-Chat checkpoint directory (M1)")
     merge.add_argument("--base", required=True, help="base LLM checkpoint directory or Hub repo id (M0)")
@@ -969,6 +1115,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--no-model-card", action="store_true", help="do not write README.md")
     merge.set_defaults(func=cmd_merge)
 
+
+def _add_serve_parser(commands) -> None:
     serve = commands.add_parser(
         "serve",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -978,10 +1126,42 @@ def build_parser() -> argparse.ArgumentParser:
         "modalities text/audio, streaming, tools) and GET /v1/models, per-turn metrics at /metrics. Requests that "
         "arrive together are decoded as one batch. With no arguments: the tiny built-in model and a tiny random "
         "detokenizer (no downloads; their words and sounds are noise).",
-        epilog="examples:\n  fun-audio-chat serve\n"
-        "  fun-audio-chat serve --model FunAudioLLM/Fun-Audio-Chat-8B --detokenizer cosyvoice3/ --port 8000",
+        epilog=_examples(
+            "fun-audio-chat serve",
+            "fun-audio-chat serve --model FunAudioLLM/Fun-Audio-Chat-8B --detokenizer cosyvoice3/ --port 8000",
+        ),
     )
     serve.add_argument("--model", default="tiny", help="checkpoint directory, Hub repo id, or 'tiny' (default)")
+    _add_serve_speech_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    serve.add_argument("--model-id", help="model name in the API (default: the --model value)")
+    serve.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="reply length when a request gives no max_tokens (default: %(default)s)",
+    )
+    _add_serve_batching_options(serve)
+    serve.add_argument(
+        "--max-audio-seconds",
+        type=float,
+        default=120.0,
+        help="longest accepted audio clip in a request (default: %(default)s)",
+    )
+    _add_device_options(serve)
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level (default: %(default)s)",
+    )
+    serve.set_defaults(func=cmd_serve)
+
+
+def _add_serve_speech_options(serve) -> None:
+    """How ``serve`` speaks: the detokenizer and the voices it offers."""
     serve.add_argument(
         "--detokenizer",
         metavar="DIR",
@@ -1001,15 +1181,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="CosyVoice 3 folder with campplus.onnx and speech_tokenizer_v3.onnx for cloning --voice clips "
         "(default: the --detokenizer folder; the tiny cloner with the tiny detokenizer)",
     )
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
-    serve.add_argument("--model-id", help="model name in the API (default: the --model value)")
-    serve.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=256,
-        help="reply length when a request gives no max_tokens (default: %(default)s)",
-    )
+
+
+def _add_serve_batching_options(serve) -> None:
+    """How ``serve`` shares the model between requests: batched decoding and speech synthesis."""
     serve.add_argument("--max-batch-size", type=int, default=8, help="most requests decoded together (default: 8)")
     serve.add_argument(
         "--batch-window-ms",
@@ -1036,28 +1211,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiply each reply's synthesis hop by this after every call (1: the official fixed 15 codes; 2: "
         "first audio as early, several times less synthesis work per reply; docs/serve.md)",
     )
-    serve.add_argument(
-        "--max-audio-seconds",
-        type=float,
-        default=120.0,
-        help="longest accepted audio clip in a request (default: %(default)s)",
-    )
-    serve.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available)")
-    serve.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype (auto: bfloat16 on GPU, float32 on CPU)",
-    )
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve.add_argument(
-        "--log-level",
-        default="info",
-        choices=["critical", "error", "warning", "info", "debug"],
-        help="server log level (default: %(default)s)",
-    )
-    serve.set_defaults(func=cmd_serve)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

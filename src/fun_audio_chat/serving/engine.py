@@ -42,8 +42,6 @@ import numpy as np
 
 logger = logging.getLogger("fun_audio_chat.serving")
 
-SPEECH_FRAME_RATE = 25  # speech codes per second of audio
-
 
 # ------------------------------------------------------------------------------------------------ requests
 class TurnCancelled(Exception):
@@ -407,17 +405,11 @@ class ServingEngine:
         while True:
             admitted = self._admit(running=decoder.has_rows)
             if admitted is None:
-                for handle in list(self._decoding.values()):
-                    self._fail(handle, RuntimeError("the server is shutting down"))
-                self._decoding.clear()
+                self._fail_decoding_rows(RuntimeError("the server is shutting down"))
                 return
             for handle in admitted:
                 self._start_row(decoder, handle, stop_ids)
-            for row_id, handle in list(self._decoding.items()):
-                if handle.cancelled.is_set():
-                    decoder.cancel(row_id)
-                    del self._decoding[row_id]
-                    self._end_turn(handle, cancelled=True)
+            self._drop_cancelled_rows(decoder)
             if not decoder.has_rows:
                 self.busy.clear()
                 continue
@@ -427,24 +419,40 @@ class ServingEngine:
                     steps = decoder.step()
             except Exception as err:  # noqa: BLE001 - every row of the failed step fails; the engine goes on
                 logger.warning("a decoding step of %d rows failed: %s", len(self._decoding), err)
-                for handle in self._decoding.values():
-                    self._fail(handle, err)
-                self._decoding.clear()
+                self._fail_decoding_rows(err)
                 decoder = ContinuousBatchDecoder(self.model)
                 self.busy.clear()
                 continue
             self.steps_run += 1
-            rows = len(steps)
-            for step in steps:
-                handle = self._decoding.get(step.row_id)
-                if handle is None:
-                    continue
-                self._deliver_step(handle, step, rows)
-                if step.finished:
-                    del self._decoding[step.row_id]
-                    self._end_turn(handle)
+            self._deliver_steps(steps)
             if not decoder.has_rows:
                 self.busy.clear()
+
+    def _fail_decoding_rows(self, error: BaseException) -> None:
+        """Every turn in the batch fails with ``error`` and leaves it."""
+        for handle in list(self._decoding.values()):
+            self._fail(handle, error)
+        self._decoding.clear()
+
+    def _drop_cancelled_rows(self, decoder) -> None:
+        """Cancelled turns leave the batch before the next step."""
+        for row_id, handle in list(self._decoding.items()):
+            if handle.cancelled.is_set():
+                decoder.cancel(row_id)
+                del self._decoding[row_id]
+                self._end_turn(handle, cancelled=True)
+
+    def _deliver_steps(self, steps) -> None:
+        """Hand each row's step to its turn; a finished row leaves the batch."""
+        rows = len(steps)
+        for step in steps:
+            handle = self._decoding.get(step.row_id)
+            if handle is None:
+                continue
+            self._deliver_step(handle, step, rows)
+            if step.finished:
+                del self._decoding[step.row_id]
+                self._end_turn(handle)
 
     def _start_row(self, decoder, handle: TurnHandle, stop_ids: set[int]) -> None:
         from ..voice_chat import SpokenTurn
