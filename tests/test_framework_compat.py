@@ -76,6 +76,47 @@ def test_compile_on_every_device_sets_the_flag_generate_reads():
     assert "_compile_all_devices" not in config.to_dict()  # not saved with the generation config
 
 
+def test_generate_preparation_outside_generate_means_what_generate_means():
+    """The steps generate() runs before decoding, run for one prompt outside it (continuous batching): the hooks
+    exist on GenerationMixin and generate() itself calls each one, and they resolve lengths, processors, stopping
+    criteria and EOS ids as generate() does."""
+    from transformers import GenerationMixin
+    from transformers.generation import (
+        LogitsProcessorList,
+        MaxLengthCriteria,
+        StoppingCriteriaList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        utils,
+    )
+
+    from fun_audio_chat.tiny import tiny_model_and_processor
+
+    hooks = ("_prepare_generation_config", "_prepare_special_tokens", "_prepare_generated_length")
+    hooks += ("_get_logits_processor", "_get_stopping_criteria")
+    generate_source = inspect.getsource(utils.GenerationMixin.generate)
+    for hook in hooks:
+        assert hasattr(GenerationMixin, hook), hook
+        assert f"self.{hook}(" in generate_source, hook
+    model, _ = tiny_model_and_processor(seed=0)
+    prompt = torch.tensor([[11, 12, 13, 14]])
+    prepared = compat.prepare_generation_outside_generate(
+        model,
+        prompt,
+        {},
+        settings={"max_new_tokens": 7, "do_sample": True, "temperature": 0.7, "top_k": 5, "eos_token_id": [3, 9]},
+        logits_processor=LogitsProcessorList(),
+        stopping_criteria=StoppingCriteriaList(),
+    )
+    assert prepared.config.max_length == 4 + 7 and prepared.config.temperature == 0.7
+    kinds = [type(processor) for processor in prepared.logits_processor]
+    assert TemperatureLogitsWarper in kinds and TopKLogitsWarper in kinds
+    assert any(isinstance(criterion, MaxLengthCriteria) for criterion in prepared.stopping_criteria)
+    assert prepared.eos_token_ids == {3, 9}
+    with pytest.raises(ValueError, match="not generation settings"):
+        compat.prepare_generation_outside_generate(model, prompt, {}, settings={"max_new_tokens": 2, "bogus": 1})
+
+
 # --------------------------------------------------------------------------------- transformers: Trainer internals
 
 

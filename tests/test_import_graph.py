@@ -178,18 +178,8 @@ MODEL_DEFINITION_BASES = (
 #: time (issue 28: those modules are edited there); each is to move into framework_compat (or to a public name) by
 #: that work. Listed by module and expression, not line, so a new reach is never hidden by an old one.
 KNOWN_REACHES_TO_MOVE = {
-    # generate()'s preparation steps, run by the continuous-batching decoder outside generate (GenerationMixin)
-    ("fun_audio_chat/modeling/continuous_batching.py", "model._prepare_generation_config"),
-    ("fun_audio_chat/modeling/continuous_batching.py", "model._prepare_special_tokens"),
-    ("fun_audio_chat/modeling/continuous_batching.py", "model._prepare_generated_length"),
-    ("fun_audio_chat/modeling/continuous_batching.py", "model._get_logits_processor"),
-    ("fun_audio_chat/modeling/continuous_batching.py", "model._get_stopping_criteria"),
     # GenerationConfig's flag for a config derived from the model config
     ("fun_audio_chat/modeling/generation.py", "config._from_model_config"),
-    # PretrainedConfig has the public `name_or_path` for this
-    ("fun_audio_chat/token2wav/detokenizer.py", "model.config._name_or_path"),
-    # compiled decoding off GPU (new work at the time): framework_compat.compile_on_every_device does it
-    ("fun_audio_chat/modeling/compiled_decoding.py", "compile_config._compile_all_devices"),
 }
 
 

@@ -9,7 +9,8 @@ library           versions     workarounds in this module
 ================  ===========  ================================================================================
 transformers      5.23 - 5.25  the cache's name (5.24 rename); ``Trainer``'s input preparation and dataset
                                column hook; ``TrainingArguments``' JSON-dict fields; ``PreTrainedModel``'s layer
-                               and checkpoint-key class attributes; compiled decoding off GPU
+                               and checkpoint-key class attributes; compiled decoding off GPU; generate()'s
+                               preparation steps run outside generate() (continuous batching)
 accelerate        1.15 - 1.16  whether the process state exists; resetting the shared state between two Trainers
                                of one process; FSDP2 on CPU processes
 TRL               1.16         ``DPOTrainer``'s private extension points (dataset preparation, reference
@@ -30,6 +31,7 @@ training workarounds import accelerate and TRL when called.
 from __future__ import annotations
 
 from collections.abc import MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 from transformers.modeling_outputs import BaseModelOutputWithPast
@@ -87,6 +89,69 @@ def compile_on_every_device(compile_config: Any) -> Any:
     ``CompileConfig``'s ``_compile_all_devices`` is set, which its constructor does not take. Returns the config."""
     compile_config._compile_all_devices = True
     return compile_config
+
+
+@dataclass
+class PreparedGeneration:
+    """What ``generate()`` derives from its settings before decoding, for one prompt."""
+
+    config: Any  # the merged GenerationConfig, lengths resolved against the prompt
+    logits_processor: Any  # LogitsProcessorList
+    stopping_criteria: Any  # StoppingCriteriaList
+    eos_token_ids: set[int]
+
+
+def prepare_generation_outside_generate(
+    model: Any,
+    input_ids: Any,
+    model_kwargs: dict,
+    generation_config: Any = None,
+    settings: dict | None = None,
+    logits_processor: Any = None,
+    stopping_criteria: Any = None,
+) -> PreparedGeneration:
+    """Run ``generate()``'s own preparation steps (``GenerationMixin._prepare_generation_config``,
+    ``_prepare_special_tokens``, ``_prepare_generated_length``, ``_get_logits_processor``, ``_get_stopping_criteria``)
+    for one prompt (batch 1) that will be decoded outside ``generate()``, as the continuous-batching decoder does for
+    a row joining a running batch, so a row's settings mean exactly what they mean to ``generate()``. transformers has
+    no public entry point for these steps (its own continuous batching keeps its own). Unknown ``settings`` raise.
+    """
+    settings = dict(settings or {})
+    has_default_max_length = (
+        settings.get("max_length") is None
+        and (generation_config is None or generation_config.max_length is None)
+        and model.generation_config.max_length is None
+    )
+    has_default_min_length = (
+        settings.get("min_length") is None
+        and (generation_config is None or generation_config.min_length is None)
+        and model.generation_config.min_length is None
+    )
+    config, unused = model._prepare_generation_config(generation_config, **settings)
+    if unused:
+        raise ValueError(f"{sorted(unused)} are not generation settings.")
+    prompt_length = input_ids.shape[1]
+    model._prepare_special_tokens(config, True, device=input_ids.device, batch_size=1)
+    config = model._prepare_generated_length(
+        generation_config=config,
+        has_default_max_length=has_default_max_length,
+        has_default_min_length=has_default_min_length,
+        model_input_name="input_ids",
+        input_ids_length=prompt_length,
+        inputs_tensor=input_ids,
+    )
+    processors = model._get_logits_processor(
+        generation_config=config,
+        input_ids_seq_length=prompt_length,
+        encoder_input_ids=input_ids,
+        logits_processor=logits_processor,
+        device=input_ids.device,
+        model_kwargs=model_kwargs,
+    )
+    criteria = model._get_stopping_criteria(generation_config=config, stopping_criteria=stopping_criteria)
+    eos = config._eos_token_tensor  # set by _prepare_special_tokens
+    eos_token_ids = set() if eos is None else {int(token) for token in eos.flatten().tolist()}
+    return PreparedGeneration(config, processors, criteria, eos_token_ids)
 
 
 def prepare_trainer_inputs(trainer: Any, inputs: MutableMapping) -> MutableMapping:

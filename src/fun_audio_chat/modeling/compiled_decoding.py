@@ -21,12 +21,13 @@ import torch
 from transformers import CompileConfig
 from transformers.generation import StoppingCriteria, StoppingCriteriaList
 
+from ..framework_compat import compile_on_every_device
+
 
 def compiled_decoding_settings(compile_config: CompileConfig | None = None) -> dict:
     """``generate()`` keyword arguments of compiled decoding: a static cache and a compile config, opted in off GPU
     too (transformers compiles decode steps on CPU only when ``_compile_all_devices`` is set)."""
-    compile_config = compile_config or CompileConfig()
-    compile_config._compile_all_devices = True
+    compile_config = compile_on_every_device(compile_config or CompileConfig())
     return {"cache_implementation": "static", "compile_config": compile_config}
 
 

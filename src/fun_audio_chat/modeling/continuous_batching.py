@@ -40,6 +40,7 @@ from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
+from ..framework_compat import prepare_generation_outside_generate
 from ..transformers_compat import CACHE_NAME
 from .generation import _PROMPT_AUDIO_INPUTS
 from .speech_decoding import SpeechDecoder
@@ -337,54 +338,28 @@ class ContinuousBatchDecoder:
             input_ids = input_ids[:, attention_mask[0].bool()]
         model._check_generate_inputs(input_ids, audio_inputs)
 
-        has_default_max_length = (
-            kwargs.get("max_length") is None
-            and (generation_config is None or generation_config.max_length is None)
-            and model.generation_config.max_length is None
-        )
-        has_default_min_length = (
-            kwargs.get("min_length") is None
-            and (generation_config is None or generation_config.min_length is None)
-            and model.generation_config.min_length is None
-        )
-        config, unused = model._prepare_generation_config(generation_config, **kwargs)
-        if unused:
-            raise ValueError(f"{sorted(unused)} are not generation settings.")
         device = model.device
         input_ids = input_ids.to(device)
         audio_inputs = {key: value.to(device) for key, value in audio_inputs.items()}
         prompt_length = input_ids.shape[1]
-        model._prepare_special_tokens(config, True, device=device, batch_size=1)
-        config = model._prepare_generated_length(
-            generation_config=config,
-            has_default_max_length=has_default_max_length,
-            has_default_min_length=has_default_min_length,
-            model_input_name="input_ids",
-            input_ids_length=prompt_length,
-            inputs_tensor=input_ids,
+        prepared = prepare_generation_outside_generate(
+            model, input_ids, audio_inputs, generation_config, kwargs, custom_processors, custom_criteria
         )
+        config = prepared.config
         return_speech = bool(config.return_speech)
         if return_speech and config.max_length is None:
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = config.max_length - prompt_length if config.max_length is not None else 0
         model.context_fit(prompt_length, max_new_tokens, speech=return_speech).check()
-        eos = config._eos_token_tensor
         row = _Row(
             row_id=next(self._ids),
             generation_config=config,
-            logits_processor=model._get_logits_processor(
-                generation_config=config,
-                input_ids_seq_length=prompt_length,
-                encoder_input_ids=input_ids,
-                logits_processor=custom_processors,
-                device=device,
-                model_kwargs=audio_inputs,
-            ),
-            stopping_criteria=model._get_stopping_criteria(generation_config=config, stopping_criteria=custom_criteria),
+            logits_processor=prepared.logits_processor,
+            stopping_criteria=prepared.stopping_criteria,
             sequence=input_ids,
             return_speech=return_speech,
             force_audio_bos=bool(config.force_audio_bos),
-            eos_token_ids=set() if eos is None else {int(token) for token in eos.flatten().tolist()},
+            eos_token_ids=prepared.eos_token_ids,
             random_stream=RowRandomStream(seed, device) if seed is not None else None,
         )
 

@@ -546,7 +546,7 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
                 kwargs["device_map"] = device_map
             model, info = super().from_pretrained(scratch, output_loading_info=True, **kwargs)
             _refuse_incomplete_checkpoint(folder, info)
-        model.config._name_or_path = str(folder)
+        model.config.name_or_path = str(folder)
         return model
 
     def set_speaker_embedding(self, speaker_embedding) -> None:
