@@ -125,6 +125,31 @@ def test_training_example_layout_matches_oracle(processor):
     assert batch["input_ids"][0, span].tolist() == [503] + [505] * 8 + [504, 502, 198]
 
 
+def test_training_prompt_is_what_the_processor_call_encodes(processor):
+    """The example's prompt part (ids, the user audio row, its features) is processor(...)'s encoding of the same
+    prompt (both run processor.encode_prompts); the reply follows the prompt and alone carries labels."""
+    oracle = load_oracle("train_b2")
+    conversation = _spoken_conversation(1, oracle)
+    example = processor.build_training_example(conversation)
+    prompt = conversation[:-1]
+    text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, speech_output=True)
+    inputs = processor(
+        text=text,
+        audio=processor.audios_in_conversation(prompt),
+        sampling_rate=16000,
+        audio_kwargs={"padding": "longest"},
+        return_tensors="np",
+    )
+    length = inputs["input_ids"].shape[1]
+    assert example["input_ids"][:length] == inputs["input_ids"][0].tolist()
+    assert example["labels"][:length] == [-100] * length and -100 not in example["labels"][length:]
+    frames = int(inputs["speech_attention_mask"][0].sum())
+    assert example["speech_ids"][0] == inputs["speech_ids"][0, :frames].tolist()
+    valid = int(inputs["feature_attention_mask"][0].sum())
+    np.testing.assert_array_equal(example["input_features"][0], inputs["input_features"][0, :, :valid])
+    assert example["feature_exist_mask"][0] == bool(inputs["feature_exist_mask"][0])
+
+
 def test_default_system_prompt_follows_reply_modality(processor):
     spoken = processor.build_training_example(
         [

@@ -24,7 +24,7 @@ from .builders import (
     build_speech_tokenizer,
 )
 from .chat_template import CHAT_TEMPLATE
-from .collator import FunAudioChatDataCollator, build_training_example
+from .collator import FunAudioChatDataCollator
 from .detokenizer import (
     SpeechDetokenizer,
     clean_text_ids,
@@ -41,6 +41,7 @@ from .prompts import (
 )
 from .speech_tokenizer import S3SpeechTokenizer, import_s3tokenizer
 from .tool_calling import StreamingToolCallParser, ToolCallParseError, parse_tool_calls
+from .training_examples import build_training_example
 
 AutoProcessor.register(FunAudioChatConfig, FunAudioChatProcessor, exist_ok=True)
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .audio_io import TARGET_SAMPLING_RATE
+from .release_layout import SPEECH_TOKENIZER_SUBFOLDER
+
 AUDIO_TEXT_SPECIAL_TOKENS = ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|audio_pad|>", "<|sil|>")
-SPEECH_TOKENIZER_SUBFOLDER = "speech_tokenizer"
 RELEASED_NUM_SPEECH_CODES = 6561
 # The specials that follow the codes in the released speech tokenizer, in id order.
 RELEASED_SPEECH_SPECIAL_TOKENS = ("<|audio_bos|>", "<|audio_eos|>", "<|audio_pad|>", "<|endoftext|>")
@@ -100,7 +102,7 @@ def build_feature_extractor():
 
     return WhisperFeatureExtractor(
         feature_size=128,
-        sampling_rate=16000,
+        sampling_rate=TARGET_SAMPLING_RATE,
         hop_length=160,
         n_fft=400,
         chunk_length=30,

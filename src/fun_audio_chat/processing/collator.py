@@ -1,31 +1,15 @@
-"""Training examples in the official SFT layout and the batch collator.
+"""The batch collator of training examples.
 
-:func:`build_training_example` turns one conversation whose **last** message is the assistant reply into model
-inputs, as the official training data pipeline builds them (docs/official-format.md#delay-tokens and #training-forward):
-
-* prompt = the chat template of the earlier messages + ``<|im_start|>assistant\\n`` (labels -100);
-* a spoken reply (assistant content with an audio item: precomputed ``"speech_codes"`` or an audio clip tokenized by
-  an :class:`~fun_audio_chat.processing.speech_tokenizer.S3SpeechTokenizer`) becomes
-  ``<|audio_bos|> <|AUDIO|> x ceil(len(speech_ids)/5) <|audio_eos|> <|im_end|> \\n`` with
-  ``speech_ids = 10 x speech-BOS + codes`` and the transcript (the text items) in ``text_ids``;
-* a text reply becomes its rendered text + ``<|im_end|>\\n`` (tool calls included);
-* labels equal ``input_ids`` on the reply;
-* one audio row per user audio (speech pad ids x ``int(duration*25)``, continuous features, ``feature_exist_mask``
-  True, no transcript) then the reply's row (codes, no features, ``text_attention_mask`` True).
-
-Without a system message the system prompt is the speech-and-text prompt for spoken replies and the speech-to-text
-prompt for text replies.
-
-:class:`FunAudioChatDataCollator` pads such examples into a batch (right padding, pad ``<|endoftext|>``, mask 0,
-labels -100; speech ids padded with the speech pad id to the longest row; transcripts padded with the text pad id;
-features zero-padded to the longest clip). It also accepts raw ``{"messages": [...]}`` rows and builds the examples
-on the fly (use ``remove_unused_columns=False`` with ``Trainer`` then).
+:class:`FunAudioChatDataCollator` pads examples (the dicts of :func:`fun_audio_chat.processing.build_training_example`)
+into a batch: right padding, pad ``<|endoftext|>``, mask 0, labels -100; speech ids padded with the speech pad id to
+the longest row; transcripts padded with the text pad id; features zero-padded to the longest clip. It also accepts
+raw ``{"messages": [...]}`` rows and builds the examples on the fly (use ``remove_unused_columns=False`` with
+``Trainer`` then).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,150 +17,7 @@ import numpy as np
 
 from ..configuration_fun_audio_chat import IGNORE_INDEX
 from ._values import to_list
-from .prompts import SPEECH_DELAY_TOKENS
-
-_CODE_KEYS = ("speech_codes", "codes")
-_AUDIO_KEYS = ("audio", "path", "url")
-
-
-def _split_reply(message: dict) -> tuple[str, list[int] | None, Any]:
-    """(transcript text, precomputed codes or None, audio source or None) of an assistant message."""
-    content = message.get("content")
-    if content is None or isinstance(content, str):
-        return content or "", None, None
-    texts, codes, audio = [], None, None
-    for item in content:
-        kind = item.get("type")
-        if kind == "text":
-            texts.append(item.get("text") or "")
-        elif kind == "audio":
-            if codes is not None or audio is not None:
-                raise ValueError("An assistant reply may contain at most one audio item.")
-            code_key = next((k for k in _CODE_KEYS if item.get(k) is not None), None)
-            if code_key is not None:
-                codes = [int(c) for c in np.asarray(item[code_key]).reshape(-1).tolist()]
-            else:
-                audio_key = next((k for k in _AUDIO_KEYS if item.get(k) is not None), None)
-                if audio_key is None:
-                    raise ValueError(
-                        'An assistant audio item needs "speech_codes" (precomputed S3 codes) or an audio '
-                        '("audio"/"path"/"url") to tokenize.'
-                    )
-                audio = (item[audio_key], item.get("sampling_rate"))
-    return "\n".join(t for t in texts if t), codes, audio
-
-
-def build_training_example(
-    processor,
-    messages: list[dict],
-    *,
-    tools: list | None = None,
-    speech_tokenizer: Any = None,
-    speech_delay_tokens: int = SPEECH_DELAY_TOKENS,
-    max_length: int | None = None,
-    **template_kwargs,
-) -> dict[str, Any]:
-    """One training example from a conversation ending with the assistant reply (see the module docstring).
-
-    Args:
-        processor: a :class:`FunAudioChatProcessor`.
-        messages: chat messages; the last one has role ``assistant``.
-        tools: tool schemas / functions for the system prompt (as ``apply_chat_template``).
-        speech_tokenizer: callable ``audios -> list of code lists`` (e.g. ``S3SpeechTokenizer``) for replies given
-            as audio instead of ``speech_codes``.
-        speech_delay_tokens: speech-BOS codes in front of the reply's codes (10 in the official data).
-        max_length: raise if the example is longer (nothing is ever truncated silently).
-
-    Returns a dict of plain lists/arrays (``datasets.Dataset.map``-friendly): ``input_ids``, ``attention_mask``,
-    ``labels``, per audio row ``speech_ids``, ``text_ids``, ``text_attention_mask``, ``feature_exist_mask``, and
-    ``input_features`` (one (128, T) array per row with features).
-    """
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("build_training_example needs a conversation whose last message is the assistant reply.")
-    prompt_messages, reply = list(messages[:-1]), messages[-1]
-    transcript, codes, reply_audio = _split_reply(reply)
-    if reply_audio is not None:
-        if speech_tokenizer is None:
-            raise ValueError(
-                "The assistant reply is an audio clip: pass speech_tokenizer=S3SpeechTokenizer... to turn it into "
-                'speech codes, or give precomputed codes as {"type": "audio", "speech_codes": [...]}.'
-            )
-        source, rate = reply_audio
-        codes = list(speech_tokenizer([processor.load_audio(source, sampling_rate=rate, name="assistant audio")])[0])
-    spoken = codes is not None
-    tokenizer = processor.tokenizer
-    template_kwargs.setdefault("speech_output", spoken)
-
-    prompt_text = processor.apply_chat_template(
-        prompt_messages, tools=tools, add_generation_prompt=True, tokenize=False, **template_kwargs
-    )
-    waveforms = processor.audios_in_conversation(prompt_messages)
-    expanded = processor._check_and_expand([prompt_text], waveforms)
-    expanded, _ = processor.get_text_with_replacements(
-        expanded, audio_replacements=[processor.audio_token * processor.num_audio_tokens(len(w)) for w in waveforms]
-    )
-    prompt_ids = tokenizer(expanded[0], add_special_tokens=False)["input_ids"]
-
-    newline_ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
-    rows_speech, rows_text, rows_text_mask, rows_feature = [], [], [], []
-    for waveform in waveforms:
-        rows_speech.append([processor.speech_pad_token_id] * processor.num_speech_frames(len(waveform)))
-        rows_text.append([])
-        rows_text_mask.append(False)
-        rows_feature.append(True)
-
-    if spoken:
-        num_codes = processor.num_speech_codes
-        bad = [c for c in codes if not 0 <= c < num_codes]
-        if bad:
-            raise ValueError(f"speech codes must be in [0, {num_codes}); got {bad[:5]}...")
-        speech_row = [processor.speech_bos_token_id] * speech_delay_tokens + list(codes)
-        groups = math.ceil(len(speech_row) / processor.audio_group_size)
-        reply_ids = (
-            [processor.audio_bos_token_id]
-            + [processor.audio_token_id] * groups
-            + [processor.audio_eos_token_id, processor.im_end_token_id]
-            + newline_ids
-        )
-        text_ids = tokenizer(transcript, add_special_tokens=False)["input_ids"] if transcript else []
-        if len(text_ids) > groups:
-            warnings.warn(
-                f"The transcript has {len(text_ids)} tokens but the reply has only {groups} speech groups; the model "
-                "sees one transcript token per group, so the last tokens will not be trained.",
-                stacklevel=2,
-            )
-        rows_speech.append(speech_row)
-        rows_text.append(text_ids)
-        rows_text_mask.append(bool(text_ids))
-        rows_feature.append(False)
-    else:
-        full_text = processor.apply_chat_template(messages, tools=tools, tokenize=False, **template_kwargs)
-        if not full_text.startswith(prompt_text):
-            raise ValueError("The chat template does not render the prompt as a prefix of the full conversation.")
-        reply_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
-
-    input_ids = list(prompt_ids) + list(reply_ids)
-    if max_length is not None and len(input_ids) > max_length:
-        raise ValueError(
-            f"training example has {len(input_ids)} tokens, more than max_length={max_length}; shorten the "
-            "conversation or audio (examples are never truncated)."
-        )
-    example: dict[str, Any] = {
-        "input_ids": input_ids,
-        "attention_mask": [1] * len(input_ids),
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + list(reply_ids),
-        "speech_ids": rows_speech,
-        "text_ids": rows_text,
-        "text_attention_mask": rows_text_mask,
-        "feature_exist_mask": rows_feature,
-    }
-    if waveforms:
-        features = processor.extract_features(waveforms)
-        valid = features["feature_attention_mask"].sum(-1)
-        example["input_features"] = [features["input_features"][i, :, : valid[i]] for i in range(len(waveforms))]
-    else:
-        example["input_features"] = []
-    return example
+from .training_examples import build_training_example
 
 
 def _round_up(length: int, multiple: int | None) -> int:
@@ -312,4 +153,4 @@ class FunAudioChatDataCollator:
         raise ValueError(f"return_tensors must be 'pt' or 'np', got {self.return_tensors!r}")
 
 
-__all__ = ["IGNORE_INDEX", "FunAudioChatDataCollator", "build_training_example"]
+__all__ = ["FunAudioChatDataCollator"]

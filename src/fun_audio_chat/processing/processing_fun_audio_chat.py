@@ -18,12 +18,13 @@ On disk (the official ``FunAudioLLM/Fun-Audio-Chat-8B`` layout)::
     processor_config.json      {"audio_bos_token", "audio_eos_token", "audio_group_size": 5, "audio_pad_token",
                                 "audio_token", "processor_class": "FunAudioChatProcessor"}
     preprocessor_config.json   WhisperFeatureExtractor (128 mel bins, 16 kHz, hop 160, n_fft 400)
-    tokenizer.json, tokenizer_config.json, special_tokens_map.json     the text tokenizer
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json, vocab.json, merges.txt     the text tokenizer
     chat_template.jinja        the chat template
     speech_tokenizer/          tokenizer.json, tokenizer_config.json, special_tokens_map.json
 
 ``AutoProcessor.from_pretrained(dir)`` loads it once :mod:`fun_audio_chat` is imported; ``save_pretrained`` writes it
-back in the same layout, and transformers' ``push_to_hub`` uploads it (the model card is
+back in the same layout (the files transformers 5 does not write itself, and why each is there:
+:mod:`fun_audio_chat.processing.release_layout`), and transformers' ``push_to_hub`` uploads it (the model card is
 :func:`fun_audio_chat.hub.push_with_model_card`'s job).
 
 Model inputs returned by ``processor(text=..., audio=...)`` and by
@@ -47,7 +48,6 @@ Audio rows are in the order the placeholders appear (sample by sample).
 
 # No ``from __future__ import annotations`` here: transformers reads the annotations of the ProcessingKwargs
 # TypedDicts below at run time (ProcessorMixin._merge_kwargs), so they must be real types, not strings.
-import json
 import math
 import os
 import re
@@ -59,6 +59,8 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import AudioKwargs, ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import auto_docstring, logging
 
+from ..configuration_fun_audio_chat import AUDIO_INPUT_NAMES
+from ..speech_codes import SPEECH_FRAME_RATE
 from ._values import to_list
 from .audio_io import (
     DEFAULT_AUDIO_LOADING_POLICY,
@@ -73,6 +75,8 @@ from .audio_io import (
 from .chat_template import CHAT_TEMPLATE, is_fun_audio_chat_template
 from .conversation import check_template_flags, split_batch, validate_conversation, validate_tools
 from .prompts import SPEECH_DELAY_TOKENS
+from .release_layout import write_release_layout
+from .training_examples import build_training_example
 
 
 def _not_marked_by_user() -> str:
@@ -95,7 +99,6 @@ _UNMARKED = _not_marked_by_user()
 logger = logging.get_logger(__name__)
 
 HOP_LENGTH = 160
-SPEECH_FRAME_RATE = 25
 # The official training context is 2048 LLM positions; audio alone at 5 positions per second fills it in 409.6 s.
 DEFAULT_MAX_AUDIO_SECONDS = 2048 / 5
 
@@ -338,15 +341,7 @@ class FunAudioChatProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return [
-            "input_ids",
-            "attention_mask",
-            "input_features",
-            "feature_attention_mask",
-            "feature_exist_mask",
-            "speech_ids",
-            "speech_attention_mask",
-        ]
+        return ["input_ids", "attention_mask", *AUDIO_INPUT_NAMES]
 
     # ------------------------------------------------------------------ audio helpers
     def num_speech_frames(self, num_samples: int) -> int:
@@ -483,27 +478,66 @@ class FunAudioChatProcessor(ProcessorMixin):
 
         audio_kwargs = output_kwargs["audio_kwargs"]
         waveforms = self._load_audio_list(audio, audio_kwargs.get("sampling_rate"))
-        data: dict[str, Any] = {}
+        texts = None
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
             if not all(isinstance(sample, str) for sample in texts):
                 raise ValueError("`text` must be a string or a list of strings.")
-            texts = self._check_and_expand(texts, waveforms)
-            texts, offsets = self.get_text_with_replacements(
-                texts, audio_replacements=[self.audio_token * self.num_audio_tokens(len(w)) for w in waveforms]
+        data = self.encode_prompts(
+            texts,
+            waveforms,
+            feature_window=self._feature_window(audio_kwargs) if waveforms else None,
+            return_text_replacement_offsets=return_text_replacement_offsets,
+            **text_kwargs,
+        )
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+
+    def encode_prompts(
+        self,
+        texts: Sequence[str] | None,
+        waveforms: Sequence[np.ndarray],
+        feature_window: int | None = None,
+        return_text_replacement_offsets: bool = False,
+        **tokenizer_kwargs,
+    ) -> dict[str, Any]:
+        """The one step that turns prompts and their loaded audio into model inputs: ``__call__`` runs it after
+        merging its kwargs and loading the audio, and training examples
+        (:func:`~fun_audio_chat.processing.training_examples.build_training_example`) run it on their prompt.
+
+        Args:
+            texts: prompts holding one ``<|AUDIO|>`` placeholder per clip, in clip order; a bare placeholder gets
+                ``<|audio_bos|>``/``<|audio_eos|>`` around it, and each is expanded to its clip's
+                :meth:`num_audio_tokens` copies before tokenizing. ``None`` encodes the audio alone.
+            waveforms: the 16 kHz clips, as :meth:`load_audio` returns them (already checked).
+            feature_window: ``max_length`` (samples) of :meth:`extract_features`; ``None`` for the longest clip.
+            return_text_replacement_offsets: also return where each placeholder was expanded (transformers'
+                ``get_text_with_replacements`` offsets).
+            tokenizer_kwargs: passed to the text tokenizer (padding, ``add_special_tokens`` …); an attention mask
+                is always returned.
+
+        Returns the tokenizer's ``input_ids`` and ``attention_mask`` (when ``texts`` is given), and when there is
+        audio: ``input_features`` and ``feature_attention_mask`` (:meth:`extract_features`), ``feature_exist_mask``
+        (all True: every clip is user audio with features) and one audio row per clip, ``speech_ids`` and
+        ``speech_attention_mask`` (:meth:`user_speech_ids`). Arrays are numpy; tensors are ``__call__``'s job.
+        """
+        data: dict[str, Any] = {}
+        if texts is not None:
+            expanded = self._check_and_expand(list(texts), waveforms)
+            expanded, offsets = self.get_text_with_replacements(
+                expanded, audio_replacements=[self.audio_token * self.num_audio_tokens(len(w)) for w in waveforms]
             )
             # apply_chat_template(..., sanitize_control_tokens=True) marks the control tokens of user text; the
-            # tokenizer (which gets that flag in text_kwargs) encodes them as plain text, and they are not placeholders
-            text_inputs = self.tokenizer(texts, **{**text_kwargs, "return_attention_mask": True})
-            self._check_special_mm_tokens(texts, text_inputs, modalities=["audio"])
+            # tokenizer (which gets that flag in tokenizer_kwargs) encodes them as plain text, not as placeholders
+            text_inputs = self.tokenizer(expanded, **{**tokenizer_kwargs, "return_attention_mask": True})
+            self._check_special_mm_tokens(expanded, text_inputs, modalities=["audio"])
             data.update(text_inputs)
             if return_text_replacement_offsets:
                 data["text_replacement_offsets"] = offsets
         if waveforms:
-            data.update(self.extract_features(waveforms, max_length=self._feature_window(audio_kwargs)))
+            data.update(self.extract_features(waveforms, max_length=feature_window))
             data["feature_exist_mask"] = np.ones(len(waveforms), dtype=bool)
             data.update(self.user_speech_ids([self.num_speech_frames(len(w)) for w in waveforms]))
-        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=self.skip_tensor_conversion)
+        return data
 
     def _feature_window(self, audio_kwargs: dict) -> int | None:
         """The ``max_length`` (samples) features are padded to: the padding setting read as the feature extractor
@@ -721,9 +755,7 @@ class FunAudioChatProcessor(ProcessorMixin):
     # ------------------------------------------------------------------ training
     def build_training_example(self, messages: list[dict], **kwargs) -> dict:
         """One training example (official SFT layout) from a conversation; see
-        :func:`fun_audio_chat.processing.collator.build_training_example`."""
-        from .collator import build_training_example
-
+        :func:`fun_audio_chat.processing.training_examples.build_training_example`."""
         return build_training_example(self, messages, **kwargs)
 
     # ------------------------------------------------------------------ serialization
@@ -742,33 +774,19 @@ class FunAudioChatProcessor(ProcessorMixin):
         return output
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
-        """Write the official layout: processor_config.json, preprocessor_config.json, the text tokenizer files,
-        chat_template.jinja, speech_tokenizer/ (and a special_tokens_map.json next to each tokenizer); and the
-        detokenizer the processor holds (given, or found where it was loaded from) in token2wav/.
+        """Write the official layout: transformers' own files (processor_config.json, the text tokenizer files,
+        chat_template.jinja, speech_tokenizer/), then the release-layout files transformers 5 does not write
+        (:func:`~fun_audio_chat.processing.release_layout.write_release_layout`: preprocessor_config.json, a
+        special_tokens_map.json next to each tokenizer, vocab.json + merges.txt, the speech tokenizer's class name);
+        and the detokenizer the processor holds (given, or found where it was loaded from) in token2wav/.
 
         With ``push_to_hub=True`` the folder is then uploaded by transformers' ``push_to_hub`` (``repo_id`` defaults
         to the folder's name; ``commit_message``, ``commit_description``, ``private``, ``token``, ``revision``,
-        ``create_pr`` and ``tags`` are passed on), so saving and pushing write the same files."""
+        ``create_pr`` and ``tags`` are passed on), which saves through this method, so saving and pushing write the
+        same files."""
         files = super().save_pretrained(save_directory)
-        self.feature_extractor.save_pretrained(save_directory)
-        source = self._detokenizer_source
-        saving_over_its_source = source is not None and os.path.abspath(source[0]) == os.path.abspath(save_directory)
-        if not saving_over_its_source and self.detokenizer is not None and hasattr(self.detokenizer, "save_pretrained"):
-            self.detokenizer.save_pretrained(os.path.join(save_directory, DETOKENIZER_SUBFOLDER))
-        _write_special_tokens_map(self.tokenizer, os.path.join(save_directory, "special_tokens_map.json"))
-        speech_dir = os.path.join(save_directory, "speech_tokenizer")
-        _write_special_tokens_map(self.speech_tokenizer, os.path.join(speech_dir, "special_tokens_map.json"))
-        _write_bpe_vocab_files(self.tokenizer, save_directory)
-        # Name the speech tokenizer class the way the release does, so older transformers versions can load it too.
-        config_path = os.path.join(speech_dir, "tokenizer_config.json")
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as handle:
-                config = json.load(handle)
-            if config.get("tokenizer_class") == "TokenizersBackend":
-                config["tokenizer_class"] = "PreTrainedTokenizerFast"
-                with open(config_path, "w", encoding="utf-8") as handle:
-                    json.dump(config, handle, indent=2, ensure_ascii=False)
-                    handle.write("\n")
+        write_release_layout(self, save_directory)
+        self._save_detokenizer(save_directory)
         if push_to_hub:
             repo_id = kwargs.get("repo_id") or os.path.basename(os.path.normpath(save_directory))
             push_arguments = (
@@ -782,6 +800,14 @@ class FunAudioChatProcessor(ProcessorMixin):
             )
             self.push_to_hub(repo_id, **{key: kwargs[key] for key in push_arguments if key in kwargs})
         return files
+
+    def _save_detokenizer(self, save_directory) -> None:
+        """Save the detokenizer into ``token2wav/``, unless it would be loaded from that very folder (saving over
+        its own source)."""
+        source = self._detokenizer_source
+        saving_over_its_source = source is not None and os.path.abspath(source[0]) == os.path.abspath(save_directory)
+        if not saving_over_its_source and self.detokenizer is not None and hasattr(self.detokenizer, "save_pretrained"):
+            self.detokenizer.save_pretrained(os.path.join(save_directory, DETOKENIZER_SUBFOLDER))
 
 
 def _holds_detokenizer(source: str, loading: dict) -> bool:
@@ -813,49 +839,6 @@ def _detokenizer_folder(source: str, loading: dict) -> str:
     hub = {key: value for key, value in loading.items() if key != "proxies"}
     root = snapshot_download(source, allow_patterns=[f"{DETOKENIZER_SUBFOLDER}/*"], **hub)
     return os.path.join(root, DETOKENIZER_SUBFOLDER)
-
-
-def _write_special_tokens_map(tokenizer, path: str) -> None:
-    """A v4-style special_tokens_map.json (the released repo ships one next to each tokenizer)."""
-    data: dict[str, Any] = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = getattr(tokenizer, name, None)
-        if value is not None:
-            data[name] = {
-                "content": str(value),
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-            }
-    extra = [str(t) for t in getattr(tokenizer, "extra_special_tokens", []) or []]
-    model_specific = {}
-    for key in ("audio_token", "audio_bos_token", "audio_eos_token", "audio_pad_token", "text_sil_token"):
-        value = getattr(tokenizer, key, None)
-        if isinstance(value, str):
-            model_specific[key] = value
-            if value not in extra:
-                extra.append(value)
-    if extra:
-        data["additional_special_tokens"] = extra
-    data.update(model_specific)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, ensure_ascii=False)
-        handle.write("\n")
-
-
-def _write_bpe_vocab_files(tokenizer, save_directory: str) -> None:
-    """vocab.json + merges.txt of a byte-level BPE tokenizer (the released Qwen tokenizer ships them next to
-    tokenizer.json); skipped for other tokenizer models."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    model = getattr(backend, "model", None)
-    if model is None or type(model).__name__ != "BPE":
-        return
-    try:
-        model.save(os.fspath(save_directory))  # tokenizers takes a str, not a Path
-    except Exception:  # pragma: no cover - optional convenience files
-        return
 
 
 def _count_code_tokens(speech_tokenizer) -> int:

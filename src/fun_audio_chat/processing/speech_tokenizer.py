@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from ..speech_codes import SPEECH_FRAME_RATE
 from .audio_io import TARGET_SAMPLING_RATE, is_single_audio, load_audio
 
 S3_MODEL_NAME = "speech_tokenizer_v3_25hz"
-S3_FRAME_RATE = 25
 S3_NUM_CODES = 6561
 SEGMENT_SECONDS = 30
 MIN_LAST_SEGMENT_SECONDS = 1
@@ -121,7 +121,7 @@ class S3SpeechTokenizer:
     """
 
     sampling_rate = TARGET_SAMPLING_RATE
-    frame_rate = S3_FRAME_RATE
+    frame_rate = SPEECH_FRAME_RATE
 
     def __init__(self, model: Any, device: str | None = None, batch_size: int = 8, long_audio: str = "official"):
         import torch
