@@ -10,7 +10,7 @@ import torch
 from fun_audio_chat import FunAudioChatForConditionalGeneration, FunAudioChatIteratorStreamer
 from fun_audio_chat.transformers_compat import CACHE_NAME
 
-from .model_tester import AUDIO_BOS, FunAudioChatModelTester
+from .model_tester import AUDIO, AUDIO_BOS, AUDIO_EOS, IM_END, IM_START, PAD, FunAudioChatModelTester
 
 GREEDY = {
     "do_sample": False,
@@ -64,6 +64,24 @@ def test_continuing_from_a_returned_cache_equals_the_one_shot_run(model_and_inpu
     torch.testing.assert_close(torch.stack(rest.logits), torch.stack(whole.logits)[4:], atol=1e-4, rtol=1e-4)
 
 
+def test_continuing_a_text_reply_from_inputs_embeds_and_its_cache_equals_the_one_shot_run(model_and_inputs):
+    """The context check counts a prompt given as embeddings (it read the empty input_ids and refused the call)."""
+    model, _ = model_and_inputs
+    embed = model.get_input_embeddings()
+    prompt = embed(_text_prompt())
+    controls = {**GREEDY, "return_speech": False, "return_dict_in_generate": True, "eos_token_id": -1}
+    with torch.no_grad():
+        whole = model.generate(inputs_embeds=prompt, max_new_tokens=4, **controls)
+        first = model.generate(inputs_embeds=prompt, max_new_tokens=3, **controls)
+        rest = model.generate(
+            inputs_embeds=torch.cat([prompt, embed(first.sequences)], dim=1),
+            max_new_tokens=1,
+            **{CACHE_NAME: first.past_key_values},
+            **controls,
+        )
+    assert torch.equal(torch.cat([first.sequences, rest.sequences], dim=1), whole.sequences)
+
+
 # ---------------------------------------------------------------------------------------- output states
 def test_generate_returns_hidden_states_and_attentions_when_asked(tester):
     config, inputs = tester.prepare_config_and_inputs()
@@ -101,6 +119,83 @@ def test_forward_follows_the_config_output_flags(model_and_inputs):
         assert model(**inputs, output_hidden_states=True).hidden_states is not None
 
 
+# ------------------------------------------------------------------------------------- expanded batches
+def _two_audios_then_none(tester, inputs):
+    """Row 0 holds both of the tester's audios, row 1 none: the audio tensors have one row per audio, not per
+    batch row, so repeating each audio row for ``num_return_sequences`` would give row 0's copies the wrong audio."""
+    placeholders = [-(-frames // tester.group_size) for frames in tester.audio_frames]
+    spoken = [IM_START, 11]
+    for count in placeholders:
+        spoken += [AUDIO_BOS] + [AUDIO] * count + [AUDIO_EOS]
+    spoken += [IM_END, IM_START, 12]
+    silent = _text_prompt()[0].tolist()
+    width = max(len(spoken), len(silent))
+    input_ids = torch.full((2, width), PAD, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate((spoken, silent)):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids)
+        attention_mask[row, width - len(ids) :] = 1
+    return {**inputs, "input_ids": input_ids, "attention_mask": attention_mask}
+
+
+@pytest.mark.parametrize("return_speech", [False, True])
+def test_num_return_sequences_copies_each_row_with_its_own_audios(tester, model_and_inputs, return_speech):
+    model, inputs = model_and_inputs
+    batch = _two_audios_then_none(tester, inputs)
+    # (sampling from the single best token: greedy decoding refuses num_return_sequences > 1)
+    controls = {**GREEDY, "do_sample": True, "top_k": 1, "max_new_tokens": 5, "min_new_tokens": 5}
+    controls.update(return_speech=return_speech, force_audio_bos=return_speech, return_dict_in_generate=True)
+    with torch.no_grad():
+        single = model.generate(**batch, **controls)
+        copies = model.generate(**batch, **controls, num_return_sequences=2)
+    assert torch.equal(copies.sequences, single.sequences.repeat_interleave(2, dim=0))
+    if return_speech:
+        assert single.speech_attention_mask.sum() > 0
+        assert torch.equal(copies.speech_ids, single.speech_ids.repeat_interleave(2, dim=0))
+
+
+def test_text_reply_beam_search_gives_each_row_the_beams_of_its_own_prompt(tester, model_and_inputs):
+    """A text reply may use transformers' beam search; each row's beams see that row's audios (two, or none)."""
+    model, inputs = model_and_inputs
+    batch = _two_audios_then_none(tester, inputs)
+    controls = {**GREEDY, "return_speech": False, "num_beams": 3, "max_new_tokens": 4, "min_new_tokens": 4}
+    with torch.no_grad():
+        together = model.generate(**batch, **controls)
+        spoken = {**batch, "input_ids": batch["input_ids"][:1], "attention_mask": batch["attention_mask"][:1]}
+        spoken_alone = model.generate(**spoken, **controls)
+        silent = batch["input_ids"][1:, batch["attention_mask"][1].argmax() :]
+        silent_alone = model.generate(input_ids=silent, **controls)
+    assert together.shape == (2, batch["input_ids"].shape[1] + 4)
+    assert torch.equal(together[0], spoken_alone[0])
+    assert torch.equal(together[1, -4:], silent_alone[0, -4:])
+
+
+def test_text_reply_assisted_decoding_equals_greedy_with_an_audio_prompt(tester, model_and_inputs):
+    """Assisted decoding feeds several candidate tokens per step; the prompt's audio reaches only the prefill."""
+    model, inputs = model_and_inputs
+    single = {name: value[:1] for name, value in inputs.items()}
+    controls = {**GREEDY, "return_speech": False, "max_new_tokens": 6, "min_new_tokens": 6}
+    with torch.no_grad():
+        greedy = model.generate(**single, **controls)
+        assisted = model.generate(**single, **controls, assistant_model=model)
+        looked_up = model.generate(**single, **controls, prompt_lookup_num_tokens=2)
+    assert torch.equal(assisted, greedy) and torch.equal(looked_up, greedy)
+
+
+def test_text_reply_without_a_cache_equals_the_cached_run(model_and_inputs):
+    """use_cache=False is honoured by a text reply (every step reruns the whole sequence, audio included)."""
+    model, inputs = model_and_inputs
+    controls = {**GREEDY, "return_speech": False, "max_new_tokens": 4, "min_new_tokens": 4}
+    controls.update(return_dict_in_generate=True, output_hidden_states=True)
+    with torch.no_grad():
+        cached = model.generate(**inputs, **controls)
+        uncached = model.generate(**inputs, **controls, use_cache=False)
+    assert torch.equal(uncached.sequences, cached.sequences)
+    assert uncached.past_key_values is None
+    prompt = inputs["input_ids"].shape[1]
+    assert [step[-1].shape[1] for step in uncached.hidden_states] == [prompt, prompt + 1, prompt + 2, prompt + 3]
+
+
 # ---------------------------------------------------------------------------------------- inputs_embeds
 def test_speech_generation_from_inputs_embeds_alone_equals_input_ids(model_and_inputs):
     model, _ = model_and_inputs
@@ -112,6 +207,27 @@ def test_speech_generation_from_inputs_embeds_alone_equals_input_ids(model_and_i
     assert torch.equal(from_embeds.sequences, from_ids.sequences[:, ids.shape[1] :])
     assert from_ids.speech_attention_mask.sum() > 0
     assert torch.equal(from_embeds.speech_ids, from_ids.speech_ids)
+
+
+@pytest.mark.parametrize("return_speech", [False, True])
+def test_audio_prompt_given_as_embeddings_equals_the_same_prompt_as_ids(model_and_inputs, return_speech):
+    """transformers' multimodal contract: ``inputs_embeds`` of the prompt plus its audio inputs; the audio fills the
+    positions holding the <|AUDIO|> embedding (it was silently dropped before)."""
+    model, inputs = model_and_inputs
+    audio = {name: value for name, value in inputs.items() if name not in ("input_ids", "attention_mask")}
+    controls = {**GREEDY, "max_new_tokens": 5, "min_new_tokens": 5, "return_dict_in_generate": True}
+    controls.update(return_speech=return_speech, force_audio_bos=return_speech)
+    embeds = model.get_input_embeddings()(inputs["input_ids"])
+    with torch.no_grad():
+        from_ids = model.generate(**inputs, **controls)
+        from_embeds = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **audio, **controls)
+        without_audio = model.generate(inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **controls)
+    prompt = inputs["input_ids"].shape[1]
+    assert torch.equal(from_embeds.sequences, from_ids.sequences[:, prompt:])
+    assert not torch.equal(without_audio.sequences, from_embeds.sequences)  # the audio does reach the model
+    if return_speech:
+        assert from_ids.speech_attention_mask.sum() > 0
+        assert torch.equal(from_embeds.speech_ids, from_ids.speech_ids)
 
 
 # --------------------------------------------------------------------------------------------- no head

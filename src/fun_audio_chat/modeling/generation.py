@@ -41,6 +41,7 @@ from transformers.generation import (
     StoppingCriteriaList,
 )
 
+from ..configuration_fun_audio_chat import AUDIO_INPUT_NAMES, TRANSCRIPT_INPUT_NAMES
 from ..transformers_compat import CACHE_NAME, cache_of
 from .compiled_decoding import warm_up_compiled_decoding
 from .speech_decoding import SpeechDecoder
@@ -59,15 +60,11 @@ SPEECH_GENERATION_DEFAULTS = {
     "speech_repetition_penalty": 1.2,
 }
 # Inputs of the prompt's audio, consumed by the prefill.
-_PROMPT_AUDIO_INPUTS = (
-    "input_features",
-    "feature_attention_mask",
-    "feature_exist_mask",
-    "speech_ids",
-    "speech_attention_mask",
-    "text_ids",
-    "text_attention_mask",
-)
+_PROMPT_AUDIO_INPUTS = AUDIO_INPUT_NAMES + TRANSCRIPT_INPUT_NAMES
+# The decoding loops that run the Speech Refined Head (our ``_sample``); a text reply may use any of transformers'.
+SPEECH_DECODING_MODES = (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+# Passed by generate() to _prepare_generation_config: transformers' other loops (beams, assisted) are reachable.
+_ANY_TEXT_MODE = "_fun_audio_chat_any_text_mode"
 
 
 @dataclass
@@ -120,6 +117,8 @@ class FunAudioChatGenerationMixin:
         """transformers' preparation plus the speech controls: kwargs > ``generation_config`` > the model's
         generation config > defaults; unsupported generation modes and unusable speech settings are refused."""
         speech = {name: kwargs.pop(name) for name in SPEECH_GENERATION_DEFAULTS if name in kwargs}
+        any_text_mode = kwargs.pop(_ANY_TEXT_MODE, False)
+        asked_without_cache = kwargs.get("use_cache") is False
         generation_config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
         for name, default in self._speech_generation_defaults().items():
             value = speech.get(name)
@@ -132,26 +131,51 @@ class FunAudioChatGenerationMixin:
                 "audio_config.enable_audio_invert_tower=False; pass return_speech=False for text only."
             )
         SpeechSamplingSettings.from_generation_config(generation_config).validate()
+        # Refused here, before transformers looks up the Hub repositories that hold some modes; an assistant_model
+        # (not visible here) is refused in _validate_generation_mode.
         mode = generation_config.get_generation_mode()
-        if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
+        if not any_text_mode and mode not in SPEECH_DECODING_MODES:
+            # Continuous batching (fun_audio_chat.modeling.continuous_batching) decodes greedily or by sampling.
             raise ValueError(
-                f"Fun-Audio-Chat generation supports greedy decoding and sampling only, but these settings select "
-                f"{mode.value!r}; unset num_beams/penalty_alpha/prompt_lookup_num_tokens/assistant settings."
+                f"This decoder supports greedy decoding and sampling only, but these settings select {mode.value!r}; "
+                "use model.generate(..., return_speech=False) for a text reply with that mode."
             )
-        if generation_config.use_cache is False:
-            # The official config.json says use_cache=false (a training setting); decoding one 5 Hz step at a
-            # time needs the LLM's KV cache, so generation always keeps one.
+        self._refuse_mode_without_speech(mode, generation_config)
+        if generation_config.use_cache is False and self._runs_own_loop(generation_config):
+            # Our loop decodes one 5 Hz step at a time on the LLM's KV cache, so it always keeps one; a plain text
+            # reply honours the flag. A config saying use_cache=false is the official config.json's training
+            # setting and is overridden; asking for it in the call is refused.
+            if asked_without_cache:
+                raise ValueError(
+                    "use_cache=False is not supported with speech generation (return_speech=True or "
+                    "force_audio_bos=True): the Speech Refined Head decodes one 5 Hz step at a time on the LLM's "
+                    "KV cache. Drop use_cache=False, or pass return_speech=False for a text reply without a cache."
+                )
             generation_config.use_cache = True
         return generation_config, model_kwargs
 
+    @staticmethod
+    def _runs_own_loop(generation_config: GenerationConfig) -> bool:
+        """Whether decoding needs our ``_sample`` (speech, or a reply forced to open with <|audio_bos|>); otherwise
+        a text reply runs transformers' own decoding loops."""
+        return bool(generation_config.return_speech or generation_config.force_audio_bos)
+
+    def _refuse_mode_without_speech(self, mode: GenerationMode, generation_config: GenerationConfig) -> None:
+        if self._runs_own_loop(generation_config) and mode not in SPEECH_DECODING_MODES:
+            raise ValueError(
+                f"Speech generation (return_speech=True, force_audio_bos=True) supports greedy decoding and sampling "
+                f"only, but these settings select {mode.value!r}: the Speech Refined Head decodes one group per "
+                "accepted text token, which beams and assisted generation would reorder or discard. Pass "
+                "return_speech=False (generation_mode='text') for a text reply with that mode, or unset "
+                "num_beams/penalty_alpha/prompt_lookup_num_tokens/assistant_model."
+            )
+
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        self._refuse_mode_without_speech(generation_mode, generation_config)
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+
     def _check_generate_inputs(self, inputs, kwargs: dict) -> None:
         """Bad prompts fail here with a message naming the fix, before anything indexes with them."""
-        for name in ("assistant_model", "assistant_tokenizer", "assistant_early_exit", "prompt_lookup_num_tokens"):
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"{name} selects assisted generation, which Fun-Audio-Chat does not support (the speech head "
-                    "decodes alongside every accepted token); drop it."
-                )
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None:
             self.check_input_ids(input_ids)
@@ -204,7 +228,7 @@ class FunAudioChatGenerationMixin:
             self._apply_generation_mode(kwargs.pop("generation_mode"), kwargs)
         try:
             self._check_generate_inputs(inputs, kwargs)
-            output = super().generate(inputs, generation_config=generation_config, **kwargs)
+            output = super().generate(inputs, generation_config=generation_config, **kwargs, **{_ANY_TEXT_MODE: True})
         except BaseException as error:
             if streamer is not None:
                 if hasattr(streamer, "fail"):
@@ -218,6 +242,96 @@ class FunAudioChatGenerationMixin:
         if isinstance(output, FunAudioChatGenerateOutput) and not return_dict:
             return output.sequences, output.speech_ids
         return output
+
+    # ------------------------------------------------------------------------- prompt audio inputs
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        """transformers' preparation; the prompt's audio inputs reach exactly the forwards whose positions hold
+        <|AUDIO|> placeholders: the prefill, and an assistant model's first call (transformers marks that one as not
+        the first iteration and would drop ``input_features``), never a later step of any decoding loop (ours, beam
+        search, assisted decoding), which embeds its new tokens only."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        # The teacher-forced speech head is a training output: no decoding loop reads it (ours runs the head itself).
+        model_inputs.setdefault("compute_speech_logits", False)
+        audio = {name: kwargs[name] for name in _PROMPT_AUDIO_INPUTS if kwargs.get(name) is not None}
+        if not audio:
+            return model_inputs
+        ids = model_inputs.get("input_ids")
+        runs_placeholders = (
+            is_first_iteration
+            or not kwargs.get("use_cache", True)
+            or (ids is not None and bool((ids == self.config.audio_token_index).any()))
+        )
+        for name, value in audio.items():
+            if runs_placeholders:
+                model_inputs[name] = value
+            else:
+                model_inputs.pop(name, None)
+        return model_inputs
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers' expansion to ``expand_size`` copies of every row (``num_return_sequences``, beams), except
+        for the prompt's audio inputs: they hold one row per audio, not per batch row, so each batch row's audios
+        are repeated as a block (copy c of row r keeps row r's audios, in order). Repeating each audio row instead
+        would hand a row with two audios (or none) another row's audio."""
+        audio = {}
+        embeds = model_kwargs.get("inputs_embeds")
+        prompt_given = embeds is not None or input_ids is not None
+        if expand_size > 1 and prompt_given and torch.is_tensor(model_kwargs.get("speech_ids")):
+            audio = {
+                name: model_kwargs.pop(name) for name in _PROMPT_AUDIO_INPUTS if torch.is_tensor(model_kwargs.get(name))
+            }
+            if embeds is not None:
+                slots = self.audio_placeholder_mask(embeds)
+            else:
+                slots = input_ids == self.config.audio_token_index
+            audio = self._expand_audio_inputs(slots, audio, expand_size)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(audio)
+        return input_ids, model_kwargs
+
+    def _expand_audio_inputs(self, audio_slots: torch.Tensor, audio: dict, expand_size: int) -> dict:
+        """The per-audio tensors of ``audio`` reordered for ``expand_size`` copies of each prompt row, whose
+        <|AUDIO|> positions ``audio_slots`` (B, L) marks."""
+        speech_ids = audio["speech_ids"]
+        speech_mask = audio.get("speech_attention_mask")
+        frames = (
+            speech_mask.sum(-1) if speech_mask is not None else torch.full_like(speech_ids[:, 0], speech_ids.shape[1])
+        )
+        groups = (frames + self.group_size - 1) // self.group_size
+        slots_per_row = audio_slots.sum(-1).to(groups.device)
+        if int(slots_per_row.sum()) != int(groups.sum()):
+            # The forward refuses this prompt with a message naming the mismatch; keep the inputs as they are.
+            return {name: value.repeat_interleave(expand_size, dim=0) for name, value in audio.items()}
+        audio_starts = groups.cumsum(0) - groups
+        row_of_audio = torch.searchsorted(slots_per_row.cumsum(0), audio_starts, right=True).tolist()
+        audios_of_row = [[i for i, row in enumerate(row_of_audio) if row == r] for r in range(audio_slots.shape[0])]
+        order = [i for audios in audios_of_row for _ in range(expand_size) for i in audios]
+        exist = audio.get("feature_exist_mask")
+        has_features = exist.bool().tolist() if exist is not None else [True] * speech_ids.shape[0]
+        feature_row = [sum(has_features[:i]) for i in range(len(has_features))]
+        feature_order = [feature_row[i] for i in order if has_features[i]]
+        expanded = {}
+        for name, value in audio.items():
+            rows = feature_order if name in ("input_features", "feature_attention_mask") else order
+            expanded[name] = value[torch.tensor(rows, dtype=torch.long, device=value.device)]
+        return expanded
 
     def _apply_generation_mode(self, mode, kwargs: dict) -> None:
         """Map the output modality transformers' ``any-to-any`` pipeline asks for onto ``return_speech``."""
@@ -250,6 +364,19 @@ class FunAudioChatGenerationMixin:
             prompt_length, max(max_new_tokens, 0), speech=return_speech, cached_length=cached_length
         ).check()
 
+    def _check_call_fits(self, input_ids, stopping_criteria, model_kwargs: dict, return_speech: bool) -> int:
+        """:meth:`_check_context_length` for one decoding call; returns its ``max_new_tokens``. The prompt is the
+        ``inputs_embeds`` when given (``input_ids`` then holds none, or the same positions), and a continued cache
+        holds its first positions."""
+        max_length = stopping_criteria.max_length
+        max_new_tokens = max_length - input_ids.shape[1] if max_length else 0
+        embeds = model_kwargs.get("inputs_embeds")
+        prompt_length = embeds.shape[1] if embeds is not None else input_ids.shape[1]
+        continued = cache_of(model_kwargs)
+        cached_length = int(continued.get_seq_length()) if hasattr(continued, "get_seq_length") else 0
+        self._check_context_length(prompt_length, max_new_tokens, return_speech, cached_length)
+        return max_new_tokens
+
     # -------------------------------------------------------------------------------- decode loop
     def _sample(
         self,
@@ -261,7 +388,19 @@ class FunAudioChatGenerationMixin:
         streamer=None,
         **model_kwargs,
     ):
-        """transformers' ``_sample`` with the speech head; additions are fenced ``<fun_audio_chat>`` blocks."""
+        """transformers' ``_sample`` with the speech head; additions are fenced ``<fun_audio_chat>`` blocks. A text
+        reply (no speech, no forced <|audio_bos|>) runs transformers' own ``_sample``."""
+        if not self._runs_own_loop(generation_config):
+            self._check_call_fits(input_ids, stopping_criteria, model_kwargs, return_speech=False)
+            return super()._sample(
+                input_ids,
+                logits_processor,
+                stopping_criteria,
+                generation_config,
+                synced_gpus=synced_gpus,
+                streamer=streamer,
+                **model_kwargs,
+            )
         pad_token_id = generation_config._pad_token_tensor
         output_attentions = generation_config.output_attentions
         output_hidden_states = generation_config.output_hidden_states
@@ -292,10 +431,7 @@ class FunAudioChatGenerationMixin:
         if return_speech and stopping_criteria.max_length is None:
             # The speech head reserves its cache for the longest possible reply.
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
-        max_new_tokens = stopping_criteria.max_length - input_ids.shape[1] if stopping_criteria.max_length else 0
-        continued = cache_of(model_kwargs)  # a cache given by the caller holds the prompt's first positions
-        cached_length = int(continued.get_seq_length()) if hasattr(continued, "get_seq_length") else 0
-        self._check_context_length(input_ids.shape[1], max_new_tokens, return_speech, cached_length)
+        max_new_tokens = self._check_call_fits(input_ids, stopping_criteria, model_kwargs, return_speech)
         model_kwargs["return_last_hidden_state"] = return_speech
         model_kwargs["compute_speech_logits"] = False
         speech = None
@@ -337,6 +473,11 @@ class FunAudioChatGenerationMixin:
                 # head's layers are sharded, and the running ranks wait in their gathers for every rank to join>
                 if return_speech:
                     speech.decode_dropped_group(outputs.last_hidden_state, step_text_embeds)
+                # Under ZeRO-3 every module is partitioned, so the finished rank also makes the running ranks' calls
+                # that build the next step's input: the text embedding and the discrete encoder (outputs dropped).
+                step_text_embeds = self.get_input_embeddings()(input_ids[:, -1:])
+                if return_speech:
+                    speech.run_dropped_next_inputs_embeds()
                 # </fun_audio_chat>
                 continue
 

@@ -345,11 +345,14 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         speech_ids: torch.Tensor,
         speech_attention_mask: torch.Tensor | None = None,
         text_ids: torch.Tensor | None = None,
+        audio_slots: torch.Tensor | None = None,
     ) -> MergedAudioInputs:
-        """Where each audio goes in ``input_ids`` (no network runs): enough to build the labels."""
+        """Where each audio goes in ``input_ids`` (no network runs): enough to build the labels. ``audio_slots``
+        (B, L) marks the <|AUDIO|> positions when the prompt is given as embeddings (``input_ids`` then unused)."""
         speech_ids, speech_mask = self._pad_to_group(speech_ids, speech_attention_mask)
         groups_per_audio = (speech_mask.sum(-1) + self.group_size - 1) // self.group_size
-        audio_slots = input_ids == self.config.audio_token_index
+        if audio_slots is None:
+            audio_slots = input_ids == self.config.audio_token_index
         n_slots, n_groups = int(audio_slots.sum()), int(groups_per_audio.sum())
         if n_slots != n_groups:
             raise ValueError(
@@ -367,6 +370,13 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             transcript_ids=transcript_ids,
         )
 
+    def audio_placeholder_mask(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """(B, L) True where ``inputs_embeds`` holds the <|AUDIO|> token's embedding (a prompt given as embeddings)."""
+        placeholder = self.get_input_embeddings()(
+            torch.tensor(self.config.audio_token_index, dtype=torch.long, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == placeholder.to(inputs_embeds.dtype)).all(-1)
+
     def merge_audio(
         self,
         input_ids: torch.Tensor,
@@ -377,23 +387,30 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         feature_exist_mask: torch.Tensor | None = None,
         text_ids: torch.Tensor | None = None,
         text_attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> MergedAudioInputs:
-        """LLM input embeddings with audio written into the <|AUDIO|> placeholders."""
+        """LLM input embeddings with audio written into the <|AUDIO|> placeholders.
+
+        The prompt is ``input_ids``, or ``inputs_embeds`` (then ``input_ids`` may be None): as for transformers'
+        multimodal models, the placeholders are then the positions holding the <|AUDIO|> token's embedding."""
         self._check_audio_inputs(input_ids, speech_ids, speech_attention_mask, input_features, feature_exist_mask)
-        layout = self.audio_layout(input_ids, speech_ids, speech_attention_mask, text_ids)
         embed = self.get_input_embeddings()
-        token_embeds = embed(input_ids)
+        audio_slots = None
+        if inputs_embeds is not None:
+            audio_slots = self.audio_placeholder_mask(inputs_embeds)
+        layout = self.audio_layout(input_ids, speech_ids, speech_attention_mask, text_ids, audio_slots)
+        token_embeds = inputs_embeds if inputs_embeds is not None else embed(input_ids)
         audio_embeds, _, _ = self.encode_audio(
             speech_ids, speech_attention_mask, input_features, feature_attention_mask, feature_exist_mask
         )
         groups = layout.padded_speech_ids.shape[1] // self.group_size
-        keep = torch.arange(groups, device=input_ids.device)[None, :] < layout.groups_per_audio[:, None]
+        keep = torch.arange(groups, device=token_embeds.device)[None, :] < layout.groups_per_audio[:, None]
         text_embeds = token_embeds
         if layout.transcript_ids is not None:
             has_text = (
                 text_attention_mask.bool().view(-1)
                 if text_attention_mask is not None
-                else torch.ones(layout.transcript_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+                else torch.ones(layout.transcript_ids.shape[0], dtype=torch.bool, device=token_embeds.device)
             )
             text_features = embed(layout.transcript_ids) * has_text[:, None, None].to(token_embeds.dtype)
             averaged = (text_features + audio_embeds) / 2
@@ -702,6 +719,21 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                     )
                 inputs_embeds = self.get_input_embeddings()(input_ids)
                 text_embeds = inputs_embeds
+        elif speech_ids is not None and bool(self.audio_placeholder_mask(inputs_embeds).any()):
+            # A prompt given as embeddings with its audio (transformers' multimodal contract): the audio fills the
+            # positions holding the <|AUDIO|> embedding, exactly as for the same prompt given as ids.
+            merged = self.merge_audio(
+                None,
+                speech_ids,
+                speech_attention_mask,
+                input_features,
+                feature_attention_mask,
+                feature_exist_mask,
+                text_ids,
+                text_attention_mask,
+                inputs_embeds=inputs_embeds,
+            )
+            inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
 
         llm_output = self.language_model.model(
             inputs_embeds=inputs_embeds,
