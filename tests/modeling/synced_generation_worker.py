@@ -1,7 +1,10 @@
-"""Worker of the 2-process ``synced_gpus=True`` test (``torchrun --nproc_per_node 2 synced_generation_worker.py OUT``).
+"""Worker of the 2-process ``synced_gpus=True`` test
+(``torchrun --nproc_per_node 2 synced_generation_worker.py OUT ENGINE``, ENGINE ``fsdp2`` or ``zero3``).
 
-Each rank generates one reply with the tiny model, its decoder layers (the LLM's and the Speech Refined Head's)
-sharded with FSDP2 over gloo, so every layer's forward gathers its weights from both ranks. Rank 0's reply ends
+Each rank generates one reply with the tiny model, sharded over gloo so that every layer's forward gathers its
+weights from both ranks: with ``fsdp2`` the decoder layers (the LLM's and the Speech Refined Head's) are sharded by
+``fully_shard``; with ``zero3`` every parameter is partitioned by DeepSpeed ZeRO-3 (inference, no optimizer), as
+transformers' ZeRO-3 generation runs. Rank 0's reply ends
 early (its end token is the third token of its solo reply), so for the rest of the call it only keeps the others
 company. Each rank writes its synced result and its solo (unsharded, unsynced) result.
 """
@@ -23,8 +26,30 @@ from tests.modeling.model_tester import FunAudioChatModelTester  # noqa: E402
 STEPS = 8
 
 
+def shard_with_fsdp2(model):
+    mesh = init_device_mesh("cpu", (2,))
+    for layer in [*model.language_model.model.layers, *model.audio_invert_tower.crq_transformer.layers]:
+        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    return model
+
+
+def shard_with_zero3(model):
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        # a tiny model: partition every parameter, or small ones stay whole on each rank and nothing is gathered
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    partitioned = [p for p in engine.module.parameters() if getattr(p, "ds_status", None) is not None]
+    assert partitioned and all(p.numel() == 0 for p in partitioned), "ZeRO-3 did not partition the parameters"
+    return engine.module
+
+
 def main():
-    out = Path(sys.argv[1])
+    out, engine = Path(sys.argv[1]), sys.argv[2]
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     tester = FunAudioChatModelTester()
@@ -48,9 +73,7 @@ def main():
     with torch.no_grad():
         solo = model.generate(**row, **controls, eos_token_id=eos)
 
-    mesh = init_device_mesh("cpu", (2,))
-    for layer in [*model.language_model.model.layers, *model.audio_invert_tower.crq_transformer.layers]:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=True)
+    model = shard_with_fsdp2(model) if engine == "fsdp2" else shard_with_zero3(model)
     with torch.no_grad():
         synced = model.generate(**row, **controls, eos_token_id=eos, synced_gpus=True)
     torch.save(

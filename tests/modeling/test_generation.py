@@ -30,12 +30,15 @@ def _case_kwargs(case):
 
 
 class CallCounter:
+    """Counts the speech head's logits computations (its output table is also called for code embeddings)."""
+
     def __init__(self, module: nn.Module):
         self.calls = 0
-        self.handle = module.register_forward_hook(self._hook)
+        self.handle = module.register_forward_hook(self._hook, with_kwargs=True)
 
-    def _hook(self, *_):
-        self.calls += 1
+    def _hook(self, module, args, kwargs, output):
+        if kwargs.get("codes") is None:
+            self.calls += 1
 
     def remove(self):
         self.handle.remove()

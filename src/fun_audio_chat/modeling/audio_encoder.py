@@ -57,20 +57,13 @@ class FunAudioChatAudioEncoder(Qwen2_5OmniAudioEncoder):
         # transformers' encoder takes the clips' valid frames concatenated along time.
         flat = torch.cat([input_features[clip, :, :length] for clip, length in enumerate(lengths)], dim=-1)
         feature_lens = torch.tensor(lengths, dtype=torch.long, device=input_features.device)
-        # transformers' forward pools with indices computed inline (there is no pooling step to override) and that
-        # pooling drops a one-frame clip, so take the last layer's states as they leave it and pool here; a hook
-        # keeps only that layer's output (output_hidden_states=True would hold every layer's states for the call).
-        last_layer_states = []
-        hook = self.layers[-1].register_forward_hook(
-            lambda layer, args, output: last_layer_states.append(output[0] if isinstance(output, tuple) else output)
-        )
-        try:
-            super().forward(flat, feature_lens=feature_lens)
-        finally:
-            hook.remove()
+        # transformers' forward pools with indices computed inline (there is no pooling step to override), and that
+        # pooling drops a one-frame clip: take the last layer's states and pool here. (A forward hook on the last
+        # layer would hold fewer states, but two threads encoding at once would read each other's.)
+        encoded = super().forward(flat, feature_lens=feature_lens, output_hidden_states=True)
         frames_per_clip = self.frames_after_conv(feature_lens).tolist()
         outputs = []
-        for frames in last_layer_states[-1].split(frames_per_clip, dim=0):
+        for frames in encoded.hidden_states[-1].split(frames_per_clip, dim=0):
             if frames.shape[0] >= 2:
                 frames = self.avg_pooler(frames.transpose(0, 1)[None])[0].transpose(0, 1)
             outputs.append(self.proj(self.ln_post(frames)))

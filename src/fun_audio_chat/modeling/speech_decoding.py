@@ -214,6 +214,11 @@ class SpeechDecoder:
         fused = (text_embeds + self.model.audio_tower(self.last_group).to(text_embeds.dtype)) / 2
         return torch.where(fused_rows[:, None, None], fused, text_embeds)
 
+    def run_dropped_next_inputs_embeds(self) -> None:
+        """The module call of :meth:`next_inputs_embeds` with its result dropped and no state change: a finished rank
+        under ``synced_gpus`` makes it so that ZeRO-3's gathers of the discrete encoder find every rank."""
+        self.model.audio_tower(self.last_group)
+
     # ------------------------------------------------------------------------ rows joining and leaving
     # Continuous batching (``continuous_batching.py``) admits and drops rows between LLM steps. A row's SRH state is
     # its cache columns, its per-column positions and mask, and the per-row tensors below; every row's context ends at

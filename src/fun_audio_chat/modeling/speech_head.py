@@ -45,7 +45,7 @@ class FunAudioChatSpeechHead(nn.Module):
         self.pre_matching = nn.Linear(hidden, hidden * self.group_size, bias=True)
         self.input_matching = nn.Linear(hidden, backbone_width, bias=False)
         self.output_matching = nn.Linear(backbone_width, hidden, bias=False)
-        self.lm_head = nn.Linear(hidden, config.codebook_size, bias=False)
+        self.lm_head = SpeechCodeTable(hidden, config.codebook_size, bias=False)
 
     def ungroup(self, states: torch.Tensor) -> torch.Tensor:
         """(B, L, H) LLM-rate states -> (B, L·k, H) sub-position states; sub-position (p, j) is row p·k + j."""
@@ -54,7 +54,7 @@ class FunAudioChatSpeechHead(nn.Module):
 
     def code_embeddings(self, codes: torch.Tensor) -> torch.Tensor:
         """Embeddings of speech codes: rows of the tied output table (= the speech embedding table)."""
-        return nn.functional.embedding(codes, self.lm_head.weight)
+        return self.lm_head(codes=codes)
 
     def run_backbone(
         self,
@@ -123,6 +123,21 @@ class FunAudioChatSpeechHead(nn.Module):
             sub_states = sub_states + previous_code_embeddings
         _, logits = self.run_backbone(sub_states, attention_mask=attention_mask, position_ids=position_ids)
         return logits
+
+
+class SpeechCodeTable(nn.Linear):
+    """The SRH's output layer, whose weight is also the speech-code embedding table (tied to the discrete encoder's
+    ``embed_tokens``): ``table(hidden)`` gives code logits, ``table(codes=codes)`` the codes' embeddings.
+
+    Both uses go through ``forward`` because whatever wraps a module's forward must also serve the lookup: DeepSpeed
+    ZeRO-3 gathers a partitioned weight only for its own module's forward (a bare ``self.weight`` read between
+    sub-steps finds an empty shard), and accelerate's offload hooks bring the weight in the same way.
+    """
+
+    def forward(self, hidden: torch.Tensor | None = None, codes: torch.Tensor | None = None) -> torch.Tensor:
+        if codes is not None:
+            return nn.functional.embedding(codes, self.weight)
+        return super().forward(hidden)
 
 
 class SpeechHeadDecoder:
