@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from ..speech_codes import SPEECH_FRAME_RATE
+
 TARGET_SAMPLING_RATE = 16000
 
 _MAX_CHANNELS = 32  # an axis this short is treated as the channel axis of a 2-D array
@@ -381,7 +383,9 @@ def example_audio_path() -> str:
     return str(resources.files("fun_audio_chat").joinpath("assets", "hello.wav"))
 
 
-def speech_frames(num_samples: int, sampling_rate: int = TARGET_SAMPLING_RATE, frame_rate: int = 25) -> int:
+def speech_frames(
+    num_samples: int, sampling_rate: int = TARGET_SAMPLING_RATE, frame_rate: int = SPEECH_FRAME_RATE
+) -> int:
     """Number of 25 Hz speech frames of a clip, as the official processor counts them: ``int(duration * 25)``."""
     return int(num_samples / sampling_rate * frame_rate)
 
