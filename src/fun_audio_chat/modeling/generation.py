@@ -248,6 +248,8 @@ class FunAudioChatGenerationMixin:
         self,
         input_ids: torch.LongTensor,
         next_sequence_length: int | None = None,
+        past_key_values=None,
+        cache=None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
@@ -257,6 +259,11 @@ class FunAudioChatGenerationMixin:
         <|AUDIO|> placeholders: the prefill, and an assistant model's first call (transformers marks that one as not
         the first iteration and would drop ``input_features``), never a later step of any decoding loop (ours, beam
         search, assisted decoding), which embeds its new tokens only."""
+        # The cache arrives under the installed release's name (CACHE_NAME: past_key_values up to transformers
+        # 5.23, cache from 5.24); both are declared, since generate() checks its kwargs against this signature.
+        given_cache = cache if cache is not None else past_key_values
+        if given_cache is not None:
+            kwargs[CACHE_NAME] = given_cache
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             next_sequence_length=next_sequence_length,
