@@ -290,6 +290,10 @@ def test_mismatched_audio_rows_are_reported():
         model(**{**inputs, "input_features": doubled})
     with pytest.raises(ValueError, match="feature_exist_mask has 2 rows"):
         model(**{**inputs, "feature_exist_mask": torch.tensor([True, True])})
+    # an audio marked as having continuous features, given without them, was embedded from its (pad) codes alone
+    without_features = {k: v for k, v in inputs.items() if k not in ("input_features", "feature_attention_mask")}
+    with pytest.raises(ValueError, match="no input_features were given"):
+        model(**without_features)
 
 
 def test_audio_placeholders_without_audio_are_reported():

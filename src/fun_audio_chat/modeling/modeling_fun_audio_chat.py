@@ -277,6 +277,12 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 f"feature_exist_mask has {feature_exist_mask.shape[0]} rows but speech_ids has "
                 f"{speech_ids.shape[0]} audio rows; there must be one entry per audio."
             )
+        if input_features is None and feature_exist_mask is not None and bool(feature_exist_mask.any()):
+            # Without them the audio tower would embed those audios' speech ids alone (all pad ids for user audio).
+            raise ValueError(
+                f"feature_exist_mask marks {int(feature_exist_mask.sum())} audio(s) as having continuous features "
+                "but no input_features were given; pass the processor's input_features and feature_attention_mask."
+            )
         if input_features is not None:
             expected = speech_ids.shape[0] if feature_exist_mask is None else int(feature_exist_mask.sum())
             if input_features.shape[0] != expected:
