@@ -76,6 +76,19 @@ def test_compile_on_every_device_sets_the_flag_generate_reads():
     assert "_compile_all_devices" not in config.to_dict()  # not saved with the generation config
 
 
+def test_keep_extra_generation_fields_keeps_our_fields_through_a_dict_round_trip():
+    from transformers import GenerationConfig, PretrainedConfig
+
+    derived = GenerationConfig.from_model_config(PretrainedConfig())
+    assert derived._from_model_config is True  # the mark the workaround clears
+    # while marked, GenerationConfig drops fields it does not define; cleared, it keeps them
+    marked = {**derived.to_dict(), "speech_temperature": 0.8, "_from_model_config": True}
+    assert not hasattr(GenerationConfig(**marked), "speech_temperature")
+    kept = compat.keep_extra_generation_fields(derived)
+    assert kept is derived and derived._from_model_config is False
+    assert GenerationConfig(**{**derived.to_dict(), "speech_temperature": 0.8}).speech_temperature == 0.8
+
+
 def test_generate_preparation_outside_generate_means_what_generate_means():
     """The steps generate() runs before decoding, run for one prompt outside it (continuous batching): the hooks
     exist on GenerationMixin and generate() itself calls each one, and they resolve lengths, processors, stopping

@@ -174,13 +174,6 @@ MODEL_DEFINITION_BASES = (
     "transformers.ProcessorMixin",
     "transformers.FeatureExtractionMixin",
 )
-#: Reaches in modules this guard found when it was widened, owned by the decoding / token2wav work in progress at the
-#: time (issue 28: those modules are edited there); each is to move into framework_compat (or to a public name) by
-#: that work. Listed by module and expression, not line, so a new reach is never hidden by an old one.
-KNOWN_REACHES_TO_MOVE = {
-    # GenerationConfig's flag for a config derived from the model config
-    ("fun_audio_chat/modeling/generation.py", "config._from_model_config"),
-}
 
 
 def _is_private(name: str) -> bool:
@@ -380,14 +373,7 @@ def private_framework_reaches() -> list[str]:
 def test_framework_internals_are_reached_only_from_the_compat_module():
     """Every reach into a private name of transformers/accelerate/TRL/PEFT lives in framework_compat, which names the
     supported versions and has a test per workaround (tests/test_framework_compat.py)."""
-    known = {f"{module}: {expression}" for module, expression in KNOWN_REACHES_TO_MOVE}
-    reaches = private_framework_reaches()
-    assert [line for line in reaches if _without_line_number(line).split(" (")[0] not in known] == []
-
-
-def _without_line_number(line: str) -> str:
-    path, _, rest = line.partition(":")
-    return path + ":" + rest.partition(":")[2]
+    assert private_framework_reaches() == []
 
 
 def test_the_private_reach_check_sees_each_kind_of_reach(tmp_path, monkeypatch):

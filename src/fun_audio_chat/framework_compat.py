@@ -10,7 +10,8 @@ library           versions     workarounds in this module
 transformers      5.23 - 5.25  the cache's name (5.24 rename); ``Trainer``'s input preparation and dataset
                                column hook; ``TrainingArguments``' JSON-dict fields; ``PreTrainedModel``'s layer
                                and checkpoint-key class attributes; compiled decoding off GPU; generate()'s
-                               preparation steps run outside generate() (continuous batching)
+                               preparation steps run outside generate() (continuous batching); the generation
+                               config's "derived from the model config" mark
 accelerate        1.15 - 1.16  whether the process state exists; resetting the shared state between two Trainers
                                of one process; FSDP2 on CPU processes
 TRL               1.16         ``DPOTrainer``'s private extension points (dataset preparation, reference
@@ -89,6 +90,15 @@ def compile_on_every_device(compile_config: Any) -> Any:
     ``CompileConfig``'s ``_compile_all_devices`` is set, which its constructor does not take. Returns the config."""
     compile_config._compile_all_devices = True
     return compile_config
+
+
+def keep_extra_generation_fields(generation_config: Any) -> Any:
+    """Clear a ``GenerationConfig``'s private "derived from the model config" mark (``_from_model_config``, set by
+    ``GenerationConfig.from_model_config``): while it is set, the fields transformers does not define (ours: the
+    speech controls) are not kept when the config is rebuilt from a dict (``GenerationConfig.__init__`` skips extra
+    keyword arguments for such configs), and nothing public clears it. Returns the config."""
+    generation_config._from_model_config = False
+    return generation_config
 
 
 @dataclass

@@ -42,6 +42,7 @@ from transformers.generation import (
 )
 
 from ..configuration_fun_audio_chat import AUDIO_INPUT_NAMES, TRANSCRIPT_INPUT_NAMES
+from ..framework_compat import keep_extra_generation_fields
 from ..transformers_compat import CACHE_NAME, cache_of
 from .compiled_decoding import warm_up_compiled_decoding
 from .speech_decoding import SpeechDecoder
@@ -111,7 +112,7 @@ class FunAudioChatGenerationMixin:
         # transformers warns that cache_implementation has no effect.
         config.use_cache = True
         # A config marked as derived from the model config drops unknown fields when it is read back.
-        config._from_model_config = False
+        keep_extra_generation_fields(config)
 
     def _prepare_generation_config(self, generation_config: GenerationConfig | None, **kwargs):
         """transformers' preparation plus the speech controls: kwargs > ``generation_config`` > the model's
