@@ -634,6 +634,109 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 sub_positions = sub_positions.masked_fill(sub_mask == 0, 0)
         return sub_mask, sub_positions
 
+    def _input_embeddings(
+        self,
+        input_ids,
+        inputs_embeds,
+        speech_ids,
+        speech_attention_mask,
+        input_features,
+        feature_attention_mask,
+        feature_exist_mask,
+        text_ids,
+        text_attention_mask,
+    ):
+        """(LLM input embeddings, text embeddings the SRH is conditioned on, the audio merge or None)."""
+        merged = None
+        text_embeds = None
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            self.check_input_ids(input_ids)
+        if inputs_embeds is None:
+            # CODEPATH: every Fun-Audio-Chat checkpoint; prompts with <|AUDIO|> spans merge their audio, text-only
+            # prompts (and decode steps) embed their tokens.
+            if speech_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
+                merged = self.merge_audio(
+                    input_ids,
+                    speech_ids,
+                    speech_attention_mask,
+                    input_features,
+                    feature_attention_mask,
+                    feature_exist_mask,
+                    text_ids,
+                    text_attention_mask,
+                )
+                inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
+            else:
+                if (input_ids == self.config.audio_token_index).any() and input_ids.shape[1] > 1:
+                    raise ValueError(
+                        "input_ids contain <|AUDIO|> placeholders but no speech_ids were given; pass the "
+                        "processor's audio outputs (speech_ids, input_features, ...) with the prompt."
+                    )
+                inputs_embeds = self.get_input_embeddings()(input_ids)
+                text_embeds = inputs_embeds
+        elif speech_ids is not None and bool(self.audio_placeholder_mask(inputs_embeds).any()):
+            # A prompt given as embeddings with its audio (transformers' multimodal contract): the audio fills the
+            # positions holding the <|AUDIO|> embedding, exactly as for the same prompt given as ids.
+            merged = self.merge_audio(
+                None,
+                speech_ids,
+                speech_attention_mask,
+                input_features,
+                feature_attention_mask,
+                feature_exist_mask,
+                text_ids,
+                text_attention_mask,
+                inputs_embeds=inputs_embeds,
+            )
+            inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
+
+        return inputs_embeds, text_embeds, merged
+
+    def _shifted_targets(self, labels, merged, text_attention_mask, keep):
+        """(next-token text targets of the kept positions, speech labels, next-group speech targets); the speech ones
+        are None without audio in the batch or without the SRH."""
+        text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
+        # The shifted targets are an output (DPO scores logits against them); the loss takes them as they are
+        # (shift_labels=), so they are shifted here only and scored exactly where they are returned.
+        next_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)
+        shift_labels = next_labels[:, 1:][:, keep]  # trf-ignore: TRF053
+        speech_labels = speech_shift_labels = None
+        if merged is not None and self.audio_invert_tower is not None:
+            speech_labels = self.build_speech_labels(labels, merged)
+            k = self.group_size
+            speech_shift_labels = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]
+        return shift_labels, speech_labels, speech_shift_labels
+
+    def _teacher_forced_speech(
+        self,
+        hidden,
+        text_embeds,
+        labels,
+        speech_labels,
+        speech_shift_labels,
+        attention_mask,
+        position_ids,
+        speech_counts,
+        return_loss,
+    ):
+        """(teacher-forced speech logits, speech loss or None)."""
+        if self.audio_invert_tower is None:
+            raise ValueError("This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False).")
+        speech_logits = self.teacher_forced_speech_logits(
+            hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
+        )
+        speech_loss = None
+        # (only when the loss is wanted: the check is a device-to-host sync)
+        if return_loss and speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any()):
+            speech_loss = self.speech_loss(speech_logits, speech_shift_labels, speech_counts)
+        if return_loss and speech_loss is None and labels is not None:
+            # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
+            # process runs its backward (sharded engines gather and reduce its parameters on all ranks).
+            speech_loss = speech_logits.float().sum() * 0.0
+        return speech_logits, speech_loss
+
     # ------------------------------------------------------------------------------------------ forward
     @can_return_tuple
     @auto_docstring
@@ -696,50 +799,17 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag) is None:
                 kwargs[flag] = getattr(self.config, flag)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
-            self.check_input_ids(input_ids)
-        merged = None
-        text_embeds = None
-        if inputs_embeds is None:
-            # CODEPATH: every Fun-Audio-Chat checkpoint; prompts with <|AUDIO|> spans merge their audio, text-only
-            # prompts (and decode steps) embed their tokens.
-            if speech_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
-                merged = self.merge_audio(
-                    input_ids,
-                    speech_ids,
-                    speech_attention_mask,
-                    input_features,
-                    feature_attention_mask,
-                    feature_exist_mask,
-                    text_ids,
-                    text_attention_mask,
-                )
-                inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
-            else:
-                if (input_ids == self.config.audio_token_index).any() and input_ids.shape[1] > 1:
-                    raise ValueError(
-                        "input_ids contain <|AUDIO|> placeholders but no speech_ids were given; pass the "
-                        "processor's audio outputs (speech_ids, input_features, ...) with the prompt."
-                    )
-                inputs_embeds = self.get_input_embeddings()(input_ids)
-                text_embeds = inputs_embeds
-        elif speech_ids is not None and bool(self.audio_placeholder_mask(inputs_embeds).any()):
-            # A prompt given as embeddings with its audio (transformers' multimodal contract): the audio fills the
-            # positions holding the <|AUDIO|> embedding, exactly as for the same prompt given as ids.
-            merged = self.merge_audio(
-                None,
-                speech_ids,
-                speech_attention_mask,
-                input_features,
-                feature_attention_mask,
-                feature_exist_mask,
-                text_ids,
-                text_attention_mask,
-                inputs_embeds=inputs_embeds,
-            )
-            inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
+        inputs_embeds, text_embeds, merged = self._input_embeddings(
+            input_ids,
+            inputs_embeds,
+            speech_ids,
+            speech_attention_mask,
+            input_features,
+            feature_attention_mask,
+            feature_exist_mask,
+            text_ids,
+            text_attention_mask,
+        )
 
         llm_output = self.language_model.model(
             inputs_embeds=inputs_embeds,
@@ -760,11 +830,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         text_loss = speech_loss = loss = None
         speech_labels = shift_labels = speech_shift_labels = None
         if labels is not None:
-            text_labels = labels if merged is None else self.build_text_labels(labels, merged, text_attention_mask)
-            # The shifted targets are an output (DPO scores logits against them); the loss takes them as they are
-            # (shift_labels=), so they are shifted here only and scored exactly where they are returned.
-            next_labels = nn.functional.pad(text_labels, (0, 1), value=IGNORE_INDEX)
-            shift_labels = next_labels[:, 1:][:, keep]  # trf-ignore: TRF053
+            shift_labels, speech_labels, speech_shift_labels = self._shifted_targets(
+                labels, merged, text_attention_mask, keep
+            )
             if return_loss:
                 text_loss = self.loss_function(
                     logits=logits,
@@ -773,29 +841,22 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                     vocab_size=self.config.text_config.vocab_size,
                     num_items_in_batch=text_counts,
                 )
-            if merged is not None and self.audio_invert_tower is not None:
-                speech_labels = self.build_speech_labels(labels, merged)
-                k = self.group_size
-                speech_shift_labels = nn.functional.pad(speech_labels, (0, k), value=IGNORE_INDEX)[:, k:]
 
         if compute_speech_logits is None:
             compute_speech_logits = self.audio_invert_tower is not None and text_embeds is not None
         speech_logits = None
         if compute_speech_logits:
-            if self.audio_invert_tower is None:
-                raise ValueError(
-                    "This model has no Speech Refined Head (audio_config.enable_audio_invert_tower=False)."
-                )
-            speech_logits = self.teacher_forced_speech_logits(
-                hidden, text_embeds, speech_labels, labels, attention_mask, position_ids
+            speech_logits, speech_loss = self._teacher_forced_speech(
+                hidden,
+                text_embeds,
+                labels,
+                speech_labels,
+                speech_shift_labels,
+                attention_mask,
+                position_ids,
+                speech_counts,
+                return_loss,
             )
-            # (only when the loss is wanted: the check is a device-to-host sync)
-            if return_loss and speech_shift_labels is not None and bool((speech_shift_labels != IGNORE_INDEX).any()):
-                speech_loss = self.speech_loss(speech_logits, speech_shift_labels, speech_counts)
-            if return_loss and speech_loss is None and labels is not None:
-                # No speech target in this batch: a zero loss still connects the SRH to the graph, so every
-                # process runs its backward (sharded engines gather and reduce its parameters on all ranks).
-                speech_loss = speech_logits.float().sum() * 0.0
 
         if text_loss is not None:
             loss = text_loss if speech_loss is None else text_loss + speech_loss
