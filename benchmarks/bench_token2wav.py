@@ -38,8 +38,8 @@ import time
 
 import torch
 
-from fun_audio_chat.token2wav.configuration import CosyVoice3Config
-from fun_audio_chat.token2wav.detokenizer import random_detokenizer
+from fun_audio_chat.token2wav.configuration_cosyvoice3 import CosyVoice3Config
+from fun_audio_chat.token2wav.modeling_cosyvoice3 import random_detokenizer
 from fun_audio_chat.token2wav.voice import CosyVoice3Voice
 
 

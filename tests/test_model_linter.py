@@ -21,6 +21,10 @@ KEPT = {
         "base_model_prefix stays empty: the official state-dict keys carry no prefix and the model has no single base "
         "model (the LLM, two audio encoders and the speech head); the rule has no source suppression"
     ),
+    ("token2wav/modeling_cosyvoice3.py", "TRF002"): (
+        "base_model_prefix stays empty: converted and official CosyVoice 3 keys (flow.*, hift.*) carry no prefix and "
+        "the detokenizer has no single base model (flow and vocoder); the rule has no source suppression"
+    ),
 }
 
 

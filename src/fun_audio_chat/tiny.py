@@ -188,8 +188,8 @@ def tiny_detokenizer(seed: int = 0):
 
     It knows exactly the tiny model's real codes (``TINY_SPEECH_CODES``), as the released detokenizer knows exactly
     the released model's 6561: a speech-BOS, EOS or pad id that reaches it is an error, not a sound."""
-    from .token2wav.configuration import tiny_token2wav_config
-    from .token2wav.detokenizer import random_detokenizer
+    from .token2wav.configuration_cosyvoice3 import tiny_token2wav_config
+    from .token2wav.modeling_cosyvoice3 import random_detokenizer
 
     config = tiny_token2wav_config()
     config.flow.vocab_size = TINY_SPEECH_CODES

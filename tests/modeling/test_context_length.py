@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fun_audio_chat.modeling import generation
+from fun_audio_chat.modeling import generation_fun_audio_chat as generation
 from fun_audio_chat.serving.engine import ServingEngine, TurnRequest
 from fun_audio_chat.tiny import tiny_model_and_processor
 

@@ -508,7 +508,7 @@ def test_streamer_consumer_gets_the_error_when_generate_fails(model_and_inputs):
 
 def test_streamer_consumer_gets_an_error_raised_mid_generation(model_and_inputs, monkeypatch):
     model, inputs = model_and_inputs
-    from fun_audio_chat.modeling.generation import SpeechDecoder
+    from fun_audio_chat.modeling.generation_fun_audio_chat import SpeechDecoder
     from fun_audio_chat.modeling.streamers import GenerationFailedError
 
     original = SpeechDecoder.commit

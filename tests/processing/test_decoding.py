@@ -7,7 +7,7 @@ import soundfile as sf
 import torch
 
 from fun_audio_chat.processing import SpeechDetokenizer, save_audio
-from fun_audio_chat.token2wav.detokenizer import split_segments
+from fun_audio_chat.token2wav.modeling_cosyvoice3 import split_segments
 
 BOS, EOS, AUDIO_BOS, AUDIO_EOS, SIL, IM_END, PAD = 296, 297, 503, 504, 506, 502, 500
 

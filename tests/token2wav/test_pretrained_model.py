@@ -108,8 +108,8 @@ def test_folder_converted_before_the_move_still_loads(tiny, tmp_path):
 
 
 def test_a_new_model_is_initialised_and_speaks_with_the_default_voice():
-    from fun_audio_chat.token2wav.configuration import tiny_token2wav_config
-    from fun_audio_chat.token2wav.detokenizer import default_speaker_embedding
+    from fun_audio_chat.token2wav.configuration_cosyvoice3 import tiny_token2wav_config
+    from fun_audio_chat.token2wav.modeling_cosyvoice3 import default_speaker_embedding
 
     model = CosyVoice3Detokenizer(tiny_token2wav_config())
     assert torch.equal(model.speaker_embedding, default_speaker_embedding())

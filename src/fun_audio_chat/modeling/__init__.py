@@ -1,5 +1,5 @@
 from .continuous_batching import ContinuousBatchDecoder, RowStep
-from .generation import SPEECH_GENERATION_DEFAULTS, FunAudioChatGenerateOutput
+from .generation_fun_audio_chat import SPEECH_GENERATION_DEFAULTS, FunAudioChatGenerateOutput
 from .modeling_fun_audio_chat import (
     FunAudioChatForConditionalGeneration,
     FunAudioChatOutputWithPast,

@@ -42,7 +42,7 @@ from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
 from ..framework_compat import prepare_generation_outside_generate
 from ..transformers_compat import CACHE_NAME
-from .generation import _PROMPT_AUDIO_INPUTS
+from .generation_fun_audio_chat import _PROMPT_AUDIO_INPUTS
 from .speech_decoding import SpeechDecoder
 from .speech_sampling import SpeechSamplingSettings
 

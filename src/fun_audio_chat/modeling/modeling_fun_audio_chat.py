@@ -14,7 +14,7 @@
 """FunAudioChatForConditionalGeneration: audio merged into a Qwen3 LLM, plus the Speech Refined Head.
 
 Parameter names equal the official state dict (docs/official-format.md#state-dict), so official ``model.safetensors`` files load as they are.
-The forward here is the training / scoring path (teacher-forced SRH); generation lives in ``generation.py``.
+The forward here is the training / scoring path (teacher-forced SRH); generation lives in ``generation_fun_audio_chat.py``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from ..configuration_fun_audio_chat import IGNORE_INDEX, FunAudioChatConfig, ref
 from ..transformers_compat import CACHE_NAME, LEGACY_CACHE_NAME, cache_of, pop_cache_argument
 from .audio_encoder import FunAudioChatAudioEncoder
 from .context_length import ContextFit, context_fit
-from .generation import FunAudioChatGenerationMixin
+from .generation_fun_audio_chat import FunAudioChatGenerationMixin
 from .speech_encoder import FunAudioChatDiscreteEncoder
 from .speech_head import FunAudioChatSpeechHead, SpeechHeadDecoder
 from .speech_sampling import GREEDY_SPEECH

@@ -701,7 +701,7 @@ class FunAudioChatProcessor(ProcessorMixin):
         """What transformers' ``any-to-any`` pipeline calls on ``generate``'s output: one entry per row.
 
         ``generated_outputs`` is what ``generate`` returned: the ids (B, L), the tuple ``(sequences, speech_ids)``
-        or a :class:`~fun_audio_chat.modeling.generation.FunAudioChatGenerateOutput`.
+        or a :class:`~fun_audio_chat.modeling.generation_fun_audio_chat.FunAudioChatGenerateOutput`.
 
         * ``generation_mode="text"`` (or ``None``): the decoded sequences (``tokenizer.batch_decode``; ``kwargs`` go
           to it), decoded the way the pipeline decodes the prompt so that it can cut the prompt off.

@@ -23,8 +23,8 @@ import argparse
 import os
 from pathlib import Path
 
-from .detokenizer import CosyVoice3Detokenizer
 from .loading import CheckpointFormatError, resolve_checkpoint
+from .modeling_cosyvoice3 import CosyVoice3Detokenizer
 
 
 def convert_official_checkpoint(

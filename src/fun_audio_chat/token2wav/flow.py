@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .configuration import CosyVoice3FlowConfig
+from .configuration_cosyvoice3 import CosyVoice3FlowConfig
 from .dit import DiffusionTransformer, DiTCache
 
 

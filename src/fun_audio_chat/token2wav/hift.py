@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from .configuration import CosyVoice3HiFTConfig
+from .configuration_cosyvoice3 import CosyVoice3HiFTConfig
 
 
 class CausalConv1d(nn.Conv1d):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .configuration import CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiFTConfig
+from .configuration_cosyvoice3 import CosyVoice3Config, CosyVoice3FlowConfig, CosyVoice3HiFTConfig
 
 OFFICIAL_YAML_NAMES = ("cosyvoice3.yaml", "cosyvoice.yaml", "config.yaml")
 CONVERTED_CONFIG = "config.json"

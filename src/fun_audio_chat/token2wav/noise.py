@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .configuration import CosyVoice3Config
+from .configuration_cosyvoice3 import CosyVoice3Config
 
 
 def fixed_noise(config: CosyVoice3Config) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,3 +1,16 @@
+# Copyright 2026 The fun_audio_chat authors. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """``CosyVoice3Detokenizer``: 25 Hz speech codes → 24 kHz waveform, offline (batched) and streaming.
 
 Offline follows the official Fun-Audio-Chat detokenizer: 750-token segments (a last segment under 50 tokens is
@@ -28,8 +41,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from transformers import PreTrainedModel
 from transformers import initialization as init
+from transformers.utils import auto_docstring
 
-from .configuration import CosyVoice3Config
+from .configuration_cosyvoice3 import CosyVoice3Config
 from .dit import DiffusionTransformer
 from .flow import CosyVoice3Flow, FlowCache, FlowPrompt
 from .hift import HiFTGenerator, Snake
@@ -96,11 +110,13 @@ def default_speaker_embedding() -> torch.Tensor:
     return load_file(str(DEFAULT_SPEAKER_ASSET))["embedding"].float().reshape(1, -1)
 
 
+@auto_docstring(
+    custom_intro="Loading, saving and weight initialisation of the CosyVoice 3 token-to-waveform model (transformers' own)."
+)
 class CosyVoice3PreTrainedModel(PreTrainedModel):
-    """Loading, saving and weight initialisation of the CosyVoice 3 token-to-waveform model (transformers' own)."""
-
     config_class = CosyVoice3Config
     config: CosyVoice3Config
+    # trf-ignore: TRF002 (the official flow/hift keys carry no prefix and the model has no single base model to strip)
     base_model_prefix = ""
     main_input_name = "codes"
     # Each stage keeps its per-call state on one device: a device_map may place the two stages apart, not split one.
@@ -110,7 +126,7 @@ class CosyVoice3PreTrainedModel(PreTrainedModel):
     _keep_in_fp32_modules_strict = ["hift", "rotary_inv_freq", "speaker_embedding"]
 
     @torch.no_grad()
-    def _init_weights(self, module):
+    def _init_weights(self, module):  # trf-ignore: TRF018 (the official constructors use PyTorch's defaults)
         """PyTorch's default initialisation (what the official constructors use) for weights missing from a
         checkpoint or of a new model; the derived buffers (STFT window, rotary frequencies, default speaker)."""
         if isinstance(module, CosyVoice3Detokenizer):
@@ -152,7 +168,7 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         super().__init__(config)
         self.flow = CosyVoice3Flow(config.flow)
         self.hift = HiFTGenerator(config.hift)
-        self.register_buffer("speaker_embedding", torch.zeros(1, config.flow.speaker_embedding_dim))
+        self.speaker_embedding = nn.Buffer(torch.zeros(1, config.flow.speaker_embedding_dim))
         self._noise_ready = False
         # each voice's tensors on this model's device and its prompt cache, built on first use (weak: a voice
         # that is dropped takes its cache with it)
@@ -255,11 +271,20 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
 
     # -- offline ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
+    @auto_docstring(
+        custom_intro="One sequence of 25 Hz speech codes to a 1-D 24 kHz waveform; a list of sequences (or a 2-D "
+        "tensor) to a list of waveforms, rendered as one batch (each equal to its solo result)."
+    )
     def forward(self, codes, speaker_embedding=None, voice: CosyVoice3Voice | None = None):
-        """One sequence → 1-D waveform; a list of sequences (or a 2-D tensor) → list of waveforms.
-
-        ``voice`` (a :class:`CosyVoice3Voice`) speaks every sequence in that voice, prompt included;
-        ``speaker_embedding`` (192 values) uses a bare embedding; neither = the default speaker."""
+        r"""
+        codes (`torch.LongTensor` or `list[int]` or `list[list[int]]`):
+            Speech codes below `config.flow.vocab_size` (a real model's speech BOS/EOS/pad ids are refused).
+        speaker_embedding (`torch.Tensor` of 192 values, *optional*):
+            A bare CAM++ speaker embedding for every sequence.
+        voice (`CosyVoice3Voice`, *optional*):
+            A voice (embedding + prompt codes + prompt mel) every sequence is spoken in, prompt included. Neither
+            this nor `speaker_embedding`: the default speaker.
+        """
         if isinstance(codes, torch.Tensor):
             single = codes.dim() == 1
         else:
@@ -549,7 +574,7 @@ class CosyVoice3Detokenizer(CosyVoice3PreTrainedModel):
         model.config.name_or_path = str(folder)
         return model
 
-    def set_speaker_embedding(self, speaker_embedding) -> None:
+    def set_speaker_embedding(self, speaker_embedding) -> None:  # trf-ignore: TRF033 (a saved buffer, not a setting)
         """Replace the default speaker (a (1, 192) CAM++ embedding, or 192 values)."""
         value = torch.as_tensor(speaker_embedding, dtype=torch.float32)
         if value.numel() != self.config.flow.speaker_embedding_dim:
@@ -821,12 +846,14 @@ class StreamingSession:
     def _advance(self):
         self.offset += self._hop_now
         self.hop = min(self.max_hop, self.hop * self.hop_growth)
+        # CODEPATH: every CosyVoice 3 checkpoint: a long reply trims its token window, then restarts the vocoder
         if self.offset >= self.config.max_stream_tokens:
             window = self.config.max_stream_tokens
             self.offset -= window
             self.tokens = self.tokens[window:]
             self.trimmed_tokens += window
             self.flow_cache = self._fresh_flow_cache()
+            # CODEPATH: every CosyVoice 3 checkpoint: the vocoder history restarts after enough trimmed tokens
             if self.trimmed_tokens >= self.config.max_stream_history_tokens:
                 self.trimmed_tokens = 0
                 self._reset_vocoder()
