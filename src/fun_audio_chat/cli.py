@@ -1150,7 +1150,7 @@ def _add_serve_parser(commands) -> None:
         help="longest accepted audio clip in a request (default: %(default)s)",
     )
     _add_device_options(serve)
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     serve.add_argument(
         "--log-level",
         default="info",
