@@ -634,19 +634,10 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 sub_positions = sub_positions.masked_fill(sub_mask == 0, 0)
         return sub_mask, sub_positions
 
-    def _input_embeddings(
-        self,
-        input_ids,
-        inputs_embeds,
-        speech_ids,
-        speech_attention_mask,
-        input_features,
-        feature_attention_mask,
-        feature_exist_mask,
-        text_ids,
-        text_attention_mask,
-    ):
-        """(LLM input embeddings, text embeddings the SRH is conditioned on, the audio merge or None)."""
+    def _input_embeddings(self, input_ids, inputs_embeds, audio: dict):
+        """(LLM input embeddings, text embeddings the SRH is conditioned on, the audio merge or None); ``audio`` holds
+        :meth:`merge_audio`'s audio arguments."""
+        speech_ids = audio["speech_ids"]
         merged = None
         text_embeds = None
         if (input_ids is None) == (inputs_embeds is None):
@@ -657,16 +648,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             # CODEPATH: every Fun-Audio-Chat checkpoint; prompts with <|AUDIO|> spans merge their audio, text-only
             # prompts (and decode steps) embed their tokens.
             if speech_ids is not None and bool((input_ids == self.config.audio_token_index).any()):
-                merged = self.merge_audio(
-                    input_ids,
-                    speech_ids,
-                    speech_attention_mask,
-                    input_features,
-                    feature_attention_mask,
-                    feature_exist_mask,
-                    text_ids,
-                    text_attention_mask,
-                )
+                merged = self.merge_audio(input_ids, **audio)
                 inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
             else:
                 if (input_ids == self.config.audio_token_index).any() and input_ids.shape[1] > 1:
@@ -679,17 +661,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         elif speech_ids is not None and bool(self.audio_placeholder_mask(inputs_embeds).any()):
             # A prompt given as embeddings with its audio (transformers' multimodal contract): the audio fills the
             # positions holding the <|AUDIO|> embedding, exactly as for the same prompt given as ids.
-            merged = self.merge_audio(
-                None,
-                speech_ids,
-                speech_attention_mask,
-                input_features,
-                feature_attention_mask,
-                feature_exist_mask,
-                text_ids,
-                text_attention_mask,
-                inputs_embeds=inputs_embeds,
-            )
+            merged = self.merge_audio(None, **audio, inputs_embeds=inputs_embeds)
             inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
 
         return inputs_embeds, text_embeds, merged
@@ -799,17 +771,16 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
         for flag in ("output_attentions", "output_hidden_states"):
             if kwargs.get(flag) is None:
                 kwargs[flag] = getattr(self.config, flag)
-        inputs_embeds, text_embeds, merged = self._input_embeddings(
-            input_ids,
-            inputs_embeds,
-            speech_ids,
-            speech_attention_mask,
-            input_features,
-            feature_attention_mask,
-            feature_exist_mask,
-            text_ids,
-            text_attention_mask,
-        )
+        audio = {
+            "speech_ids": speech_ids,
+            "speech_attention_mask": speech_attention_mask,
+            "input_features": input_features,
+            "feature_attention_mask": feature_attention_mask,
+            "feature_exist_mask": feature_exist_mask,
+            "text_ids": text_ids,
+            "text_attention_mask": text_attention_mask,
+        }
+        inputs_embeds, text_embeds, merged = self._input_embeddings(input_ids, inputs_embeds, audio)
 
         llm_output = self.language_model.model(
             inputs_embeds=inputs_embeds,
