@@ -390,9 +390,20 @@ def test_oversized_body_and_speech_without_detokenizer_are_refused(tiny_pair):
         assert small.client().chat.completions.create(model="tiny", messages=spoken["messages"], max_tokens=2)
 
 
-def test_disconnected_client_frees_its_row(server, client):
+def test_disconnected_client_frees_its_row(server, client, monkeypatch):
     import httpx2 as httpx
 
+    from fun_audio_chat.modeling.continuous_batching import ContinuousBatchDecoder
+
+    # A 900-token tiny reply takes about 2 s unloaded; on a loaded CI machine it could end before the disconnect is
+    # seen, and an ended turn has nothing to cancel. Slowing every step keeps the turn running for many seconds.
+    step = ContinuousBatchDecoder.step
+
+    def slow_step(decoder):
+        time.sleep(0.02)
+        return step(decoder)
+
+    monkeypatch.setattr(ContinuousBatchDecoder, "step", slow_step)
     metrics = server.app.state.metrics
     before = metrics.summary()["counters"]["turns_cancelled"]
     body = {
