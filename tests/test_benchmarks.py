@@ -11,6 +11,11 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 SMALL_RUNS = [
     ("bench_generate.py", ["--new-tokens", "6", "--repeats", "1", "--skip-compiled"], ["(a) S2S", "(d) S2T", "(f) "]),
+    (
+        "bench_fused_step.py",
+        ["--steps", "5", "--repeats", "1", "--batch-sizes", "2", "--backend", "eager"],
+        ["two regions / one region", "two regions / LLM + group region"],
+    ),
     ("bench_drsr.py", ["--seconds", "2", "--batch", "1", "--repeats", "1"], ["ratio full / Qwen3"]),
     ("bench_dpo_streams.py", ["--pairs", "2", "--steps", "2"], ["speech share"]),
     ("bench_reliability.py", ["--repeats", "1"], ["ratio"]),
