@@ -87,75 +87,44 @@ def llm_forward(model, embeds, cache, position):
     )
 
 
-def whole_step(
-    model, cache, embeds, position, text_embeds, previous_code, srh_cache, positions, rotary, mask, settings
-):
-    """The step as plain code: compiled as one region, or run with its two compiled parts passed in."""
-    out = llm_forward(model, embeds, cache, position)
+def llm_then_group(llm, group, model, cache, embeds, position, text_embeds, previous_code, srh_cache, *srh_layout):
+    """The LLM forward, then the SRH group conditioned on its last state plus the text embedding fed to this step
+    (known before the forward, so this part needs no text token). ``llm`` and ``group`` are the plain functions or
+    their compiled versions. Returns the LLM logits and the group's codes."""
+    out = llm(model, embeds, cache, position)
     conditioned = out.last_hidden_state + text_embeds
-    codes, _, _ = decode_static_group(
-        model.audio_invert_tower, srh_cache, conditioned, previous_code, None, None, positions, rotary, mask, settings
-    )
-    tokens = out.logits[:, -1].argmax(-1)
+    codes, _, _ = group(model.audio_invert_tower, srh_cache, conditioned, previous_code, None, None, *srh_layout)
+    return out.logits, codes
+
+
+def next_inputs(model, logits, codes):
+    """The greedy text token, its embedding and the next fused LLM input: the rest of a step."""
+    tokens = logits[:, -1].argmax(-1)
     next_text_embeds = model.get_input_embeddings()(tokens)[:, None]
     next_embeds = (next_text_embeds + model.audio_tower(codes)) / 2
     return next_embeds, next_text_embeds, codes, tokens
 
 
-def llm_and_group(
-    model, cache, embeds, position, text_embeds, previous_code, srh_cache, positions, rotary, mask, settings
-):
-    """The LLM forward and the SRH group: the part of a step that needs no text token (the group is conditioned on
-    the text embedding fed to this step, known before the forward)."""
-    out = llm_forward(model, embeds, cache, position)
-    codes, _, _ = decode_static_group(
-        model.audio_invert_tower,
-        srh_cache,
-        out.last_hidden_state + text_embeds,
-        previous_code,
-        None,
-        None,
-        positions,
-        rotary,
-        mask,
-        settings,
-    )
-    return out.logits, codes
+def whole_step(*inputs):
+    """The whole step as plain code (compiled as one region)."""
+    return next_inputs(inputs[0], *llm_then_group(llm_forward, decode_static_group, *inputs))
+
+
+def llm_and_group(*inputs):
+    """The LLM forward and the SRH group as plain code (compiled as one region)."""
+    return llm_then_group(llm_forward, decode_static_group, *inputs)
 
 
 def llm_and_group_step(compiled_part):
-    def step(model, cache, embeds, position, text_embeds, previous_code, srh_cache, positions, rotary, mask, settings):
-        logits, codes = compiled_part(
-            model, cache, embeds, position, text_embeds, previous_code, srh_cache, positions, rotary, mask, settings
-        )
-        tokens = logits[:, -1].argmax(-1)
-        next_text_embeds = model.get_input_embeddings()(tokens)[:, None]
-        next_embeds = (next_text_embeds + model.audio_tower(codes)) / 2
-        return next_embeds, next_text_embeds, codes, tokens
+    def step(*inputs):
+        return next_inputs(inputs[0], *compiled_part(*inputs))
 
     return step
 
 
 def two_region_step(compiled_llm, compiled_group):
-    def step(model, cache, embeds, position, text_embeds, previous_code, srh_cache, positions, rotary, mask, settings):
-        out = compiled_llm(model, embeds, cache, position)
-        conditioned = out.last_hidden_state + text_embeds
-        codes, _, _ = compiled_group(
-            model.audio_invert_tower,
-            srh_cache,
-            conditioned,
-            previous_code,
-            None,
-            None,
-            positions,
-            rotary,
-            mask,
-            settings,
-        )
-        tokens = out.logits[:, -1].argmax(-1)
-        next_text_embeds = model.get_input_embeddings()(tokens)[:, None]
-        next_embeds = (next_text_embeds + model.audio_tower(codes)) / 2
-        return next_embeds, next_text_embeds, codes, tokens
+    def step(*inputs):
+        return next_inputs(inputs[0], *llm_then_group(compiled_llm, compiled_group, *inputs))
 
     return step
 
