@@ -20,16 +20,22 @@ encoders, speech head and speech embeddings stay full precision); (g) the compil
 same step with eager attention; (h) the first compiled call of a fresh process, cold (empty compile caches) over
 warm: torch's compile cache artifacts saved by the cold process loaded first, as ``warm_up_compiled_decoding(...,
 cache_path=...)`` does, in a fresh inductor cache directory (a new machine) and in the cold process's one (a
-restart on the same machine).
+restart on the same machine); (i) with ``--official-code DIR`` (the folder that contains the official
+``funaudiochat`` package, github FunAudioLLM/Fun-Audio-Chat, never committed here): the official generate()'s wall
+time over ours on the same saved weights and the same batch-1 speech-to-speech prompt (greedy text and speech codes,
+the audio-BOS forced, stop at the text EOS), repeats alternated in one run, for the default path and (unless
+``--skip-compiled``) the compiled one, and whether the two agree on the text tokens and speech codes. The official
+side runs in ``official_generate_worker.py`` under ``--official-python`` (transformers 4.52.3, numpy<2).
 
 Usage: python benchmarks/bench_generate.py [--new-tokens 100] [--repeats 3] [--threads 2] [--skip-compiled]
-    [--skip-eager-attention] [--skip-warm-start]
+    [--skip-eager-attention] [--skip-warm-start] [--official-code DIR [--official-python PY] [--only-official]]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import subprocess
@@ -39,7 +45,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_configs import ABOS, AEOS, AUDIO, bench_model_config
+from bench_configs import ABOS, AEOS, AUDIO, IM_END, PAD, bench_model_config
+from official_generate_worker import official_code_error
+from safetensors.torch import save_file
 from transformers import CompileConfig
 
 from fun_audio_chat import FunAudioChatForConditionalGeneration
@@ -263,6 +271,113 @@ def first_compiled_call_seconds(threads: int, new_tokens: int) -> dict[str, floa
     return seconds
 
 
+# The decoding both sides of (i) run: what the official code does with text_greedy, only_crq_sampling and
+# force_text_abos (greedy text and codes, no logits processors, stop at the text EOS).
+OFFICIAL_LIKE_DECODING = {
+    "do_sample": False,
+    "force_audio_bos": True,
+    "return_speech": True,
+    "speech_do_sample": False,
+    "speech_repetition_penalty": 1.0,
+    "eos_token_id": IM_END,
+    "pad_token_id": PAD,
+}
+
+
+class OfficialWorker:
+    """The official generate() in a subprocess (``official_generate_worker.py``) that loads the model once."""
+
+    def __init__(self, python: str, official_code: str, model_folder: str, inputs_file: str, args):
+        worker = Path(__file__).resolve().parent / "official_generate_worker.py"
+        command = [python, str(worker), "--official-code", official_code, "--model", model_folder]
+        command += ["--inputs", inputs_file, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+        command += ["--eos-token-id", str(IM_END), "--pad-token-id", str(PAD)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True
+        )
+        self._reply()  # {"ready": true} once the model is loaded
+
+    def _reply(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait()
+            self.stderr.seek(0)
+            lines = [line for line in self.stderr.read().splitlines() if line.strip()]
+            reason = lines[-1] if lines else f"exit status {self.process.returncode}"
+            raise SystemExit(f"bench_generate.py: error: the official generate worker failed: {reason}")
+        return json.loads(line)
+
+    def generate(self) -> dict:
+        self.process.stdin.write("generate\n")
+        self.process.stdin.flush()
+        return self._reply()
+
+    def close(self):
+        try:
+            self.process.stdin.close()
+        except BrokenPipeError:
+            pass  # the worker has already ended; _reply reported why
+        self.process.wait()
+        self.stderr.close()
+
+
+def agreement(ours: tuple[torch.Tensor, torch.Tensor], official: dict) -> str:
+    """Whether our (sequences, speech_ids) equal the official ones, and where they first part if not."""
+    found = []
+    for name, mine, theirs in (
+        ("text tokens", ours[0][0].tolist(), official["sequences"][0]),
+        ("speech codes", ours[1][0].tolist(), official["speech_ids"][0]),
+    ):
+        if mine == theirs:
+            found.append(f"{name} agree ({len(mine)})")
+        else:
+            first = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), min(len(mine), len(theirs)))
+            found.append(f"{name} DIFFER (ours {len(mine)}, official {len(theirs)}, first difference at {first})")
+    return ", ".join(found)
+
+
+def compare_with_official(model, args) -> None:
+    """(i): the official generate()'s wall time over ours, repeats alternated, on the same weights and inputs."""
+    inputs = prompt_inputs(1)
+    paths = {"default": {}} if args.skip_compiled else {"default": {}, "compiled": compiled_decoding()}
+    with tempfile.TemporaryDirectory() as folder:
+        model_folder, inputs_file = os.path.join(folder, "model"), os.path.join(folder, "inputs.safetensors")
+        model.save_pretrained(model_folder)
+        save_file(inputs, inputs_file)
+        worker = OfficialWorker(args.official_python, args.official_code, model_folder, inputs_file, args)
+        try:
+            worker.generate()  # warm-up
+            ours_seconds = {name: [] for name in paths}
+            official_seconds, checks = [], {}
+            with torch.no_grad():
+                # Sections (e)-(h) left compiled entries for other models and settings: start from an empty cache so
+                # the compiled path's first call here compiles afresh instead of hitting torch's recompile limit.
+                torch._dynamo.reset()
+                for decoding in paths.values():  # warm-up (compilation for the compiled path)
+                    model.generate(**inputs, max_new_tokens=args.new_tokens, **OFFICIAL_LIKE_DECODING, **decoding)
+                for _ in range(args.repeats):
+                    official = worker.generate()
+                    official_seconds.append(official["seconds"])
+                    for name, decoding in paths.items():
+                        start = time.perf_counter()
+                        ours = model.generate(
+                            **inputs, max_new_tokens=args.new_tokens, **OFFICIAL_LIKE_DECODING, **decoding
+                        )
+                        ours_seconds[name].append(time.perf_counter() - start)
+                        checks[name] = agreement(ours, official)
+        finally:
+            worker.close()
+    official_median = statistics.median(official_seconds)
+    for name in paths:
+        ours_median = statistics.median(ours_seconds[name])
+        print(
+            f"(i) official generate / ours, {name} path (b1 S2S greedy, {args.new_tokens} new tokens, median of "
+            f"{args.repeats} alternated): {official_median * 1e3:.0f} ms / {ours_median * 1e3:.0f} ms = "
+            f"{official_median / ours_median:.2f}x; {checks[name]}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--new-tokens", type=int, default=100)
@@ -271,10 +386,30 @@ def main():
     parser.add_argument("--skip-compiled", action="store_true", help="measure the default path only")
     parser.add_argument("--skip-eager-attention", action="store_true", help="compiled path with SDPA only")
     parser.add_argument("--skip-warm-start", action="store_true", help="skip (h), the cold vs warm first call")
+    parser.add_argument(
+        "--official-code", metavar="DIR", help="folder that contains the official funaudiochat package: adds (i)"
+    )
+    parser.add_argument(
+        "--official-python",
+        metavar="PY",
+        default=sys.executable,
+        help="a python with the official code's requirements, for (i) (default: this one)",
+    )
+    parser.add_argument("--only-official", action="store_true", help="run (i) only, skip (a)-(h)")
     args = parser.parse_args()
+    if args.official_code is not None and (problem := official_code_error(args.official_code)) is not None:
+        parser.error(problem)
+    if args.only_official and args.official_code is None:
+        parser.error("--only-official needs --official-code DIR")
+    if not os.access(args.official_python, os.X_OK):
+        parser.error(f"--official-python {args.official_python}: not an executable file")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = FunAudioChatForConditionalGeneration(bench_model_config()).eval()
+    if args.only_official:
+        print(f"threads={args.threads} new_tokens={args.new_tokens} repeats={args.repeats}")
+        compare_with_official(model, args)
+        return
 
     run(model, 1, 5, True)  # warm-up
     paths = {"default": measure(model, args.new_tokens, args.repeats)}
@@ -351,6 +486,8 @@ def main():
         )
     else:
         print("(f) peak memory: skipped (loading failed; is optimum-quanto installed?)")
+    if args.official_code is not None:
+        compare_with_official(model, args)
 
 
 if __name__ == "__main__":
