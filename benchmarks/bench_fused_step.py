@@ -15,8 +15,9 @@ script times that, side by side on the same model, caches and inputs, at batch 1
 * "one region": the whole step, greedy text token and next input included, as one region (an upper bound for
   fusing; generate() cannot run its logits processors inside it).
 
-Prints, per batch size, each variant's median step time and two regions / variant; it checks that every variant
-produces the same codes and text tokens (greedy), so the times are of the same work.
+Prints, per batch size, each variant's median step time (repeats alternate the variants) and two regions /
+variant; it checks that every variant produces the same codes and text tokens (greedy), so the times are of the
+same work.
 
 Usage: python benchmarks/bench_fused_step.py [--steps 60] [--repeats 3] [--threads 2] [--batch-sizes 1 8]
     [--backend inductor]
@@ -176,22 +177,25 @@ def main():
         f"median of {args.repeats} runs"
     )
     for batch in args.batch_sizes:
-        medians = {}
-        reference = None
+        first_use = {}
         for name, step_fn in variants.items():
             start = time.perf_counter()
             run_steps(model, step_fn, batch, 4)  # compiles (first use of this batch size)
-            compile_seconds = time.perf_counter() - start
-            runs = []
-            for _ in range(args.repeats):
+            first_use[name] = time.perf_counter() - start
+        # Repeats alternate the variants, so a drift in the machine's speed reaches them all alike.
+        runs = {name: [] for name in variants}
+        reference = None
+        for _ in range(args.repeats):
+            for name, step_fn in variants.items():
                 times, codes, tokens = run_steps(model, step_fn, batch, args.steps)
-                runs.append(statistics.median(times))
-            if reference is None:
-                reference = (codes, tokens)
-            elif not (torch.equal(reference[0], codes) and torch.equal(reference[1], tokens)):
-                raise SystemExit(f"{name} produced different codes or tokens than the two-region step")
-            medians[name] = statistics.median(runs)
-            print(f"batch {batch}: {name:24s} {1000 * medians[name]:7.2f} ms/step (first use {compile_seconds:.0f} s)")
+                runs[name].append(statistics.median(times))
+                if reference is None:
+                    reference = (codes, tokens)
+                elif not (torch.equal(reference[0], codes) and torch.equal(reference[1], tokens)):
+                    raise SystemExit(f"{name} produced different codes or tokens than the two-region step")
+        medians = {name: statistics.median(times) for name, times in runs.items()}
+        for name in variants:
+            print(f"batch {batch}: {name:24s} {1000 * medians[name]:7.2f} ms/step (first use {first_use[name]:.0f} s)")
         two = medians["two regions (generate)"]
         for name in list(variants)[1:]:
             print(f"batch {batch}: two regions / {name} = {two / medians[name]:.2f}x (same codes and tokens)")
