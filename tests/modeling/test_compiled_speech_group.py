@@ -125,3 +125,20 @@ def test_on_device_sampling_inverts_the_cumulative_distribution():
     draws = torch.tensor([0.0, 0.2, 0.49, 0.51, 0.999999])
     codes = select_code_on_device(logits, None, settings, draws)
     assert codes.tolist() == [1, 1, 1, 3, 3]
+
+
+def test_text_decode_step_traces_without_breaks(model):
+    """A text reply runs transformers' own loop, which feeds the LLM one id per step and compiles that forward: the
+    step must not read tensor values (the prompt's id checks stay with the prefill), or every token pays host syncs
+    and the compiled step breaks into pieces."""
+    from transformers import StaticCache
+
+    prompt = torch.randint(0, 100, (1, 8), generator=torch.Generator().manual_seed(0))
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    step = {"input_ids": torch.tensor([[5]]), "cache_position": torch.tensor([8]), "use_cache": True}
+    torch._dynamo.reset()
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, cache_position=torch.arange(8), use_cache=True)
+        explanation = torch._dynamo.explain(model)(past_key_values=cache, **step)
+    torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -634,15 +634,17 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 sub_positions = sub_positions.masked_fill(sub_mask == 0, 0)
         return sub_mask, sub_positions
 
-    def _input_embeddings(self, input_ids, inputs_embeds, audio: dict):
+    def _input_embeddings(self, input_ids, inputs_embeds, audio: dict, decode_step: bool = False):
         """(LLM input embeddings, text embeddings the SRH is conditioned on, the audio merge or None); ``audio`` holds
-        :meth:`merge_audio`'s audio arguments."""
+        :meth:`merge_audio`'s audio arguments. ``decode_step`` (one new position on a cache) skips the id check: it
+        reads values (a host sync, and a graph break in transformers' compiled decode step) once per token, for an id
+        the model chose itself after generate() checked the prompt."""
         speech_ids = audio["speech_ids"]
         merged = None
         text_embeds = None
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if input_ids is not None:
+        if input_ids is not None and not decode_step:
             self.check_input_ids(input_ids)
         if inputs_embeds is None:
             # CODEPATH: every Fun-Audio-Chat checkpoint; prompts with <|AUDIO|> spans merge their audio, text-only
@@ -651,7 +653,7 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
                 merged = self.merge_audio(input_ids, **audio)
                 inputs_embeds, text_embeds = merged.inputs_embeds, merged.text_embeds
             else:
-                if (input_ids == self.config.audio_token_index).any() and input_ids.shape[1] > 1:
+                if input_ids.shape[1] > 1 and (input_ids == self.config.audio_token_index).any():
                     raise ValueError(
                         "input_ids contain <|AUDIO|> placeholders but no speech_ids were given; pass the "
                         "processor's audio outputs (speech_ids, input_features, ...) with the prompt."
@@ -780,7 +782,9 @@ class FunAudioChatForConditionalGeneration(FunAudioChatGenerationMixin, FunAudio
             "text_ids": text_ids,
             "text_attention_mask": text_attention_mask,
         }
-        inputs_embeds, text_embeds, merged = self._input_embeddings(input_ids, inputs_embeds, audio)
+        new_positions = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        decode_step = new_positions == 1 and past_key_values is not None
+        inputs_embeds, text_embeds, merged = self._input_embeddings(input_ids, inputs_embeds, audio, decode_step)
 
         llm_output = self.language_model.model(
             inputs_embeds=inputs_embeds,
