@@ -43,6 +43,7 @@ from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 from ..framework_compat import prepare_generation_outside_generate
 from ..transformers_compat import CACHE_NAME
 from .generation_fun_audio_chat import _PROMPT_AUDIO_INPUTS
+from .slot_batching import SlotDecoding, SlotHeadDecoder
 from .speech_decoding import SpeechDecoder
 from .speech_sampling import SpeechSamplingSettings
 
@@ -118,17 +119,10 @@ class RowSpeechDecoder(SpeechDecoder):
         self.row_streams = [random_stream]
         self._groups = None
 
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        super().keep_rows(rows)
-        self.row_settings = [self.row_settings[index] for index in rows.tolist()]
-        self.row_streams = [self.row_streams[index] for index in rows.tolist()]
-        self._groups = None
-
-    def merge(self, others: list[RowSpeechDecoder]) -> None:
-        super().merge(others)
-        for other in others:
-            self.row_settings.extend(other.row_settings)
-            self.row_streams.extend(other.row_streams)
+    def take_row_state(self, picked: list[tuple[RowSpeechDecoder, torch.Tensor]]) -> None:
+        super().take_row_state(picked)
+        self.row_settings = [source.row_settings[index] for source, rows in picked for index in rows.tolist()]
+        self.row_streams = [source.row_streams[index] for source, rows in picked for index in rows.tolist()]
         self._groups = None
 
     def _sampling_groups(self) -> list[tuple]:
@@ -189,7 +183,7 @@ class _Batch:
 
     def __init__(self, rows, llm_cache, lengths, next_embeds, step_text_embeds, speech):
         self.rows: list[_Row] = rows
-        self.llm_cache: DynamicCache = llm_cache
+        self.llm_cache: DynamicCache | None = llm_cache  # None on slots (compiled decoding keeps the cache)
         self.lengths: torch.Tensor = lengths  # (B,) long
         self.next_embeds: torch.Tensor = next_embeds  # (B, 1, H)
         self.step_text_embeds: torch.Tensor = step_text_embeds  # (B, 1, H)
@@ -213,15 +207,54 @@ class _Batch:
         return (columns >= (length - self.lengths)[:, None]).long()
 
     @classmethod
-    def relayout(cls, sources: list[tuple[_Batch, torch.Tensor | None]]) -> _Batch:
+    def relayout(cls, sources: list[tuple[_Batch, torch.Tensor | None]], slots: SlotDecoding | None = None) -> _Batch:
         """One batch from rows of ``sources`` ((batch, row indices or None for all)); the LLM cache keeps only the
-        columns some row needs, zero-filled and masked where a row is padded."""
+        columns some row needs, zero-filled and masked where a row is padded.
+
+        With ``slots`` the caches are already in place (row ``i`` of the new batch in slot ``i``): only the per-row
+        state is gathered, and the speaking rows' SRH decoder steps on the slots."""
         device = sources[0][0].lengths.device
         picked = [
             (batch, rows if rows is not None else torch.arange(len(batch.rows), device=device))
             for batch, rows in sources
         ]
         lengths = torch.cat([batch.lengths[rows] for batch, rows in picked])
+        cache = None if slots is not None else cls._relayout_llm_cache(picked, lengths)
+        row_lists = [[batch.rows[index] for index in rows.tolist()] for batch, rows in picked]
+        # The speaking rows form a sub-batch of their own: each source's kept ones, in order.
+        speech_sources = []
+        for batch, rows in picked:
+            if batch.speech is None:
+                continue
+            slot_of = {row: slot for slot, row in enumerate(batch.speech_rows.tolist())}
+            kept = [slot_of[row] for row in rows.tolist() if row in slot_of]
+            if kept:
+                speech_sources.append((batch.speech, kept, len(slot_of)))
+        speech = speech_sources[0][0] if speech_sources else None
+        if slots is not None and speech is not None:
+            speech.take_row_state(
+                [(source, torch.tensor(kept, dtype=torch.long, device=device)) for source, kept, _ in speech_sources]
+            )
+        elif speech is not None:
+            for source, kept, count in speech_sources:
+                if kept != list(range(count)):
+                    source.keep_rows(torch.tensor(kept, dtype=torch.long, device=device))
+            if len(speech_sources) > 1:
+                speech.merge([source for source, _, _ in speech_sources[1:]])
+        batch = cls(
+            rows=[row for row_list in row_lists for row in row_list],
+            llm_cache=cache,
+            lengths=lengths,
+            next_embeds=torch.cat([batch.next_embeds[rows] for batch, rows in picked]),
+            step_text_embeds=torch.cat([batch.step_text_embeds[rows] for batch, rows in picked]),
+            speech=speech,
+        )
+        if slots is not None and speech is not None:
+            speech.decoder = SlotHeadDecoder(slots, batch.speech_rows, len(batch.rows))
+        return batch
+
+    @staticmethod
+    def _relayout_llm_cache(picked: list[tuple[_Batch, torch.Tensor]], lengths: torch.Tensor) -> DynamicCache:
         length = int(lengths.max())
         cache = DynamicCache()
         for index in range(len(picked[0][0].llm_cache.layers)):
@@ -234,31 +267,7 @@ class _Batch:
                 keys.append(nn.functional.pad(layer.keys[rows, :, -take:], (0, 0, length - take, 0)))
                 values.append(nn.functional.pad(layer.values[rows, :, -take:], (0, 0, length - take, 0)))
             cache.update(torch.cat(keys), torch.cat(values), index)
-
-        row_lists = [[batch.rows[index] for index in rows.tolist()] for batch, rows in picked]
-        # The speaking rows form a sub-batch of their own: select each source's kept ones, then concatenate.
-        speech_sources = []
-        for batch, rows in picked:
-            if batch.speech is None:
-                continue
-            slot_of = {row: slot for slot, row in enumerate(batch.speech_rows.tolist())}
-            slots = [slot_of[row] for row in rows.tolist() if row in slot_of]
-            if not slots:
-                continue
-            if slots != list(range(len(slot_of))):
-                batch.speech.keep_rows(torch.tensor(slots, dtype=torch.long, device=device))
-            speech_sources.append(batch.speech)
-        speech = speech_sources[0] if speech_sources else None
-        if len(speech_sources) > 1:
-            speech.merge(speech_sources[1:])
-        return cls(
-            rows=[row for row_list in row_lists for row in row_list],
-            llm_cache=cache,
-            lengths=lengths,
-            next_embeds=torch.cat([batch.next_embeds[rows] for batch, rows in picked]),
-            step_text_embeds=torch.cat([batch.step_text_embeds[rows] for batch, rows in picked]),
-            speech=speech,
-        )
+        return cache
 
 
 class ContinuousBatchDecoder:
@@ -277,11 +286,24 @@ class ContinuousBatchDecoder:
     ``return_speech``, ``force_audio_bos``, ``speech_do_sample``, ...), resolved per row by transformers' own
     preparation. Greedy rows reproduce ``generate`` token for token; a sampled row given a ``seed`` reproduces
     ``torch.manual_seed(seed); generate(...)``; other sampled rows draw from the global random stream.
-    Decoding always uses the dynamic cache (compiled static-cache decoding stays a ``generate`` feature).
+
+    By default the caches are dynamic and re-laid out when rows join or leave. With a ``compile_config``, every row
+    gets one of ``slots`` fixed cache slots of ``context`` LLM positions (prompt + reply) and the LLM step and the
+    Speech Refined Head's sub-step run as compiled graphs, one per batch bucket (1, 2, 4, ..., ``slots``; see
+    ``slot_batching.py``); call :meth:`warm_up` before the first row to compile them. A row that does not fit is
+    refused by :meth:`add`.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, compile_config=None, *, slots: int = 8, context: int | None = None):
         self.model = model
+        self._slots = None
+        if compile_config is not None:
+            if context is None:
+                raise ValueError(
+                    "compiled continuous batching needs context= (the most LLM positions of one row: the longest "
+                    "prompt plus reply to serve); every slot's cache is allocated for it up front."
+                )
+            self._slots = SlotDecoding(model, compile_config, slots, context)
         self._ids = itertools.count()
         self._batch: _Batch | None = None
         self._waiting: list[tuple[_Batch, RowStep]] = []  # prefilled rows and their first step
@@ -302,6 +324,20 @@ class ContinuousBatchDecoder:
 
     def __len__(self) -> int:
         return len(self.row_ids)
+
+    @property
+    def compiled(self) -> bool:
+        """The LLM step and the SRH sub-step run as compiled graphs on fixed cache slots."""
+        return self._slots is not None
+
+    def warm_up(self) -> dict[int, float]:
+        """Compile the graphs of every batch bucket now (compiled decoding only); returns seconds per bucket."""
+        if self._slots is None:
+            raise RuntimeError("warm_up() compiles the slot graphs: build the decoder with a compile_config.")
+        if self.has_rows:
+            raise RuntimeError("warm up before the first row: warming up uses the free slots.")
+        with torch.inference_mode():
+            return self._slots.warm_up()
 
     def cancel(self, row_id: int) -> None:
         """Drop a row before the next step (callable from any thread); it produces nothing more."""
@@ -351,6 +387,15 @@ class ContinuousBatchDecoder:
             raise ValueError("Speech generation needs a length limit: pass max_new_tokens (or max_length).")
         max_new_tokens = config.max_length - prompt_length if config.max_length is not None else 0
         model.context_fit(prompt_length, max_new_tokens, speech=return_speech).check()
+        if self._slots is not None:
+            reason = self._slots.fit_error(prompt_length, max_new_tokens)
+            if reason is not None:
+                raise ValueError(reason)
+            if len(self) >= self._slots.slots:
+                raise RuntimeError(
+                    f"all {self._slots.slots} cache slots are taken; add the row after one leaves (or build the "
+                    "decoder with more slots)."
+                )
         row = _Row(
             row_id=next(self._ids),
             generation_config=config,
@@ -395,31 +440,37 @@ class ContinuousBatchDecoder:
         steps: list[RowStep] = []
         batch = self._batch
         if batch is not None:
-            model = self.model
             with torch.inference_mode():
-                output = model(
-                    inputs_embeds=batch.next_embeds,
-                    attention_mask=batch.attention_mask(),
-                    position_ids=batch.lengths[:, None],
-                    use_cache=True,
-                    logits_to_keep=1,
-                    return_last_hidden_state=batch.speech is not None,
-                    compute_speech_logits=False,
-                    return_dict=True,
-                    **{CACHE_NAME: batch.llm_cache},
-                )
+                logits, last_hidden_state = self._llm_step(batch)
                 batch.lengths = batch.lengths + 1
                 group = None
                 if batch.speech is not None:
                     rows = batch.speech_rows
-                    group = batch.speech.decode_group(output.last_hidden_state[rows], batch.step_text_embeds[rows])
-                steps = self._advance(batch, output.logits[:, -1].float(), group)
+                    group = batch.speech.decode_group(last_hidden_state[rows], batch.step_text_embeds[rows])
+                steps = self._advance(batch, logits, group)
         waiting, self._waiting = self._waiting, []
         with torch.inference_mode():
             parts = [(batch, [step.finished for step in steps])] if batch is not None else []
             parts += [(row_batch, [first.finished]) for row_batch, first in waiting]
             self._regroup(parts)
         return steps + [first for _, first in waiting]
+
+    def _llm_step(self, batch: _Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One LLM step of every row: float32 last-position logits (B, V) and last hidden states (B, 1, H)."""
+        if self._slots is not None:
+            return self._slots.llm_step(batch.next_embeds, batch.lengths)
+        output = self.model(
+            inputs_embeds=batch.next_embeds,
+            attention_mask=batch.attention_mask(),
+            position_ids=batch.lengths[:, None],
+            use_cache=True,
+            logits_to_keep=1,
+            return_last_hidden_state=batch.speech is not None,
+            compute_speech_logits=False,
+            return_dict=True,
+            **{CACHE_NAME: batch.llm_cache},
+        )
+        return output.logits[:, -1].float(), output.last_hidden_state
 
     def _advance(self, batch: _Batch, logits: torch.Tensor, group: torch.Tensor | None) -> list[RowStep]:
         """Select each row's text token from the step's logits (and keep the speech group decoded for it), the way
@@ -493,7 +544,8 @@ class ContinuousBatchDecoder:
                     self._regroup([(self._batch, gone)])
 
     def _regroup(self, parts: list[tuple[_Batch, list[bool]]]) -> None:
-        """The running batch becomes the rows of ``parts`` not flagged as leaving, in order."""
+        """The running batch becomes the rows of ``parts`` not flagged as leaving, in order (on slots: the running
+        rows keep their slots except that the last ones fill the holes, and joining rows come after them)."""
         sources = []
         for batch, leaving in parts:
             keep = [index for index, gone in enumerate(leaving) if not gone]
@@ -502,13 +554,51 @@ class ContinuousBatchDecoder:
             if len(keep) == len(leaving):
                 sources.append((batch, None))
             else:
+                if self._slots is not None and batch is self._batch:
+                    keep = self._fill_slot_holes(keep)
                 sources.append((batch, torch.tensor(keep, dtype=torch.long, device=batch.lengths.device)))
         if not sources:
             self._batch = None
-        elif len(sources) == 1 and sources[0][1] is None:
-            self._batch = sources[0][0]  # nothing joins or leaves: keep the caches as they are
+        elif len(sources) == 1 and sources[0][1] is None and sources[0][0] is self._batch:
+            pass  # nothing joins or leaves: keep the caches as they are
+        elif len(sources) == 1 and sources[0][1] is None and self._slots is None:
+            self._batch = sources[0][0]  # one prefilled row alone: its own caches are the batch's
+        elif self._slots is not None:
+            self._load_joining_rows(sources)
+            self._batch = _Batch.relayout(sources, slots=self._slots)
         else:
             self._batch = _Batch.relayout(sources)
+
+    def _fill_slot_holes(self, keep: list[int]) -> list[int]:
+        """The running rows' order after some leave: the last kept rows move into the freed slots below them, so
+        only they are copied. Returns the old row index of each new slot."""
+        count = len(keep)
+        movers = iter(index for index in keep if index >= count)
+        kept = set(keep)
+        order = [slot if slot in kept else next(movers) for slot in range(count)]
+        moves = [(slot, index) for slot, index in enumerate(order) if slot != index]
+        targets, sources = [slot for slot, _ in moves], [index for _, index in moves]
+        self._slots.llm.move(targets, sources)
+        if self._slots.srh is not None:
+            self._slots.srh.move(targets, sources)
+        return order
+
+    def _load_joining_rows(self, sources: list[tuple[_Batch, torch.Tensor | None]]) -> None:
+        """Copy each joining row's prefilled caches into the slot its position in the new batch names."""
+        slot = 0
+        for batch, rows in sources:
+            count = len(batch.rows) if rows is None else rows.numel()
+            if batch is not self._batch:  # a prefilled row (its own dynamic caches), joining now
+                layers = batch.llm_cache.layers
+                self._slots.llm.load(slot, [layer.keys for layer in layers], [layer.values for layer in layers])
+                if self._slots.srh is not None:
+                    if batch.speech is None:
+                        self._slots.srh.cursor[slot] = 0  # a text-only row never advances its SRH slot
+                    else:
+                        decoder = batch.speech.decoder
+                        filled = [decoder.filled_keys_values(index) for index in range(len(decoder.cache.layers))]
+                        self._slots.srh.load(slot, [keys for keys, _ in filled], [values for _, values in filled])
+            slot += count
 
 
 __all__ = ["ContinuousBatchDecoder", "RowRandomStream", "RowSpeechDecoder", "RowStep"]

@@ -271,8 +271,22 @@ class SpeechDecoder:
             keys_per_layer.append(torch.cat(keys))
             values_per_layer.append(torch.cat(values))
 
+        self.take_row_state([(source, rows) for source, rows, _ in picked])
+
+        batch = real_lengths.shape[0]
+        padding = (length - real_lengths)[:, None]
+        columns = torch.arange(total, device=device)[None, :]
+        positions = (columns - padding).clamp(min=0).expand(batch, -1).contiguous()
+        key_mask = (columns >= padding).long().expand(batch, -1) if bool((padding > 0).any()) else None
+        self.decoder = SpeechHeadDecoder(self.head, positions, key_mask, static=False)
+        self.decoder.load(keys_per_layer, values_per_layer)
+
+    def take_row_state(self, picked: list[tuple[SpeechDecoder, torch.Tensor]]) -> None:
+        """This decoder's per-row tensors become those of the ``picked`` rows ((decoder, row indices) per source, in
+        order); the SRH cache is the caller's to move (:meth:`_relayout`, or the serving decoder's slots)."""
+        device = self.previous_code.device
         for name in self._ROW_TENSORS:
-            parts = [getattr(source, name) for source, _, _ in picked]
+            parts = [getattr(source, name) for source, _ in picked]
             if all(part is None for part in parts):
                 setattr(self, name, None)
                 continue
@@ -282,18 +296,10 @@ class SpeechDecoder:
                     torch.zeros(source.previous_code.shape[0], codebook, dtype=torch.bool, device=device)
                     if part is None
                     else part
-                    for part, (source, _, _) in zip(parts, picked)
+                    for part, (source, _) in zip(parts, picked)
                 ]
-            setattr(self, name, torch.cat([part[rows] for part, (_, rows, _) in zip(parts, picked)]))
+            setattr(self, name, torch.cat([part[rows] for part, (_, rows) in zip(parts, picked)]))
         self._pending_seen = None
-
-        batch = real_lengths.shape[0]
-        padding = (length - real_lengths)[:, None]
-        columns = torch.arange(total, device=device)[None, :]
-        positions = (columns - padding).clamp(min=0).expand(batch, -1).contiguous()
-        key_mask = (columns >= padding).long().expand(batch, -1) if bool((padding > 0).any()) else None
-        self.decoder = SpeechHeadDecoder(self.head, positions, key_mask, static=False)
-        self.decoder.load(keys_per_layer, values_per_layer)
 
     def collect(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         k = self.k
