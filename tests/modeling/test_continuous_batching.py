@@ -1,8 +1,13 @@
-"""ContinuousBatchDecoder: rows that join and leave a running batch reply exactly as generate() does alone (fp32)."""
+"""ContinuousBatchDecoder: rows that join and leave a running batch reply exactly as generate() does alone (fp32).
+
+Every scenario runs twice: on the default (dynamic-cache) decoder and on the compiled one (fixed cache slots;
+dynamo's eager backend, so the graphs are traced with ``fullgraph=True`` without inductor's compile time).
+"""
 
 import numpy as np
 import pytest
 import torch
+from transformers import CompileConfig
 
 from fun_audio_chat.modeling import ContinuousBatchDecoder, RowStep
 from fun_audio_chat.tiny import tiny_model_and_processor
@@ -17,6 +22,22 @@ TEXT_ONLY = {"do_sample": False, "return_speech": False}
 def model_and_processor():
     model, processor = tiny_model_and_processor()
     return model.float(), processor
+
+
+def compiled_decoder(model, backend: str = "eager", slots: int = 4, context: int = 256) -> ContinuousBatchDecoder:
+    decoder = ContinuousBatchDecoder(model, CompileConfig(backend=backend), slots=slots, context=context)
+    decoder.warm_up()
+    return decoder
+
+
+@pytest.fixture(params=["dynamic", "slots", pytest.param("slots-inductor", marks=pytest.mark.slow)])
+def new_decoder(request):
+    """Builds the decoder under test for a model: the default one, or the compiled one on 4 slots (traced by
+    dynamo's eager backend, or compiled by inductor)."""
+    if request.param == "dynamic":
+        return ContinuousBatchDecoder
+    backend = "inductor" if request.param == "slots-inductor" else "eager"
+    return lambda model: compiled_decoder(model, backend=backend)
 
 
 def _prompt(processor, text: str, audio_seconds: float = 0.0, speech: bool = True, seed: int = 0):
@@ -77,7 +98,7 @@ def _assert_equal_solo(model, results, requests):
         assert steps[-1].finished and not any(step.finished for step in steps[:-1])
 
 
-def test_staggered_arrivals_reply_as_generate_alone(model_and_processor):
+def test_staggered_arrivals_reply_as_generate_alone(model_and_processor, new_decoder):
     """A speaks from an audio prompt; B joins after A's 3rd step (short text prompt, speech, another speech
     repetition penalty); C after A's 5th (longer text prompt, text-only reply)."""
     model, processor = model_and_processor
@@ -90,7 +111,7 @@ def test_staggered_arrivals_reply_as_generate_alone(model_and_processor):
         ),
     }
     arrivals = {0: [("A", *requests["A"])], 3: [("B", *requests["B"])], 5: [("C", *requests["C"])]}
-    results, calls = _run(ContinuousBatchDecoder(model), arrivals)
+    results, calls = _run(new_decoder(model), arrivals)
     _assert_equal_solo(model, results, requests)
     assert len(results["A"][1]) > 0 and len(results["B"][1]) > 0 and results["C"][1] == []
     assert results["A"][2][-1].finish_reason == "length"
@@ -98,7 +119,7 @@ def test_staggered_arrivals_reply_as_generate_alone(model_and_processor):
     assert calls == 14
 
 
-def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
+def test_rows_leaving_early_do_not_change_the_others(model_and_processor, new_decoder):
     """B stops on an end-of-reply token after a few steps, C is cancelled after 4 steps, D finishes at its prefill;
     A and B reply as alone, C produces nothing more once cancelled."""
     model, processor = model_and_processor
@@ -125,7 +146,7 @@ def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
         2: [("D", *requests["D"])],
         3: [("E", *requests["E"])],
     }
-    results, _ = _run(ContinuousBatchDecoder(model), arrivals, cancel_after={"C": 4})
+    results, _ = _run(new_decoder(model), arrivals, cancel_after={"C": 4})
     _assert_equal_solo(model, results, requests)
     assert results["A"][0] == a_tokens
     assert results["B"][2][-1].finish_reason == "stop" and len(results["B"][0]) == 4
@@ -135,9 +156,9 @@ def test_rows_leaving_early_do_not_change_the_others(model_and_processor):
     assert c_tokens == _solo(model, cancelled[0], cancelled[1])[0][:4]
 
 
-def test_adding_to_an_empty_decoder_and_after_it_emptied(model_and_processor):
+def test_adding_to_an_empty_decoder_and_after_it_emptied(model_and_processor, new_decoder):
     model, processor = model_and_processor
-    decoder = ContinuousBatchDecoder(model)
+    decoder = new_decoder(model)
     assert not decoder.has_rows and decoder.step() == []
     first = (_prompt(processor, "hello"), {**GREEDY_SPEECH, "max_new_tokens": 5})
     text_only = (_prompt(processor, "good morning there", speech=False), {**TEXT_ONLY, "max_new_tokens": 6})
@@ -149,7 +170,7 @@ def test_adding_to_an_empty_decoder_and_after_it_emptied(model_and_processor):
     _assert_equal_solo(model, {**results, **later}, {"first": first, "text": text_only, "spoken": spoken})
 
 
-def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor):
+def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor, new_decoder):
     """Alone, a sampled row consumes the RNG in generate's order (SRH codes, then the text token)."""
     model, processor = model_and_processor
     inputs = _prompt(processor, "hello there")
@@ -157,11 +178,11 @@ def test_one_sampled_row_draws_what_seeded_generate_draws(model_and_processor):
     torch.manual_seed(7)
     solo_tokens, solo_codes = _solo(model, inputs, settings)
     torch.manual_seed(7)
-    results, _ = _run(ContinuousBatchDecoder(model), {0: [("row", inputs, settings)]})
+    results, _ = _run(new_decoder(model), {0: [("row", inputs, settings)]})
     assert results["row"][0] == solo_tokens and results["row"][1] == solo_codes
 
 
-def test_seeded_sampled_rows_in_a_staggered_batch_draw_what_seeded_generate_draws(model_and_processor):
+def test_seeded_sampled_rows_in_a_staggered_batch_draw_what_seeded_generate_draws(model_and_processor, new_decoder):
     """Each seeded row samples from its own stream: neither the greedy row, nor the unseeded sampled row drawing
     from the global stream, nor the order of arrival changes its reply."""
     model, processor = model_and_processor
@@ -177,7 +198,7 @@ def test_seeded_sampled_rows_in_a_staggered_batch_draw_what_seeded_generate_draw
         2: [("B", seeded["B"][0], {**seeded["B"][1], "seed": seeded["B"][2]})],
         3: [("C", seeded["C"][0], {**seeded["C"][1], "seed": seeded["C"][2]})],
     }
-    results, _ = _run(ContinuousBatchDecoder(model), arrivals)
+    results, _ = _run(new_decoder(model), arrivals)
     _assert_equal_solo(model, results, {"A": greedy})
     for name, (inputs, settings, seed) in seeded.items():
         torch.manual_seed(seed)
@@ -186,9 +207,9 @@ def test_seeded_sampled_rows_in_a_staggered_batch_draw_what_seeded_generate_draw
     assert len(results["D"][0]) == 7
 
 
-def test_steps_describe_each_row(model_and_processor):
+def test_steps_describe_each_row(model_and_processor, new_decoder):
     model, processor = model_and_processor
-    decoder = ContinuousBatchDecoder(model)
+    decoder = new_decoder(model)
     row = decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=2)
     assert decoder.row_ids == [row]
     (first,) = decoder.step()
@@ -200,9 +221,9 @@ def test_steps_describe_each_row(model_and_processor):
     assert second.speech_group is not None and second.speech_group.shape == (model.group_size,)
 
 
-def test_cancelling_a_waiting_row_and_the_last_row(model_and_processor):
+def test_cancelling_a_waiting_row_and_the_last_row(model_and_processor, new_decoder):
     model, processor = model_and_processor
-    decoder = ContinuousBatchDecoder(model)
+    decoder = new_decoder(model)
     kept = decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=4)
     dropped = decoder.add(_prompt(processor, "good morning"), **GREEDY_SPEECH, max_new_tokens=4)
     decoder.cancel(dropped)  # before it ever joined the batch
@@ -212,9 +233,9 @@ def test_cancelling_a_waiting_row_and_the_last_row(model_and_processor):
     assert decoder.step() == [] and not decoder.has_rows
 
 
-def test_bad_requests_fail_in_add_and_leave_the_batch_alone(model_and_processor):
+def test_bad_requests_fail_in_add_and_leave_the_batch_alone(model_and_processor, new_decoder):
     model, processor = model_and_processor
-    decoder = ContinuousBatchDecoder(model)
+    decoder = new_decoder(model)
     decoder.add(_prompt(processor, "hello"), **GREEDY_SPEECH, max_new_tokens=3)
     two_rows = _prompt(processor, "hello")
     two_rows = {key: torch.cat([value, value]) for key, value in two_rows.items()}
