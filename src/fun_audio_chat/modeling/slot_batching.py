@@ -240,10 +240,15 @@ class SlotDecoding:
         """One SRH sub-step of the speaking rows ``speech_rows`` (indices among rows ``0..rows-1``): inputs (m, 1, H).
         Returns their float32 logits (m, V); only their cursors advance."""
         size = self.bucket(rows)
+        cursor = self.srh.cursor
+        if speech_rows.numel() == size:  # every slot of the bucket speaks (rows are 0..n-1): nothing to scatter
+            logits = self._head_step(self.head, self.srh.cache(size), sub_input, cursor[:size])
+            cursor[:size] += 1
+            return logits
         full = sub_input.new_zeros(size, *sub_input.shape[1:])
         full[speech_rows] = sub_input
-        logits = self._head_step(self.head, self.srh.cache(size), full, self.srh.cursor[:size])
-        self.srh.cursor[speech_rows] += 1
+        logits = self._head_step(self.head, self.srh.cache(size), full, cursor[:size])
+        cursor[speech_rows] += 1
         return logits[speech_rows]
 
     # ------------------------------------------------------------------------------------------ warm-up
