@@ -801,7 +801,55 @@ def _serve_voices(args, detokenizer):
     return registry
 
 
+def _check_compile_options(args) -> None:
+    """The ``--compile-*`` options refine ``--compile``; alone they would silently do nothing."""
+    if args.compile:
+        if args.compile_cache is not None and Path(args.compile_cache).expanduser().is_dir():
+            raise CLIError(
+                f"--compile-cache {args.compile_cache}: is a directory; pass a file path (e.g. compile.bin)."
+            )
+        return
+    for option, value in (
+        ("--compile-context", args.compile_context),
+        ("--compile-cache", args.compile_cache),
+        ("--compile-backend", args.compile_backend),
+    ):
+        if value is not None:
+            raise CLIError(f"{option} applies to compiled decoding: add --compile (or drop {option}).")
+
+
+def _serve_compile_settings(args) -> dict:
+    """The ``ServingEngine`` keyword arguments of ``--compile`` (none without it)."""
+    if not args.compile:
+        return {}
+    from transformers import CompileConfig
+
+    return {
+        "compile_config": CompileConfig(backend=args.compile_backend or "inductor"),
+        "compile_context": args.compile_context,
+        "compile_cache": args.compile_cache,
+    }
+
+
+def _warm_up_serve_engine(engine) -> None:
+    """Compile every batch bucket before the server listens (``--compile``), and say how long it took."""
+    _say(
+        f"fun-audio-chat serve: compiling decoding for batches of up to {engine.max_batch_size} "
+        f"({engine.max_batch_size} slots of {engine.compile_context} positions, "
+        f"{engine.slot_cache_bytes / 1e6:.1f} MB of cache each)...",
+        file=sys.stderr,
+    )
+    try:
+        engine.start()
+    except RuntimeError as err:
+        raise CLIError(f"--compile: {_first_line(err, limit=500)}") from err
+    timings = ", ".join(f"batch {size} {seconds:.1f} s" for size, seconds in engine.warm_up_seconds.items())
+    cache = f" (from --compile-cache {engine.compile_cache})" if engine.compile_cache_loaded else ""
+    _say(f"fun-audio-chat serve: compiled{cache}: {timings}", file=sys.stderr)
+
+
 def cmd_serve(args) -> int:
+    _check_compile_options(args)
     try:
         import uvicorn
 
@@ -825,7 +873,10 @@ def cmd_serve(args) -> int:
         chunked_synthesis=args.chunked_synthesis,
         synthesis_workers=args.synthesis_workers,
         synthesis_hop_growth=args.synthesis_hop_growth,
+        **_serve_compile_settings(args),
     )
+    if engine.compiled:
+        _warm_up_serve_engine(engine)
     model_id = args.model_id or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
     app = create_app(
         engine,
@@ -859,6 +910,8 @@ def _print_serve_banner(args, model_id: str, engine, voices) -> None:
     mode = "text + speech" if engine.can_speak else "text only (no detokenizer: pass --detokenizer DIR)"
     if voices is not None and len(voices):
         mode += f" in voices {', '.join(voices.names)}"
+    if engine.compiled:
+        mode += f", compiled decoding ({engine.compile_context} positions per request)"
     _say(
         f"fun-audio-chat serve: model {model_id!r}, {mode}; voice page http://{args.host}:{args.port}/ , "
         f"OpenAI API http://{args.host}:{args.port}/v1 , metrics /metrics",
@@ -1210,6 +1263,35 @@ def _add_serve_batching_options(serve) -> None:
         default=1,
         help="multiply each reply's synthesis hop by this after every call (1: the official fixed 15 codes; 2: "
         "first audio as early, several times less synthesis work per reply; docs/serve.md)",
+    )
+    _add_serve_compile_options(serve)
+
+
+def _add_serve_compile_options(serve) -> None:
+    """Compiled decoding in ``serve``: fixed cache slots and graphs compiled at start (docs/serve.md)."""
+    serve.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with compiled graphs on --max-batch-size fixed cache slots, compiled for every batch size at "
+        "start (before the server listens); greedy replies are unchanged (docs/serve.md)",
+    )
+    serve.add_argument(
+        "--compile-context",
+        type=_at_least(2),
+        metavar="N",
+        help="with --compile: positions (prompt + reply) of one request; longer requests are refused. Every slot "
+        "allocates its whole cache for N up front (default: 2048, at most the model's context)",
+    )
+    serve.add_argument(
+        "--compile-cache",
+        metavar="PATH",
+        help="with --compile: torch compile cache file, loaded at start when it exists and saved after the warm-up, "
+        "so the next start skips code generation",
+    )
+    serve.add_argument(
+        "--compile-backend",
+        metavar="NAME",
+        help="with --compile: torch.compile backend (default: inductor; eager only traces, for checks)",
     )
 
 

@@ -8,6 +8,7 @@ fault; the server keeps serving either way.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from importlib import resources
@@ -110,7 +111,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        engine.start()
+        # start() returns once the decoder is ready (compiled decoding: after the warm-up), so the server listens
+        # only then; in a thread, so that the loop still answers signals meanwhile
+        await asyncio.to_thread(engine.start)
         yield
         engine.close()
 

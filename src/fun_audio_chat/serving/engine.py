@@ -24,6 +24,12 @@ speech codes of each group, the audio, the result); the engine only schedules. T
   cost and is compute-bound: more workers let it use the cores the LLM thread leaves idle.
 
 A cancelled handle (its client went away) leaves the batch before the next decoding step.
+
+With a ``compile_config`` the generation thread decodes on fixed cache slots with compiled graphs
+(``ContinuousBatchDecoder(model, compile_config, slots=max_batch_size, context=compile_context)``, see
+``modeling/slot_batching.py``): :meth:`ServingEngine.start` compiles every batch bucket before it returns (loading
+and saving torch's compile cache around it when ``compile_cache`` is given), so the first requests never pay for
+compilation; a request longer than ``compile_context`` positions is refused like any other length error.
 """
 
 from __future__ import annotations
@@ -36,11 +42,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 logger = logging.getLogger("fun_audio_chat.serving")
+
+# Positions per cache slot of compiled decoding when none is given. Every slot allocates its whole LLM and Speech
+# Refined Head cache up front, so the default covers the server's own limits (a 120 s clip is a few hundred LLM
+# positions plus the template, a 256-token reply) with room for a short conversation, not the model's whole context
+# (for the 8B model in bfloat16, 2048 positions are about 1.5 GB per slot; 262144 would be about 190 GB).
+DEFAULT_COMPILE_CONTEXT = 2048
 
 
 # ------------------------------------------------------------------------------------------------ requests
@@ -242,6 +255,15 @@ class ServingEngine:
             flow: each call computes only the new frames, so more replies fit per second; the first audio needs
             25 + 3 codes) instead of the official schedule (a call every 15 + 3 codes, each redoing the flow over
             the reply so far).
+        compile_config: transformers' ``CompileConfig``: decode on ``max_batch_size`` fixed cache slots with the
+            LLM step and the Speech Refined Head's sub-step compiled per batch bucket (1, 2, 4, ...,
+            ``max_batch_size``); :meth:`start` compiles them all before it returns. None = the uncompiled decoder.
+        compile_context: LLM positions (prompt + reply) of one slot, compiled decoding only; a request that needs
+            more is refused. Every slot allocates its whole LLM and SRH cache for it up front
+            (:attr:`slot_cache_bytes`). Default: ``DEFAULT_COMPILE_CONTEXT`` (2048), capped by the model's context.
+        compile_cache: a file for torch's portable compile cache, compiled decoding only: loaded before the
+            warm-up when it exists and saved after it, so the next start with the same torch version, model
+            shapes and settings skips code generation.
     """
 
     def __init__(
@@ -256,11 +278,22 @@ class ServingEngine:
         chunked_synthesis: bool = False,
         synthesis_workers: int = 1,
         synthesis_hop_growth: int = 1,
+        compile_config=None,
+        compile_context: int | None = None,
+        compile_cache: str | Path | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
         if synthesis_workers < 1:
             raise ValueError(f"synthesis_workers must be >= 1, got {synthesis_workers}.")
+        self.compile_config = compile_config
+        self.compile_context = self._compile_context(model, compile_config, compile_context, compile_cache)
+        self.compile_cache = Path(compile_cache).expanduser() if compile_cache is not None else None
+        if self.compile_cache is not None and self.compile_cache.exists() and not self.compile_cache.is_file():
+            raise ValueError(f"compile_cache {str(compile_cache)!r} is not a file; pass a file path (e.g. cache.bin).")
+        self.warm_up_seconds: dict[int, float] = {}  # compiled decoding: seconds per batch bucket at start
+        # the start-up warm-up was given a saved compile cache (torch warns and skips one it cannot read)
+        self.compile_cache_loaded = False
         self.model = model
         self.processor = processor
         self.detokenizer = detokenizer
@@ -281,6 +314,34 @@ class ServingEngine:
         self._decoding: dict[int, TurnHandle] = {}  # row id -> handle, generation thread only
         self.steps_run = 0  # decoding steps of the running batch, over the engine's life
         self.busy = threading.Event()  # set while rows are decoding
+        self._decoder_ready = threading.Event()  # the generation thread has its decoder (compiled: warmed up)
+        self._decoder_error: BaseException | None = None
+
+    @staticmethod
+    def _compile_context(model, compile_config, compile_context: int | None, compile_cache) -> int | None:
+        """The positions of one cache slot (compiled decoding), checked; None without a compile config."""
+        if compile_config is None:
+            if compile_context is not None or compile_cache is not None:
+                raise ValueError(
+                    "compile_context and compile_cache apply to compiled decoding only; pass compile_config too "
+                    "(e.g. transformers.CompileConfig()) or leave them out."
+                )
+            return None
+        model_limit = int(model.config.text_config.max_position_embeddings)
+        default = min(DEFAULT_COMPILE_CONTEXT, model_limit)
+        if compile_context is None:
+            return default
+        if isinstance(compile_context, bool) or not isinstance(compile_context, int) or compile_context < 2:
+            raise ValueError(
+                "compile_context must be an integer >= 2 (LLM positions of one slot: the longest prompt plus reply "
+                f"to serve), got {compile_context!r}; pass e.g. compile_context={default}."
+            )
+        if compile_context > model_limit:
+            raise ValueError(
+                f"compile_context {compile_context} exceeds the model's context of {model_limit} positions; pass "
+                f"compile_context <= {model_limit}."
+            )
+        return compile_context
 
     # ------------------------------------------------------------------ properties
     @property
@@ -293,7 +354,23 @@ class ServingEngine:
 
     @property
     def context_length(self) -> int:
+        """Most LLM positions (prompt + reply) of one request: the model's context, or a compiled slot's."""
+        if self.compile_context is not None:
+            return self.compile_context
         return int(self.model.config.text_config.max_position_embeddings)
+
+    @property
+    def compiled(self) -> bool:
+        """Decoding runs as compiled graphs on fixed cache slots (``compile_config`` was given)."""
+        return self.compile_config is not None
+
+    @property
+    def slot_cache_bytes(self) -> int | None:
+        """Bytes of cache one slot of compiled decoding allocates (LLM + Speech Refined Head; None uncompiled):
+        ``max_batch_size`` times this is held for the engine's life, used or not."""
+        if self.compile_context is None:
+            return None
+        return slot_cache_bytes(self.model, self.compile_context)
 
     def queue_depth(self) -> int:
         with self._pending_lock:
@@ -313,7 +390,17 @@ class ServingEngine:
         ]
         for thread in self._threads:
             thread.start()
+        self._wait_for_decoder()
         return self
+
+    def _wait_for_decoder(self) -> None:
+        """Block until the generation thread has its decoder: with compiled decoding, until every batch bucket is
+        compiled, so a server that starts the engine before it listens never makes a request wait for a compile."""
+        self._decoder_ready.wait()
+        if self._decoder_error is not None:
+            error = self._decoder_error
+            self.close()
+            raise RuntimeError(f"the engine's decoder could not be built: {error}") from error
 
     def close(self) -> None:
         with self._pending_lock:
@@ -354,6 +441,14 @@ class ServingEngine:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_new_tokens}.")
         speech = request.speech and self.model.audio_invert_tower is not None
         self.model.context_fit(prompt_length, request.max_new_tokens, speech=speech).check(length_name="max_tokens")
+        needed = prompt_length + request.max_new_tokens
+        if self.compile_context is not None and needed > self.compile_context:
+            raise ValueError(
+                f"the request needs {prompt_length} prompt + {request.max_new_tokens} max_tokens = {needed} "
+                f"positions, more than this server's compiled decoding context of {self.compile_context} positions "
+                "per request; shorten the audio/conversation or lower max_tokens (the server's operator can raise "
+                "serve --compile-context)."
+            )
 
     def _template(self, request: TurnRequest):
         kwargs = {"tools": request.tools} if request.tools else {}
@@ -398,9 +493,13 @@ class ServingEngine:
     def _generation_loop(self) -> None:
         import torch
 
-        from ..modeling import ContinuousBatchDecoder
-
-        decoder = ContinuousBatchDecoder(self.model)
+        try:
+            decoder = self._new_decoder(at_start=True)
+        except BaseException as err:  # noqa: BLE001 - start() raises it in the thread that started the engine
+            self._decoder_error = err
+            self._decoder_ready.set()
+            return
+        self._decoder_ready.set()
         stop_ids = self._stop_token_ids()
         while True:
             admitted = self._admit(running=decoder.has_rows)
@@ -420,13 +519,64 @@ class ServingEngine:
             except Exception as err:  # noqa: BLE001 - every row of the failed step fails; the engine goes on
                 logger.warning("a decoding step of %d rows failed: %s", len(self._decoding), err)
                 self._fail_decoding_rows(err)
-                decoder = ContinuousBatchDecoder(self.model)
+                decoder = self._new_decoder()
                 self.busy.clear()
                 continue
             self.steps_run += 1
             self._deliver_steps(steps)
             if not decoder.has_rows:
                 self.busy.clear()
+
+    def _new_decoder(self, at_start: bool = False):
+        """The generation thread's decoder. Compiled, it is warmed up before its first row: at start with the
+        compile cache loaded first and saved after (the timings kept in :attr:`warm_up_seconds`); after a failed
+        step the graphs are already compiled, so the new decoder's warm-up only checks them."""
+        from ..modeling import ContinuousBatchDecoder
+
+        if self.compile_config is None:
+            return ContinuousBatchDecoder(self.model)
+        decoder = ContinuousBatchDecoder(
+            self.model, self.compile_config, slots=self.max_batch_size, context=self.compile_context
+        )
+        if at_start:
+            self._warm_up_at_start(decoder)
+            return decoder
+        try:
+            decoder.warm_up()
+        except Exception as err:  # noqa: BLE001 - the graphs then compile on first use; the engine goes on
+            logger.warning("re-warming the compiled decoder after a failed step failed: %s", err)
+        return decoder
+
+    def _warm_up_at_start(self, decoder) -> None:
+        from ..modeling.compiled_decoding import load_compile_cache, save_compile_cache
+
+        if self.compile_cache is not None:
+            try:
+                self.compile_cache_loaded = load_compile_cache(self.compile_cache)
+            except Exception as err:  # noqa: BLE001 - a stale or foreign cache only costs a full compile
+                logger.warning("compile cache %s not loaded (compiling from scratch): %s", self.compile_cache, err)
+        started = time.perf_counter()
+        self.warm_up_seconds = decoder.warm_up()
+        logger.info(
+            "compiled decoding: %d slots of %d positions (%.1f MB of cache each), warmed up in %.1f s (%s)%s",
+            self.max_batch_size,
+            self.compile_context,
+            self.slot_cache_bytes / 1e6,
+            time.perf_counter() - started,
+            ", ".join(f"batch {size}: {seconds:.1f} s" for size, seconds in self.warm_up_seconds.items()),
+            f", from compile cache {self.compile_cache}" if self.compile_cache_loaded else "",
+        )
+        if self.compile_cache is None:
+            return
+        try:
+            saved = save_compile_cache(self.compile_cache)
+        except OSError as err:
+            logger.warning("compile cache %s could not be saved: %s", self.compile_cache, err)
+            return
+        if saved:
+            logger.info("compile cache saved to %s", self.compile_cache)
+        else:
+            logger.info("no compile cache to save (backend %s makes no artifacts)", self.compile_config.backend)
 
     def _fail_decoding_rows(self, error: BaseException) -> None:
         """Every turn in the batch fails with ``error`` and leaves it."""
@@ -635,6 +785,22 @@ class ServingEngine:
             return
         handle.metrics.audio_seconds += array.size / self.sample_rate
         handle._emit(AudioDelta(array))
+
+
+def slot_cache_bytes(model, context: int) -> int:
+    """Bytes of cache one compiled-decoding slot of ``context`` LLM positions allocates: keys and values of every
+    LLM layer for ``context`` positions, and of every Speech Refined Head layer for ``group_size * (context + 1)``
+    sub-positions (as ``modeling/slot_batching.py`` sizes them), in the model's dtype."""
+
+    def per_position(config) -> int:
+        heads = config.num_key_value_heads or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return 2 * config.num_hidden_layers * heads * head_dim
+
+    total = per_position(model.config.text_config) * context
+    if getattr(model, "audio_invert_tower", None) is not None:
+        total += per_position(model.config.audio_config.crq_transformer_config) * model.group_size * (context + 1)
+    return total * model.dtype.itemsize
 
 
 __all__ = [
