@@ -9,7 +9,13 @@ import torch
 from transformers import CompileConfig
 
 from fun_audio_chat.modeling import ContinuousBatchDecoder
-from fun_audio_chat.modeling.slot_batching import SlotKVLayer, SlotKVStore, visible_bias
+from fun_audio_chat.modeling.slot_batching import (
+    SlotDecoding,
+    SlotKVLayer,
+    SlotKVStore,
+    slot_cache_bytes,
+    visible_bias,
+)
 from fun_audio_chat.tiny import tiny_model_and_processor
 
 GREEDY_SPEECH = {"do_sample": False, "speech_do_sample": False, "force_audio_bos": True}
@@ -42,7 +48,7 @@ def _prompt(processor, text: str, speech: bool = True):
 
 
 def _store(slots=3, capacity=6):
-    return SlotKVStore(layers=2, slots=slots, heads=2, capacity=capacity, head_dim=4, dtype=torch.float32, device="cpu")
+    return SlotKVStore(layers=2, slots=slots, heads=2, head_dim=4, capacity=capacity, dtype=torch.float32, device="cpu")
 
 
 def test_a_step_writes_each_row_at_its_own_cursor_and_masks_the_rest():
@@ -137,3 +143,11 @@ def test_rows_that_do_not_fit_are_refused_and_the_batch_goes_on(model_and_proces
     while decoder.has_rows:
         steps += decoder.step()
     assert [step.row_id for step in steps] == [row] * (40 - length) and steps[-1].finish_reason == "length"
+
+
+def test_slot_cache_bytes_is_what_the_slots_allocate(model_and_processor):
+    model, _ = model_and_processor
+    decoding = SlotDecoding(model, CompileConfig(backend="eager"), slots=2, context=50)
+    buffers = [*decoding.llm.keys, *decoding.llm.values, *decoding.srh.keys, *decoding.srh.values]
+    assert sum(buffer.numel() * buffer.element_size() for buffer in buffers) == 2 * slot_cache_bytes(model, 50)
+    assert decoding.srh.capacity == model.group_size * 51  # a row's SRH cache as SpeechDecoder.start sizes it

@@ -86,7 +86,7 @@ class SlotKVStore:
     """The key/value buffers of one decoder stack (the LLM or the SRH backbone) for ``slots`` rows of up to
     ``capacity`` positions, and each slot's cursor (its next column)."""
 
-    def __init__(self, layers: int, slots: int, heads: int, capacity: int, head_dim: int, dtype, device):
+    def __init__(self, layers: int, slots: int, heads: int, head_dim: int, *, capacity: int, dtype, device):
         shape = (slots, heads, capacity, head_dim)
         # Zeros, not empty memory: masked columns are multiplied by zero weights, and a NaN there would survive.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -98,9 +98,9 @@ class SlotKVStore:
     @classmethod
     def for_decoder(cls, config, slots: int, capacity: int, dtype, device) -> SlotKVStore:
         """Buffers sized from a decoder config (``num_hidden_layers``, ``num_key_value_heads``, ``head_dim``)."""
-        heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, slots, heads, capacity, head_dim, dtype, device)
+        return cls(
+            config.num_hidden_layers, slots, *_kv_heads_and_dim(config), capacity=capacity, dtype=dtype, device=device
+        )
 
     def cache(self, rows: int) -> Cache:
         """A cache over the first ``rows`` slots (views of the buffers). The same object is returned for a size every
@@ -135,6 +135,31 @@ class SlotKVStore:
         for buffer in (*self.keys, *self.values):
             buffer.index_copy_(0, target, buffer.index_select(0, source))
         self.cursor.index_copy_(0, target, self.cursor.index_select(0, source))
+
+
+def _kv_heads_and_dim(config) -> tuple[int, int]:
+    heads = config.num_key_value_heads or config.num_attention_heads
+    return heads, getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _srh_capacity(group_size: int, context: int) -> int:
+    # as SpeechDecoder.start sizes a row's SRH cache: k sub-positions per LLM position, plus one group
+    return group_size * (context + 1)
+
+
+def slot_cache_bytes(model, context: int) -> int:
+    """Bytes one slot of ``context`` LLM positions allocates: keys and values of every LLM layer, and of every
+    Speech Refined Head layer for its sub-positions, in the model's dtype."""
+
+    def per_position(config) -> int:
+        heads, head_dim = _kv_heads_and_dim(config)
+        return 2 * config.num_hidden_layers * heads * head_dim
+
+    total = per_position(model.config.text_config) * context
+    if getattr(model, "audio_invert_tower", None) is not None:
+        srh_config = model.config.audio_config.crq_transformer_config
+        total += per_position(srh_config) * _srh_capacity(model.group_size, context)
+    return total * model.dtype.itemsize
 
 
 def slot_head_sub_step(
@@ -188,10 +213,9 @@ class SlotDecoding:
         self.head = model.audio_invert_tower
         self.srh = None
         if self.head is not None:
-            group = model.group_size
             backbone_config = model.config.audio_config.crq_transformer_config
-            # as SpeechDecoder.start sizes a row's SRH cache: k sub-positions per LLM position, plus one group
-            self.srh = SlotKVStore.for_decoder(backbone_config, slots, group * (context + 1), dtype, device)
+            capacity = _srh_capacity(model.group_size, context)
+            self.srh = SlotKVStore.for_decoder(backbone_config, slots, capacity, dtype, device)
             self._head_step = torch.compile(slot_head_sub_step, **compile_config.to_dict())
         self._llm_step = model.get_compiled_call(compile_config)
 
@@ -293,4 +317,12 @@ class SlotHeadDecoder:
         raise RuntimeError("slot rows are prefilled uncompiled, before they join; a step never prefills.")
 
 
-__all__ = ["SlotDecoding", "SlotHeadDecoder", "SlotKVLayer", "SlotKVStore", "slot_head_sub_step", "visible_bias"]
+__all__ = [
+    "SlotDecoding",
+    "SlotHeadDecoder",
+    "SlotKVLayer",
+    "SlotKVStore",
+    "slot_cache_bytes",
+    "slot_head_sub_step",
+    "visible_bias",
+]

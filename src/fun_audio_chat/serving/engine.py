@@ -370,6 +370,8 @@ class ServingEngine:
         ``max_batch_size`` times this is held for the engine's life, used or not."""
         if self.compile_context is None:
             return None
+        from ..modeling.slot_batching import slot_cache_bytes
+
         return slot_cache_bytes(self.model, self.compile_context)
 
     def queue_depth(self) -> int:
@@ -785,22 +787,6 @@ class ServingEngine:
             return
         handle.metrics.audio_seconds += array.size / self.sample_rate
         handle._emit(AudioDelta(array))
-
-
-def slot_cache_bytes(model, context: int) -> int:
-    """Bytes of cache one compiled-decoding slot of ``context`` LLM positions allocates: keys and values of every
-    LLM layer for ``context`` positions, and of every Speech Refined Head layer for ``group_size * (context + 1)``
-    sub-positions (as ``modeling/slot_batching.py`` sizes them), in the model's dtype."""
-
-    def per_position(config) -> int:
-        heads = config.num_key_value_heads or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return 2 * config.num_hidden_layers * heads * head_dim
-
-    total = per_position(model.config.text_config) * context
-    if getattr(model, "audio_invert_tower", None) is not None:
-        total += per_position(model.config.audio_config.crq_transformer_config) * model.group_size * (context + 1)
-    return total * model.dtype.itemsize
 
 
 __all__ = [
