@@ -38,6 +38,11 @@ SMALL_RUNS = [
         ["RTF", "push_streams"],
     ),
     ("bench_voice_cloning.py", ["--seconds", "3", "--repeats", "1"], ["S3 speech codes", "clone time"]),
+    (
+        "bench_compiled_serving.py",
+        ["--backend", "eager", "--batch-sizes", "1", "2", "--steps", "4", "--repeats", "1"],
+        ["compiled warm-up", "compiled / default", "batch 2 / batch 1 throughput"],
+    ),
 ]
 
 
