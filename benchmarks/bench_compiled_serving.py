@@ -16,7 +16,7 @@ more speech a step of B rows yields than B steps of one row). It checks that bot
 tokens and speech codes for every row, so the times are of the same work, and stops with an error otherwise.
 
 Usage: python benchmarks/bench_compiled_serving.py [--batch-sizes 1 8] [--max-new-tokens 60] [--repeats 3]
-    [--threads 2] [--backend inductor]
+    [--threads 2] [--backend inductor] [--context N]
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="inductor", help="torch.compile backend ('eager': trace only, fast)")
+    parser.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="LLM positions of a compiled slot (default: prompt + new tokens, the tightest; serve --compile's "
+        "default is 2048): attention spans the whole slot, so a larger context costs every step",
+    )
     args = parser.parse_args()
     if min(args.batch_sizes) < 1:
         parser.error("--batch-sizes must be >= 1")
@@ -76,9 +83,10 @@ def main():
 
     prompt_length = prompt_inputs(1)["input_ids"].shape[1]
     slots = max(args.batch_sizes)
-    compiled = ContinuousBatchDecoder(
-        model, CompileConfig(backend=args.backend), slots=slots, context=prompt_length + args.max_new_tokens
-    )
+    context = args.context or prompt_length + args.max_new_tokens
+    if context < prompt_length + args.max_new_tokens:
+        parser.error(f"--context must hold the prompt and the reply ({prompt_length + args.max_new_tokens})")
+    compiled = ContinuousBatchDecoder(model, CompileConfig(backend=args.backend), slots=slots, context=context)
     start = time.perf_counter()
     buckets = compiled.warm_up()
     warm_up = time.perf_counter() - start
@@ -88,7 +96,7 @@ def main():
         f"{os.getloadavg()[0]:.2f} (another busy process slows the eager steps most)"
     )
     print(
-        f"compiled warm-up ({slots} slots, buckets {', '.join(map(str, buckets))}): {warm_up:.1f} s ("
+        f"compiled warm-up ({slots} slots of {context} positions, buckets {', '.join(map(str, buckets))}): {warm_up:.1f} s ("
         + ", ".join(f"b{size} {seconds:.1f} s" for size, seconds in buckets.items())
         + ")"
     )

@@ -62,11 +62,25 @@ def test_a_step_writes_each_row_at_its_own_cursor_and_masks_the_rest():
         assert torch.equal(store.values[0][row, :, column], -new_keys[row, :, 0])
         untouched = [other for other in range(6) if other != column]
         assert not keys[row, :, untouched].any()
-    bias = visible_bias(store.cursor, store.capacity, torch.float32)
+    bias = visible_bias(store.cursor, store.window.columns, torch.float32)
     assert bias.shape == (3, 1, 1, 6)
     assert ((bias[:, 0, 0] == 0) == (torch.arange(6)[None, :] <= store.cursor[:, None])).all()
     with pytest.raises(ValueError, match="one new position per row"):
         layer.update(torch.zeros(3, 2, 2, 4), torch.zeros(3, 2, 2, 4))
+
+
+def test_attention_reads_the_window_of_filled_columns_only():
+    store = SlotKVStore(layers=1, slots=2, heads=1, head_dim=2, capacity=100, dtype=torch.float32, device="cpu")
+    store.window.cover(3)
+    assert store.window.columns.tolist() == list(range(32))  # powers of two from 32: few distinct widths
+    store.cursor[:] = torch.tensor([2, 31])
+    keys, values = store.cache(2).layers[0].update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    assert keys.shape == values.shape == (2, 1, 32, 2) and keys[1, 0, 31].tolist() == [1.0, 1.0]
+    store.window.cover(33)
+    assert store.window.columns.shape == (64,)
+    store.window.cover(70)
+    assert store.window.columns.shape == (100,)  # capped at the slot
+    assert visible_bias(store.cursor, store.window.columns, torch.float32).shape == (2, 1, 1, 100)
 
 
 def test_a_bucket_cache_is_a_view_of_the_first_slots_and_stays_the_same_object():
@@ -96,9 +110,11 @@ def test_warm_up_compiles_every_bucket_and_steps_never_recompile(model_and_proce
     assert decoder.compiled
     assert sorted(decoder.warm_up()) == [1, 2, 3]
     prompts = [_prompt(processor, text) for text in ("hello", "good morning there", "thank you")]
-    # Rows join one by one (buckets 1, 2, then 3), the second leaves, a text-only row joins: no new graph.
+    # Rows join one by one (buckets 1, 2, then 3), the second leaves, a text-only row joins, and the first grows past
+    # 64 positions (attention windows of widths the warm-up never ran): no new graph.
+    assert prompts[0]["input_ids"].shape[1] + 30 > 64
     with torch._dynamo.config.patch(error_on_recompile=True):
-        decoder.add(prompts[0], **GREEDY_SPEECH, max_new_tokens=8)
+        decoder.add(prompts[0], **GREEDY_SPEECH, max_new_tokens=30)
         decoder.step()
         decoder.add(prompts[1], **GREEDY_SPEECH, max_new_tokens=2)
         decoder.step()

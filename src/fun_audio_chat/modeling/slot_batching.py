@@ -1,18 +1,23 @@
-"""Compiled continuous batching: fixed cache slots, one write cursor per row, one compiled graph per batch bucket.
+"""Compiled continuous batching: fixed cache slots, one write cursor per row, compiled graphs reused at every step.
 
 The default serving decoder (``continuous_batching.py``) keeps its rows in dynamic caches that it re-lays out
 (left-padded, right-aligned) whenever a row joins or leaves, so every step can have new cache shapes: nothing can
 be compiled once and reused. Here every row owns a **slot**, a fixed row of preallocated key/value buffers:
 
 * a row's context starts at column 0 of its slot, so its positions are its columns; each step writes the new
-  key/value at the row's own cursor (:class:`SlotKVLayer`) and attention spans the whole buffer, the columns past
-  the cursor masked. Rows of any lengths share a step without padding or re-layout;
+  key/value at the row's own cursor (:class:`SlotKVLayer`). Attention reads the leading columns that hold every
+  row's cursor (an :class:`AttentionWindow`, a power of two wide), the columns past a row's cursor masked, so a
+  step costs what the longest row has filled, not the whole slot. Rows of any lengths share a step without padding
+  or re-layout;
 * a joining row's prefill (done alone, uncompiled, as ``generate`` does) is copied into a free slot; a leaving
   row's slot is filled by the last row (one row's copy), so the running rows are always slots ``0..n-1``;
 * a step of ``n`` rows runs on the first ``b`` slots, ``b`` the smallest **bucket** (1, 2, 4, ..., the slot
-  count) that holds ``n``: one graph per bucket for the LLM step and one for the Speech Refined Head's sub-step,
-  compiled by :meth:`SlotDecoding.warm_up` before the first request. The unused slots of a bucket compute on
-  zeros and their results are dropped.
+  count) that holds ``n``; the unused slots of a bucket compute on zeros and their results are dropped.
+  :meth:`SlotDecoding.warm_up` runs every bucket with two window widths before the first request. With
+  ``CompileConfig``'s default ``dynamic=None``, dynamo makes the batch size and the window width symbolic sizes
+  once it has seen two of each, so the warm-up compiles three graphs per function (batch 1 with a static window,
+  batch 1 with a symbolic one, then both symbolic) and no later step recompiles; ``dynamic=False`` compiles one
+  graph per bucket and window width instead, the later widths at their first use.
 
 The LLM step is the model's own forward through ``get_compiled_call`` (transformers' compiled call); the SRH
 sub-step is :func:`slot_head_sub_step`. Code selection stays outside the graphs, per row group exactly as in the
@@ -31,27 +36,60 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from .speech_head import FunAudioChatSpeechHead
 
 
-def visible_bias(cursor: torch.Tensor, capacity: int, dtype) -> torch.Tensor:
-    """(B, 1, 1, capacity) additive attention mask of one step: each row sees its columns up to its cursor."""
-    columns = torch.arange(capacity, device=cursor.device)[None, :]
-    hidden = columns > cursor[:, None]
+def visible_bias(cursor: torch.Tensor, columns: torch.Tensor, dtype) -> torch.Tensor:
+    """(B, 1, 1, window) additive attention mask of one step over the window's ``columns``: each row sees its
+    columns up to its cursor."""
+    hidden = columns[None, :] > cursor[:, None]
     bias = torch.zeros(hidden.shape, dtype=dtype, device=cursor.device)
     return bias.masked_fill(hidden, torch.finfo(dtype).min)[:, None, None, :]
+
+
+class AttentionWindow:
+    """The leading columns of a store that attention reads this step, as a tensor ``columns`` (``arange(width)``).
+
+    Every row's cursor is inside the window, so attention costs what the longest row has filled (rounded up), not
+    the whole slot. The width reaches the compiled graphs as this tensor's length: dynamo makes it a symbolic size
+    after it has seen two widths (the warm-up shows it two), so a growing window never recompiles.
+    """
+
+    def __init__(self, capacity: int, device):
+        self.capacity = capacity
+        self._device = device
+        self._columns: dict[int, torch.Tensor] = {}
+        self.columns = self._arange(capacity)
+
+    def _arange(self, width: int) -> torch.Tensor:
+        columns = self._columns.get(width)
+        if columns is None:
+            # Always an inference tensor (decoding runs under inference_mode): a tensor made outside it has another
+            # dispatch key set, which a compiled graph's guards would see as a new input and recompile for.
+            with torch.inference_mode():
+                columns = self._columns[width] = torch.arange(width, device=self._device)
+        return columns
+
+    def cover(self, needed: int) -> None:
+        """Widen or narrow the window to the smallest power of two (at least 32) holding ``needed`` columns,
+        capped at the capacity: few distinct widths, at most twice the columns needed."""
+        width = 32
+        while width < needed:
+            width *= 2
+        self.columns = self._arange(min(width, self.capacity))
 
 
 class SlotKVLayer(CacheLayerMixin):
     """One attention layer's cache over slots: (slots, heads, capacity, head_dim) buffers and a (slots,) cursor.
 
     ``update`` takes one new position per row and writes it at that row's cursor; the caller moves the cursors
-    (the LLM's follow the rows' lengths, the SRH's advance only for speaking rows). Attention gets the whole buffer.
+    (the LLM's follow the rows' lengths, the SRH's advance only for speaking rows). Attention gets the columns of
+    the store's :class:`AttentionWindow`, which hold every row's cursor.
     """
 
     is_compileable = True
     is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cursor: torch.Tensor):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, cursor: torch.Tensor, window: AttentionWindow):
         super().__init__()
-        self.keys, self.values, self.cursor = keys, values, cursor
+        self.keys, self.values, self.cursor, self.window = keys, values, cursor, window
         self.dtype, self.device = keys.dtype, keys.device
         self.max_cache_len = keys.shape[2]
         self.is_initialized = True
@@ -68,7 +106,8 @@ class SlotKVLayer(CacheLayerMixin):
         rows = torch.arange(key_states.shape[0], device=key_states.device)
         self.keys[rows, :, self.cursor] = key_states[:, :, 0]
         self.values[rows, :, self.cursor] = value_states[:, :, 0]
-        return self.keys, self.values
+        width = self.window.columns.shape[0]
+        return self.keys[:, :, :width], self.values[:, :, :width]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.max_cache_len, 0
@@ -93,6 +132,7 @@ class SlotKVStore:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.cursor = torch.zeros(slots, dtype=torch.long, device=device)
         self.capacity = capacity
+        self.window = AttentionWindow(capacity, device)
         self._caches: dict[int, Cache] = {}
 
     @classmethod
@@ -108,7 +148,7 @@ class SlotKVStore:
         cache = self._caches.get(rows)
         if cache is None:
             layers = [
-                SlotKVLayer(keys[:rows], values[:rows], self.cursor[:rows])
+                SlotKVLayer(keys[:rows], values[:rows], self.cursor[:rows], self.window)
                 for keys, values in zip(self.keys, self.values)
             ]
             cache = self._caches[rows] = Cache(layers=layers)
@@ -163,7 +203,7 @@ def slot_cache_bytes(model, context: int) -> int:
 
 
 def slot_head_sub_step(
-    head: FunAudioChatSpeechHead, cache: Cache, sub_input: torch.Tensor, cursor: torch.Tensor
+    head: FunAudioChatSpeechHead, cache: Cache, sub_input: torch.Tensor, cursor: torch.Tensor, columns: torch.Tensor
 ) -> torch.Tensor:
     """One SRH sub-position per slot (B, 1, H) written at each slot's cursor; returns float32 logits (B, V).
 
@@ -172,7 +212,7 @@ def slot_head_sub_step(
     positions = cursor[:, None]
     backbone = head.crq_transformer
     rotary = backbone.rotary_emb(sub_input, positions)
-    bias = visible_bias(cursor, cache.layers[0].max_cache_len, sub_input.dtype)
+    bias = visible_bias(cursor, columns, sub_input.dtype)
     logits = head.decode_step(sub_input, cache, positions, rotary, bias)
     return logits[:, -1].float()
 
@@ -244,12 +284,18 @@ class SlotDecoding:
         cursor = self.llm.cursor
         cursor[:rows] = lengths
         cursor[rows:size] = 0  # an unused slot of the bucket writes (and reads) only its column 0
+        # One host read per step sizes both windows: the LLM writes at column `length` of each row, and a speaking
+        # row's SRH writes its group at sub-columns k*length .. k*length + k-1 (its prefill filled k per position).
+        longest = int(lengths.max()) + 1
+        self.llm.window.cover(longest)
+        if self.srh is not None:
+            self.srh.window.cover(self.model.group_size * longest)
         embeds = inputs_embeds
         if size > rows:
             embeds = torch.cat([inputs_embeds, inputs_embeds.new_zeros(size - rows, *inputs_embeds.shape[1:])])
         output = self._llm_step(
             inputs_embeds=embeds,
-            attention_mask=visible_bias(cursor[:size], self.llm.capacity, embeds.dtype),
+            attention_mask=visible_bias(cursor[:size], self.llm.window.columns, embeds.dtype),
             position_ids=cursor[:size, None].clone(),
             past_key_values=self.llm.cache(size),
             use_cache=True,
@@ -266,12 +312,12 @@ class SlotDecoding:
         size = self.bucket(rows)
         cursor = self.srh.cursor
         if speech_rows.numel() == size:  # every slot of the bucket speaks (rows are 0..n-1): nothing to scatter
-            logits = self._head_step(self.head, self.srh.cache(size), sub_input, cursor[:size])
+            logits = self._head_step(self.head, self.srh.cache(size), sub_input, cursor[:size], self.srh.window.columns)
             cursor[:size] += 1
             return logits
         full = sub_input.new_zeros(size, *sub_input.shape[1:])
         full[speech_rows] = sub_input
-        logits = self._head_step(self.head, self.srh.cache(size), full, cursor[:size])
+        logits = self._head_step(self.head, self.srh.cache(size), full, cursor[:size], self.srh.window.columns)
         cursor[speech_rows] += 1
         return logits[speech_rows]
 
@@ -287,8 +333,10 @@ class SlotDecoding:
         for size in self.buckets:
             start = time.perf_counter()
             zeros = torch.zeros(size, 1, hidden, dtype=model.dtype, device=model.device)
-            lengths = torch.zeros(size, dtype=torch.long, device=model.device)
-            for _ in range(2):  # the second call checks that the first graph is reused
+            # Two attention windows (rows of 1 and of 33 positions), so the window's width is a symbolic size in
+            # every graph from here on and no later step recompiles for a longer reply.
+            for length in (0, min(32, self.context - 1)):
+                lengths = torch.full((size,), length, dtype=torch.long, device=model.device)
                 self.llm_step(zeros, lengths)
                 if self.srh is not None:
                     every = torch.arange(size, device=model.device)
