@@ -10,24 +10,13 @@ import pytest
 from transformers import CompileConfig
 
 from fun_audio_chat.cli import main
-from fun_audio_chat.processing import example_audio_path, load_audio
 from fun_audio_chat.serving import ServingEngine, TurnFailed, TurnRequest
 
 from .conftest import LocalServer, serve_subprocess
+from .conversations import spoken, submit_together, typed
 
 CONTEXT = 128  # positions per slot: the tiny model's spoken prompt is 53 positions, replies here are short
 SLOTS = 4  # batch buckets 1, 2, 4
-
-
-def _spoken(seconds: float | None = None) -> list[dict]:
-    waveform = load_audio(example_audio_path())
-    if seconds is not None:
-        waveform = waveform[: int(seconds * 16000)]
-    return [{"role": "user", "content": [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]}]
-
-
-def _typed(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
 
 
 def _compiled_engine(tiny_pair, **kwargs) -> ServingEngine:
@@ -57,11 +46,6 @@ def uncompiled_engine(tiny_pair):
     engine.close()
 
 
-def _together(engine, requests):
-    handles = [engine.submit(request) for request in requests]
-    return [handle.result() for handle in handles]
-
-
 def test_warm_up_ran_at_start_for_every_bucket(compiled_engine):
     assert compiled_engine.compiled and compiled_engine.context_length == CONTEXT
     assert sorted(compiled_engine.warm_up_seconds) == [1, 2, 4]
@@ -75,31 +59,31 @@ def test_warm_up_ran_at_start_for_every_bucket(compiled_engine):
 
 
 def test_concurrent_greedy_replies_equal_the_uncompiled_engine(compiled_engine, uncompiled_engine):
-    conversations = [_spoken(), _typed("What is the weather like?"), _spoken(1.5), _typed("Hi")]
+    conversations = [spoken(), typed("What is the weather like?"), spoken(1.5), typed("Hi")]
     graphs = _unique_graphs()
     for speech in (True, False):
         requests = [TurnRequest(c, speech=speech, max_new_tokens=10, temperature=0) for c in conversations]
-        compiled = _together(compiled_engine, requests)
-        uncompiled = _together(uncompiled_engine, requests)
+        compiled = submit_together(compiled_engine, requests)
+        uncompiled = submit_together(uncompiled_engine, requests)
         assert [r.metrics.batch_size for r in compiled] == [4, 4, 4, 4]
         assert [r.text for r in compiled] == [r.text for r in uncompiled]
         assert [r.codes for r in compiled] == [r.codes for r in uncompiled]
         assert all(bool(r.codes) == speech for r in compiled)
     # a late joiner, alone then with others: buckets 1 and 2 serve it without compiling anything new
-    late = TurnRequest(_spoken(2.0), speech=True, max_new_tokens=6, temperature=0)
+    late = TurnRequest(spoken(2.0), speech=True, max_new_tokens=6, temperature=0)
     assert compiled_engine.submit(late).result().codes == uncompiled_engine.submit(late).result().codes
     assert _unique_graphs() == graphs
 
 
 def test_request_longer_than_the_slot_context_fails_clearly(compiled_engine):
-    handle = compiled_engine.submit(TurnRequest(_spoken(), speech=True, max_new_tokens=CONTEXT, temperature=0))
+    handle = compiled_engine.submit(TurnRequest(spoken(), speech=True, max_new_tokens=CONTEXT, temperature=0))
     events = list(handle)
     assert isinstance(events[-1], TurnFailed) and isinstance(events[-1].error, ValueError)
     message = str(events[-1].error)
     assert f"compiled decoding context of {CONTEXT} positions" in message
     assert "lower max_tokens" in message and "--compile-context" in message
     # the engine goes on
-    assert compiled_engine.submit(TurnRequest(_typed("Hi"), max_new_tokens=3)).result().finish_reason == "length"
+    assert compiled_engine.submit(TurnRequest(typed("Hi"), max_new_tokens=3)).result().finish_reason == "length"
 
 
 def test_http_client_gets_the_context_error_as_400(tiny_pair, hello_b64):
@@ -123,7 +107,7 @@ def test_unreadable_compile_cache_only_costs_a_compile(tiny_pair, tmp_path):
     engine = _compiled_engine(tiny_pair, max_batch_size=1, compile_cache=cache).start()
     try:
         assert sorted(engine.warm_up_seconds) == [1]  # torch warned and compiled from scratch
-        assert engine.submit(TurnRequest(_typed("Hi"), max_new_tokens=3)).result().finish_reason == "length"
+        assert engine.submit(TurnRequest(typed("Hi"), max_new_tokens=3)).result().finish_reason == "length"
     finally:
         engine.close()
 
@@ -215,7 +199,7 @@ def test_a_failed_step_gets_a_new_compiled_decoder(tiny_pair, monkeypatch):
 
     monkeypatch.setattr(ContinuousBatchDecoder, "step", fail_first_step)
     try:
-        request = TurnRequest(_typed("Hi"), max_new_tokens=3)
+        request = TurnRequest(typed("Hi"), max_new_tokens=3)
         with pytest.raises(RuntimeError, match="injected step failure"):
             engine.submit(request).result()
         assert engine.submit(request).result().finish_reason == "length"

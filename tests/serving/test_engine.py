@@ -6,19 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fun_audio_chat.processing import example_audio_path, load_audio
 from fun_audio_chat.serving import ServingEngine, TextDelta, TurnDone, TurnFailed, TurnRequest
 
-
-def _spoken(seconds: float | None = None) -> list[dict]:
-    waveform = load_audio(example_audio_path())
-    if seconds is not None:
-        waveform = waveform[: int(seconds * 16000)]
-    return [{"role": "user", "content": [{"type": "audio", "audio": waveform, "sampling_rate": 16000}]}]
-
-
-def _typed(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+from .conversations import spoken, submit_together, typed
 
 
 @pytest.fixture
@@ -30,17 +20,12 @@ def engine(tiny_pair):
     engine.close()
 
 
-def _submit_together(engine, requests):
-    handles = [engine.submit(request) for request in requests]
-    return [handle.result() for handle in handles]
-
-
 def test_batched_rows_equal_their_solo_runs(engine):
-    conversations = [_spoken(), _typed("What is the weather like?"), _spoken(1.5), _typed("Hi")]
+    conversations = [spoken(), typed("What is the weather like?"), spoken(1.5), typed("Hi")]
     for speech in (True, False):
         requests = [TurnRequest(c, speech=speech, max_new_tokens=10, temperature=0) for c in conversations]
         solo = [engine.submit(request).result() for request in requests]
-        together = _submit_together(engine, requests)
+        together = submit_together(engine, requests)
         assert [r.metrics.batch_size for r in solo] == [1, 1, 1, 1]
         assert [r.metrics.batch_size for r in together] == [4, 4, 4, 4]
         assert [r.text for r in together] == [r.text for r in solo]
@@ -52,7 +37,7 @@ def test_batched_rows_equal_their_solo_runs(engine):
 
 
 def test_streamed_text_pieces_make_the_final_text(engine):
-    handle = engine.submit(TurnRequest(_spoken(), speech=True, max_new_tokens=12, temperature=0))
+    handle = engine.submit(TurnRequest(spoken(), speech=True, max_new_tokens=12, temperature=0))
     events = list(handle)
     assert isinstance(events[-1], TurnDone)
     pieces = "".join(event.text for event in events if isinstance(event, TextDelta))
@@ -63,19 +48,19 @@ def test_streamed_text_pieces_make_the_final_text(engine):
 
 
 def test_seed_makes_sampling_repeatable_whatever_shares_the_batch(engine):
-    request = TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=1234)
+    request = TurnRequest(spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=1234)
     alone = engine.submit(request).result()
-    first, second = _submit_together(engine, [request, request])
+    first, second = submit_together(engine, [request, request])
     assert alone.metrics.batch_size == 1 and first.metrics.batch_size == second.metrics.batch_size == 2
     assert (first.text, first.codes) == (second.text, second.codes) == (alone.text, alone.codes)
     other = engine.submit(
-        TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=99)
+        TurnRequest(spoken(), speech=True, max_new_tokens=10, temperature=1.0, top_p=0.95, seed=99)
     ).result()
     assert (other.text, other.codes) != (first.text, first.codes)
 
 
 def test_greedy_means_greedy_speech_too(engine):
-    request = TurnRequest(_spoken(), speech=True, max_new_tokens=10, temperature=0)
+    request = TurnRequest(spoken(), speech=True, max_new_tokens=10, temperature=0)
     first = engine.submit(request).result()
     import torch
 
@@ -85,8 +70,8 @@ def test_greedy_means_greedy_speech_too(engine):
 
 
 def test_cancelled_row_stops_and_the_others_finish(engine):
-    long = TurnRequest(_typed("Tell me a long story"), speech=False, max_new_tokens=300, temperature=0)
-    short = TurnRequest(_typed("Hi"), speech=False, max_new_tokens=300, temperature=0)
+    long = TurnRequest(typed("Tell me a long story"), speech=False, max_new_tokens=300, temperature=0)
+    short = TurnRequest(typed("Hi"), speech=False, max_new_tokens=300, temperature=0)
     victim = engine.submit(long)
     survivor = engine.submit(short)
     for event in victim:
@@ -110,8 +95,8 @@ def test_cancelled_row_stops_and_the_others_finish(engine):
 
 
 def test_a_row_that_does_not_fit_fails_alone(engine):
-    fine = TurnRequest(_typed("Hi"), speech=False, max_new_tokens=8, temperature=0)
-    too_long = TurnRequest(_typed("word " * 1100), speech=False, max_new_tokens=8, temperature=0)
+    fine = TurnRequest(typed("Hi"), speech=False, max_new_tokens=8, temperature=0)
+    too_long = TurnRequest(typed("word " * 1100), speech=False, max_new_tokens=8, temperature=0)
     fine_handle, bad_handle = engine.submit(fine), engine.submit(too_long)
     events = list(bad_handle)
     assert isinstance(events[-1], TurnFailed) and isinstance(events[-1].error, ValueError)
@@ -127,7 +112,7 @@ def test_engine_rejects_bad_settings(tiny_pair):
         ServingEngine(model, processor, synthesis_workers=0)
     engine = ServingEngine(model, processor)
     assert not engine.can_speak and engine.sample_rate is None
-    result = engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=4, temperature=0)).result()
+    result = engine.submit(TurnRequest(typed("Hi"), speech=True, max_new_tokens=4, temperature=0)).result()
     # without a detokenizer a speech request still gets its text and codes, but no audio
     assert result.audio is None and len(result.codes) > 0 and np.isfinite(result.metrics.total_seconds)
     engine.close()
@@ -169,7 +154,7 @@ def test_a_row_that_ends_early_is_answered_before_its_batch_ends(tiny_pair, spee
     from transformers import LogitsProcessorList
 
     model, processor = tiny_pair
-    short, long = _typed("Hi"), _typed("Tell me a long story about the weather")
+    short, long = typed("Hi"), typed("Tell me a long story about the weather")
     lengths = [
         int(
             processor.apply_chat_template(
@@ -219,12 +204,12 @@ def test_a_generate_failure_mid_reply_fails_the_turn_with_its_own_error(tiny_pai
         model, processor, generate_kwargs={"logits_processor": LogitsProcessorList([fail_on_eighth_step])}
     ).start()
     try:
-        events = list(engine.submit(TurnRequest(_typed("Hi"), speech=True, max_new_tokens=12, temperature=0)))
+        events = list(engine.submit(TurnRequest(typed("Hi"), speech=True, max_new_tokens=12, temperature=0)))
         assert any(isinstance(event, TextDelta) for event in events)  # it failed after streaming had begun
         assert isinstance(events[-1], TurnFailed) and isinstance(events[-1].error, ValueError)
         assert "boom at step 8" in str(events[-1].error)
         calls.append(1)  # later calls pass: the engine keeps serving
-        assert engine.submit(TurnRequest(_typed("Hi"), speech=False, max_new_tokens=4, temperature=0)).result()
+        assert engine.submit(TurnRequest(typed("Hi"), speech=False, max_new_tokens=4, temperature=0)).result()
     finally:
         engine.close()
 
@@ -251,7 +236,7 @@ def test_concurrent_replies_carry_the_audio_of_their_own_streaming_session(tiny_
     try:
         requests = [
             TurnRequest(c, speech=True, max_new_tokens=16, temperature=0)
-            for c in (_spoken(), _typed("Hi there"), _typed("Hello"))
+            for c in (spoken(), typed("Hi there"), typed("Hello"))
         ]
         handles = [engine.submit(request) for request in requests]
         results = [handle.result() for handle in handles]

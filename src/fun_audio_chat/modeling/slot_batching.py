@@ -151,6 +151,11 @@ class SlotKVStore:
                 SlotKVLayer(keys[:rows], values[:rows], self.cursor[:rows], self.window)
                 for keys, values in zip(self.keys, self.values)
             ]
+            # The graphs write into these views in place: fixed addresses let CUDA graphs (mode="reduce-overhead")
+            # keep them instead of copying them in and out at every replay, as transformers' StaticLayer does.
+            for layer in layers:
+                for tensor in (layer.keys, layer.values, layer.cursor):
+                    torch._dynamo.mark_static_address(tensor)
             cache = self._caches[rows] = Cache(layers=layers)
         return cache
 
