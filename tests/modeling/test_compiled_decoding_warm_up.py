@@ -26,6 +26,9 @@ def test_after_the_warm_up_generate_reuses_the_compiled_graphs(tmp_path):
     assert set(timings) == {2}
     assert artifacts.is_file() and artifacts.stat().st_size > 0
     assert load_compile_cache(artifacts) and not load_compile_cache(tmp_path / "missing.bin")
+    unreadable = tmp_path / "unreadable.bin"
+    unreadable.write_bytes(b"not a torch compile cache")
+    assert not load_compile_cache(unreadable)  # torch only warns: the caller must not report it as loaded
     with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         found = model.generate(
             **inputs, **controls, max_new_tokens=4, return_dict_in_generate=True, **compiled_decoding_settings()

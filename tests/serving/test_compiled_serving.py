@@ -107,6 +107,7 @@ def test_unreadable_compile_cache_only_costs_a_compile(tiny_pair, tmp_path):
     engine = _compiled_engine(tiny_pair, max_batch_size=1, compile_cache=cache).start()
     try:
         assert sorted(engine.warm_up_seconds) == [1]  # torch warned and compiled from scratch
+        assert not engine.compile_cache_loaded  # and the engine does not claim a warm start
         assert engine.submit(TurnRequest(typed("Hi"), max_new_tokens=3)).result().finish_reason == "length"
     finally:
         engine.close()
@@ -172,7 +173,7 @@ def test_serve_compile_subprocess(tmp_path, hello_b64):
     cache = tmp_path / "compile.bin"
     options = ["--compile", "--compile-backend", "eager", "--compile-context", "128", "--compile-cache", str(cache)]
     with open(log_path, "w+") as log, serve_subprocess(["--max-batch-size", "2", *options], log) as (url, health):
-        assert health["status"] == "ok"
+        assert health["status"] == "ok" and health["compiled_context"] is not None
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-needed", max_retries=0, timeout=120)
         messages = [
             {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": hello_b64, "format": "wav"}}]}

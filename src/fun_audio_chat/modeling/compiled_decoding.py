@@ -32,12 +32,12 @@ def compiled_decoding_settings(compile_config: CompileConfig | None = None) -> d
 
 
 def load_compile_cache(path: str | Path) -> bool:
-    """Load torch compile cache artifacts saved by :func:`save_compile_cache`; False when the file does not exist."""
+    """Load torch compile cache artifacts saved by :func:`save_compile_cache`; False when the file does not exist or
+    torch cannot read it (torch then warns and the next compile starts from scratch)."""
     path = Path(path)
     if not path.is_file():
         return False
-    torch.compiler.load_cache_artifacts(path.read_bytes())
-    return True
+    return torch.compiler.load_cache_artifacts(path.read_bytes()) is not None
 
 
 def save_compile_cache(path: str | Path) -> bool:

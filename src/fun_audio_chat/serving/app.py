@@ -182,7 +182,14 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "speech": engine.can_speak, "sample_rate": engine.sample_rate}
+        return {
+            "status": "ok",
+            "model": model_id,
+            "speech": engine.can_speak,
+            "sample_rate": engine.sample_rate,
+            # compiled decoding (serve --compile): the positions one request may use, else None
+            "compiled_context": engine.compile_context,
+        }
 
     return app
 

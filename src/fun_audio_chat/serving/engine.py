@@ -292,7 +292,7 @@ class ServingEngine:
         if self.compile_cache is not None and self.compile_cache.exists() and not self.compile_cache.is_file():
             raise ValueError(f"compile_cache {str(compile_cache)!r} is not a file; pass a file path (e.g. cache.bin).")
         self.warm_up_seconds: dict[int, float] = {}  # compiled decoding: seconds per batch bucket at start
-        # the start-up warm-up was given a saved compile cache (torch warns and skips one it cannot read)
+        # the start-up warm-up loaded a saved compile cache (False when none was given or torch could not read it)
         self.compile_cache_loaded = False
         self.model = model
         self.processor = processor
