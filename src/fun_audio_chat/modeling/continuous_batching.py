@@ -289,9 +289,9 @@ class ContinuousBatchDecoder:
 
     By default the caches are dynamic and re-laid out when rows join or leave. With a ``compile_config``, every row
     gets one of ``slots`` fixed cache slots of ``context`` LLM positions (prompt + reply) and the LLM step and the
-    Speech Refined Head's sub-step run as compiled graphs, one per batch bucket (1, 2, 4, ..., ``slots``; see
-    ``slot_batching.py``); call :meth:`warm_up` before the first row to compile them. A row that does not fit is
-    refused by :meth:`add`.
+    Speech Refined Head's sub-step run as compiled graphs, reused for every batch bucket (1, 2, 4, ..., ``slots``)
+    and attention window (see ``slot_batching.py``); call :meth:`warm_up` before the first row to compile them. A
+    row that does not fit is refused by :meth:`add`.
     """
 
     def __init__(self, model, compile_config=None, *, slots: int = 8, context: int | None = None):
@@ -596,6 +596,12 @@ class ContinuousBatchDecoder:
                         self._slots.srh.cursor[slot] = 0  # a text-only row never advances its SRH slot
                     else:
                         decoder = batch.speech.decoder
+                        if decoder.length != self.model.group_size * int(batch.lengths[0]):
+                            # the SRH attention window is sized from the LLM length on this rule (k per position)
+                            raise RuntimeError(
+                                f"a joining row's SRH cache holds {decoder.length} sub-positions, not "
+                                f"{self.model.group_size} per LLM position; this is a bug, please report it."
+                            )
                         filled = [decoder.filled_keys_values(index) for index in range(len(decoder.cache.layers))]
                         self._slots.srh.load(slot, [keys for keys, _ in filled], [values for _, values in filled])
             slot += count

@@ -28,6 +28,7 @@ equals ``generate`` on its prompt alone and a seeded row draws what it draws the
 from __future__ import annotations
 
 import copy
+import time
 
 import torch
 from transformers import CompileConfig
@@ -330,8 +331,6 @@ class SlotDecoding:
     def warm_up(self) -> dict[int, float]:
         """Compile the LLM step and the SRH sub-step for every bucket (on zeros, slots left free); returns seconds
         per bucket. Call it before the first row: a later first call of a bucket would stall every row for it."""
-        import time
-
         model = self.model
         hidden = model.config.text_config.hidden_size
         timings = {}
